@@ -42,7 +42,21 @@ class WriteResult:
     detail: str = ""
 
 
-DeviceEvent = PointChanged | Availability | WriteResult
+@dataclass(frozen=True, slots=True)
+class PanelReport:
+    """One Ademco Contact ID report from an alarm panel or an alarm receiver's automation port,
+    already checked (checksum, framing) by the driver. The panel itself decided it was an alarm."""
+
+    device: str  # the serial line or receiver it came in on
+    account: str  # the panel's account number (maps to a house)
+    qualifier: Literal["new", "restore", "status"]  # Contact ID 1 / 3 / 6 (receiver E / R / P)
+    code: int  # three-digit event code, e.g. 130 burglary
+    partition: int
+    zone_or_user: int
+    mono: float
+
+
+DeviceEvent = PointChanged | Availability | WriteResult | PanelReport
 
 
 @dataclass(frozen=True, slots=True)
