@@ -1,0 +1,121 @@
+"""The gateway daemon: wires the store, the device buses, the engines and the uplink together.
+
+Start-up order: store → uplink → engines → buses (producers last); shutdown is the reverse, each
+step tried and logged even if an earlier one failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from typing import Any
+
+from devices.events import DeviceEvent
+from gateway import wire
+from gateway.config import GatewayConfig
+from gateway.events import Draft
+from gateway.loadgen import run_loadgen
+from gateway.store import Store
+from gateway.uplink import Uplink
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.store = Store(cfg.data_path(cfg.store.path), site=cfg.site, gateway=cfg.gateway,
+                           batch_max=cfg.store.batch_max)
+        self.uplink = Uplink(cfg, self.store, on_command=self._on_command)
+        self._device_events: asyncio.Queue[DeviceEvent] = asyncio.Queue(maxsize=100_000)
+        self.started = time.monotonic()
+        self.ready = asyncio.Event()
+
+    # ------------------------------------------------------------ running
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with self.store:
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    name = f"gateway[{self.cfg.gateway}]"
+                    uplink = tg.create_task(self.uplink.run(), name=f"{name}.uplink")
+                    engine = tg.create_task(self._engine_loop(), name=f"{name}.engine")
+                    producers = []
+                    if self.cfg.loadgen is not None:
+                        producers.append(tg.create_task(
+                            run_loadgen(self.cfg.loadgen, self.store, self.cfg.site), name=f"{name}.loadgen"))
+                    self.ready.set()
+                    log.info("gateway %s/%s ready", self.cfg.site, self.cfg.gateway)
+                    await stop.wait()
+                    log.info("gateway stopping")
+                    for step, tasks in (("producers", producers), ("engine", [engine])):
+                        await _cancel(step, tasks)
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self.store._drain(), 5)
+                    with contextlib.suppress(Exception):
+                        await self.uplink.close()
+                    await _cancel("uplink", [uplink])
+            finally:
+                log.info("gateway stopped; %d events wait in the outbox", await _safe_depth(self.store))
+
+    def device_sink(self, ev: DeviceEvent) -> None:
+        """Called by the drivers on the loop; never blocks."""
+        try:
+            self._device_events.put_nowait(ev)
+        except asyncio.QueueFull:
+            log.error("device event queue full; dropping %s", ev)
+
+    async def _engine_loop(self) -> None:
+        while True:
+            ev = await self._device_events.get()
+            drafts = self._on_device_event(ev)
+            if drafts:
+                self.store.submit(drafts)
+
+    def _on_device_event(self, ev: DeviceEvent) -> list[Draft]:
+        return []
+
+    async def _on_command(self, cmd: wire.Command) -> None:
+        if await self.store.seen_command(cmd.id, cmd.ts):
+            log.info("command %s seen before; not run again", cmd.id)
+            return
+        ok, detail = False, f"unknown command type {cmd.type!r}"
+        if cmd.expires < wire.utcnow():
+            ok, detail = False, "expired before it arrived"
+        self.store.submit([self._result(cmd, ok, detail)])
+
+    def _result(self, cmd: wire.Command, ok: bool, detail: str, **extra: Any) -> Draft:
+        return Draft(type="command.result", device="gateway", place=wire.Place(site=self.cfg.site),
+                     data={"command_id": cmd.id, "command": cmd.type, "ok": ok, "detail": detail,
+                           "by": cmd.by, **extra})
+
+
+async def _cancel(step: str, tasks: list[asyncio.Task[Any]]) -> None:
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        try:
+            await t
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("stopping %s: %s failed", step, t.get_name())
+
+
+async def _safe_depth(store: Store) -> int:
+    try:
+        return await store.outbox_depth()
+    except Exception:
+        return -1
+
+
+async def serve(cfg: GatewayConfig) -> None:
+    """Run until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await Gateway(cfg).run(stop)

@@ -1,0 +1,312 @@
+"""The gateway's local store: the event log, the outbox and engine state in one SQLite file (WAL).
+
+One writer owns the write connection, on a thread of its own, fed by an asyncio queue: whatever is
+queued when it wakes is committed in one transaction, so a burst costs one fsync, and nothing ever
+blocks the event loop. An event and its outbox row (and any engine state that changed with it) are
+written in the same transaction: an event is never in the log without being queued for upload.
+
+Sequence numbers are given at commit, inside the transaction, so they have no gaps.
+When the disk is full (or the file cannot be written), queued work waits in memory, bounded, and is
+written when space returns; :attr:`Store.fault` says why meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import sqlite_utils
+from ulid import ULID
+
+from gateway import wire
+from gateway.events import Draft
+
+log = logging.getLogger(__name__)
+
+#: Each step brings the schema from version i to i+1. Never edit a released step; add one.
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
+
+
+def _migration(fn: Callable[[sqlite_utils.Database], None]) -> Callable[[sqlite_utils.Database], None]:
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@_migration
+def _v1_event_log_and_outbox(db: sqlite_utils.Database) -> None:
+    db["events"].create(
+        {"seq": int, "id": str, "ts": str, "type": str, "priority": int, "body": bytes},
+        pk="seq", not_null={"id", "ts", "type", "body"},
+    )
+    db["events"].create_index(["id"], unique=True)
+    db["events"].create_index(["ts"])
+    db["outbox"].create({"seq": int}, pk="seq", foreign_keys=[("seq", "events", "seq")])
+    db["state"].create({"key": str, "value": bytes}, pk="key")
+    db["commands_seen"].create({"id": str, "ts": str}, pk="id")
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Job:
+    drafts: Sequence[Draft] = ()
+    state: dict[str, Any] | None = None
+    ack_seqs: Sequence[int] = ()
+    future: asyncio.Future[list[wire.Event]] | None = None
+    created: float = field(default_factory=time.monotonic)
+
+
+_enc = msgspec.json.Encoder()
+R = TypeVar("R")
+
+
+def open_db(path: Path) -> sqlite3.Connection:
+    """Open (creating and migrating) the store file. The connection belongs to the calling thread."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True, timeout=10)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=10000")
+    db = sqlite_utils.Database(conn)
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise StoreError(f"{path}: schema version {version} is newer than this gateway knows ({len(MIGRATIONS)})")
+    for i in range(version, len(MIGRATIONS)):
+        with db.conn:
+            conn.execute("BEGIN IMMEDIATE")
+            MIGRATIONS[i](db)
+            conn.execute(f"PRAGMA user_version={i + 1}")
+        log.info("store %s migrated to schema v%d", path, i + 1)
+    return conn
+
+
+class Store:
+    """Async facade over the store file. Use as ``async with Store(...) as store:``."""
+
+    def __init__(self, path: Path, *, site: str, gateway: str, batch_max: int = 500,
+                 ring_max: int = 100_000, wall: Callable[[], datetime] = wire.utcnow) -> None:
+        self.path = Path(path)
+        self.site = site
+        self.gateway = gateway
+        self.batch_max = batch_max
+        self.ring_max = ring_max
+        self._wall = wall
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._pending = 0  # drafts queued or in the ring, not yet committed
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-reader")
+        self._local = threading.local()
+        self._writer_task: asyncio.Task[None] | None = None
+        self._next_seq = 1
+        self.fault: str | None = None
+        self.committed = asyncio.Event()  # set after each commit that added events; the uplink clears it
+        self.last_seq = 0
+        self.on_fault: Callable[[str | None], None] | None = None
+        self.dropped = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Store:
+        loop = asyncio.get_running_loop()
+        self._next_seq = await loop.run_in_executor(self._executor, self._open_writer)
+        self.last_seq = self._next_seq - 1
+        self._writer_task = asyncio.create_task(self._writer(), name=f"gateway[{self.gateway}].store.writer")
+        if await self.outbox_depth():
+            self.committed.set()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Drain what is queued (a few seconds at most), then close the connections."""
+        if self._writer_task is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._drain(), timeout=5.0)
+            self._writer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer_task
+            self._writer_task = None
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._close_conn)
+        await loop.run_in_executor(self._reader, self._close_conn)
+        self._executor.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
+
+    async def _drain(self) -> None:
+        await self._queue.join()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = open_db(self.path)
+        return conn
+
+    def _close_conn(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def _open_writer(self) -> int:
+        row = self._conn().execute("SELECT max(seq) FROM events").fetchone()
+        return int(row[0] or 0) + 1
+
+    # ------------------------------------------------------------ writes
+
+    def submit(self, drafts: Sequence[Draft], state: dict[str, Any] | None = None
+               ) -> asyncio.Future[list[wire.Event]]:
+        """Queue drafts (and state changes) for one transaction; the future gives the stored events.
+
+        Never blocks and never fails for lack of disk: the work waits in memory until it can be written.
+        Past ``ring_max`` queued drafts the oldest routine work is refused (counted in ``dropped``).
+        """
+        fut: asyncio.Future[list[wire.Event]] = asyncio.get_running_loop().create_future()
+        if self._pending + len(drafts) > self.ring_max:
+            self.dropped += len(drafts)
+            fut.set_exception(StoreError("store backlog full"))
+            return fut
+        self._pending += len(drafts)
+        self._queue.put_nowait(_Job(drafts=drafts, state=state, future=fut))
+        return fut
+
+    async def append(self, drafts: Sequence[Draft], state: dict[str, Any] | None = None) -> list[wire.Event]:
+        return await self.submit(drafts, state)
+
+    def acknowledge(self, seqs: Iterable[int]) -> None:
+        """The portal has stored these: forget them from the outbox (the event log keeps them)."""
+        seqs = list(seqs)
+        if seqs:
+            self._queue.put_nowait(_Job(ack_seqs=seqs))
+
+    async def _writer(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = 0.05
+        while True:
+            jobs = [await self._queue.get()]
+            n = len(jobs[0].drafts)
+            while not self._queue.empty() and n < self.batch_max:
+                job = self._queue.get_nowait()
+                jobs.append(job)
+                n += len(job.drafts)
+            while True:
+                try:
+                    results = await loop.run_in_executor(self._executor, self._commit, jobs)
+                    break
+                except (sqlite3.OperationalError, sqlite3.DatabaseError, OSError) as e:
+                    # Disk full, read-only file, I/O error: keep the jobs, say so, try again later.
+                    self._set_fault(f"storage: {e}")
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+            backoff = 0.05
+            self._set_fault(None)
+            added = False
+            for job, events in zip(jobs, results, strict=True):
+                self._pending -= len(job.drafts)
+                added = added or bool(events)
+                if job.future is not None and not job.future.done():
+                    job.future.set_result(events)
+                self._queue.task_done()
+            if added:
+                self.committed.set()
+
+    def _set_fault(self, fault: str | None) -> None:
+        if fault != self.fault:
+            if fault:
+                log.error("store %s: %s; %d drafts wait in memory", self.path, fault, self._pending)
+            else:
+                log.warning("store %s: writable again", self.path)
+            self.fault = fault
+            if self.on_fault is not None:
+                self.on_fault(fault)
+
+    def _commit(self, jobs: list[_Job]) -> list[list[wire.Event]]:
+        conn = self._conn()
+        seq = self._next_seq
+        out: list[list[wire.Event]] = []
+        rows: list[tuple[int, str, str, str, int, bytes]] = []
+        acks: list[tuple[int]] = []
+        states: list[tuple[str, bytes]] = []
+        for job in jobs:
+            events = []
+            for d in job.drafts:
+                ts = d.ts or self._wall()
+                ev = wire.Event(
+                    id=str(ULID.from_datetime(ts)), seq=seq, ts=ts, type=d.type, device=d.device,
+                    place=d.place, point=d.point, priority=int(d.priority), data=d.data,
+                )
+                rows.append((seq, ev.id, ts.isoformat(), ev.type, ev.priority, _enc.encode(ev)))
+                events.append(ev)
+                seq += 1
+            out.append(events)
+            acks.extend((s,) for s in job.ack_seqs)
+            if job.state:
+                states.extend((k, _enc.encode(v)) for k, v in job.state.items())
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if rows:
+                conn.executemany("INSERT INTO events(seq, id, ts, type, priority, body) VALUES (?,?,?,?,?,?)", rows)
+                conn.executemany("INSERT INTO outbox(seq) VALUES (?)", [(r[0],) for r in rows])
+            if acks:
+                conn.executemany("DELETE FROM outbox WHERE seq = ?", acks)
+            if states:
+                conn.executemany("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)", states)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self._next_seq = seq
+        self.last_seq = seq - 1
+        return out
+
+    # ------------------------------------------------------------ reads (a second connection, WAL readers)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], R]) -> R:
+        return await asyncio.get_running_loop().run_in_executor(self._reader, lambda: fn(self._conn()))
+
+    async def outbox_after(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
+        """(seq, encoded event) of outbox rows past ``after_seq``, in seq order."""
+        def q(c: sqlite3.Connection) -> list[tuple[int, bytes]]:
+            return c.execute(
+                "SELECT o.seq, e.body FROM outbox o JOIN events e ON e.seq = o.seq WHERE o.seq > ? "
+                "ORDER BY o.seq LIMIT ?", (after_seq, limit)).fetchall()
+        return await self._read(q)
+
+    async def outbox_depth(self) -> int:
+        return int((await self._read(lambda c: c.execute("SELECT count(*) FROM outbox").fetchone()))[0])
+
+    async def get_state(self, key: str) -> Any:
+        row = await self._read(lambda c: c.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone())
+        return msgspec.json.decode(row[0]) if row else None
+
+    async def events(self, after_seq: int = 0, limit: int = 1000) -> list[wire.Event]:
+        rows = await self._read(lambda c: c.execute(
+            "SELECT body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall())
+        dec = msgspec.json.Decoder(wire.Event)
+        return [dec.decode(r[0]) for r in rows]
+
+    async def seen_command(self, command_id: str, ts: datetime) -> bool:
+        """Record a command id; True if it was already recorded (a re-delivery, not to be run again)."""
+        def q(c: sqlite3.Connection) -> bool:
+            cur = c.execute("INSERT OR IGNORE INTO commands_seen(id, ts) VALUES (?, ?)", (command_id, ts.isoformat()))
+            return cur.rowcount == 0
+        return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: q(self._conn()))
+
+    @property
+    def pending(self) -> int:
+        return self._pending

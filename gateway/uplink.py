@@ -1,0 +1,248 @@
+"""The uplink: the outbox drained to the portal over MQTT, commands taken in.
+
+The broker's PUBACK is not the end of an event's journey: an outbox row is forgotten only when the
+portal has stored the event and said so on the ``ack`` topic. Until then the event is re-sent (after
+``resend_after_s``, backing off while nothing is acknowledged, and from the start of the outbox
+after every reconnect); the portal's ingest is idempotent by event id, so re-sends are harmless.
+
+At most ``window`` events are in flight unacknowledged, so a portal that is away does not make the
+gateway push its whole backlog into a broker that would drop it. Reconnects live here and only here,
+with capped exponential backoff and full jitter, reset after a connection that worked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiomqtt
+
+from gateway import __version__, wire
+from gateway.config import GatewayConfig, read_secret
+from gateway.store import Store
+
+log = logging.getLogger(__name__)
+
+CommandHandler = Callable[[wire.Command], Awaitable[None]]
+
+
+@dataclass
+class UplinkStats:
+    connected: bool = False
+    connects: int = 0
+    batches_sent: int = 0
+    events_sent: int = 0
+    resends: int = 0
+    acks: int = 0
+    commands: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    last_ack_mono: float | None = None
+
+
+def backoff_delays(lo: float, hi: float, rng: random.Random | None = None) -> Callable[[int], float]:
+    """Capped exponential backoff with full jitter: attempt n waits uniform(0, min(hi, lo * 2**n))."""
+    r = rng or random.Random()
+
+    def delay(attempt: int) -> float:
+        return r.uniform(0, min(hi, lo * (2 ** min(attempt, 30))))
+
+    return delay
+
+
+class Uplink:
+    def __init__(self, cfg: GatewayConfig, store: Store, on_command: CommandHandler | None = None,
+                 *, clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.on_command = on_command
+        self.stats = UplinkStats()
+        self._clock = clock
+        self._delay = backoff_delays(cfg.mqtt.reconnect_min_s, cfg.mqtt.reconnect_max_s, rng)
+        self._t_events = wire.topic(cfg.site, cfg.gateway, "events")
+        self._t_ack = wire.topic(cfg.site, cfg.gateway, "ack")
+        self._t_cmd = wire.topic(cfg.site, cfg.gateway, "cmd")
+        self._t_status = wire.topic(cfg.site, cfg.gateway, "status")
+        self._inflight: dict[int, float] = {}  # seq -> monotonic time sent
+        self._cursor = 0  # highest seq sent on this connection
+        self._acked = asyncio.Event()
+        self._logged_reasons: set[str] = set()
+        self._client: aiomqtt.Client | None = None
+
+    # ------------------------------------------------------------ connection
+
+    def _client_for(self) -> aiomqtt.Client:
+        m = self.cfg.mqtt
+        password = read_secret(m.password_file) if m.password_file else None
+        tls_context = None
+        if m.tls is not None:
+            tls_context = ssl.create_default_context(cafile=m.tls.ca_file)
+            if m.tls.cert_file:
+                tls_context.load_cert_chain(m.tls.cert_file, m.tls.key_file)
+            if m.tls.insecure:
+                tls_context.check_hostname = False
+        offline = wire.encode(wire.Status(v=wire.SCHEMA_VERSION, state="offline"))
+        return aiomqtt.Client(
+            m.host, m.port, username=m.username, password=password,
+            identifier=f"gatehouse-{self.cfg.site}-{self.cfg.gateway}", clean_session=False,
+            will=aiomqtt.Will(self._t_status, offline, qos=1, retain=True),
+            keepalive=m.keepalive_s, tls_context=tls_context, timeout=10,
+            max_inflight_messages=100,
+        )
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect; until cancelled."""
+        attempt = 0
+        while True:
+            started = self._clock()
+            try:
+                async with self._client_for() as client:
+                    self._client = client
+                    self.stats.connected = True
+                    self.stats.connects += 1
+                    log.info("uplink connected to %s:%d", self.cfg.mqtt.host, self.cfg.mqtt.port)
+                    await self._serve(client)
+            except aiomqtt.MqttError as e:
+                if self.stats.connected or attempt == 0:
+                    log.warning("uplink to %s:%d down: %s", self.cfg.mqtt.host, self.cfg.mqtt.port, e)
+            finally:
+                self._client = None
+                self.stats.connected = False
+            # A connection that lived a while resets the backoff.
+            attempt = 0 if self._clock() - started > 10 else attempt + 1
+            await asyncio.sleep(self._delay(attempt))
+
+    async def close(self) -> None:
+        """Say "offline" (retained) before a clean shutdown; the last will covers the unclean one."""
+        client = self._client
+        if client is not None:
+            with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+                payload = wire.encode(wire.Status(v=wire.SCHEMA_VERSION, state="offline", ts=wire.utcnow()))
+                await client.publish(self._t_status, payload, qos=1, retain=True, timeout=2)
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        self._inflight.clear()
+        self._cursor = 0
+        await client.subscribe([(self._t_ack, 1), (self._t_cmd, 1)])
+        online = wire.Status(v=wire.SCHEMA_VERSION, state="online", ts=wire.utcnow(), version=__version__)
+        await client.publish(self._t_status, wire.encode(online), qos=1, retain=True)
+        self.store.committed.set()  # whatever is in the outbox goes out now
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._receive(client), name=f"gateway[{self.cfg.gateway}].uplink.receive")
+                tg.create_task(self._send(client), name=f"gateway[{self.cfg.gateway}].uplink.send")
+        except ExceptionGroup as eg:
+            # A lost connection surfaces in one of the two tasks; report it as the plain MqttError it is.
+            mqtt_errors = eg.subgroup(aiomqtt.MqttError)
+            if mqtt_errors is not None and mqtt_errors.exceptions and len(eg.exceptions) == len(
+                    mqtt_errors.exceptions):
+                raise mqtt_errors.exceptions[0] from None
+            raise
+
+    # ------------------------------------------------------------ sending
+
+    async def _send(self, client: aiomqtt.Client) -> None:
+        up = self.cfg.uplink
+        resend_after = up.resend_after_s
+        publishes: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                room = up.window - len(self._inflight)
+                rows = await self.store.outbox_after(self._cursor, min(up.batch_max, room)) if room > 0 else []
+                if rows:
+                    self._publish(client, rows, publishes)
+                    continue
+                # Nothing to send now: wait for new events, an ack (room in the window), or a resend.
+                self.store.committed.clear()
+                if room > 0:
+                    # Re-check after clearing, in case a commit landed between the read and the clear.
+                    rows = await self.store.outbox_after(self._cursor, 1)
+                    if rows:
+                        continue
+                self._acked.clear()
+                oldest = min(self._inflight.values(), default=None)
+                timeout = None if oldest is None else max(0.0, oldest + resend_after - self._clock())
+                waiters = [asyncio.ensure_future(self.store.committed.wait()),
+                           asyncio.ensure_future(self._acked.wait())]
+                try:
+                    done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waiters:
+                        w.cancel()
+                if not done and self._inflight:
+                    # Nothing acknowledged for a while: send everything unacknowledged again, and wait
+                    # longer next time while the portal stays silent.
+                    self.stats.resends += 1
+                    log.info("uplink: %d events unacknowledged for %.0fs, re-sending", len(self._inflight),
+                             resend_after)
+                    self._cursor = min(self._inflight) - 1
+                    self._inflight.clear()
+                    resend_after = min(resend_after * 2, up.resend_max_s)
+                elif self.stats.last_ack_mono is not None and self._clock() - self.stats.last_ack_mono < 1:
+                    resend_after = up.resend_after_s
+        finally:
+            for t in publishes:
+                t.cancel()
+            await asyncio.gather(*publishes, return_exceptions=True)
+
+    def _publish(self, client: aiomqtt.Client, rows: list[tuple[int, bytes]],
+                 publishes: set[asyncio.Task[None]]) -> None:
+        # The stored bodies are already encoded wire.Events; frame them into a batch without re-encoding.
+        head = f'{{"v":{wire.SCHEMA_VERSION},"site":"{self.cfg.site}","gateway":"{self.cfg.gateway}","events":['
+        payload = head.encode() + b",".join(body for _, body in rows) + b"]}"
+        now = self._clock()
+        for seq, _ in rows:
+            self._inflight[seq] = now
+        self._cursor = rows[-1][0]
+        self.stats.batches_sent += 1
+        self.stats.events_sent += len(rows)
+        task = asyncio.create_task(self._publish_one(client, payload),
+                                   name=f"gateway[{self.cfg.gateway}].uplink.publish")
+        publishes.add(task)
+        task.add_done_callback(publishes.discard)
+
+    async def _publish_one(self, client: aiomqtt.Client, payload: bytes) -> None:
+        try:
+            await client.publish(self._t_events, payload, qos=1)
+        except aiomqtt.MqttError as e:
+            # The connection is going down; the receive loop notices and the outbox is re-sent after reconnect.
+            log.debug("publish failed: %s", e)
+
+    # ------------------------------------------------------------ receiving
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for msg in client.messages:
+            topic = str(msg.topic)
+            payload = msg.payload if isinstance(msg.payload, bytes | bytearray) else b""
+            try:
+                if topic == self._t_ack:
+                    self._on_ack(wire.decode_ack(bytes(payload)))
+                elif topic == self._t_cmd:
+                    await self._on_command(wire.decode_command(bytes(payload)))
+            except wire.WireError as e:
+                self._reject(topic, e.reason, str(e))
+
+    def _reject(self, topic: str, reason: str, detail: str) -> None:
+        self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
+        key = f"{topic}:{reason}"
+        if key not in self._logged_reasons:
+            self._logged_reasons.add(key)
+            log.warning("uplink: rejected a message on %s: %s (further ones are only counted)", topic, detail)
+
+    def _on_ack(self, ack: wire.Ack) -> None:
+        for s in ack.seqs:
+            self._inflight.pop(s, None)
+        self.store.acknowledge(ack.seqs)
+        self.stats.acks += len(ack.seqs)
+        self.stats.last_ack_mono = self._clock()
+        self._acked.set()
+
+    async def _on_command(self, cmd: wire.Command) -> None:
+        self.stats.commands += 1
+        if self.on_command is not None:
+            await self.on_command(cmd)

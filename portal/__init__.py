@@ -1,0 +1,1 @@
+"""The estate portal: MQTT ingest of gateway events, its own store, and the guardroom web pages."""

@@ -1,0 +1,243 @@
+"""The portal's configuration: one YAML file, validated once, strictly, at start-up.
+
+Unknown keys are errors and every error names the file (and the line where it can be found).
+Relative paths in the file are relative to the file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError
+
+from gateway.wire import NAME_RE
+
+Name = Annotated[str, msgspec.Meta(pattern=NAME_RE.pattern)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+LANGUAGES = ("zh-CN", "en")
+
+
+class ConfigError(Exception):
+    """One or more problems in a config file, each naming the file."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ListenConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: Port = 8080  # 0 picks a free port (reported on the ready line)
+
+
+class TlsConfig(_Strict):
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False  # skip the broker's hostname check; only for a broker reached by IP on a private link
+
+
+class MqttConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1883
+    username: str | None = None
+    password_file: str | None = None  # a file of mode 0600 holding the password alone
+    tls: TlsConfig | None = None
+    # A stable id: the broker keeps the portal's session (subscriptions, queued QoS 1 messages) across restarts.
+    client_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "gatehouse-portal"
+    keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 30
+    reconnect_min_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.5
+    reconnect_max_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+
+
+class GatewayRef(_Strict):
+    site: Name
+    gateway: Name
+    name: str = ""  # a label for people ("1号楼机房")
+
+
+class SessionConfig(_Strict):
+    idle_timeout_s: Annotated[int, msgspec.Meta(ge=60, le=7 * 86400)] = 30 * 60
+    absolute_timeout_s: Annotated[int, msgspec.Meta(ge=60, le=30 * 86400)] = 12 * 3600
+
+
+class StoreConfig(_Strict):
+    path: str = "portal.db"  # relative to data_dir
+    batch_max: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 256  # queued writes committed in one transaction
+    queue_max: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
+
+
+class PortalConfig(_Strict):
+    site_name: str = "Gatehouse"
+    data_dir: str = "."
+    listen: ListenConfig = msgspec.field(default_factory=ListenConfig)
+    mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
+    gateways: list[GatewayRef] = []
+    sessions: SessionConfig = msgspec.field(default_factory=SessionConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    cookie_secure: bool = False  # true when the portal is reached over TLS (a reverse proxy)
+    # Extra origins accepted on state-changing requests and WebSockets besides the portal's own
+    # (e.g. "https://portal.example.cn" behind a proxy that rewrites Host).
+    allowed_origins: list[str] = []
+    language: Literal["zh-CN", "en"] = "zh-CN"
+    timezone: str = "Asia/Shanghai"  # the site's local time, for display only; events are UTC
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
+    ws_queue_max: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 256  # per console; overflow drops the client
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    source: str = ""  # the file it came from, set by load()
+
+    def data_path(self, name: str) -> Path:
+        return Path(self.data_dir) / name
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_path(self.store.path)
+
+    def known(self, site: str, gateway: str) -> bool:
+        return any(g.site == site and g.gateway == gateway for g in self.gateways)
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def _line_of(tree: Any, jsonpath: str) -> int | None:
+    """The 1-based line of ``$.gateways[1].site`` in a ruamel tree, or of its nearest parent."""
+    node, line = tree, None
+    for key, idx in re.findall(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]", jsonpath):
+        if isinstance(node, CommentedMap) and key and key in node:
+            line = node.lc.key(key)[0] + 1
+            node = node[key]
+        elif isinstance(node, CommentedSeq) and idx and int(idx) < len(node):
+            line = node.lc.item(int(idx))[0] + 1
+            node = node[int(idx)]
+        else:
+            break
+    return line
+
+
+def parse(path: Path, text: str) -> PortalConfig:
+    """Validate the text of a config file (no path resolution). Raises :class:`ConfigError`."""
+    yaml = YAML(typ="rt")
+    yaml.allow_duplicate_keys = False
+    try:
+        tree = yaml.load(text)
+    except MarkedYAMLError as e:
+        mark = e.problem_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError([f"{path}{line}: not valid YAML: {e.problem}"]) from None
+    except Exception as e:  # ruamel raises several unrelated types (duplicate keys and the like)
+        raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+    data = _plain(tree)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}:1: the top level must be a mapping of settings"])
+    try:
+        cfg = msgspec.convert(data, PortalConfig, strict=True)
+    except msgspec.ValidationError as e:
+        msg = str(e)
+        where = msg.rsplit(" - at `", 1)
+        jp = where[1].rstrip("`") if len(where) == 2 else "$"
+        unknown = re.search(r"unknown field `([^`]+)`", msg)
+        if unknown:
+            jp = f"{jp}.{unknown.group(1)}"
+        line = _line_of(tree, jp)
+        loc = f"{path}:{line}" if line else str(path)
+        raise ConfigError([f"{loc}: {where[0]} (at {jp})"]) from None
+    problems = _cross_check(path, cfg, tree)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _cross_check(path: Path, cfg: PortalConfig, tree: Any) -> list[str]:
+    problems: list[str] = []
+
+    def where(jp: str) -> str:
+        line = _line_of(tree, jp)
+        return f"{path}:{line}" if line else str(path)
+
+    seen: set[tuple[str, str]] = set()
+    for i, g in enumerate(cfg.gateways):
+        key = (g.site, g.gateway)
+        if key in seen:
+            problems.append(f"{where(f'$.gateways[{i}]')}: gateway {g.site}/{g.gateway} is listed twice")
+        seen.add(key)
+    try:
+        ZoneInfo(cfg.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        problems.append(f"{where('$.timezone')}: unknown time zone {cfg.timezone!r} (e.g. Asia/Shanghai)")
+    if cfg.mqtt.password_file and not cfg.mqtt.username:
+        problems.append(f"{where('$.mqtt')}: password_file given without username")
+    if cfg.mqtt.reconnect_max_s < cfg.mqtt.reconnect_min_s:
+        problems.append(f"{where('$.mqtt.reconnect_max_s')}: reconnect_max_s is below reconnect_min_s")
+    if cfg.sessions.absolute_timeout_s < cfg.sessions.idle_timeout_s:
+        problems.append(f"{where('$.sessions.absolute_timeout_s')}: absolute timeout is below the idle timeout")
+    for i, o in enumerate(cfg.allowed_origins):
+        if not re.fullmatch(r"https?://[^/\s]+", o):
+            problems.append(f"{where(f'$.allowed_origins[{i}]')}: {o!r} is not an origin like https://host[:port]")
+    return problems
+
+
+def load(path: str | os.PathLike[str]) -> PortalConfig:
+    """Read, validate and resolve a portal config. Raises :class:`ConfigError`."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: no such file"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{p}: cannot read: {e}"]) from None
+    cfg = parse(p, text)
+    base = p.resolve().parent
+
+    def rel(v: str | None) -> str | None:
+        return str((base / v).resolve()) if v else None
+
+    m = cfg.mqtt
+    tls = m.tls
+    if tls is not None:
+        tls = msgspec.structs.replace(
+            tls, ca_file=rel(tls.ca_file), cert_file=rel(tls.cert_file), key_file=rel(tls.key_file)
+        )
+    return msgspec.structs.replace(
+        cfg,
+        source=str(p),
+        data_dir=str((base / cfg.data_dir).resolve()),
+        mqtt=msgspec.structs.replace(m, password_file=rel(m.password_file), tls=tls),
+    )
+
+
+def read_secret(path: str) -> str:
+    """Read a secret file, refusing one that others can read (mode 0600 or stricter)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read secret: {e.strerror}"]) from None
+    if st.st_mode & 0o077:
+        raise ConfigError([f"{path}: secret file must not be readable by group or others (chmod 600)"])
+    return Path(path).read_text(encoding="utf-8").strip()

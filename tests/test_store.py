@@ -1,0 +1,100 @@
+"""The gateway's local store on real SQLite files: seqs without gaps, one transaction, full disk."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from gateway import wire
+from gateway.events import Draft
+from gateway.store import MIGRATIONS, Store, StoreError, open_db
+
+PLACE = wire.Place(site="s1", zone="z1")
+
+
+def _drafts(n: int, start: int = 0) -> list[Draft]:
+    return [Draft(type="zone.alarm", device="p1", place=PLACE, data={"n": start + i}) for i in range(n)]
+
+
+async def test_seq_has_no_gaps_and_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "gw.db"
+    async with Store(path, site="s1", gateway="gw1") as store:
+        futs = [store.submit(_drafts(3, i * 3)) for i in range(10)]
+        events = [e for f in futs for e in await f]
+        assert [e.seq for e in events] == list(range(1, 31))
+        assert len({e.id for e in events}) == 30
+        assert await store.outbox_depth() == 30
+    async with Store(path, site="s1", gateway="gw1") as store:
+        more = await store.append(_drafts(2))
+        assert [e.seq for e in more] == [31, 32]
+        assert [e.data["n"] for e in await store.events(after_seq=29)] == [29, 0, 1]
+        # ids are time-ordered: sorting by id gives seq order
+        evs = await store.events()
+        assert sorted(evs, key=lambda e: e.id) == evs
+
+
+async def test_event_outbox_and_state_in_one_transaction(tmp_path: Path) -> None:
+    path = tmp_path / "gw.db"
+    async with Store(path, site="s1", gateway="gw1") as store:
+        await store.append(_drafts(2), state={"engine": {"armed": ["g1"]}})
+        assert await store.get_state("engine") == {"armed": ["g1"]}
+        store.acknowledge([1])
+        await store.append([])
+        assert await store.outbox_depth() == 1
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 2  # the log keeps acknowledged events
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    conn.close()
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "gw.db"
+    open_db(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
+    conn.close()
+    with pytest.raises(StoreError, match="newer"):
+        open_db(path)
+
+
+async def test_full_disk_keeps_events_in_memory_until_space_returns(tmp_path: Path) -> None:
+    """SQLite's own 'database or disk is full' (max_page_count) stands in for a full SD card."""
+    path = tmp_path / "gw.db"
+    faults: list[str | None] = []
+    async with Store(path, site="s1", gateway="gw1") as store:
+        store.on_fault = faults.append
+        await store.append(_drafts(1))
+        conn = await asyncio.get_running_loop().run_in_executor(store._executor, store._conn)
+        pages = await asyncio.get_running_loop().run_in_executor(
+            store._executor, lambda: conn.execute("PRAGMA page_count").fetchone()[0])
+        await asyncio.get_running_loop().run_in_executor(
+            store._executor, lambda: conn.execute(f"PRAGMA max_page_count={pages}"))
+        big = [Draft(type="zone.alarm", device="p1", place=PLACE, data={"pad": "x" * 2000, "n": i})
+               for i in range(200)]
+        fut = store.submit(big)
+        for _ in range(200):
+            if store.fault:
+                break
+            await asyncio.sleep(0.01)
+        assert store.fault and "full" in store.fault
+        assert not fut.done()
+        await asyncio.get_running_loop().run_in_executor(
+            store._executor, lambda: conn.execute("PRAGMA max_page_count=1073741823"))
+        events = await asyncio.wait_for(fut, 10)
+        assert [e.seq for e in events] == list(range(2, 202))
+        assert store.fault is None
+        assert faults[0] and faults[-1] is None
+
+
+async def test_backlog_is_bounded(tmp_path: Path) -> None:
+    async with Store(tmp_path / "gw.db", site="s1", gateway="gw1", ring_max=10) as store:
+        ok = store.submit(_drafts(8))
+        refused = store.submit(_drafts(5))
+        with pytest.raises(StoreError, match="backlog"):
+            await refused
+        assert len(await ok) == 8
+        assert store.dropped == 5

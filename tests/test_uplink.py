@@ -1,0 +1,157 @@
+"""The uplink against a real Mosquitto, with a minimal portal-side acknowledger in the test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from gateway import wire
+from gateway.broker import MosquittoProcess
+from gateway.config import GatewayConfig, MqttConfig, UplinkConfig
+from gateway.events import Draft
+from gateway.store import Store
+from gateway.uplink import Uplink, backoff_delays
+
+PLACE = wire.Place(site="s1")
+
+
+def _cfg(broker: MosquittoProcess, **uplink: float) -> GatewayConfig:
+    return GatewayConfig(site="s1", gateway="gw1",
+                         mqtt=MqttConfig(host="127.0.0.1", port=broker.port, reconnect_min_s=0.05,
+                                         reconnect_max_s=0.5),
+                         uplink=UplinkConfig(**uplink))  # type: ignore[arg-type]
+
+
+class Acker:
+    """Receives batches like the portal does and acknowledges them (optionally not)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.seen: list[int] = []
+        self.ack = True
+
+    async def run(self) -> None:
+        async with aiomqtt.Client("127.0.0.1", self.port, identifier="test-acker", clean_session=False) as c:
+            await c.subscribe(wire.subscription("events"), qos=1)
+            async for msg in c.messages:
+                site, gw, _ = wire.parse_topic(str(msg.topic))
+                batch = wire.decode_batch(bytes(msg.payload), site=site, gateway=gw)  # type: ignore[arg-type]
+                self.seen.extend(e.seq for e in batch.events)
+                if self.ack:
+                    ack = wire.Ack(v=1, seqs=[e.seq for e in batch.events])
+                    await c.publish(wire.topic(site, gw, "ack"), wire.encode(ack), qos=1)
+
+
+@contextlib.asynccontextmanager
+async def running(*coros: object) -> AsyncIterator[None]:
+    tasks = [asyncio.create_task(c) for c in coros]  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _until(cond: object, timeout: float = 15.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():  # type: ignore[operator]
+            await asyncio.sleep(0.02)
+
+
+async def test_events_are_forgotten_only_when_acknowledged(tmp_path: Path, broker: MosquittoProcess) -> None:
+    acker = Acker(broker.port)
+    acker.ack = False
+    async with Store(tmp_path / "gw.db", site="s1", gateway="gw1") as store:
+        up = Uplink(_cfg(broker, resend_after_s=0.3, resend_max_s=0.6), store)
+        async with running(acker.run(), up.run()):
+            await store.append([Draft(type="zone.alarm", device="p", place=PLACE) for _ in range(50)])
+            await _until(lambda: len(acker.seen) >= 100)  # sent, then re-sent: nobody acknowledged
+            assert await store.outbox_depth() == 50
+            assert up.stats.resends >= 1
+            acker.ack = True
+            await _until(lambda: up.stats.acks >= 50)
+            await store.append([])
+            assert await store.outbox_depth() == 0
+            assert sorted(set(acker.seen)) == list(range(1, 51))
+
+
+async def test_window_bounds_unacknowledged_events(tmp_path: Path, broker: MosquittoProcess) -> None:
+    acker = Acker(broker.port)
+    acker.ack = False
+    async with Store(tmp_path / "gw.db", site="s1", gateway="gw1") as store:
+        up = Uplink(_cfg(broker, window=100, batch_max=30, resend_after_s=30), store)
+        async with running(acker.run(), up.run()):
+            await store.append([Draft(type="zone.alarm", device="p", place=PLACE) for _ in range(500)])
+            await _until(lambda: len(acker.seen) >= 100)
+            await asyncio.sleep(0.3)
+            assert sorted(acker.seen) == list(range(1, 101))
+            acker.ack = True
+            # an ack for a stale batch opens the window; new batches then flow and get acknowledged
+            ack = wire.Ack(v=1, seqs=list(range(1, 101)))
+            async with aiomqtt.Client("127.0.0.1", broker.port) as c:
+                await c.publish(wire.topic("s1", "gw1", "ack"), wire.encode(ack), qos=1)
+            await _until(lambda: up.stats.acks >= 500)
+
+
+async def test_reconnects_after_broker_restart(tmp_path: Path, broker: MosquittoProcess) -> None:
+    acker = Acker(broker.port)
+    async with Store(tmp_path / "gw.db", site="s1", gateway="gw1") as store:
+        up = Uplink(_cfg(broker), store)
+        async with running(up.run()):
+            await _until(lambda: up.stats.connected)
+            broker.kill()
+            await _until(lambda: not up.stats.connected)
+            await store.append([Draft(type="zone.alarm", device="p", place=PLACE) for _ in range(20)])
+            broker.start()
+            async with running(acker.run()):
+                await _until(lambda: up.stats.acks >= 20)
+            assert up.stats.connects >= 2
+
+
+async def test_bad_acks_and_commands_are_counted_not_fatal(tmp_path: Path, broker: MosquittoProcess) -> None:
+    async with Store(tmp_path / "gw.db", site="s1", gateway="gw1") as store:
+        up = Uplink(_cfg(broker), store)
+        async with running(up.run()):
+            await _until(lambda: up.stats.connected)
+            async with aiomqtt.Client("127.0.0.1", broker.port) as c:
+                await c.publish(wire.topic("s1", "gw1", "ack"), b"{not json", qos=1)
+                await c.publish(wire.topic("s1", "gw1", "ack"), b'{"v":9,"seqs":[1]}', qos=1)
+                await c.publish(wire.topic("s1", "gw1", "cmd"), b"x" * (wire.MAX_PAYLOAD_BYTES + 1), qos=1)
+            await _until(lambda: sum(up.stats.rejected.values()) >= 3)
+            assert up.stats.rejected == {"malformed": 1, "bad-version": 1, "too-large": 1}
+            assert up.stats.connected
+
+
+async def test_status_is_retained_and_last_will_says_offline(tmp_path: Path, broker: MosquittoProcess) -> None:
+    async with Store(tmp_path / "gw.db", site="s1", gateway="gw1") as store:
+        up = Uplink(_cfg(broker), store)
+        async with running(up.run()):
+            await _until(lambda: up.stats.connected)
+            async with aiomqtt.Client("127.0.0.1", broker.port) as c:
+                await c.subscribe(wire.topic("s1", "gw1", "status"), qos=1)
+                async with asyncio.timeout(5):
+                    msg = await anext(aiter(c.messages))
+                assert wire.decode_status(bytes(msg.payload)).state == "online"  # type: ignore[arg-type]
+            await up.close()
+    async with aiomqtt.Client("127.0.0.1", broker.port) as c:
+        await c.subscribe(wire.topic("s1", "gw1", "status"), qos=1)
+        async with asyncio.timeout(5):
+            msg = await anext(aiter(c.messages))
+        assert wire.decode_status(bytes(msg.payload)).state == "offline"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("attempt", range(12))
+def test_backoff_is_capped_with_full_jitter(attempt: int) -> None:
+    import random
+
+    delay = backoff_delays(0.5, 30.0, random.Random(attempt))
+    values = [delay(attempt) for _ in range(200)]
+    cap = min(30.0, 0.5 * 2**attempt)
+    assert all(0 <= v <= cap for v in values)
+    assert max(values) > cap * 0.8  # full jitter spans the whole range
