@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import time
@@ -118,4 +119,12 @@ async def serve(cfg: GatewayConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await Gateway(cfg).run(stop)
+    gw = Gateway(cfg)
+    runner = asyncio.create_task(gw.run(stop), name=f"gateway[{cfg.gateway}]")
+    ready = asyncio.create_task(gw.ready.wait())
+    await asyncio.wait([runner, ready], return_when=asyncio.FIRST_COMPLETED)
+    if gw.ready.is_set():
+        # One line for whoever started us (the demo, the tests): we are serving.
+        print(json.dumps({"ready": True, "site": cfg.site, "gateway": cfg.gateway}), flush=True)
+    ready.cancel()
+    await runner
