@@ -1,0 +1,64 @@
+"""systemd's notify protocol (sd_notify): readiness, status and a watchdog fed from the event loop.
+
+The watchdog is fed by a task on the event loop itself, so a loop that hangs (a blocking call, a
+runaway coroutine) stops feeding it and systemd restarts the service after ``WatchdogSec``.
+Without ``NOTIFY_SOCKET`` (not under systemd) every call is a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+
+log = logging.getLogger(__name__)
+
+
+class Notifier:
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        env = dict(os.environ) if env is None else env
+        addr = env.get("NOTIFY_SOCKET", "")
+        if addr.startswith("@"):  # abstract namespace
+            addr = "\0" + addr[1:]
+        self.address = addr or None
+        self._sock: socket.socket | None = None
+        usec = env.get("WATCHDOG_USEC", "")
+        pid = env.get("WATCHDOG_PID", "")
+        mine = not pid or pid == str(os.getpid())
+        self.watchdog_s = int(usec) / 1e6 if usec.isdigit() and int(usec) > 0 and mine else None
+
+    def send(self, *fields: str) -> bool:
+        if self.address is None:
+            return False
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.sendto("\n".join(fields).encode(), self.address)
+            return True
+        except OSError as e:
+            log.warning("sd_notify to %r failed: %s", self.address, e)
+            return False
+
+    def ready(self, status: str = "") -> bool:
+        return self.send("READY=1", *([f"STATUS={status}"] if status else []))
+
+    def status(self, status: str) -> bool:
+        return self.send(f"STATUS={status}")
+
+    def stopping(self) -> bool:
+        return self.send("STOPPING=1")
+
+    async def feed_watchdog(self) -> None:
+        """Feed the watchdog at half its period for as long as the loop runs this task."""
+        if self.watchdog_s is None or self.address is None:
+            return
+        period = self.watchdog_s / 2
+        while True:
+            self.send("WATCHDOG=1")
+            await asyncio.sleep(period)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
