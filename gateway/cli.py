@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from gateway import __version__
 
@@ -66,7 +67,9 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     from gateway import demo
 
     setup_logging("INFO")
-    return asyncio.run(demo.run_demo(ns))
+    data = Path(ns.data).resolve()
+    (data / "logs").mkdir(parents=True, exist_ok=True)
+    return asyncio.run(demo.run_demo(ns, data))
 
 
 def build_parser() -> argparse.ArgumentParser:

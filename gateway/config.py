@@ -94,13 +94,125 @@ class PlaceConfig(_Strict):
     house: Name | None = None
 
 
+class ZoneAuxConfig(_Strict):
+    """More points of the zone's device that belong to the zone (perimeter panel, pulse fence)."""
+
+    tamper: str | None = None  # zone tamper: zone.tamper, whatever the arming
+    fault: str | None = None  # line fault: zone.fault, whatever the arming
+    touch: str | None = None  # fence touched: zone.alarm, follows the arming like the zone itself
+    cut: str | None = None  # fence wire cut: zone.tamper, whatever the arming
+    short: str | None = None  # fence wires shorted: zone.tamper, whatever the arming
+
+
 class ZoneConfig(_Strict):
     name: Name
     device: Name
     point: str
-    type: Literal["perimeter", "entry", "interior", "panic", "medical", "fire", "gas", "tamper"] = "perimeter"
+    # perimeter: instant once its group is armed; entry: entry delay; interior: instant, but follows a
+    # running entry delay and is off in "stay" mode; the rest are 24-hour types that ignore arming.
+    type: Literal["perimeter", "entry", "interior", "panic", "medical", "fire", "gas", "tamper", "fault"] = (
+        "perimeter"
+    )
     label: str = ""
     place: PlaceConfig | None = None
+    group: Name = "default"  # zone group it is armed with (see zone_groups; "default" needs no entry)
+    invert: bool = False  # the point reads false when active (a normally-closed "ok" input)
+    debounce_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 0  # must stay active this long to count
+    restore_ms: Annotated[int, msgspec.Meta(ge=0, le=600_000)] = 3000  # quiet this long before a restore
+    entry_delay_s: Annotated[int, msgspec.Meta(ge=0, le=600)] = 30  # entry zones (and a door open at arming)
+    aux: ZoneAuxConfig | None = None
+
+
+class DoorConfig(_Strict):
+    """A door or gate with an electric lock, driven by a relay on a door controller."""
+
+    name: Name
+    device: Name  # the door controller
+    relay: str  # its output point that releases the lock
+    place: PlaceConfig | None = None  # building + unit: the unit's entrance (passes with that unit open it)
+    gate: bool = False  # a site gate: passes with the gates right open it
+    contact: str | None = None  # its input point for the door contact (closed = shut)
+    exit_button: str | None = None  # its input point for the request-to-exit button
+    unlock_ms: PositiveMs = 5000
+    held_open_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 60  # door open longer: door.held_open
+    label: str = ""
+
+
+class ReaderConfig(_Strict):
+    """A QR reader on a serial line (several may share one RS-485 line, each at its own address)."""
+
+    name: Name
+    serial: str  # /dev/ttyUSB1, or a pyserial URL
+    door: Name
+    baudrate: Literal[1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200] = 9600
+    address: Annotated[int, msgspec.Meta(ge=0, le=255)] | None = None
+
+
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+ClockTime = Annotated[str, msgspec.Meta(pattern=r"^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$")]
+
+
+class ScheduleWindow(_Strict):
+    """From ``start`` to ``end`` (local time) on each of ``days``; an ``end`` before ``start`` runs
+    past midnight into the next day."""
+
+    days: Annotated[list[Weekday], msgspec.Meta(min_length=1)]
+    start: ClockTime
+    end: ClockTime
+
+
+class ScheduleConfig(_Strict):
+    name: Name
+    windows: Annotated[list[ScheduleWindow], msgspec.Meta(min_length=1)]
+
+
+class AccessConfig(_Strict):
+    public_keys: list[str] = []  # PEM files of the portal's pass-signing public keys (several while rotating)
+    db: str = "access.db"  # relative to data_dir: used passes and the revocation list
+    skew_s: Annotated[int, msgspec.Meta(ge=0, le=600)] = 30
+    revocation_max_age_s: Annotated[int, msgspec.Meta(ge=60)] = 86_400
+    # While the clock is known to be unsynchronised (see gateway.access):
+    unsynced_max_life_s: Annotated[int, msgspec.Meta(ge=10, le=3600)] = 300
+    unsynced_skew_s: Annotated[int, msgspec.Meta(ge=0, le=86_400)] = 600
+    burst_count: Annotated[int, msgspec.Meta(ge=2, le=1000)] = 5  # refused scans at one door ...
+    burst_window_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0  # ... within this many seconds
+    timezone: str = "Asia/Shanghai"  # for schedules
+    schedules: list[ScheduleConfig] = []
+
+
+class ZoneGroupConfig(_Strict):
+    """Zones armed and disarmed together (a fence line, a clubhouse)."""
+
+    name: Name
+    label: str = ""
+    exit_delay_s: Annotated[int, msgspec.Meta(ge=0, le=600)] = 0  # entry and interior zones wait this long
+
+
+class AlarmScheduleConfig(_Strict):
+    """Arms ``groups`` at each window's start and disarms them at its end (site local time)."""
+
+    name: Name
+    groups: Annotated[list[Name], msgspec.Meta(min_length=1)]
+    windows: Annotated[list[ScheduleWindow], msgspec.Meta(min_length=1)]
+    enabled: bool = True
+
+
+class IndoorPanelConfig(_Strict):
+    """An in-flat alarm panel reporting Contact ID; its account number names the house."""
+
+    name: Name
+    account: Annotated[str, msgspec.Meta(pattern=r"^[0-9A-Fa-f]{4}$")]  # quote it in YAML: "0123"
+    place: PlaceConfig  # building, unit and house
+    label: str = ""
+    # A periodic test report (602/603/608) is expected this often; none within interval + grace
+    # raises panel.test_missed. None: the panel is not supervised.
+    test_interval_s: Annotated[int, msgspec.Meta(ge=60, le=7 * 86_400)] | None = 86_400
+    test_grace_s: Annotated[int, msgspec.Meta(ge=0, le=86_400)] = 900
+
+
+class AlarmConfig(_Strict):
+    timezone: str = "Asia/Shanghai"  # for alarm_schedules
+    repeat_interval_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 60  # at most one *_repeat per incident
 
 
 class LoadgenConfig(_Strict):
@@ -122,6 +234,13 @@ class GatewayConfig(_Strict):
     buses: list[BusConfig] = []
     devices: list[DeviceConfig] = []
     zones: list[ZoneConfig] = []
+    zone_groups: list[ZoneGroupConfig] = []
+    alarm_schedules: list[AlarmScheduleConfig] = []
+    indoor_panels: list[IndoorPanelConfig] = []
+    alarm: AlarmConfig = msgspec.field(default_factory=AlarmConfig)
+    doors: list[DoorConfig] = []
+    readers: list[ReaderConfig] = []
+    access: AccessConfig = msgspec.field(default_factory=AccessConfig)
     loadgen: LoadgenConfig | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -232,6 +351,9 @@ def load(path: str | os.PathLike[str], *, check_profiles: bool = True) -> Gatewa
         data_dir=str((base / cfg.data_dir).resolve()),
         profiles_dir=str((base / cfg.profiles_dir).resolve()) if cfg.profiles_dir else None,
         mqtt=_resolve_mqtt(cfg.mqtt, base),
+        access=msgspec.structs.replace(
+            cfg.access, public_keys=[str((base / k).resolve()) for k in cfg.access.public_keys]
+        ),
     )
     problems = cross_check(cfg, tree, check_profiles=check_profiles)
     if problems:
@@ -313,6 +435,78 @@ def cross_check(cfg: GatewayConfig, tree: Any, *, check_profiles: bool) -> list[
             problems.append(f"{tag}: device {z.device!r} has no point {z.point!r} (it has: {known})")
     if cfg.mqtt.password_file and not cfg.mqtt.username:
         problems.append(f"{where('$.mqtt', 'mqtt')}: password_file given without username")
+    problems.extend(_cross_check_access(cfg, where, profiles))
+    problems.extend(_cross_check_alarms(cfg, where, profiles))
+    return problems
+
+
+def _cross_check_access(cfg: GatewayConfig, where: Any, profiles: dict[str, Any]) -> list[str]:
+    """Doors, readers and the access settings. ``where(jsonpath, entity)`` gives ``file:line: entity``."""
+    from zoneinfo import ZoneInfo
+
+    problems: list[str] = []
+    devices = {d.name for d in cfg.devices}
+
+    def unique(kind: str, names: list[str]) -> set[str]:
+        seen: set[str] = set()
+        for i, n in enumerate(names):
+            if n in seen:
+                problems.append(f"{where(f'$.{kind}[{i}].name', f'{kind}[{i}] ({n})')}: duplicate name")
+            seen.add(n)
+        return seen
+
+    doors = unique("doors", [d.name for d in cfg.doors])
+    unique("readers", [r.name for r in cfg.readers])
+    for i, d in enumerate(cfg.doors):
+        tag = where(f"$.doors[{i}]", f"doors[{i}] ({d.name})")
+        if d.device not in devices:
+            problems.append(f"{tag}: device {d.device!r} is not defined under 'devices'")
+        elif d.device in profiles:
+            for field in ("relay", "contact", "exit_button"):
+                point = getattr(d, field)
+                if point is not None and point not in profiles[d.device].points:
+                    problems.append(f"{tag}: {field}: device {d.device!r} has no point {point!r}")
+            relay = profiles[d.device].points.get(d.relay)
+            if relay is not None and not relay.writable:
+                problems.append(f"{tag}: relay: point {d.relay!r} of device {d.device!r} is not writable")
+        if d.place is not None and (d.place.unit is None) != (d.place.building is None):
+            problems.append(f"{tag}: a unit's door needs both place.building and place.unit")
+        if d.gate and d.place is not None and d.place.unit is not None:
+            problems.append(f"{tag}: a site gate belongs to no unit (drop place.unit or gate)")
+    lines: dict[str, list[tuple[int, ReaderConfig]]] = {}
+    for i, r in enumerate(cfg.readers):
+        if r.door not in doors:
+            problems.append(f"{where(f'$.readers[{i}]', f'readers[{i}] ({r.name})')}: door {r.door!r} is not defined")
+        lines.setdefault(r.serial, []).append((i, r))
+    for serial, readers in lines.items():
+        addresses = [r.address for _, r in readers]
+        if len(readers) > 1 and (None in addresses or len(set(addresses)) != len(addresses)):
+            i, r = readers[1]
+            problems.append(
+                f"{where(f'$.readers[{i}]', f'readers[{i}] ({r.name})')}: readers sharing {serial!r} "
+                "need distinct addresses"
+            )
+    a = cfg.access
+    try:
+        ZoneInfo(a.timezone)
+    except (ValueError, OSError, KeyError):  # ZoneInfoNotFoundError is a KeyError
+        problems.append(f"{where('$.access.timezone', 'access')}: unknown timezone {a.timezone!r}")
+    unique_schedules: set[str] = set()
+    for i, s in enumerate(a.schedules):
+        if s.name in unique_schedules:
+            problems.append(f"{where(f'$.access.schedules[{i}]', f'schedules[{i}] ({s.name})')}: duplicate name")
+        unique_schedules.add(s.name)
+        for j, w in enumerate(s.windows):
+            if w.start == w.end or w.start == "24:00":
+                problems.append(
+                    f"{where(f'$.access.schedules[{i}].windows[{j}]', f'schedules[{i}] ({s.name})')}: "
+                    "an empty window (start == end, or start 24:00)"
+                )
+    for i, k in enumerate(a.public_keys):
+        if not os.path.isfile(k):
+            problems.append(f"{where(f'$.access.public_keys[{i}]', 'access')}: no such key file {k!r}")
+    if cfg.readers and not a.public_keys:
+        problems.append(f"{where('$.access', 'access')}: readers are configured but access.public_keys is empty")
     return problems
 
 
@@ -322,3 +516,55 @@ def read_secret(path: str) -> str:
     if st.st_mode & 0o077:
         raise ConfigError([f"{path}: secret file must not be readable by group or others (chmod 600)"])
     return Path(path).read_text(encoding="utf-8").strip()
+
+
+def _cross_check_alarms(cfg: GatewayConfig, where: Any, profiles: dict[str, Any]) -> list[str]:
+    """Zone points, zone groups, alarm schedules and indoor panels."""
+    from zoneinfo import ZoneInfo
+
+    problems: list[str] = []
+
+    def unique(kind: str, names: list[str], what: str = "name") -> set[str]:
+        seen: set[str] = set()
+        for i, n in enumerate(names):
+            if n in seen:
+                problems.append(f"{where(f'$.{kind}[{i}].{what}', f'{kind}[{i}] ({n})')}: duplicate {what}")
+            seen.add(n)
+        return seen
+
+    groups = unique("zone_groups", [g.name for g in cfg.zone_groups]) | {"default"}
+    unique("alarm_schedules", [s.name for s in cfg.alarm_schedules])
+    unique("indoor_panels", [p.name for p in cfg.indoor_panels])
+    unique("indoor_panels", [p.account.upper() for p in cfg.indoor_panels], "account")
+    used: dict[tuple[str, str], str] = {}
+    for i, z in enumerate(cfg.zones):
+        tag = where(f"$.zones[{i}]", f"zones[{i}] ({z.name})")
+        if z.group not in groups:
+            problems.append(f"{tag}: group {z.group!r} is not defined under 'zone_groups'")
+        points = [("point", z.point)]
+        if z.aux is not None:
+            points += [(f"aux.{k}", v) for k, v in msgspec.structs.asdict(z.aux).items() if v is not None]
+        for field, point in points:
+            if field != "point" and z.device in profiles and point not in profiles[z.device].points:
+                problems.append(f"{tag}: {field}: device {z.device!r} has no point {point!r}")
+            other = used.get((z.device, point))
+            if other is not None:
+                problems.append(f"{tag}: {field}: point {point!r} of {z.device!r} is already used by {other}")
+            used[(z.device, point)] = f"zone {z.name!r}"
+    try:
+        ZoneInfo(cfg.alarm.timezone)
+    except (ValueError, OSError):
+        problems.append(f"{where('$.alarm.timezone', 'alarm')}: unknown timezone {cfg.alarm.timezone!r}")
+    for i, s in enumerate(cfg.alarm_schedules):
+        tag = where(f"$.alarm_schedules[{i}]", f"alarm_schedules[{i}] ({s.name})")
+        for g in s.groups:
+            if g not in groups:
+                problems.append(f"{tag}: group {g!r} is not defined under 'zone_groups'")
+        for j, w in enumerate(s.windows):
+            if w.start == w.end or w.start == "24:00":
+                problems.append(f"{tag}: windows[{j}]: an empty window (start == end, or start 24:00)")
+    for i, p in enumerate(cfg.indoor_panels):
+        if p.place.house is None:
+            tag = where(f"$.indoor_panels[{i}].place", f"indoor_panels[{i}] ({p.name})")
+            problems.append(f"{tag}: an indoor panel needs place.house (and its building and unit)")
+    return problems
