@@ -7,6 +7,7 @@ message size limit) in a folder of its own.
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -59,6 +60,8 @@ class MosquittoProcess:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.conf_path.write_text(
             f"""# written by gatehouse for a local broker
+# Started as root, Mosquitto would switch to the 'mosquitto' user and lose access to this folder.
+user {getpass.getuser()}
 listener {self.port} {self.host}
 allow_anonymous true
 persistence true

@@ -86,6 +86,7 @@ class DeviceConfig(_Strict):
     bus: Name
     unit: Annotated[int, msgspec.Meta(ge=0, le=247)] = 1
     poll_ms: PositiveMs = 200
+    place: PlaceConfig | None = None  # where it is mounted (shown by `gatehouse device list`)
 
 
 class PlaceConfig(_Strict):
@@ -215,6 +216,14 @@ class AlarmConfig(_Strict):
     repeat_interval_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 60  # at most one *_repeat per incident
 
 
+class LocalApiConfig(_Strict):
+    """The status and metrics endpoint (``GET /status``, ``GET /metrics``); loopback only by default."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 9880
+
+
 class LoadgenConfig(_Strict):
     """A synthetic event source for durability tests and benchmarks: ``count`` events at ``rate``/s,
     resuming after a restart from the last one stored, so each number is produced exactly once."""
@@ -242,6 +251,7 @@ class GatewayConfig(_Strict):
     readers: list[ReaderConfig] = []
     access: AccessConfig = msgspec.field(default_factory=AccessConfig)
     loadgen: LoadgenConfig | None = None
+    local_api: LocalApiConfig = msgspec.field(default_factory=LocalApiConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # Paths in the file are relative to the file's folder; these are resolved by load().
@@ -280,6 +290,10 @@ def _plain(node: Any) -> Any:
         return {str(k): _plain(v) for k, v in node.items()}
     if isinstance(node, list):
         return [_plain(v) for v in node]
+    # ruamel's round-trip scalars (ScalarFloat, ScalarInt, ...) subclass the builtins; msgspec wants the builtins.
+    for t in (bool, int, float, str):
+        if isinstance(node, t):
+            return t(node)
     return node
 
 
@@ -553,7 +567,7 @@ def _cross_check_alarms(cfg: GatewayConfig, where: Any, profiles: dict[str, Any]
             used[(z.device, point)] = f"zone {z.name!r}"
     try:
         ZoneInfo(cfg.alarm.timezone)
-    except (ValueError, OSError):
+    except (ValueError, KeyError, OSError):  # ZoneInfoNotFoundError is a KeyError
         problems.append(f"{where('$.alarm.timezone', 'alarm')}: unknown timezone {cfg.alarm.timezone!r}")
     for i, s in enumerate(cfg.alarm_schedules):
         tag = where(f"$.alarm_schedules[{i}]", f"alarm_schedules[{i}] ({s.name})")
