@@ -16,6 +16,8 @@ from typing import Any
 
 from devices.events import DeviceEvent
 from gateway import wire
+from gateway.alarms import COMMANDS as ENGINE_COMMANDS
+from gateway.alarms import AlarmEngine, AlarmStateError
 from gateway.config import GatewayConfig
 from gateway.events import Draft
 from gateway.loadgen import run_loadgen
@@ -25,6 +27,9 @@ from gateway.uplink import Uplink
 
 log = logging.getLogger(__name__)
 
+ENGINE_STATE = "alarm_engine"
+ENGINE_BATCH = 500
+
 
 class Gateway:
     def __init__(self, cfg: GatewayConfig) -> None:
@@ -32,6 +37,7 @@ class Gateway:
         self.store = Store(cfg.data_path(cfg.store.path), site=cfg.site, gateway=cfg.gateway,
                            batch_max=cfg.store.batch_max)
         self.uplink = Uplink(cfg, self.store, on_command=self._on_command)
+        self.engine: AlarmEngine | None = None  # made once the store has given back its saved state
         self._device_events: asyncio.Queue[DeviceEvent] = asyncio.Queue(maxsize=100_000)
         self.started = time.monotonic()
         self.ready = asyncio.Event()
@@ -40,6 +46,7 @@ class Gateway:
 
     async def run(self, stop: asyncio.Event) -> None:
         async with self.store:
+            self.engine = await self._restore_engine()
             try:
                 async with asyncio.TaskGroup() as tg:
                     name = f"gateway[{self.cfg.gateway}]"
@@ -70,29 +77,65 @@ class Gateway:
         except asyncio.QueueFull:
             log.error("device event queue full; dropping %s", ev)
 
-    async def _engine_loop(self) -> None:
-        while True:
-            ev = await self._device_events.get()
-            drafts = self._on_device_event(ev)
-            if drafts:
-                self.store.submit(drafts)
+    async def _restore_engine(self) -> AlarmEngine:
+        state = await self.store.get_state(ENGINE_STATE)
+        try:
+            return AlarmEngine(self.cfg, mono=time.monotonic, wall=wire.utcnow, state=state)
+        except AlarmStateError as e:
+            # A state the engine cannot read (a config change removed its zones, a damaged row): start clean,
+            # and say so on the console rather than refuse to guard the estate.
+            log.error("alarm engine state not restored: %s", e)
+            engine = AlarmEngine(self.cfg, mono=time.monotonic, wall=wire.utcnow, state=None)
+            self.store.submit([Draft(type="gateway.state_lost", device="gateway", place=wire.Place(site=self.cfg.site),
+                                     priority=wire.Priority.FAULT, data={"what": "alarm engine", "detail": str(e)})],
+                              state={ENGINE_STATE: engine.snapshot()})
+            return engine
 
-    def _on_device_event(self, ev: DeviceEvent) -> list[Draft]:
-        return []
+    async def _engine_loop(self) -> None:
+        """Feed the engine device events and its timers; store its drafts with its state, in one transaction."""
+        engine = self.engine
+        assert engine is not None
+        queue = self._device_events
+        while True:
+            deadline = engine.next_deadline()
+            drafts: list[Draft] = []
+            try:
+                async with asyncio.timeout_at(None if deadline is None else _loop_time_at(deadline)):
+                    ev = await queue.get()
+                drafts += engine.on_device_event(ev)
+                while not queue.empty() and len(drafts) < ENGINE_BATCH:  # a burst: one transaction for all
+                    drafts += engine.on_device_event(queue.get_nowait())
+            except TimeoutError:
+                pass
+            drafts += engine.tick()
+            if drafts:
+                self.store.submit(drafts, state={ENGINE_STATE: engine.snapshot()})
 
     async def _on_command(self, cmd: wire.Command) -> None:
         if await self.store.seen_command(cmd.id, cmd.ts):
             log.info("command %s seen before; not run again", cmd.id)
             return
-        ok, detail = False, f"unknown command type {cmd.type!r}"
+        drafts: list[Draft] = []
+        state: dict[str, Any] | None = None
         if cmd.expires < wire.utcnow():
-            ok, detail = False, "expired before it arrived"
-        self.store.submit([self._result(cmd, ok, detail)])
+            ok, detail, extra = False, "expired before it arrived", {}
+        elif cmd.type in ENGINE_COMMANDS and self.engine is not None:
+            drafts, outcome = self.engine.command(cmd.type, cmd.args, cmd.by)
+            ok, detail, extra = outcome.ok, outcome.detail, outcome.data
+            state = {ENGINE_STATE: self.engine.snapshot()}
+        else:
+            ok, detail, extra = False, f"unknown command type {cmd.type!r}", {}
+        self.store.submit([*drafts, self._result(cmd, ok, detail, **extra)], state=state)
 
     def _result(self, cmd: wire.Command, ok: bool, detail: str, **extra: Any) -> Draft:
         return Draft(type="command.result", device="gateway", place=wire.Place(site=self.cfg.site),
                      data={"command_id": cmd.id, "command": cmd.type, "ok": ok, "detail": detail,
                            "by": cmd.by, **extra})
+
+
+def _loop_time_at(mono_deadline: float) -> float:
+    """A time.monotonic() deadline on the event loop's clock (the same clock on Linux, but not by contract)."""
+    return asyncio.get_running_loop().time() + (mono_deadline - time.monotonic())
 
 
 async def _cancel(step: str, tasks: list[asyncio.Task[Any]]) -> None:
