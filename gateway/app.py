@@ -14,11 +14,12 @@ import signal
 import time
 from typing import Any
 
+from devices.cid_receiver import ContactIdLine
 from devices.events import DeviceEvent
 from gateway import wire
 from gateway.alarms import COMMANDS as ENGINE_COMMANDS
 from gateway.alarms import AlarmEngine, AlarmStateError
-from gateway.config import GatewayConfig
+from gateway.config import ContactIdLineConfig, GatewayConfig
 from gateway.events import Draft
 from gateway.loadgen import run_loadgen
 from gateway.sdnotify import Notifier
@@ -39,6 +40,7 @@ class Gateway:
         self.uplink = Uplink(cfg, self.store, on_command=self._on_command)
         self.engine: AlarmEngine | None = None  # made once the store has given back its saved state
         self._device_events: asyncio.Queue[DeviceEvent] = asyncio.Queue(maxsize=100_000)
+        self.drivers: dict[str, Any] = {}  # name -> running bus or line, for status and metrics
         self.started = time.monotonic()
         self.ready = asyncio.Event()
 
@@ -52,7 +54,8 @@ class Gateway:
                     name = f"gateway[{self.cfg.gateway}]"
                     uplink = tg.create_task(self.uplink.run(), name=f"{name}.uplink")
                     engine = tg.create_task(self._engine_loop(), name=f"{name}.engine")
-                    producers = []
+                    producers = [tg.create_task(self._run_contact_id_line(c), name=f"{name}.cid[{c.name}]")
+                                 for c in self.cfg.contact_id_lines]
                     if self.cfg.loadgen is not None:
                         producers.append(tg.create_task(
                             run_loadgen(self.cfg.loadgen, self.store, self.cfg.site), name=f"{name}.loadgen"))
@@ -76,6 +79,16 @@ class Gateway:
             self._device_events.put_nowait(ev)
         except asyncio.QueueFull:
             log.error("device event queue full; dropping %s", ev)
+
+    async def _run_contact_id_line(self, c: ContactIdLineConfig) -> None:
+        line = ContactIdLine(c.name, c.serial, self.device_sink, mode=c.mode, baudrate=c.baudrate,
+                             silence_timeout=c.silence_timeout_s)
+        async with line:
+            self.drivers[c.name] = line
+            try:
+                await asyncio.Future()  # the line runs its own tasks until we are cancelled
+            finally:
+                self.drivers.pop(c.name, None)
 
     async def _restore_engine(self) -> AlarmEngine:
         state = await self.store.get_state(ENGINE_STATE)

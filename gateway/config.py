@@ -211,6 +211,19 @@ class IndoorPanelConfig(_Strict):
     test_grace_s: Annotated[int, msgspec.Meta(ge=0, le=86_400)] = 900
 
 
+class ContactIdLineConfig(_Strict):
+    """A serial line carrying Contact ID: an indoor panel's own port ("panel"), or an alarm receiver's
+    automation port ("receiver", Sur-Gard style lines with heartbeats)."""
+
+    name: Name
+    serial: str  # /dev/ttyUSB0, or a pyserial URL
+    mode: Literal["panel", "receiver"] = "panel"
+    baudrate: Literal[1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200] = 9600
+    # Offline when nothing (no frame, no heartbeat) arrives for this long. Default: 90 s for a receiver,
+    # unsupervised for a panel line (its periodic tests are supervised per panel instead).
+    silence_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=7 * 86_400)] | None = None
+
+
 class AlarmConfig(_Strict):
     timezone: str = "Asia/Shanghai"  # for alarm_schedules
     repeat_interval_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 60  # at most one *_repeat per incident
@@ -246,6 +259,7 @@ class GatewayConfig(_Strict):
     zone_groups: list[ZoneGroupConfig] = []
     alarm_schedules: list[AlarmScheduleConfig] = []
     indoor_panels: list[IndoorPanelConfig] = []
+    contact_id_lines: list[ContactIdLineConfig] = []
     alarm: AlarmConfig = msgspec.field(default_factory=AlarmConfig)
     doors: list[DoorConfig] = []
     readers: list[ReaderConfig] = []
@@ -350,7 +364,8 @@ def convert_strict(path: Path, cls: type[T], data: Any, tree: Any) -> T:
             jp = f"{jp}.{unknown.group(1)}"
         line = line_of(tree, jp)
         return_loc = f"{path}:{line}" if line else str(path)
-        raise ConfigError([f"{return_loc}:{entity_of(data, jp)} {where[0]} (at {jp})"]) from None
+        entity = entity_of(data, jp)
+        raise ConfigError([f"{return_loc}:{entity}{':' if entity else ''} {where[0]} (at {jp})"]) from None
 
 
 def load(path: str | os.PathLike[str], *, check_profiles: bool = True) -> GatewayConfig:
@@ -407,6 +422,7 @@ def cross_check(cfg: GatewayConfig, tree: Any, *, check_profiles: bool) -> list[
     buses = unique("buses", [b.name for b in cfg.buses])
     unique("devices", [d.name for d in cfg.devices])
     unique("zones", [z.name for z in cfg.zones])
+    unique("contact_id_lines", [c.name for c in cfg.contact_id_lines])
 
     for i, b in enumerate(cfg.buses):
         tag = where(f"$.buses[{i}]", f"buses[{i}] ({b.name})")

@@ -1,0 +1,416 @@
+"""The Modbus bus engine: its pure scheduling/backoff core driven by a fake clock, and the real thing
+against firmware stubs in child processes (Modbus TCP, RTU over TCP, RTU on a pseudo-terminal)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from devices.events import Availability, DeviceEvent, PointChanged, WritePoint, WriteResult
+from devices.modbus import BusDown, BusSpec, DeviceSpec, ModbusBus, scan_bus
+from devices.modbus_plan import DevicePlan, GroupPlan, PollScheduler, backoff_delay
+from devices.profiles import find_profile
+from tests.stubs import Stub, run_stub, start_stub, wait_until
+
+PANEL = "firmware_stubs.perimeter_panel"
+BOARD = "firmware_stubs.modbus_device"
+CTRL = ("--control", "127.0.0.1:0")
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# ---------------------------------------------------------------- the pure core, fake clock
+
+
+def _plans(n: int, interval: float = 0.1, groups: int = 1) -> list[DevicePlan]:
+    return [DevicePlan(f"d{i}", [GroupPlan(f"g{j}", interval, []) for j in range(groups)]) for i in range(n)]
+
+
+def test_first_polls_are_staggered() -> None:
+    s = PollScheduler(_plans(4), now=100.0, offline_after=3, offline_retry_s=5)
+    dues = sorted(d.due[0] for d in s.devices)
+    assert dues == pytest.approx([100.0, 100.025, 100.05, 100.075])
+
+
+def test_fixed_rate_without_bursts_after_a_stall() -> None:
+    s = PollScheduler(_plans(1), now=0.0, offline_after=3, offline_retry_s=5)
+    job = s.next_job()
+    assert job is not None and job.due == 0.0
+    s.done(job, 0.01, True)
+    assert s.next_job().due == pytest.approx(0.1)  # type: ignore[union-attr]
+    # The loop stalls for a second: the poll runs once, late, and the next is not in the past.
+    job = s.next_job()
+    s.done(job, 1.0, True)  # type: ignore[arg-type]
+    assert s.next_job().due == pytest.approx(1.0)  # type: ignore[union-attr]
+    s.done(s.next_job(), 1.01, True)  # type: ignore[arg-type]
+    assert s.next_job().due == pytest.approx(1.1)  # type: ignore[union-attr]
+
+
+def test_availability_changes_once_and_offline_devices_are_only_probed() -> None:
+    s = PollScheduler(_plans(1, groups=3), now=0.0, offline_after=3, offline_retry_s=2.0)
+    changes = []
+    t = 0.0
+    for _ in range(3):
+        job = s.next_job()
+        assert job is not None and not job.probe
+        t = max(t, job.due)
+        changes.append(s.done(job, t, False))
+    assert changes == [None, None, "offline"]
+    # Offline: one probe every offline_retry_s, whatever the number of groups.
+    probe = s.next_job()
+    assert probe is not None and probe.probe and probe.due == pytest.approx(t + 2.0)
+    assert s.done(probe, probe.due, False) is None  # still offline, not reported again
+    probe2 = s.next_job()
+    assert probe2.probe and probe2.due == pytest.approx(probe.due + 2.0)  # type: ignore[union-attr]
+    assert s.done(probe2, probe2.due, True) == "online"  # type: ignore[arg-type]
+    # Back online: every group is due at once.
+    assert all(d == pytest.approx(probe2.due) for d in s.devices[0].due)  # type: ignore[union-attr]
+    assert s.done(s.next_job(), probe2.due, True) is None  # type: ignore[arg-type, union-attr]
+
+
+def test_a_dead_unit_does_not_eat_the_poll_budget() -> None:
+    """Simulate a serial bus: an answer takes 10 ms, a timeout 100 ms. Once the dead unit is offline
+    the healthy one is polled at (nearly) its full rate."""
+    s = PollScheduler(_plans(2, interval=0.1), now=0.0, offline_after=3, offline_retry_s=2.0)
+    t, polls = 0.0, [0, 0]
+    while t < 20.0:
+        job = s.next_job()
+        assert job is not None
+        t = max(t, job.due)
+        dead = job.device == 1
+        t += 0.1 if dead else 0.01
+        s.done(job, t, not dead)
+        polls[job.device] += 1
+    assert s.state(1) == "offline"
+    assert polls[0] >= 0.9 * 200, polls
+    assert polls[1] <= 3 + 20 / 2.0 + 1, polls  # three misses, then one probe every 2 s
+
+
+def test_backoff_is_capped_exponential_with_full_jitter() -> None:
+    rng = random.Random(7)
+    for attempt in range(12):
+        ceiling = min(5.0, 0.1 * 2**attempt)
+        samples = [backoff_delay(attempt, 0.1, 5.0, rng) for _ in range(300)]
+        assert all(0.0 <= x <= ceiling for x in samples)
+        assert max(samples) > 0.8 * ceiling and min(samples) < 0.2 * ceiling  # spread over the whole range
+    assert backoff_delay(10_000, 0.1, 5.0, rng) <= 5.0
+
+
+# ---------------------------------------------------------------- against the stubs
+
+
+@dataclass
+class Recorder:
+    events: list[DeviceEvent] = field(default_factory=list)
+
+    def __call__(self, ev: DeviceEvent) -> None:
+        self.events.append(ev)
+
+    def changes(self, device: str | None = None, point: str | None = None, initial: bool | None = None) -> list[
+            PointChanged]:
+        return [
+            e for e in self.events
+            if isinstance(e, PointChanged)
+            and (device is None or e.device == device)
+            and (point is None or e.point == point)
+            and (initial is None or e.initial == initial)
+        ]
+
+    def availability(self, device: str) -> list[str]:
+        return [e.state for e in self.events if isinstance(e, Availability) and e.device == device]
+
+    def writes(self) -> list[WriteResult]:
+        return [e for e in self.events if isinstance(e, WriteResult)]
+
+
+def tcp_bus(stub: Stub, kind: str = "modbus-tcp", **kw: Any) -> BusSpec:
+    host, port = stub.endpoint()
+    return BusSpec("t1", kind, host=host, port=port, **kw)  # type: ignore[arg-type]
+
+
+def panel(name: str, unit: int = 1, poll_ms: int = 50, zones: int = 8, **groups: int) -> DeviceSpec:
+    return DeviceSpec(name, find_profile(f"perimeter-panel-{zones}"), unit=unit, poll_ms=poll_ms, groups=groups)
+
+
+@asynccontextmanager
+async def running(spec: BusSpec, devices: list[DeviceSpec], rec: Recorder) -> AsyncIterator[ModbusBus]:
+    async with ModbusBus(spec, devices, rec) as bus:
+        yield bus
+
+
+def by_unit(recent: list[dict[str, Any]], unit: int, function: int | None = None) -> list[dict[str, Any]]:
+    return [r for r in recent if r["unit"] == unit and (function is None or r["function"] == function)]
+
+
+async def test_trip_is_one_point_changed_and_reads_are_merged() -> None:
+    rec = Recorder()
+    async with run_stub(PANEL, "--tcp", "127.0.0.1:0", "--zones", "8", *CTRL) as stub:
+        dev = panel("pp1", poll_ms=50, status=200, outputs=200, levels=400)
+        async with running(tcp_bus(stub), [dev], rec):
+            await wait_until(lambda: len(rec.changes(initial=True)) == 48 + 5 + 3 + 8, 5, "every point read once")
+            assert rec.availability("pp1") == ["online"]
+            assert [e.value for e in rec.changes(point="zone3_alarm")] == [False]
+            await stub.post("/reset-counters")
+            t0 = time.monotonic()
+            await stub.post("/zones/3/trip")
+            await wait_until(lambda: rec.changes(point="zone3_alarm", initial=False), 3, "the trip")
+            trip = rec.changes(point="zone3_alarm", initial=False)[0]
+            assert trip.value is True and 0 < trip.mono - t0 < 1.0
+            await stub.post("/zones/5/cut")
+            await stub.post("/panel/power", {"state": "battery-low"})
+            await wait_until(lambda: rec.changes(point="power_battery_low", initial=False), 3, "battery low")
+            await wait_until(lambda: rec.changes(point="zone5_fence_kv", initial=False), 3, "the fence voltage")
+            await asyncio.sleep(0.3)  # several more polls: nothing else changes
+            later = {(e.point, e.value) for e in rec.changes(initial=False)}
+            assert later == {
+                ("zone3_alarm", True), ("zone5_cut", True), ("zone5_fence_kv", 0.0), ("power_ac_ok", False),
+                ("power_on_battery", True), ("power_battery_low", True), ("battery_volts", 11.2),
+            }, later
+            assert len(rec.changes(initial=False)) == len(later), "a change was reported twice"
+        st = await stub.state(recent=True)
+    recent = st["panels"][0]["requests"]["recent"]
+    reads = {(r["function"], r["address"], r["count"]) for r in recent}
+    # One request per group poll: every zone input in one FC02 read of 88 bits (the gaps bridged),
+    # status in one FC04 read, the outputs in one FC01, the fence levels in one FC04.
+    assert reads == {(2, 0, 88), (4, 0, 2), (1, 0, 3), (4, 16, 8)}, reads
+    assert sum(1 for r in recent if r["function"] == 2) >= 10
+
+
+async def test_write_goes_ahead_of_queued_polls_and_pulses() -> None:
+    rec = Recorder()
+    units = list(range(1, 9))
+    async with run_stub(PANEL, "--tcp", "127.0.0.1:0", "--units", "1-8", *CTRL) as stub:
+        # Eight panels polled every 10 ms with a 5 ms gap between frames: the bus is saturated, so
+        # there is always a queue of due polls.
+        devs = [panel(f"pp{u}", unit=u, poll_ms=10, status=10, outputs=10, levels=10) for u in units]
+        async with running(tcp_bus(stub, inter_frame_ms=5), devs, rec) as bus:
+            await wait_until(lambda: all(rec.availability(f"pp{u}") == ["online"] for u in units), 5, "all online")
+            await asyncio.sleep(0.2)
+            t0 = time.monotonic()
+            result = await bus.write(WritePoint("pp5", "siren", True, token="w1"))
+            t1 = time.monotonic()
+            assert result.ok and result.token == "w1" and result.device == "pp5"
+            recent = (await stub.state(recent=True))["panels"][0]["requests"]["recent"]
+            writes = [r for r in recent if r["function"] == 5]
+            assert [(w["unit"], w["address"]) for w in writes] == [(5, 0)]
+            before = [r for r in recent if t0 <= r["mono"] < writes[0]["mono"]]
+            # At most the transaction already in flight went before it (32 polls were due).
+            assert len(before) <= 1, before
+            assert t1 - t0 < 0.1
+            assert (await stub.state())["panels"][0]["units"]["5"]["outputs"]["siren"] is True
+
+            # A pulse without a flash command in the profile: set, then reset by the bus.
+            t0 = time.monotonic()
+            result = await bus.write(WritePoint("pp2", "strobe", True, token="p1", pulse_ms=300))
+            assert result.ok
+            await wait_until(lambda: any(w.token == "p1:reset" for w in rec.writes()), 3, "the reset")
+            reset = next(w for w in rec.writes() if w.token == "p1:reset")
+            assert reset.ok and 0.28 < reset.mono - t0 < 0.6
+            recent = (await stub.state(recent=True))["panels"][0]["requests"]["recent"]
+            strobe = [r for r in recent if r["function"] == 5 and r["unit"] == 2]
+            assert len(strobe) == 2 and 0.28 < strobe[1]["mono"] - strobe[0]["mono"] < 0.5
+            assert (await stub.state())["panels"][0]["units"]["2"]["outputs"]["strobe"] is False
+
+            # Bad commands are rejected and counted, not sent.
+            bad = [WritePoint("pp1", "zone1_alarm", True), WritePoint("pp1", "nope", True),
+                   WritePoint("nobody", "siren", True), WritePoint("pp1", "siren", 7),
+                   WritePoint("pp1", "siren_hold_s", 70000), WritePoint("pp1", "siren_hold_s", 5, pulse_ms=100)]
+            for cmd in bad:
+                r = await bus.write(cmd)
+                assert not r.ok and r.detail, cmd
+            assert bus.stats().rejected_writes == len(bad)
+            r = await bus.write(WritePoint("pp1", "siren_hold_s", 60, token="h"))
+            assert r.ok
+            assert (await stub.state())["panels"][0]["units"]["1"]["siren_hold_s"] == 60
+    with pytest.raises(BusDown):
+        await bus.write(WritePoint("pp1", "siren", True))
+
+
+async def test_flash_command_pulses_on_the_board() -> None:
+    rec = Recorder()
+    async with run_stub(BOARD, "--model", "relay-d", "--tcp", "127.0.0.1:0", *CTRL) as stub:
+        dev = DeviceSpec("door1", find_profile("waveshare-modbus-rtu-relay-d"), unit=1, poll_ms=50,
+                         groups={"relays": 50})
+        async with running(tcp_bus(stub, kind="modbus-tcp"), [dev], rec) as bus:
+            await wait_until(lambda: len(rec.changes(initial=True)) == 16, 5, "initial reads")
+            await stub.post("/inputs/4", {"active": True})
+            await wait_until(lambda: rec.changes(point="input4", initial=False), 3, "input 4")
+            await stub.post("/reset-counters")
+            result = await bus.write(WritePoint("door1", "relay2", True, token="open", pulse_ms=450))
+            assert result.ok
+            st = (await stub.state(recent=True))["panels"][0]
+            # One FC05 to 0x0201 carrying 5 x 100 ms: the board times the pulse itself.
+            assert [(r["function"], r["address"]) for r in st["requests"]["recent"] if r["function"] == 5] == [
+                (5, 0x0201)]
+            assert [(f["channel"], f["on"], f["ms"]) for f in st["units"]["1"]["flashes"]] == [(2, True, 500)]
+            await wait_until(lambda: [e.value for e in rec.changes(point="relay2", initial=False)] == [True, False],
+                             3, "relay 2 on, then off by itself")
+            on, off = rec.changes(point="relay2", initial=False)
+            assert 0.35 < off.mono - on.mono < 0.75
+            assert not any(w.token.endswith(":reset") for w in rec.writes())
+
+
+async def test_silent_unit_goes_offline_while_its_neighbour_keeps_its_rate() -> None:
+    rec = Recorder()
+    async with run_stub(PANEL, "--tcp", "127.0.0.1:0", "--units", "1-2", *CTRL) as stub:
+        devs = [panel(f"pp{u}", unit=u, poll_ms=100, status=60_000, outputs=60_000, levels=60_000) for u in (1, 2)]
+        spec = tcp_bus(stub, timeout_ms=100, retries=0, offline_after_misses=3, offline_poll_ms=1000)
+        async with running(spec, devs, rec) as bus:
+            await wait_until(lambda: rec.availability("pp2") == ["online"], 5, "pp2 online")
+            await asyncio.sleep(0.3)  # the slow groups have had their first read
+            missed0 = bus.stats().devices["pp2"].missed_polls
+            t0 = time.monotonic()
+            await stub.post("/silent", {"on": True, "unit": 2})
+            await wait_until(lambda: rec.availability("pp2") == ["online", "offline"], 3, "pp2 offline")
+            went = next(e for e in rec.events if isinstance(e, Availability) and e.state == "offline")
+            assert went.mono - t0 < 3 * (0.1 + 0.1) + 0.25
+            assert bus.stats().devices["pp2"].missed_polls - missed0 == 3
+            # Measure pp1 over two seconds while pp2 is dead.
+            await stub.post("/reset-counters")
+            t1 = time.monotonic()
+            await asyncio.sleep(2.0)
+            recent = (await stub.state(recent=True))["panels"][0]["requests"]["recent"]
+            elapsed = time.monotonic() - t1
+            polls1 = len(by_unit(recent, 1, 2))
+            probes2 = len(by_unit(recent, 2))
+            assert polls1 >= 0.85 * elapsed / 0.1, (polls1, elapsed)
+            assert probes2 <= 3, probes2  # one probe a second, no retries
+            assert rec.availability("pp1") == ["online"]
+            assert bus.stats().devices["pp1"].missed_polls == 0
+            await stub.post("/silent", {"on": False})
+            await wait_until(lambda: rec.availability("pp2") == ["online", "offline", "online"], 3, "pp2 back")
+            assert bus.connected
+
+
+async def test_serial_server_reboot_is_recovered_and_writes_fail_fast_meanwhile() -> None:
+    rec = Recorder()
+    stub = await start_stub(PANEL, "--rtu-over-tcp", "127.0.0.1:0", *CTRL)
+    host, port = stub.endpoint()
+    try:
+        spec = BusSpec("gw", "modbus-rtu-over-tcp", host=host, port=port, timeout_ms=150, retries=0,
+                       inter_frame_ms=5, reconnect_min_ms=50, reconnect_max_ms=400, offline_poll_ms=500)
+        async with running(spec, [panel("pp1", poll_ms=50)], rec) as bus:
+            await wait_until(lambda: rec.availability("pp1") == ["online"], 5, "online")
+            await stub.stop(signal.SIGKILL)  # the serial server loses power
+            await stub.session.close()
+            await wait_until(lambda: not bus.connected, 3, "the link to drop")
+            t0 = time.monotonic()
+            with pytest.raises(BusDown):
+                await bus.write(WritePoint("pp1", "siren", True))
+            assert time.monotonic() - t0 < 0.05
+            await wait_until(lambda: rec.availability("pp1")[-1:] == ["offline"], 3, "offline while down")
+            await asyncio.sleep(0.8)  # a few failed reconnects
+            failures = bus.stats().connect_failures
+            assert failures >= 2
+            stub = await start_stub(PANEL, "--rtu-over-tcp", f"127.0.0.1:{port}", *CTRL)
+            await wait_until(lambda: rec.availability("pp1")[-1:] == ["online"], 5, "online after the reboot")
+            await stub.post("/zones/2/trip")
+            await wait_until(lambda: rec.changes(point="zone2_alarm", initial=False), 3, "a trip after the reboot")
+            r = await bus.write(WritePoint("pp1", "siren", True, token="after"))
+            assert r.ok
+            st = bus.stats()
+            assert st.link_drops >= 1 and st.connects >= 3 and st.restarts == 0
+            # Reconnect attempts were spaced by the backoff, not hammered.
+            assert st.connect_failures < 40
+    finally:
+        await stub.stop()
+        await stub.session.close()
+
+
+async def test_rtu_on_a_pseudo_terminal_paces_frames() -> None:
+    rec = Recorder()
+    async with run_stub(PANEL, "--rtu-pty", "--units", "1-2", "--zones", "16", *CTRL) as stub:
+        assert stub.serial.startswith("/dev/")
+        devs = [panel(f"pp{u}", unit=u, zones=16, poll_ms=100) for u in (1, 2)]
+        spec = BusSpec("rs485", "modbus-rtu", serial=stub.serial, baudrate=9600, timeout_ms=200)
+        assert spec.gap_ms == 30
+        async with running(spec, devs, rec) as bus:
+            await wait_until(lambda: all(rec.availability(f"pp{u}") == ["online"] for u in (1, 2)), 5, "online")
+            await stub.post("/zones/16/touch", {"unit": 2})
+            await wait_until(lambda: rec.changes(device="pp2", point="zone16_touch", initial=False), 3, "touch")
+            assert not rec.changes(device="pp1", point="zone16_touch", initial=False)
+            r = await bus.write(WritePoint("pp1", "aux_output", True, token="a"))
+            assert r.ok
+            recent = (await stub.state(recent=True))["panels"][0]["requests"]["recent"]
+        times = [r["mono"] for r in recent[-40:]]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert min(gaps) >= 0.029, min(gaps)  # the 30 ms inter-frame silence is kept
+        assert (await stub.state())["panels"][0]["units"]["1"]["outputs"]["aux_output"] is True
+
+
+async def test_rtu_garbage_is_counted_and_survived() -> None:
+    rec = Recorder()
+    async with run_stub(PANEL, "--rtu-pty", "--units", "1-2", *CTRL) as stub:
+        devs = [panel(f"pp{u}", unit=u, poll_ms=60) for u in (1, 2)]
+        spec = BusSpec("rs485", "modbus-rtu", serial=stub.serial, timeout_ms=100, retries=1, inter_frame_ms=5,
+                       offline_poll_ms=300)
+        async with running(spec, devs, rec) as bus:
+            await wait_until(lambda: all(rec.availability(f"pp{u}") == ["online"] for u in (1, 2)), 5, "online")
+            await stub.post("/garbage", {"on": True, "unit": 2})
+            await wait_until(lambda: rec.availability("pp2")[-1:] == ["offline"], 3, "pp2 offline")
+            await stub.post("/zones/1/trip", {"unit": 1})
+            await wait_until(lambda: rec.changes(device="pp1", point="zone1_alarm", initial=False), 3, "pp1 trip")
+            st = bus.stats()
+            assert st.devices["pp2"].errors.get("bad_frame", 0) >= 3, st.devices["pp2"].errors
+            assert st.devices["pp1"].error_count == 0
+            assert st.restarts == 0 and bus.connected
+            assert (await stub.state())["panels"][0]["requests"]["garbage_sent"] >= 3
+            await stub.post("/garbage", {"on": False})
+            await wait_until(lambda: rec.availability("pp2")[-1:] == ["online"], 3, "pp2 back")
+
+
+async def test_a_failing_poll_loop_is_restarted(monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = Recorder()
+    async with (
+        run_stub(PANEL, "--tcp", "127.0.0.1:0", *CTRL) as stub,
+        running(tcp_bus(stub), [panel("pp1", poll_ms=50)], rec) as bus,
+    ):
+        await wait_until(lambda: rec.availability("pp1") == ["online"], 5, "online")
+        real: Callable[..., Any] = bus._apply  # fault injection: the next decode blows up once
+        calls = {"n": 0}
+
+        def broken(*a: Any) -> None:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("injected")
+            real(*a)
+
+        monkeypatch.setattr(bus, "_apply", broken)
+        await wait_until(lambda: bus.stats().restarts == 1, 3, "a restart")
+        await stub.post("/zones/4/trip")
+        await wait_until(lambda: rec.changes(point="zone4_alarm", initial=False), 5, "polling again")
+        assert bus.stats().restarts == 1
+
+
+async def test_scan_finds_units_and_their_profiles() -> None:
+    profiles = [find_profile(n) for n in ("waveshare-modbus-rtu-relay-d", "perimeter-panel-8", "perimeter-panel-16")]
+    async with run_stub(PANEL, "--tcp", "127.0.0.1:0", "--units", "2,5", "--zones", "16", *CTRL) as stub:
+        hits = await scan_bus(tcp_bus(stub, timeout_ms=80), range(1, 7), profiles)
+    assert [(h.unit, h.profile) for h in hits] == [(2, "perimeter-panel-16"), (5, "perimeter-panel-16")]
+    async with run_stub(BOARD, "--model", "relay-d", "--tcp", "127.0.0.1:0", "--units", "3", *CTRL) as stub:
+        hits = await scan_bus(tcp_bus(stub, timeout_ms=80), range(1, 5), profiles)
+    assert [(h.unit, h.profile, h.registers) for h in hits] == [(3, "waveshare-modbus-rtu-relay-d", (3,))]
+
+
+def test_specs_are_validated() -> None:
+    with pytest.raises(ValueError, match="needs 'serial'"):
+        BusSpec("b", "modbus-rtu")
+    with pytest.raises(ValueError, match="needs 'host' and 'port'"):
+        BusSpec("b", "modbus-tcp", host="127.0.0.1")
+    with pytest.raises(ValueError, match="unit id 0"):
+        DeviceSpec("d", find_profile("perimeter-panel-8"), unit=0)
+    with pytest.raises(ValueError, match="no polled group 'config'"):
+        DeviceSpec("d", find_profile("perimeter-panel-8"), groups={"config": 100})
+    spec = BusSpec("b", "modbus-tcp", host="127.0.0.1", port=1)
+    with pytest.raises(ValueError, match="share a unit id"):
+        ModbusBus(spec, [panel("a"), panel("b")], Recorder())
+    assert spec.gap_ms == 0 and BusSpec("c", "modbus-rtu-over-tcp", host="h", port=1).gap_ms == 30
