@@ -427,6 +427,10 @@ class ModbusBus:
 
     # -- public
 
+    @property
+    def device_names(self) -> list[str]:
+        return [d.spec.name for d in self._devices]
+
     async def write(self, cmd: WritePoint) -> WriteResult:
         """Write a point ahead of every queued poll. ``cmd.pulse_ms`` asks for a timed pulse: the
         profile's own flash command where it has one, else set now and reset after ``pulse_ms`` (the

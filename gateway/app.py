@@ -15,7 +15,9 @@ import time
 from typing import Any
 
 from devices.cid_receiver import ContactIdLine
-from devices.events import DeviceEvent
+from devices.events import DeviceEvent, WritePoint, WriteResult
+from devices.modbus import BusSpec, DeviceSpec, ModbusBus
+from devices.profiles import find_profile
 from gateway import wire
 from gateway.alarms import COMMANDS as ENGINE_COMMANDS
 from gateway.alarms import AlarmEngine, AlarmStateError
@@ -41,6 +43,8 @@ class Gateway:
         self.engine: AlarmEngine | None = None  # made once the store has given back its saved state
         self._device_events: asyncio.Queue[DeviceEvent] = asyncio.Queue(maxsize=100_000)
         self.drivers: dict[str, Any] = {}  # name -> running bus or line, for status and metrics
+        self._buses = self._make_buses()
+        self._bus_of_device = {name: b for b in self._buses for name in b.device_names}
         self.started = time.monotonic()
         self.ready = asyncio.Event()
 
@@ -56,6 +60,8 @@ class Gateway:
                     engine = tg.create_task(self._engine_loop(), name=f"{name}.engine")
                     producers = [tg.create_task(self._run_contact_id_line(c), name=f"{name}.cid[{c.name}]")
                                  for c in self.cfg.contact_id_lines]
+                    producers += [tg.create_task(self._run_bus(b), name=f"{name}.bus[{b.spec.name}]")
+                                  for b in self._buses]
                     if self.cfg.loadgen is not None:
                         producers.append(tg.create_task(
                             run_loadgen(self.cfg.loadgen, self.store, self.cfg.site), name=f"{name}.loadgen"))
@@ -79,6 +85,35 @@ class Gateway:
             self._device_events.put_nowait(ev)
         except asyncio.QueueFull:
             log.error("device event queue full; dropping %s", ev)
+
+    def _make_buses(self) -> list[ModbusBus]:
+        """One ModbusBus per configured bus, with its devices and their profiles (checked by config.load)."""
+        buses = []
+        for b in self.cfg.buses:
+            spec = BusSpec(name=b.name, kind=b.kind, host=b.host, port=b.port, serial=b.serial, baudrate=b.baudrate,
+                           parity=b.parity, stopbits=b.stopbits, timeout_ms=b.timeout_ms, retries=b.retries,
+                           offline_after_misses=b.offline_after_misses, inter_frame_ms=b.inter_frame_ms)
+            devices = [DeviceSpec(name=d.name, profile=find_profile(d.profile, extra_dir=self.cfg.profiles_dir),
+                                  unit=d.unit, poll_ms=d.poll_ms)
+                       for d in self.cfg.devices if d.bus == b.name]
+            buses.append(ModbusBus(spec, devices, self.device_sink))
+        return buses
+
+    async def _run_bus(self, bus: ModbusBus) -> None:
+        async with bus:
+            self.drivers[bus.spec.name] = bus
+            try:
+                await asyncio.Future()
+            finally:
+                self.drivers.pop(bus.spec.name, None)
+
+    async def write(self, cmd: WritePoint) -> WriteResult:
+        """A write to a device's point, ahead of any poll on its bus. Raises BusDown while the link is down."""
+        bus = self._bus_of_device.get(cmd.device)
+        if bus is None:
+            return WriteResult(device=cmd.device, point=cmd.point, token=cmd.token, ok=False, mono=time.monotonic(),
+                               detail="no such device")
+        return await bus.write(cmd)
 
     async def _run_contact_id_line(self, c: ContactIdLineConfig) -> None:
         line = ContactIdLine(c.name, c.serial, self.device_sink, mode=c.mode, baudrate=c.baudrate,

@@ -18,11 +18,15 @@ import random
 import secrets
 import signal
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiomqtt
+from ulid import ULID
 
+from gateway import wire
 from gateway.broker import MosquittoProcess
 
 log = logging.getLogger("gatehouse.demo")
@@ -99,7 +103,8 @@ def write_configs(data: Path, broker: tuple[str, int], stub_modbus: str, portal_
     host, port = stub_modbus.removeprefix("tcp://").rsplit(":", 1)
     gw = data / "gateway.yaml"
     zones = "\n".join(
-        f"  - {{name: {name}, device: panel-1, point: zone{i}_alarm, type: perimeter, label: {label}}}"
+        f"  - {{name: {name}, device: panel-1, point: zone{i}_alarm, type: perimeter, group: perimeter, "
+        f"label: {label}, aux: {{tamper: zone{i}_tamper, fault: zone{i}_fault, cut: zone{i}_cut}}}}"
         for i, (name, label) in enumerate(ZONES, start=1))
     gw.write_text(f"""# written by `gatehouse demo`
 site: {SITE}
@@ -110,6 +115,8 @@ buses:
   - {{name: fence, kind: modbus-tcp, host: {host}, port: {port}, timeout_ms: 500}}
 devices:
   - {{name: panel-1, profile: perimeter-panel-8, bus: fence, unit: 1, poll_ms: 100}}
+zone_groups:
+  - {{name: perimeter, label: 周界}}
 zones:
 {zones}
 """, encoding="utf-8")
@@ -136,12 +143,27 @@ async def intruder(control: str, every: float, stop: asyncio.Event) -> None:
                 break
             zone = rng.randint(1, len(ZONES))
             try:
-                await http.post(f"{control}/zones/{zone}", json={"alarm": True})
+                await http.post(f"{control}/zones/{zone}/trip")
                 print(f"[intruder] crossing zone {zone} ({ZONES[zone - 1][1]})", flush=True)
                 await asyncio.sleep(3)
-                await http.post(f"{control}/zones/{zone}", json={"alarm": False})
+                await http.post(f"{control}/zones/{zone}/restore")
             except aiohttp.ClientError as e:
                 log.warning("intruder could not reach the stub: %s", e)
+
+
+async def arm_perimeter(broker: tuple[str, int]) -> None:
+    """Arm the perimeter as the guard on the night shift would, so the intruder raises alarms."""
+    now = wire.utcnow()
+    cmd = wire.Command(v=wire.SCHEMA_VERSION, id=str(ULID()), type="arm", ts=now, expires=now + timedelta(minutes=1),
+                       by="demo", args={"group": "perimeter"})
+    async with aiomqtt.Client(broker[0], broker[1], identifier="gatehouse-demo") as c:
+        # Wait for the gateway's retained "online": its command subscription exists from then on.
+        await c.subscribe(wire.topic(SITE, GATEWAY, "status"), qos=1)
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            async for msg in c.messages:
+                if isinstance(msg.payload, bytes) and wire.decode_status(msg.payload).state == "online":
+                    break
+        await c.publish(wire.topic(SITE, GATEWAY, "cmd"), wire.encode(cmd), qos=1)
 
 
 async def run_demo(ns: argparse.Namespace, data: Path) -> int:
@@ -196,6 +218,7 @@ A scripted intruder trips a perimeter zone every ~{ns.intruder_every:.0f} s. Ctr
 """, flush=True)
         print(json.dumps({"ready": True, "url": pinfo["url"], "user": "guard", "password": guard_pw,
                           "stub_control": info["control"]}), flush=True)
+        await arm_perimeter(broker_addr)
         tasks.append(asyncio.create_task(intruder(info["control"], ns.intruder_every, stop), name="demo.intruder"))
         watch = [asyncio.create_task(p.proc.wait()) for p in procs if p.proc]  # a child that dies ends the demo
         stopper = asyncio.create_task(stop.wait())
