@@ -6,11 +6,13 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint bench clean system-deps browser-deps
+.PHONY: demo test lint bench clean system-deps browser-deps install
 
 $(VENV)/bin/python:
+	@$(PY) -c "import ensurepip, venv" 2>/dev/null || { \
+	  echo "installing python3-venv with apt"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; }
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(BIN)/pip install -q -e .
@@ -28,8 +30,8 @@ system-deps:
 
 # Debian's Chromium for the browser tests (Playwright drives /usr/bin/chromium; its own download is not used).
 browser-deps:
-	@[ -x /usr/bin/chromium ] || { \
-	  echo "installing chromium with apt"; \
+	@{ [ -x /usr/bin/chromium ] && dpkg -s fonts-noto-cjk >/dev/null 2>&1; } || { \
+	  echo "installing chromium and CJK fonts with apt"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-cjk; }
 
 demo: system-deps $(STAMP)
@@ -38,6 +40,11 @@ demo: system-deps $(STAMP)
 test: system-deps browser-deps $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Install the services on this Debian / Raspberry Pi OS machine (see docs/install.md), e.g.
+# `make install INSTALL_ARGS="--portal --broker"`; INSTALL_ARGS=--dry-run shows the steps only.
+install:
+	$(SUDO) scripts/install.sh $(INSTALL_ARGS)
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
