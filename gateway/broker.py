@@ -44,12 +44,16 @@ class MosquittoProcess:
     """
 
     def __init__(self, folder: Path, port: int | None = None, *, host: str = "127.0.0.1",
-                 max_queued: int = 1000, extra_conf: str = "") -> None:
+                 max_queued: int = 1000, extra_conf: str = "", password_file: Path | None = None,
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
+        """``password_file`` turns anonymous access off; ``tls`` is (CA, certificate, key) for the listener."""
         self.folder = Path(folder)
         self.host = host
         self.port = port or free_port(host)
         self.max_queued = max_queued
         self.extra_conf = extra_conf
+        self.password_file = password_file
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -63,7 +67,7 @@ class MosquittoProcess:
 # Started as root, Mosquitto would switch to the 'mosquitto' user and lose access to this folder.
 user {getpass.getuser()}
 listener {self.port} {self.host}
-allow_anonymous true
+{self._security()}
 persistence true
 persistence_location {self.folder}/
 autosave_interval 0
@@ -78,6 +82,17 @@ log_type notice
 """,
             encoding="utf-8",
         )
+
+    def _security(self) -> str:
+        lines = []
+        if self.tls is not None:
+            ca, cert, key = self.tls
+            lines += [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
+        if self.password_file is not None:
+            lines += ["allow_anonymous false", f"password_file {self.password_file}"]
+        else:
+            lines.append("allow_anonymous true")
+        return "\n".join(lines)
 
     def start(self, timeout: float = 10.0) -> MosquittoProcess:
         self.write_conf()
