@@ -177,7 +177,8 @@ async def run_gatehouse(tmp: Path, broker: MosquittoProcess, stub: dict[str, Any
                     await c.publish(wire.topic("bench", "gw1", "cmd"), wire.encode(cmd), qos=1)
                 await asyncio.sleep(1)
                 window = await measure_window(http, stub["control"], psutil.Process(gateway.pid))
-                lat = await flip_all(http, stub["control"], flips, panels, arrived, lambda p, z: f"p{p} / zone{z}_alarm")
+                lat = await flip_all(http, stub["control"], flips, panels, arrived,
+                                     lambda p, z: f"p{p} / zone{z}_alarm")
                 listener.cancel()
     finally:
         await stop(gateway)

@@ -78,8 +78,24 @@ class StoreConfig(_Strict):
     queue_max: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
 
 
+class PhoneConfig(_Strict):
+    """Residents' phone pages and door plates (see portal/phone.py). Limits are per client address."""
+
+    scans_per_min: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 60  # plate and phone page views
+    bad_codes_per_10min: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 20  # unknown plate codes, then 429
+    signins_per_15min: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 10
+    photo_max_bytes: Annotated[int, msgspec.Meta(ge=16_384, le=16 * 1024 * 1024)] = 4 * 1024 * 1024
+    unlock_wait_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 8.0  # for the gateway's command.result
+    revocations_every_s: Annotated[int, msgspec.Meta(ge=5, le=86_400)] = 300  # re-send and re-sign timer
+    sheet_font: str = ""  # a CJK TrueType/OpenType font for printed plates; empty: look in the usual places
+
+
 class PortalConfig(_Strict):
     site_name: str = "Gatehouse"
+    # The address residents' phones reach the portal at, printed in every plate's QR ("https://wy.example.cn").
+    # Empty: the address the admin's browser used when the plate was rendered.
+    public_url: str = ""
+    phone: PhoneConfig = msgspec.field(default_factory=PhoneConfig)
     data_dir: str = "."
     listen: ListenConfig = msgspec.field(default_factory=ListenConfig)
     mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
@@ -121,6 +137,10 @@ def _plain(node: Any) -> Any:
         return {str(k): _plain(v) for k, v in node.items()}
     if isinstance(node, list):
         return [_plain(v) for v in node]
+    # ruamel's round-trip scalars (ScalarFloat, ScalarInt, ...) subclass the builtins; msgspec wants the builtins.
+    for t in (bool, int, float, str):
+        if isinstance(node, t):
+            return t(node)
     return node
 
 
@@ -197,6 +217,8 @@ def _cross_check(path: Path, cfg: PortalConfig, tree: Any) -> list[str]:
         problems.append(f"{where('$.mqtt.reconnect_max_s')}: reconnect_max_s is below reconnect_min_s")
     if cfg.sessions.absolute_timeout_s < cfg.sessions.idle_timeout_s:
         problems.append(f"{where('$.sessions.absolute_timeout_s')}: absolute timeout is below the idle timeout")
+    if cfg.public_url and not re.fullmatch(r"https?://[^/\s]+(/[^\s?#]*)?", cfg.public_url):
+        problems.append(f"{where('$.public_url')}: {cfg.public_url!r} is not a URL like https://host[:port][/path]")
     for i, o in enumerate(cfg.allowed_origins):
         if not re.fullmatch(r"https?://[^/\s]+", o):
             problems.append(f"{where(f'$.allowed_origins[{i}]')}: {o!r} is not an origin like https://host[:port]")

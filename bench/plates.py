@@ -1,0 +1,207 @@
+"""Door-plate benchmark: print-ready sheets for a whole estate, and the public house page under load.
+
+1. sheets — an estate of ``--flats`` flats (25 buildings, 2 units each, 4 flats a floor) imported
+   from CSV into a fresh portal store, then every building's A4 PDF rendered (entrance plates
+   first, 12 plates a page, 300 dpi 1-bit pages), with a progress bar when run from a terminal;
+2. house page — ``python -m portal run`` on that store, and a bounded aiohttp client loop on
+   loopback fetching random flats' ``/p/<code>`` for ``--duration`` seconds with ``--concurrency``
+   requests in flight: requests per second and p50/p99 latency.
+
+Usage: python bench/plates.py [--flats 5000] [--duration 10] [--concurrency 32] [--keep DIR]
+The last line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from portal import plates  # noqa: E402
+from portal import registry as reg  # noqa: E402
+from portal.store import open_db  # noqa: E402
+
+BUILDINGS = 25
+UNITS = 2
+PER_FLOOR = 4
+MAX_REQUESTS = 500_000
+
+
+def estate_csv(flats: int) -> str:
+    per_unit = max(1, -(-flats // (BUILDINGS * UNITS)))
+    lines = ["site,site_name,building,unit,house"]
+    n = 0
+    for b in range(1, BUILDINGS + 1):
+        for u in range(1, UNITS + 1):
+            for i in range(per_unit):
+                if n == flats:
+                    break
+                floor, pos = divmod(i, PER_FLOOR)
+                lines.append(f"s1,阳光花园,{b},{u},{floor + 1}{pos + 1:02d}")
+                n += 1
+    return "\n".join(lines) + "\n"
+
+
+def build_store(data_dir: Path, flats: int) -> tuple[float, int]:
+    conn = open_db(data_dir / "portal.db")
+    try:
+        t0 = time.perf_counter()
+        rows, errors = reg.parse_import(estate_csv(flats).encode())
+        assert not errors, errors[:3]
+        conn.execute("BEGIN IMMEDIATE")
+        reg.apply_import(conn, rows, "bench")
+        conn.execute("COMMIT")
+        dt = time.perf_counter() - t0
+        n = int(conn.execute("SELECT count(*) FROM reg_houses").fetchone()[0])
+    finally:
+        conn.close()
+    return dt, n
+
+
+def render_sheets(data_dir: Path, out: Path, base: str) -> dict[str, float]:
+    conn = open_db(data_dir / "portal.db")
+    try:
+        buildings = conn.execute("SELECT b.id, b.code, s.name FROM reg_buildings b JOIN reg_sites s"
+                                 " ON s.id = b.site_id").fetchall()
+        specs = {b["id"]: reg.plates_for(conn, b["id"]) for b in buildings}
+    finally:
+        conn.close()
+    total = sum(len(s) for s in specs.values())
+    bar = tqdm(total=total, unit="plate", desc="sheets", disable=not sys.stderr.isatty())
+    t0 = time.perf_counter()
+    pages = size = 0
+    for b in buildings:
+        pdf = plates.sheets_pdf(specs[b["id"]], base, title=f"{b['name']} {b['code']}幢", progress=bar.update)
+        (out / f"building-{b['code']}.pdf").write_bytes(pdf)
+        pages += pdf.count(b"/Type /Page\n")
+        size += len(pdf)
+    dt = time.perf_counter() - t0
+    bar.close()
+    return {"plates": total, "pages": pages, "seconds": round(dt, 2), "plates_per_s": round(total / dt, 1),
+            "pdf_mb": round(size / 1e6, 2)}
+
+
+def start_portal(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
+    cfg = folder / "portal.yaml"
+    cfg.write_text("\n".join([
+        "site_name: 阳光花园", "data_dir: data", "listen: {host: 127.0.0.1, port: 0}",
+        "mqtt: {host: 127.0.0.1, port: 1, reconnect_min_s: 5, reconnect_max_s: 60}",
+        "gateways: [{site: s1, gateway: gw1}]", "log_level: WARNING",
+        "phone: {scans_per_min: 1000000}",  # the per-address limit would otherwise stop a one-address load
+    ]) + "\n", encoding="utf-8")
+    err = open(folder / "portal.stderr", "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen([sys.executable, "-m", "portal", "run", "--config", str(cfg)], cwd=ROOT,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+    err.close()
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    buf = b""
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if not r:
+            continue
+        ch = os.read(proc.stdout.fileno(), 1)
+        if not ch:
+            break
+        if ch != b"\n":
+            buf += ch
+            continue
+        line = json.loads(buf)
+        buf = b""
+        if line.get("ready"):
+            return proc, str(line["url"]).rstrip("/")
+    proc.kill()
+    proc.wait()
+    raise SystemExit(f"the portal did not start: {(folder / 'portal.stderr').read_text()[-2000:]}")
+
+
+async def load(url: str, codes: list[str], duration: float, concurrency: int) -> dict[str, float]:
+    lat: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + duration
+    rnd = random.Random(7)
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        for code in codes[:20]:  # warm up
+            async with session.get(f"{url}/p/{code}") as r:
+                await r.read()
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < deadline and len(lat) < MAX_REQUESTS:
+                code = rnd.choice(codes)
+                t0 = time.perf_counter()
+                async with session.get(f"{url}/p/{code}") as r:
+                    body = await r.read()
+                    ok = r.status == 200 and "阳光花园".encode() in body
+                lat.append(time.perf_counter() - t0)
+                errors += 0 if ok else 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        dt = time.perf_counter() - t0
+    lat.sort()
+    q = statistics.quantiles(lat, n=100)
+    return {"requests": len(lat), "errors": errors, "seconds": round(dt, 2), "rps": round(len(lat) / dt, 1),
+            "p50_ms": round(q[49] * 1000, 2), "p99_ms": round(q[98] * 1000, 2), "concurrency": concurrency}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--flats", type=int, default=5000)
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--keep", help="keep the store and the PDFs in this folder")
+    a = ap.parse_args()
+    if not (1 <= a.flats <= 100_000 and 1 <= a.duration <= 120 and 1 <= a.concurrency <= 512):
+        raise SystemExit("flats 1..100000, duration 1..120 s, concurrency 1..512")
+    with tempfile.TemporaryDirectory(prefix="bench-plates-") as tmp:
+        folder = Path(a.keep) if a.keep else Path(tmp)
+        data = folder / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        pdfs = folder / "sheets"
+        pdfs.mkdir(exist_ok=True)
+        import_s, houses = build_store(data, a.flats)
+        print(f"estate: {houses} flats imported in {import_s:.2f} s", flush=True)
+        sheets = render_sheets(data, pdfs, "https://wy.example.cn")
+        print(f"sheets: {sheets['plates']} plates on {sheets['pages']} A4 pages in {sheets['seconds']} s "
+              f"({sheets['plates_per_s']} plates/s, {sheets['pdf_mb']} MB of PDF)", flush=True)
+        conn = open_db(data / "portal.db")
+        codes = [r[0] for r in conn.execute("SELECT code FROM plates WHERE kind = 'house' AND withdrawn_at IS NULL")]
+        conn.close()
+        proc, url = start_portal(folder)
+        try:
+            page = asyncio.run(load(url, codes, a.duration, a.concurrency))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout:
+                proc.stdout.close()
+        print(f"house page: {page['rps']} requests/s, p50 {page['p50_ms']} ms, p99 {page['p99_ms']} ms "
+              f"({page['requests']} requests, {page['errors']} errors, {page['concurrency']} in flight)", flush=True)
+        print(json.dumps({"bench": "plates", "flats": houses, "import_s": round(import_s, 2), "sheets": sheets,
+                          "house_page": page, "cpus": os.cpu_count()}))
+
+
+if __name__ == "__main__":
+    main()

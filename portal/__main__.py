@@ -1,0 +1,97 @@
+"""``python -m portal run --config FILE`` and ``python -m portal adduser ...``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from portal.config import ConfigError, PortalConfig, load
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("portal.mqtt").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def _run(cfg: PortalConfig) -> int:
+    from portal.app import serve
+    from portal.store import StoreError
+
+    try:
+        asyncio.run(serve(cfg, sys.stdout))
+    except (OSError, StoreError, ConfigError) as e:  # a port in use, an unreadable or too new store, ...
+        logging.getLogger("portal").error("cannot run: %s", e)
+        print(f"portal: cannot run: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _adduser(cfg: PortalConfig, name: str, role: str, password_file: str, must_change: bool) -> int:
+    from argon2 import PasswordHasher
+
+    from portal.auth import USER_NAME_RE, AuthError, check_new_password
+    from portal.store import ROLES, StoreConflict, insert_user, open_db
+
+    if not USER_NAME_RE.match(name):
+        print(f"adduser: bad user name {name!r}: letters, digits and . _ - only, at most 32", file=sys.stderr)
+        return 2
+    if role not in ROLES:
+        print(f"adduser: role must be one of {', '.join(ROLES)}", file=sys.stderr)
+        return 2
+    try:
+        password = Path(password_file).read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"adduser: cannot read {password_file}: {e}", file=sys.stderr)
+        return 2
+    try:
+        check_new_password(password)
+    except AuthError:
+        print("adduser: the password must have 12 to 1024 characters", file=sys.stderr)
+        return 2
+    conn = open_db(cfg.db_path)
+    try:
+        insert_user(conn, name, role, PasswordHasher().hash(password), must_change)
+    except StoreConflict:
+        print(f"adduser: user {name!r} exists", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    print(json.dumps({"user": name, "role": role, "must_change": must_change}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m portal", description="Gatehouse estate portal")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="serve the portal until SIGTERM/SIGINT")
+    r.add_argument("--config", required=True, help="the portal's YAML config")
+    a = sub.add_parser("adduser", help="create a user (for set-up scripts, the demo and tests)")
+    a.add_argument("--config", required=True)
+    a.add_argument("--user", required=True)
+    a.add_argument("--role", required=True, choices=["admin", "guard", "installer"])
+    a.add_argument("--password-file", required=True, help="a file holding the password (trailing newline ignored)")
+    a.add_argument("--must-change", action="store_true", help="force a password change at first sign-in")
+    c = sub.add_parser("check", help="validate the config and exit")
+    c.add_argument("--config", required=True)
+    args = p.parse_args(argv)
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        print(f"config error:\n{e}", file=sys.stderr)
+        return 2
+    _setup_logging(cfg.log_level)
+    if args.command == "run":
+        return _run(cfg)
+    if args.command == "adduser":
+        return _adduser(cfg, args.user, args.role, args.password_file, args.must_change)
+    print(json.dumps({"ok": True, "config": cfg.source}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The application factory and the process runner.
+
+Start-up order: store (migrations) → first admin → ingest. Shutdown runs the other way: stop the
+ingest (no new events), close the console sockets, then commit what is queued and close the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+from portal import api, estate, views
+from portal.auth import Auth, middleware, wants_json
+from portal.config import PortalConfig
+from portal.hub import Hub
+from portal.ingest import Ingest
+from portal.metrics import Metrics
+from portal.services import SERVICES, Services
+from portal.store import Store, shutdown_executor
+
+log = logging.getLogger("portal")
+HERE = Path(__file__).parent
+HOUSEKEEPING_S = 600.0
+
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Seams for tests: the wall clock of sessions, the monotonic clock, the jitter source."""
+
+    clock: Callable[[], float] = time.time
+    monotonic: Callable[[], float] = time.monotonic
+    rand: Callable[[], float] = random.random
+
+
+CONFIG = web.AppKey("portal.config", PortalConfig)
+OPTIONS = web.AppKey("portal.options", Options)
+
+
+def create_app(cfg: PortalConfig, options: Options | None = None) -> web.Application:
+    app = web.Application(
+        client_max_size=cfg.max_body_bytes,
+        middlewares=[_errors, middleware(lambda r: r.app[SERVICES].auth, views.deny)],
+    )
+    app[CONFIG] = cfg
+    app[OPTIONS] = options or Options()
+    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
+                         undefined=jinja2.StrictUndefined)
+    app.router.add_routes(views.routes)
+    app.router.add_routes(api.routes)
+    app.router.add_static("/static/", HERE / "static", name="static", append_version=True)
+    app.cleanup_ctx.append(_lifecycle)
+    estate.setup(app, wall=app[OPTIONS].clock, mono=app[OPTIONS].monotonic)  # registry, plates, phone pages
+    app.on_shutdown.append(_on_shutdown)
+    app.on_response_prepare.append(_security_headers)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    cfg, opt = app[CONFIG], app[OPTIONS]
+    metrics = Metrics()
+    store = Store(cfg.db_path, batch_max=cfg.store.batch_max, queue_max=cfg.store.queue_max,
+                  observe_commit=metrics.commit_seconds.observe)
+    hub = Hub(queue_max=cfg.ws_queue_max, metrics=metrics)
+    cpu = ThreadPoolExecutor(2, thread_name_prefix="portal.cpu")
+    await store.start()
+
+    def on_events(events: list[dict[str, Any]]) -> None:
+        for e in events:
+            hub.broadcast({"kind": "event", "event": e})
+
+    def on_status(site: str, gateway: str, status: str) -> None:
+        hub.broadcast({"kind": "status", "gateway": f"{site}/{gateway}", "status": status})
+
+    ingest = Ingest(cfg, store, metrics, on_events=on_events, on_status=on_status, rand=opt.rand)
+    auth = Auth(cfg, store, cpu, clock=opt.clock, monotonic=opt.monotonic)
+    svc = Services(cfg=cfg, store=store, hub=hub, ingest=ingest, auth=auth, metrics=metrics, cpu=cpu, tz=cfg.tz)
+    app[SERVICES] = svc
+    housekeeping: asyncio.Task[None] | None = None
+    try:
+        svc.first_admin_password = await auth.ensure_admin()
+        await ingest.start()
+        housekeeping = asyncio.create_task(_housekeeping(auth), name="portal.housekeeping")
+        yield
+    finally:
+        steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+            ("ingest", ingest.stop), ("console sockets", hub.close), ("store", store.close),
+            ("worker threads", lambda: shutdown_executor(cpu)),
+        ]
+        if housekeeping is not None:
+            housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await housekeeping
+        for name, step in steps:  # each step tried even if an earlier one failed
+            try:
+                await step()
+            except Exception:
+                log.exception("stopping the %s failed", name)
+        log.info("portal stopped")
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    """Before aiohttp waits for open handlers: stop the producer, then let the sockets go."""
+    svc = app.get(SERVICES)
+    if svc is None:
+        return
+    for name, step in (("ingest", svc.ingest.stop), ("console sockets", svc.hub.close)):
+        try:
+            await step()
+        except Exception:
+            log.exception("stopping the %s failed", name)
+
+
+async def _housekeeping(auth: Auth) -> None:
+    while True:
+        try:
+            n = await auth.purge_sessions()
+            if n:
+                log.info("purged %d expired sessions", n)
+        except Exception:
+            log.exception("session purge failed")
+        await asyncio.sleep(HOUSEKEEPING_S)
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    h = response.headers
+    h.setdefault("X-Content-Type-Options", "nosniff")
+    h.setdefault("Referrer-Policy", "same-origin")
+    h.setdefault("X-Frame-Options", "DENY")
+    h.setdefault("Content-Security-Policy", CSP)
+    if not request.path.startswith("/static/"):
+        h.setdefault("Cache-Control", "no-store")
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                  ) -> web.StreamResponse:
+    """JSON errors for the API, plain pages for people, and never a stack trace."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        if wants_json(request):
+            if e.content_type == "application/json":
+                raise
+            slug = (e.reason or "error").lower().replace(" ", "-")
+            return web.json_response({"error": slug}, status=e.status)
+        if e.status in (403, 404, 405) and SERVICES in request.app:
+            key = "error.not_found" if e.status in (404, 405) else "error.forbidden"
+            return views.render(request, "error.html", status=e.status, message_key=key)
+        raise
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        if wants_json(request):
+            return web.json_response({"error": "internal"}, status=500)
+        return web.Response(status=500, text="500 internal server error", content_type="text/plain")
+
+
+# ---------------------------------------------------------------- the process
+
+
+def ready_url(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
+    if ":" in shown and not shown.startswith("["):
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}/"
+
+
+async def serve(cfg: PortalConfig, out: TextIO, *, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop``). Prints the first-admin line (if any) and the ready line."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    app = create_app(cfg)
+    runner = web.AppRunner(app, shutdown_timeout=5.0, access_log=logging.getLogger("portal.access"))
+    try:
+        await runner.setup()
+        svc = app[SERVICES]
+        if svc.first_admin_password:  # before binding: a port in use must not swallow the only copy
+            out.write(json.dumps({"first_admin": {"user": "admin", "password": svc.first_admin_password,
+                                                  "must_change": True}}) + "\n")
+            out.flush()
+        site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port)
+        await site.start()
+        port = int(runner.addresses[0][1])
+        out.write(json.dumps({"ready": True, "url": ready_url(cfg.listen.host, port)}) + "\n")
+        out.flush()
+        log.info("portal listening on %s:%d", cfg.listen.host, port)
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,338 @@
+"""MQTT ingest: gateway event batches and status in, acknowledgements and commands out.
+
+One supervising task keeps one aiomqtt connection (persistent session: a stable client id and
+``clean_session=False``, so the broker queues QoS 1 batches while the portal is away) and
+reconnects with capped exponential backoff and full jitter. Each batch is checked against the
+wire contract and the list of known gateways, then queued on the store without waiting for it;
+the store's commit listener sends one :class:`wire.Ack` per gateway per commit, naming every seq
+of the committed batches (new and re-sent alike), and only then. A payload that breaks the
+contract is counted by reason, logged once per (gateway, reason), and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import aiomqtt
+
+from gateway import wire
+from portal.config import ConfigError, PortalConfig, read_secret
+from portal.metrics import Metrics
+from portal.store import (
+    BatchResult,
+    CountRejection,
+    EnsureGateways,
+    Op,
+    SetStatus,
+    StatusResult,
+    Store,
+    StoreBatch,
+    load_rejections,
+)
+
+log = logging.getLogger("portal.ingest")
+
+#: Most seqs one Ack carries; a commit spanning more for one gateway sends several.
+ACK_CHUNK = 5000
+ACK_QUEUE_MAX = 10_000
+LOG_ONCE_MAX = 1000
+
+
+class BrokerUnavailable(ConnectionError):
+    """The portal is not connected to the MQTT broker right now."""
+
+
+def backoff_delay(attempt: int, lo: float, hi: float, rand: Callable[[], float] = random.random) -> float:
+    """Full jitter: uniform in [0, min(hi, lo * 2**attempt)]."""
+    cap = min(hi, lo * (2 ** min(attempt, 32)))
+    return rand() * cap
+
+
+class Ingest:
+    def __init__(self, cfg: PortalConfig, store: Store, metrics: Metrics, *,
+                 on_events: Callable[[list[dict[str, Any]]], None] | None = None,
+                 on_status: Callable[[str, str, str], None] | None = None,
+                 rand: Callable[[], float] = random.random,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.metrics = metrics
+        self.on_events = on_events
+        self.on_status = on_status
+        self._rand = rand
+        self._sleep = sleep
+        self._known = {(g.site, g.gateway) for g in cfg.gateways}
+        self._client: aiomqtt.Client | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._acks: asyncio.Queue[tuple[str, str, list[int]]] = asyncio.Queue()
+        self._logged: set[tuple[str, str]] = set()
+        self.rejections: dict[str, int] = defaultdict(int)  # by reason, since the store began
+        self.rejections_by_source: dict[tuple[str, str], int] = {}
+        self.connected = False
+        self.connects = 0
+        self.last_error = ""
+        self.acks_sent = 0
+        self.acks_dropped = 0
+        self._stopping = False
+        store.add_commit_listener(self._on_commit)
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        counts = await self.store.read(load_rejections)
+        for (reason, source), n in counts.items():
+            self.rejections[reason] += n
+            self.rejections_by_source[(reason, source)] = n
+        await self.store.write(EnsureGateways(sorted(self._known)))
+        self._task = asyncio.create_task(self._supervise(), name="portal.ingest")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._set_connected(False)
+
+    # -- the connection
+
+    def _client_kwargs(self) -> dict[str, Any]:
+        m = self.cfg.mqtt
+        kw: dict[str, Any] = dict(
+            hostname=m.host, port=m.port, identifier=m.client_id, clean_session=False, keepalive=m.keepalive_s,
+            timeout=10.0, logger=logging.getLogger("portal.mqtt"),
+        )
+        if m.username:
+            kw["username"] = m.username
+            kw["password"] = read_secret(m.password_file) if m.password_file else None
+        if m.tls is not None:
+            kw["tls_params"] = aiomqtt.TLSParameters(
+                ca_certs=m.tls.ca_file, certfile=m.tls.cert_file, keyfile=m.tls.key_file)
+            kw["tls_insecure"] = m.tls.insecure
+        return kw
+
+    async def _supervise(self) -> None:
+        m = self.cfg.mqtt
+        attempt = 0
+        while not self._stopping:
+            try:
+                client = aiomqtt.Client(**self._client_kwargs())
+                async with client:
+                    await client.subscribe(wire.subscription("events"), qos=1)
+                    await client.subscribe(wire.subscription("status"), qos=1)
+                    self._client = client
+                    attempt = 0
+                    self.connects += 1
+                    self._set_connected(True)
+                    log.info("connected to MQTT broker %s:%d as %s", m.host, m.port, m.client_id)
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(self._publish_acks(client), name="portal.ingest.acks")
+                        tg.create_task(self._receive(client), name="portal.ingest.receive")
+            except* aiomqtt.MqttError as eg:
+                err = str(eg.exceptions[0])
+                if self.connected or err != self.last_error:
+                    log.warning("MQTT broker %s:%d unavailable: %s", m.host, m.port, err)
+                self.last_error = err
+            except* ConfigError as eg:
+                err = str(eg.exceptions[0])
+                if err != self.last_error:
+                    log.error("MQTT credentials: %s", err)
+                self.last_error = err
+            except* Exception as eg:  # a bug must not end the ingest for good: log it and reconnect
+                log.error("MQTT ingest failed; reconnecting", exc_info=eg)
+                self.last_error = repr(eg.exceptions[0])
+            finally:
+                self._client = None
+                self._set_connected(False)
+            if self._stopping:
+                break
+            delay = backoff_delay(attempt, m.reconnect_min_s, m.reconnect_max_s, self._rand)
+            attempt += 1
+            await self._sleep(delay)
+
+    def _set_connected(self, value: bool) -> None:
+        if value != self.connected:
+            self.connected = value
+            self.metrics.broker_connected.set(1 if value else 0)
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for msg in client.messages:
+            payload = msg.payload
+            if isinstance(payload, str):
+                payload = payload.encode()
+            elif not isinstance(payload, bytes | bytearray):
+                payload = b""
+            try:
+                await self.handle(str(msg.topic), bytes(payload))
+            except (asyncio.CancelledError, aiomqtt.MqttError):
+                raise
+            except Exception:  # a bug must not stop the ingest; the gateway re-sends what is not acked
+                log.exception("handling a message on %s failed", str(msg.topic)[:200])
+
+    async def _publish_acks(self, client: aiomqtt.Client) -> None:
+        while True:
+            site, gw, seqs = await self._acks.get()
+            try:
+                ack = wire.Ack(v=wire.SCHEMA_VERSION, seqs=seqs)
+                await client.publish(wire.topic(site, gw, "ack"), wire.encode(ack), qos=1)
+            except aiomqtt.MqttError:
+                # The gateway re-sends what stays unacknowledged and gets a fresh ack then.
+                self.acks_dropped += 1
+                raise
+            self.acks_sent += 1
+            self.metrics.acks_sent.inc()
+
+    # -- incoming messages
+
+    async def handle(self, topic: str, payload: bytes) -> None:
+        """Check one message and queue it for the store, or count why not. Never raises for bad input."""
+        try:
+            site, gw, suffix = wire.parse_topic(topic)
+        except wire.WireError as e:
+            await self._reject(e.reason, "", "", e.detail or topic[:200])
+            return
+        if (site, gw) not in self._known:
+            await self._reject("unknown-gateway", site, gw, f"{site}/{gw} is not in the portal's gateway list")
+            return
+        if suffix == "events":
+            try:
+                batch = wire.decode_batch(payload, site=site, gateway=gw)
+            except wire.WireError as e:
+                await self._reject(e.reason, site, gw, e.detail)
+                return
+            await self.store.enqueue(StoreBatch(batch))
+        elif suffix == "status":
+            if not payload:  # a retained status being cleared
+                return
+            try:
+                status = wire.decode_status(payload)
+            except wire.WireError as e:
+                await self._reject(e.reason, site, gw, e.detail)
+                return
+            await self.store.enqueue(SetStatus(site, gw, status))
+        else:
+            await self._reject("bad-topic", site, gw, f"unexpected suffix {suffix!r}")
+
+    async def _reject(self, reason: str, site: str, gw: str, detail: str) -> None:
+        known = (site, gw) in self._known
+        source = f"{site}/{gw}" if known else ""
+        self.rejections[reason] += 1
+        self.rejections_by_source[(reason, source)] = self.rejections_by_source.get((reason, source), 0) + 1
+        self.metrics.rejections.labels(reason=reason).inc()
+        who = f"{site}/{gw}" if site else "?"
+        key = (who, reason)
+        if key not in self._logged:
+            if len(self._logged) < LOG_ONCE_MAX:
+                self._logged.add(key)
+            elif ("*", reason) in self._logged:
+                return
+            else:
+                self._logged.add(("*", reason))
+            log.warning("rejected a message from %s: %s (%s); further ones are only counted", who, reason,
+                        detail[:200])
+        await self.store.enqueue(CountRejection(reason, source, detail))
+
+    # -- after each commit
+
+    def _on_commit(self, committed: list[tuple[Op, Any]]) -> None:
+        acks: dict[tuple[str, str], list[int]] = defaultdict(list)
+        new: list[dict[str, Any]] = []
+        now = datetime.now(UTC)
+        for op, res in committed:
+            if isinstance(res, BatchResult):
+                acks[(res.site, res.gateway)].extend(res.ack_seqs)
+                new.extend(res.new_events)
+                self._after_batch(res, now)
+            elif isinstance(res, StatusResult) and isinstance(op, SetStatus) and res.changed:
+                log.info("gateway %s/%s is %s", op.site, op.gateway, res.snapshot.status)
+                if self.on_status:
+                    self.on_status(op.site, op.gateway, res.snapshot.status)
+        for (site, gw), seqs in acks.items():
+            if not seqs:
+                continue
+            seqs = sorted(set(seqs))
+            for i in range(0, len(seqs), ACK_CHUNK):
+                if self._acks.qsize() >= ACK_QUEUE_MAX:
+                    self._acks.get_nowait()
+                    self.acks_dropped += 1
+                self._acks.put_nowait((site, gw, seqs[i:i + ACK_CHUNK]))
+        if new and self.on_events:
+            self.on_events(new)
+
+    def _after_batch(self, res: BatchResult, now: datetime) -> None:
+        who = f"{res.site}/{res.gateway}"
+        self.metrics.events_ingested.inc(len(res.new_events))
+        if res.duplicates:
+            self.metrics.events_duplicate.inc(res.duplicates)
+        for e in res.new_events:
+            try:
+                ts = datetime.strptime(e["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+            except ValueError:
+                continue
+            self.metrics.ingest_latency.observe(max(0.0, (now - ts).total_seconds()))
+        for lo, hi in res.gap_opened:
+            log.warning("gateway %s: seq gap %d..%d noticed (have up to %d contiguous)", who, lo, hi,
+                        res.snapshot.contiguous_seq)
+        for lo, hi in res.gaps_closed:
+            log.info("gateway %s: seq gap %d..%d filled", who, lo, hi)
+        if res.conflicts:
+            n = len(res.conflicts)
+            self.rejections["seq-conflict"] += n
+            key = ("seq-conflict", who)
+            self.rejections_by_source[key] = self.rejections_by_source.get(key, 0) + n
+            self.metrics.rejections.labels(reason="seq-conflict").inc(n)
+            if (who, "seq-conflict") not in self._logged:
+                self._logged.add((who, "seq-conflict"))
+                log.error("gateway %s re-used seqs %s under new event ids: not stored, not acknowledged "
+                          "(was the gateway's store reset?)", who, res.conflicts[:10])
+            self.store.enqueue_nowait(CountRejection("seq-conflict", who, f"seqs {res.conflicts[:10]}", n))
+
+    # -- outgoing commands
+
+    async def send_command(self, site: str, gateway: str, cmd: wire.Command) -> None:
+        """Publish a command at QoS 1; raises :class:`BrokerUnavailable` at once when disconnected."""
+        if (site, gateway) not in self._known:
+            raise ValueError(f"unknown gateway {site}/{gateway}")
+        client = self._client
+        if client is None or not self.connected:
+            raise BrokerUnavailable("not connected to the MQTT broker")
+        try:
+            await client.publish(wire.topic(site, gateway, "cmd"), wire.encode(cmd), qos=1)
+        except aiomqtt.MqttError as e:
+            raise BrokerUnavailable(str(e)) from e
+
+    # -- health
+
+    def health(self) -> dict[str, Any]:
+        gws = []
+        for g in self.cfg.gateways:
+            snap = self.store.gateways.get((g.site, g.gateway))
+            item: dict[str, Any] = {"site": g.site, "gateway": g.gateway, "name": g.name}
+            if snap is None:
+                item.update(status="unknown", online=False, last_seq=0, contiguous_seq=0, gaps_open=0)
+            else:
+                item.update(
+                    status=snap.status, online=snap.status == "online", last_seq=snap.max_seq,
+                    contiguous_seq=snap.contiguous_seq, gaps_open=len(snap.open_gaps),
+                    missing=[list(r) for r in snap.missing[:20]], gaps_noticed=snap.gaps_noticed,
+                    gaps_closed=snap.gaps_closed, events_stored=snap.events_stored, last_event_at=snap.last_event_at,
+                    status_changed_at=snap.status_changed_at, version=snap.version,
+                )
+            gws.append(item)
+        return {
+            "connected": self.connected,
+            "connects": self.connects,
+            "last_error": "" if self.connected else self.last_error,
+            "acks_sent": self.acks_sent,
+            "acks_dropped": self.acks_dropped,
+            "gateways": gws,
+            "rejections": dict(sorted(self.rejections.items())),
+        }
