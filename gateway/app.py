@@ -24,6 +24,7 @@ from gateway.alarms import AlarmEngine, AlarmStateError
 from gateway.config import ContactIdLineConfig, GatewayConfig
 from gateway.events import Draft
 from gateway.loadgen import run_loadgen
+from gateway.localapi import serve_local_api
 from gateway.sdnotify import Notifier
 from gateway.store import Store
 from gateway.uplink import Uplink
@@ -213,19 +214,22 @@ async def serve(cfg: GatewayConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     gw = Gateway(cfg)
     notifier = Notifier()
-    runner = asyncio.create_task(gw.run(stop), name=f"gateway[{cfg.gateway}]")
-    ready = asyncio.create_task(gw.ready.wait())
-    watchdog = asyncio.create_task(notifier.feed_watchdog(), name=f"gateway[{cfg.gateway}].watchdog")
-    try:
-        await asyncio.wait([runner, ready], return_when=asyncio.FIRST_COMPLETED)
-        if gw.ready.is_set():
-            # One line for whoever started us (the demo, the tests), and READY=1 for systemd.
-            print(json.dumps({"ready": True, "site": cfg.site, "gateway": cfg.gateway}), flush=True)
-            notifier.ready(f"serving {cfg.site}/{cfg.gateway}")
-        await stop.wait() if not runner.done() else None
-        notifier.stopping()
-        await runner
-    finally:
-        ready.cancel()
-        watchdog.cancel()
-        notifier.close()
+    api = serve_local_api(gw, cfg.local_api.host, cfg.local_api.port) if cfg.local_api.enabled \
+        else contextlib.nullcontext()
+    async with api:
+        runner = asyncio.create_task(gw.run(stop), name=f"gateway[{cfg.gateway}]")
+        ready = asyncio.create_task(gw.ready.wait())
+        watchdog = asyncio.create_task(notifier.feed_watchdog(), name=f"gateway[{cfg.gateway}].watchdog")
+        try:
+            await asyncio.wait([runner, ready], return_when=asyncio.FIRST_COMPLETED)
+            if gw.ready.is_set():
+                # One line for whoever started us (the demo, the tests), and READY=1 for systemd.
+                print(json.dumps({"ready": True, "site": cfg.site, "gateway": cfg.gateway}), flush=True)
+                notifier.ready(f"serving {cfg.site}/{cfg.gateway}")
+            await stop.wait() if not runner.done() else None
+            notifier.stopping()
+            await runner
+        finally:
+            ready.cancel()
+            watchdog.cancel()
+            notifier.close()

@@ -70,7 +70,7 @@ listener {self.port} {self.host}
 {self._security()}
 persistence true
 persistence_location {self.folder}/
-autosave_interval 0
+autosave_interval 1
 autosave_on_changes true
 max_queued_messages {self.max_queued}
 message_size_limit {MAX_PAYLOAD_BYTES * 5}

@@ -1,0 +1,183 @@
+"""`gatehouse status` and the local API (`GET /status`, `GET /metrics`) against a running gateway: a real
+store, a real Mosquitto, a real Modbus bus polling a firmware stub in its own process, and the
+command run as its own process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway import cli, config, wire
+from gateway.app import Gateway
+from gateway.broker import MosquittoProcess, free_port
+from gateway.events import Draft
+from gateway.localapi import serve_local_api
+from tests import procs
+from tests.stubs import run_stub, wait_until
+
+PANEL = "firmware_stubs.perimeter_panel"
+CTRL = ("--control", "127.0.0.1:0")
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def make_config(tmp_path: Path, broker: MosquittoProcess, panel: tuple[str, int], api_port: int) -> Path:
+    """A config made the installer's way: init, then device add."""
+    cfg = tmp_path / "gateway.yaml"
+    host, port = panel
+    assert cli.main(["init", "--config", str(cfg), "--site", "estate-a", "--gateway", "gw-1", "--broker",
+                     f"127.0.0.1:{broker.port}", "--data-dir", str(tmp_path / "data")]) == 0
+    for name, unit in (("fence-1", 1), ("fence-2", 2)):
+        assert cli.main(["device", "add", name, "--config", str(cfg), "--profile", "perimeter-panel-8", "--unit",
+                         str(unit), "--tcp", f"{host}:{port}", "--bus", "fence", "--poll-ms", "100"]) == 0
+    text = cfg.read_text().replace("  port: 9880", f"  port: {api_port}")
+    cfg.write_text(text)
+    (tmp_path / "data").mkdir()
+    return cfg
+
+
+async def run_status(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "status", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    return int(proc.returncode or 0), out.decode(), err.decode()
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+async def test_status_and_metrics_of_a_running_gateway(tmp_path: Path, broker: MosquittoProcess,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    api_port = free_port()
+    async with run_stub(PANEL, "--tcp", "127.0.0.1:0", "--units", "1-2", *CTRL) as stub:
+        cfg = config.load(make_config(tmp_path, broker, stub.endpoint(), api_port))
+        capsys.readouterr()
+        gw = Gateway(cfg)
+        stop = asyncio.Event()
+        async with serve_local_api(gw, "127.0.0.1", api_port, sample_s=0.2) as api:
+            runner = asyncio.create_task(gw.run(stop), name="test.gateway")
+            try:
+                await asyncio.wait_for(gw.ready.wait(), 20)
+                await wait_until(lambda: gw.uplink.stats.connected, 20, "the uplink to connect")
+                await wait_until(lambda: "fence" in gw.drivers, 20, "the bus to start")
+                bus = gw.drivers["fence"]
+                await wait_until(lambda: all(d.state == "online" for d in bus.stats().devices.values()), 20,
+                                 "both panels online")
+                stored = await gw.store.append([Draft(type="test.marker", device="fence-1", point="zone3_alarm",
+                                                      place=wire.Place(site="estate-a", zone="north"))])
+                await asyncio.sleep(1.0)  # a second of polling for the rates (real time: this is end to end)
+
+                rc, out, err = await run_status("--url", f"http://127.0.0.1:{api_port}", "--json")
+                assert rc == 0, err
+                st = json.loads(out)
+                assert (st["site"], st["gateway"], st["ready"]) == ("estate-a", "gw-1", True)
+                assert st["broker"]["connected"] is True and st["broker"]["port"] == broker.port
+                # No portal here to acknowledge anything: every event stored is still in the outbox.
+                assert st["store"] == {"fault": None, "pending": 0, "dropped": 0, "last_seq": stored[0].seq}
+                assert st["outbox_depth"] == stored[0].seq
+                assert st["last_event"]["type"] == "test.marker" and st["last_event"]["id"] == stored[0].id
+                assert st["lines"] == []
+                assert st["devices"] == {"online": 2, "offline": 0, "unknown": 0}
+                (b,) = st["buses"]
+                assert (b["name"], b["kind"], b["connected"]) == ("fence", "modbus-tcp", True)
+                by_name = {d["name"]: d for d in b["devices"]}
+                assert set(by_name) == {"fence-1", "fence-2"}
+                for d in by_name.values():
+                    assert d["profile"] == "perimeter-panel-8" and d["poll_ms"] == 100
+                    # 100 ms polls of each group; well above 1/s and bounded by what the schedule asks.
+                    assert d["poll_rate_hz"] is not None and 3 <= d["poll_rate_hz"] <= 40, d
+                    assert d["polls"] > 0 and d["state"] == "online"
+
+                # One panel goes silent: the status says so, once the engine has noticed.
+                await stub.post("/silent", {"on": True, "unit": 2})
+                await wait_until(lambda: bus.stats().devices["fence-2"].state == "offline", 20, "fence-2 offline")
+                rc, out, err = await run_status("--config", str(cfg.source))
+                assert rc == 0, err
+                lines = out.splitlines()
+                assert lines[0].startswith("gateway  estate-a/gw-1  version ") and lines[0].endswith("ready")
+                assert lines[1].startswith(f"broker   127.0.0.1:{broker.port} connected (1 connects)")
+                last_seq = gw.store.last_seq  # the engine has stored fence-2 going offline since
+                assert last_seq > stored[0].seq
+                assert lines[2] == f"outbox   {last_seq} events waiting for the portal"
+                assert lines[3] == f"store    ok (last seq {last_seq}, 0 pending, 0 dropped)"
+                assert lines[4].startswith(f"last     #{last_seq} device.offline fence-2 ")
+                assert lines[5] == "devices  1 online, 1 offline, 0 unknown"
+                assert lines[7].startswith("bus fence  modbus-tcp 127.0.0.1:") and "connected" in lines[7]
+                rows = {ln.split()[0]: ln.split() for ln in lines[9:]}
+                assert rows["fence-1"][1:3] == ["1", "online"]
+                assert rows["fence-2"][1:3] == ["2", "OFFLINE"]
+
+                api.latency.stored(0.012)
+                api.latency.acked(0.3)
+                async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{api_port}/metrics") as r:
+                    assert r.status == 200
+                    assert r.headers["Content-Type"].startswith("text/plain")
+                    text = await r.text()
+                m = metric_samples(text)
+                assert m[("gatehouse_outbox_depth", ())] == gw.store.last_seq
+                assert m[("gatehouse_broker_connected", ())] == 1
+                assert m[("gatehouse_store_fault", ())] == 0
+                assert m[("gatehouse_last_event_seq", ())] == gw.store.last_seq
+                dev1 = (("bus", "fence"), ("device", "fence-1"))
+                dev2 = (("bus", "fence"), ("device", "fence-2"))
+                assert m[("gatehouse_device_polls_total", dev1)] > 0
+                assert m[("gatehouse_device_missed_polls_total", dev2)] > 0
+                assert m[("gatehouse_device_state", (*dev1, ("state", "online")))] == 1
+                assert m[("gatehouse_device_state", (*dev2, ("state", "offline")))] == 1
+                assert m[("gatehouse_device_errors_total", (*dev2, ("kind", "timeout")))] > 0
+                assert m[("gatehouse_bus_connected", (("bus", "fence"), ("kind", "modbus-tcp")))] == 1
+                assert m[("gatehouse_event_latency_seconds_count", (("stage", "stored"),))] == 1
+                assert m[("gatehouse_event_latency_seconds_bucket", (("le", "0.025"), ("stage", "stored")))] == 1
+                assert m[("gatehouse_event_latency_seconds_bucket", (("le", "0.01"), ("stage", "stored")))] == 0
+                assert m[("gatehouse_event_latency_seconds_count", (("stage", "acked"),))] == 1
+                assert m[("gatehouse_gateway_process_resident_memory_bytes", ())] > 10e6
+            finally:
+                stop.set()
+                await asyncio.wait_for(runner, 20)
+
+
+async def test_status_when_no_gateway_answers(tmp_path: Path) -> None:
+    port = free_port()
+    rc, out, err = await run_status("--url", f"http://127.0.0.1:{port}")
+    assert (rc, out) == (1, "")
+    assert err.strip() == (f"status: cannot reach the gateway at http://127.0.0.1:{port}: [Errno 111] Connection "
+                           "refused (is it running? sudo systemctl status gatehouse-gateway; is local_api enabled "
+                           "in its config?)")
+
+
+async def test_status_of_a_gateway_process(tmp_path: Path, broker: MosquittoProcess) -> None:
+    """The daemon as systemd runs it (`gatehouse gateway run`) serves the local API from its config."""
+    api_port = free_port()
+    async with run_stub(PANEL, "--tcp", "127.0.0.1:0", "--units", "1-2", *CTRL) as stub:
+        cfg = make_config(tmp_path, broker, stub.endpoint(), api_port)
+        child = procs.gateway(cfg, tmp_path / "logs")
+        await asyncio.to_thread(child.start)
+        try:
+            deadline = asyncio.get_running_loop().time() + 20
+            st: dict[str, Any] = {}
+            while asyncio.get_running_loop().time() < deadline:
+                rc, out, err = await run_status("--config", str(cfg), "--json")
+                if rc == 0:
+                    st = json.loads(out)
+                    if st["broker"]["connected"] and st["devices"].get("online") == 2:
+                        break
+                await asyncio.sleep(0.2)
+            assert st, f"the gateway's local API never answered: {err}\n{child.tail()}"
+            assert (st["site"], st["gateway"], st["ready"]) == ("estate-a", "gw-1", True)
+            assert st["broker"]["connected"] is True
+            assert st["devices"] == {"online": 2, "offline": 0, "unknown": 0}, st
+        finally:
+            await asyncio.to_thread(child.stop)
