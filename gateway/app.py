@@ -14,6 +14,7 @@ import signal
 import time
 from typing import Any
 
+from common.sdnotify import Notifier
 from devices.cid_receiver import ContactIdLine
 from devices.events import DeviceEvent, WritePoint, WriteResult
 from devices.modbus import BusSpec, DeviceSpec, ModbusBus
@@ -25,7 +26,6 @@ from gateway.config import ContactIdLineConfig, GatewayConfig
 from gateway.events import Draft
 from gateway.loadgen import run_loadgen
 from gateway.localapi import serve_local_api
-from gateway.sdnotify import Notifier
 from gateway.store import Store
 from gateway.uplink import Uplink
 

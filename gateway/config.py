@@ -8,31 +8,20 @@ Nothing here touches hardware.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import msgspec
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError
 
+from common.configfile import ConfigError, convert_strict, line_of, read_yaml
 from gateway.wire import NAME_RE
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_RE.pattern)]
 PositiveMs = Annotated[int, msgspec.Meta(ge=1, le=3_600_000)]
 
 
-class ConfigError(Exception):
-    """One or more problems in a config file, each with its file and line."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
-
-
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    pass
+    """Base of every config section: an unknown key is an error, not a silent no-op."""
 
 
 class TlsConfig(_Strict):
@@ -278,96 +267,6 @@ class GatewayConfig(_Strict):
 # ---------------------------------------------------------------- loading
 
 
-def read_yaml(path: Path) -> tuple[Any, CommentedMap | CommentedSeq | None]:
-    """Read YAML keeping line numbers. Returns (plain data, the ruamel node tree)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: no such file"]) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError([f"{path}: cannot read: {e}"]) from None
-    yaml = YAML(typ="rt")
-    yaml.allow_duplicate_keys = False
-    try:
-        tree = yaml.load(text)
-    except MarkedYAMLError as e:
-        mark = e.problem_mark
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError([f"{path}{line}: not valid YAML: {e.problem}"]) from None
-    except Exception as e:  # ruamel raises several unrelated types for duplicate keys and the like
-        raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
-    return _plain(tree), tree
-
-
-def _plain(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {str(k): _plain(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_plain(v) for v in node]
-    # ruamel's round-trip scalars (ScalarFloat, ScalarInt, ...) subclass the builtins; msgspec wants the builtins.
-    for t in (bool, int, float, str):
-        if isinstance(node, t):
-            return t(node)
-    return node
-
-
-_PATH_RE = re.compile(r"\$((?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*)")
-
-
-def line_of(tree: Any, jsonpath: str) -> int | None:
-    """The 1-based line of ``$.devices[2].unit`` in a ruamel tree, or of its nearest parent."""
-    m = _PATH_RE.match(jsonpath)
-    steps = re.findall(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]", m.group(1)) if m else []
-    node, line = tree, None
-    for key, idx in steps:
-        if isinstance(node, CommentedMap) and key and key in node:
-            line = node.lc.key(key)[0] + 1
-            node = node[key]
-        elif isinstance(node, CommentedSeq) and idx and int(idx) < len(node):
-            line = node.lc.item(int(idx))[0] + 1
-            node = node[int(idx)]
-        else:
-            break
-    if line is None and hasattr(tree, "lc"):
-        line = tree.lc.line + 1
-    return line
-
-
-def entity_of(data: Any, jsonpath: str) -> str:
-    """``devices[2] (panel-3)`` for a path inside a named list entry, else ''."""
-    m = re.match(r"\$\.([a-z_]+)\[(\d+)\]", jsonpath)
-    if not m or not isinstance(data, dict):
-        return ""
-    items = data.get(m.group(1))
-    i = int(m.group(2))
-    if isinstance(items, list) and i < len(items) and isinstance(items[i], dict) and "name" in items[i]:
-        return f" {m.group(1)}[{i}] ({items[i]['name']})"
-    return ""
-
-
-T = TypeVar("T")
-
-
-def convert_strict(path: Path, cls: type[T], data: Any, tree: Any) -> T:
-    """msgspec.convert with the error turned into ``file:line: entity: message``."""
-    if not isinstance(data, dict):
-        raise ConfigError([f"{path}:1: the top level must be a mapping of settings"])
-    try:
-        return msgspec.convert(data, cls, strict=True)
-    except msgspec.ValidationError as e:
-        msg = str(e)
-        where = msg.rsplit(" - at `", 1)
-        jp = where[1].rstrip("`") if len(where) == 2 else "$"
-        # For "unknown field" errors msgspec points at the parent; name the field's own line.
-        unknown = re.search(r"unknown field `([^`]+)`", msg)
-        if unknown:
-            jp = f"{jp}.{unknown.group(1)}"
-        line = line_of(tree, jp)
-        return_loc = f"{path}:{line}" if line else str(path)
-        entity = entity_of(data, jp)
-        raise ConfigError([f"{return_loc}:{entity}{':' if entity else ''} {where[0]} (at {jp})"]) from None
-
-
 def load(path: str | os.PathLike[str], *, check_profiles: bool = True) -> GatewayConfig:
     """Read, validate and cross-check a gateway config. Raises :class:`ConfigError`."""
     p = Path(path)
@@ -538,14 +437,6 @@ def _cross_check_access(cfg: GatewayConfig, where: Any, profiles: dict[str, Any]
     if cfg.readers and not a.public_keys:
         problems.append(f"{where('$.access', 'access')}: readers are configured but access.public_keys is empty")
     return problems
-
-
-def read_secret(path: str) -> str:
-    """Read a secret file, refusing one that others can read (it must be mode 0600 or stricter)."""
-    st = os.stat(path)
-    if st.st_mode & 0o077:
-        raise ConfigError([f"{path}: secret file must not be readable by group or others (chmod 600)"])
-    return Path(path).read_text(encoding="utf-8").strip()
 
 
 def _cross_check_alarms(cfg: GatewayConfig, where: Any, profiles: dict[str, Any]) -> list[str]:

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 
 import aiomqtt
 
+from common.configfile import read_secret
 from gateway import __version__, wire
-from gateway.config import GatewayConfig, read_secret
+from gateway.config import GatewayConfig
 from gateway.store import Store
 
 log = logging.getLogger(__name__)

@@ -23,6 +23,7 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
+from common.sdnotify import Notifier
 from portal import api, estate, views
 from portal.auth import Auth, middleware, wants_json
 from portal.config import PortalConfig
@@ -193,6 +194,8 @@ async def serve(cfg: PortalConfig, out: TextIO, *, stop: asyncio.Event | None = 
         loop.add_signal_handler(sig, stop.set)
     app = create_app(cfg)
     runner = web.AppRunner(app, shutdown_timeout=5.0, access_log=logging.getLogger("portal.access"))
+    notifier = Notifier()
+    watchdog = asyncio.create_task(notifier.feed_watchdog(), name="portal.watchdog")
     try:
         await runner.setup()
         svc = app[SERVICES]
@@ -206,9 +209,13 @@ async def serve(cfg: PortalConfig, out: TextIO, *, stop: asyncio.Event | None = 
         out.write(json.dumps({"ready": True, "url": ready_url(cfg.listen.host, port)}) + "\n")
         out.flush()
         log.info("portal listening on %s:%d", cfg.listen.host, port)
+        notifier.ready(f"listening on {cfg.listen.host}:{port}")
         await stop.wait()
         log.info("stopping")
+        notifier.stopping()
     finally:
+        watchdog.cancel()
+        notifier.close()
         await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

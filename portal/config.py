@@ -13,23 +13,13 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError
 
+from common.configfile import ConfigError, convert_strict, line_of, parse_yaml, read_text
 from gateway.wire import NAME_RE
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_RE.pattern)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 LANGUAGES = ("zh-CN", "en")
-
-
-class ConfigError(Exception):
-    """One or more problems in a config file, each naming the file."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -90,12 +80,21 @@ class PhoneConfig(_Strict):
     sheet_font: str = ""  # a CJK TrueType/OpenType font for printed plates; empty: look in the usual places
 
 
+class DoorsConfig(_Strict):
+    """Doors at the console (see portal/doors.py)."""
+
+    # How long a remote unlock waits for the gateway's command.result before it shows "no answer"; the
+    # command expires then too, so a gateway that gets it later does not open the door behind the guard's back.
+    unlock_wait_s: Annotated[float, msgspec.Meta(ge=0.2, le=120)] = 10.0
+
+
 class PortalConfig(_Strict):
     site_name: str = "Gatehouse"
     # The address residents' phones reach the portal at, printed in every plate's QR ("https://wy.example.cn").
     # Empty: the address the admin's browser used when the plate was rendered.
     public_url: str = ""
     phone: PhoneConfig = msgspec.field(default_factory=PhoneConfig)
+    doors: DoorsConfig = msgspec.field(default_factory=DoorsConfig)
     data_dir: str = "."
     listen: ListenConfig = msgspec.field(default_factory=ListenConfig)
     mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
@@ -132,62 +131,10 @@ class PortalConfig(_Strict):
 # ---------------------------------------------------------------- loading
 
 
-def _plain(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {str(k): _plain(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_plain(v) for v in node]
-    # ruamel's round-trip scalars (ScalarFloat, ScalarInt, ...) subclass the builtins; msgspec wants the builtins.
-    for t in (bool, int, float, str):
-        if isinstance(node, t):
-            return t(node)
-    return node
-
-
-def _line_of(tree: Any, jsonpath: str) -> int | None:
-    """The 1-based line of ``$.gateways[1].site`` in a ruamel tree, or of its nearest parent."""
-    node, line = tree, None
-    for key, idx in re.findall(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]", jsonpath):
-        if isinstance(node, CommentedMap) and key and key in node:
-            line = node.lc.key(key)[0] + 1
-            node = node[key]
-        elif isinstance(node, CommentedSeq) and idx and int(idx) < len(node):
-            line = node.lc.item(int(idx))[0] + 1
-            node = node[int(idx)]
-        else:
-            break
-    return line
-
-
 def parse(path: Path, text: str) -> PortalConfig:
     """Validate the text of a config file (no path resolution). Raises :class:`ConfigError`."""
-    yaml = YAML(typ="rt")
-    yaml.allow_duplicate_keys = False
-    try:
-        tree = yaml.load(text)
-    except MarkedYAMLError as e:
-        mark = e.problem_mark
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError([f"{path}{line}: not valid YAML: {e.problem}"]) from None
-    except Exception as e:  # ruamel raises several unrelated types (duplicate keys and the like)
-        raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
-    data = _plain(tree)
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError([f"{path}:1: the top level must be a mapping of settings"])
-    try:
-        cfg = msgspec.convert(data, PortalConfig, strict=True)
-    except msgspec.ValidationError as e:
-        msg = str(e)
-        where = msg.rsplit(" - at `", 1)
-        jp = where[1].rstrip("`") if len(where) == 2 else "$"
-        unknown = re.search(r"unknown field `([^`]+)`", msg)
-        if unknown:
-            jp = f"{jp}.{unknown.group(1)}"
-        line = _line_of(tree, jp)
-        loc = f"{path}:{line}" if line else str(path)
-        raise ConfigError([f"{loc}: {where[0]} (at {jp})"]) from None
+    data, tree = parse_yaml(path, text)
+    cfg = convert_strict(path, PortalConfig, data, tree)
     problems = _cross_check(path, cfg, tree)
     if problems:
         raise ConfigError(problems)
@@ -198,7 +145,7 @@ def _cross_check(path: Path, cfg: PortalConfig, tree: Any) -> list[str]:
     problems: list[str] = []
 
     def where(jp: str) -> str:
-        line = _line_of(tree, jp)
+        line = line_of(tree, jp)
         return f"{path}:{line}" if line else str(path)
 
     seen: set[tuple[str, str]] = set()
@@ -228,13 +175,7 @@ def _cross_check(path: Path, cfg: PortalConfig, tree: Any) -> list[str]:
 def load(path: str | os.PathLike[str]) -> PortalConfig:
     """Read, validate and resolve a portal config. Raises :class:`ConfigError`."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError([f"{p}: no such file"]) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError([f"{p}: cannot read: {e}"]) from None
-    cfg = parse(p, text)
+    cfg = parse(p, read_text(p))
     base = p.resolve().parent
 
     def rel(v: str | None) -> str | None:
@@ -252,14 +193,3 @@ def load(path: str | os.PathLike[str]) -> PortalConfig:
         data_dir=str((base / cfg.data_dir).resolve()),
         mqtt=msgspec.structs.replace(m, password_file=rel(m.password_file), tls=tls),
     )
-
-
-def read_secret(path: str) -> str:
-    """Read a secret file, refusing one that others can read (mode 0600 or stricter)."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise ConfigError([f"{path}: cannot read secret: {e.strerror}"]) from None
-    if st.st_mode & 0o077:
-        raise ConfigError([f"{path}: secret file must not be readable by group or others (chmod 600)"])
-    return Path(path).read_text(encoding="utf-8").strip()

@@ -22,8 +22,9 @@ from typing import Any
 
 import aiomqtt
 
+from common.configfile import read_secret
 from gateway import wire
-from portal.config import ConfigError, PortalConfig, read_secret
+from portal.config import ConfigError, PortalConfig
 from portal.metrics import Metrics
 from portal.store import (
     BatchResult,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from common import configfile
 from gateway import cli, config
 from gateway.wire import passes
 
@@ -41,7 +42,7 @@ def test_init_writes_a_valid_config_and_private_secrets(tmp_path: Path, capsys: 
     assert mode(secret.parent) == 0o700
     assert mode(cfg_path) == 0o644
     # The generated password is printed once, and is what the gateway will read.
-    password = config.read_secret(str(secret))
+    password = configfile.read_secret(str(secret))
     assert len(password) >= 24
     assert out.count(password) == 1
     assert password not in cfg_path.read_text()

@@ -118,8 +118,8 @@ def test_gateway_unit_settings(units: dict[str, Path]) -> None:
 
 def test_portal_unit_settings(units: dict[str, Path]) -> None:
     s = {k: v[-1] for k, v in parse_unit(units["gatehouse-portal.service"])["Service"].items()}
-    # The portal does not send READY=1 (yet): Type=exec, so systemd does not wait for a message that never comes.
-    assert s["Type"] == "exec" and "WatchdogSec" not in s
+    # The portal sends READY=1 once it listens and feeds the watchdog from its loop, like the gateway.
+    assert s["Type"] == "notify" and s["NotifyAccess"] == "main" and "WatchdogSec" in s
     assert s["PrivateDevices"] == "yes" and "SupplementaryGroups" not in s
     assert s["ProtectSystem"] == "strict" and s["NoNewPrivileges"] == "yes" and s["Restart"] == "on-failure"
 
@@ -142,12 +142,17 @@ def test_the_units_commands_run_the_gateway_with_notify_from_its_main_process(
                             capture_output=True, text=True, timeout=60)
     assert broken.returncode == 2 and "unknown field `colour`" in broken.stderr  # systemd would not start it
 
-    sock_path = tmp_path / "notify"
+    _assert_notifies(svc["ExecStart"], tmp_path, "gateway-unit")
+
+
+def _assert_notifies(exec_start: str, tmp_path: Path, name: str) -> None:
+    """Run a unit's ExecStart under a notify socket: READY=1 and three WATCHDOG=1, all from the main pid."""
+    sock_path = tmp_path / f"{name}.notify"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     sock.bind(str(sock_path))
     sock.settimeout(1.0)
-    child = procs.Child("gateway-unit", shlex.split(svc["ExecStart"]), tmp_path / "logs",
+    child = procs.Child(name, shlex.split(exec_start), tmp_path / "logs",
                         env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "600000"})
     try:
         child.start(wait_ready=False)
@@ -170,6 +175,16 @@ def test_the_units_commands_run_the_gateway_with_notify_from_its_main_process(
     finally:
         child.stop()
         sock.close()
+
+
+def test_the_portal_units_command_notifies_from_its_main_process(
+        tmp_path: Path, units: dict[str, Path], broker: MosquittoProcess) -> None:
+    svc = {k: v[-1] for k, v in parse_unit(units["gatehouse-portal.service"])["Service"].items()}
+    config = Path(shlex.split(svc["ExecStart"])[-1])
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(f"data_dir: {tmp_path / 'portal-data'}\nlisten: {{host: 127.0.0.1, port: 0}}\n"
+                      f"mqtt: {{host: 127.0.0.1, port: {broker.port}}}\n")
+    _assert_notifies(svc["ExecStart"], tmp_path, "portal-unit")
 
 
 def test_install_dry_run_changes_nothing(tmp_path: Path) -> None:
