@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 CommandHandler = Callable[[wire.Command], Awaitable[None]]
 
+#: Batches published and not yet PUBACKed at once. More would only queue inside paho while the broker
+#: is slow (or dropping for an absent portal), and a resend would then wait behind stale copies.
+MAX_PUBLISHES = 32
+
 
 @dataclass
 class UplinkStats:
@@ -93,7 +97,7 @@ class Uplink:
             identifier=f"gatehouse-{self.cfg.site}-{self.cfg.gateway}", clean_session=False,
             will=aiomqtt.Will(self._t_status, offline, qos=1, retain=True),
             keepalive=m.keepalive_s, tls_context=tls_context, timeout=10,
-            max_inflight_messages=100,
+            max_inflight_messages=MAX_PUBLISHES,
         )
 
     async def run(self) -> None:
@@ -127,6 +131,7 @@ class Uplink:
                 await client.publish(self._t_status, payload, qos=1, retain=True, timeout=2)
 
     async def _serve(self, client: aiomqtt.Client) -> None:
+        client.pending_calls_threshold = 2 * MAX_PUBLISHES  # aiomqtt warns past this; we never get there
         self._inflight.clear()
         self._cursor = 0
         await client.subscribe([(self._t_ack, 1), (self._t_cmd, 1)])
@@ -151,12 +156,16 @@ class Uplink:
         up = self.cfg.uplink
         resend_after = up.resend_after_s
         publishes: set[asyncio.Task[None]] = set()
+        slots = asyncio.Semaphore(MAX_PUBLISHES)
         try:
             while True:
+                await slots.acquire()
+                slots.release()  # only waited for a free slot; _publish takes it
                 room = up.window - len(self._inflight)
                 rows = await self.store.outbox_after(self._cursor, min(up.batch_max, room)) if room > 0 else []
                 if rows:
-                    self._publish(client, rows, publishes)
+                    await slots.acquire()
+                    self._publish(client, rows, publishes, slots)
                     continue
                 # Nothing to send now: wait for new events, an ack (room in the window), or a resend.
                 self.store.committed.clear()
@@ -192,7 +201,7 @@ class Uplink:
             await asyncio.gather(*publishes, return_exceptions=True)
 
     def _publish(self, client: aiomqtt.Client, rows: list[tuple[int, bytes]],
-                 publishes: set[asyncio.Task[None]]) -> None:
+                 publishes: set[asyncio.Task[None]], slots: asyncio.Semaphore) -> None:
         # The stored bodies are already encoded wire.Events; frame them into a batch without re-encoding.
         head = f'{{"v":{wire.SCHEMA_VERSION},"site":"{self.cfg.site}","gateway":"{self.cfg.gateway}","events":['
         payload = head.encode() + b",".join(body for _, body in rows) + b"]}"
@@ -206,6 +215,7 @@ class Uplink:
                                    name=f"gateway[{self.cfg.gateway}].uplink.publish")
         publishes.add(task)
         task.add_done_callback(publishes.discard)
+        task.add_done_callback(lambda _: slots.release())
 
     async def _publish_one(self, client: aiomqtt.Client, payload: bytes) -> None:
         try:

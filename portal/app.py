@@ -24,7 +24,7 @@ import jinja2
 from aiohttp import web
 
 from common.sdnotify import Notifier
-from portal import api, estate, views
+from portal import api, board, doors, estate, views
 from portal.auth import Auth, middleware, wants_json
 from portal.config import PortalConfig
 from portal.hub import Hub
@@ -68,6 +68,8 @@ def create_app(cfg: PortalConfig, options: Options | None = None) -> web.Applica
     app.router.add_static("/static/", HERE / "static", name="static", append_version=True)
     app.cleanup_ctx.append(_lifecycle)
     estate.setup(app, wall=app[OPTIONS].clock, mono=app[OPTIONS].monotonic)  # registry, plates, phone pages
+    doors.setup(app, wall=app[OPTIONS].clock)  # door list, remote unlock, visitors, access log
+    board.setup(app, wall=app[OPTIONS].clock, mono=app[OPTIONS].monotonic)  # alarm board, site map, reports
     app.on_shutdown.append(_on_shutdown)
     app.on_response_prepare.append(_security_headers)
     return app

@@ -88,6 +88,165 @@ class DoorsConfig(_Strict):
     unlock_wait_s: Annotated[float, msgspec.Meta(ge=0.2, le=120)] = 10.0
 
 
+# ---------------------------------------------------------------- the alarm board (portal/alarms.py, board.py)
+
+#: Alarm kinds: each has a checklist, and reports count by them.
+ALARM_KINDS = ("fire", "gas", "panic", "medical", "intrusion", "fence_cut", "tamper", "fault")
+
+#: What a guard does, per alarm kind, unless the config says otherwise (both languages, same steps).
+DEFAULT_CHECKLISTS: dict[str, dict[str, list[str]]] = {
+    "fire": {
+        "zh-CN": ["调看监控，确认起火位置", "确认为真实火情后立即拨打 119", "派保安携带灭火器赶赴现场",
+                  "组织楼内住户疏散，禁止乘坐电梯", "通知物业经理和消防控制室", "到小区门口接应消防车，清空消防通道"],
+        "en": ["Check CCTV to confirm where the fire is", "Call 119 as soon as the fire is confirmed",
+               "Send a guard with a fire extinguisher", "Evacuate the building; keep people out of the lifts",
+               "Inform the property manager and the fire control room",
+               "Meet the fire engines at the gate and keep the fire lane clear"],
+    },
+    "gas": {
+        "zh-CN": ["电话通知住户关闭燃气阀门、开窗通风", "提醒住户不要开关电器、不要使用明火",
+                  "派保安赶赴现场，疏散周边住户", "拨打燃气公司抢修电话", "情况严重时拨打 119"],
+        "en": ["Call the flat: shut the gas valve and open the windows", "No light switches, no flames",
+               "Send a guard and evacuate the neighbours", "Call the gas company's emergency line",
+               "Call 119 if it is serious"],
+    },
+    "panic": {
+        "zh-CN": ["回拨求助住户/求助点确认情况", "立即派保安赶赴现场", "有人身危险时拨打 110", "到场确认人员安全",
+                  "记录求助原因和处置经过"],
+        "en": ["Call back the flat or call point", "Send a guard at once", "Call 110 if anyone is in danger",
+               "On site: make sure everyone is safe", "Note why help was called and what was done"],
+    },
+    "medical": {
+        "zh-CN": ["回拨住户了解病情", "拨打 120 急救电话", "派保安携带急救箱赶赴现场", "到小区门口接应救护车并开启道闸",
+                  "联系住户家属"],
+        "en": ["Call the flat to ask about the patient", "Call 120", "Send a guard with the first-aid kit",
+               "Meet the ambulance at the gate and open the barrier", "Contact the family"],
+    },
+    "intrusion": {
+        "zh-CN": ["调看报警防区监控画面", "派两名保安赶赴现场核查", "发现可疑人员立即拨打 110",
+                  "检查围墙、门窗有无破坏", "核查完毕后恢复布防"],
+        "en": ["Check CCTV of the zone", "Send two guards to check", "Call 110 if anyone suspicious is seen",
+               "Check walls, doors and windows for damage", "Re-arm once checked"],
+    },
+    "fence_cut": {
+        "zh-CN": ["调看该段周界监控画面", "派保安检查电子围栏线路", "确认为人为破坏时拨打 110", "通知维保单位抢修",
+                  "修复前加强该段巡逻"],
+        "en": ["Check CCTV of the fence section", "Send a guard to inspect the fence wires",
+               "Call 110 if it was cut on purpose", "Call the maintenance contractor",
+               "Patrol the section until it is repaired"],
+    },
+    "tamper": {
+        "zh-CN": ["调看设备附近监控画面", "派保安检查设备外壳和线路", "确认是否人为破坏", "通知维保单位"],
+        "en": ["Check CCTV near the device", "Send a guard to check the casing and wiring",
+               "Find out whether it was deliberate", "Inform the maintenance contractor"],
+    },
+    "fault": {
+        "zh-CN": ["确认设备或网关是否离线", "检查供电和通信线路", "通知维保单位报修", "故障期间加强相关区域巡逻"],
+        "en": ["Check whether the device or gateway is offline", "Check power and communication lines",
+               "Report it to the maintenance contractor", "Patrol the area until it is fixed"],
+    },
+}
+
+Coord = Annotated[float, msgspec.Meta(ge=0, le=100_000)]
+MapCode = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class MapBuilding(_Strict, kw_only=True):
+    code: MapCode  # as in events' place.building ("3")
+    name: str = ""  # shown on the map; default "3幢" / "Bldg 3"
+    x: Coord
+    y: Coord
+    w: Annotated[float, msgspec.Meta(gt=0, le=100_000)]
+    h: Annotated[float, msgspec.Meta(gt=0, le=100_000)]
+
+
+class MapZone(_Strict, kw_only=True):
+    zone: MapCode  # as in events' place.zone / data.zone
+    label: str = ""
+    points: Annotated[list[tuple[Coord, Coord]], msgspec.Meta(min_length=2, max_length=500)]
+
+
+class MapDoor(_Strict, kw_only=True):
+    door: MapCode  # as in events' place.door
+    label: str = ""
+    x: Coord
+    y: Coord
+
+
+class SiteMapConfig(_Strict, kw_only=True):
+    """An estate plan in its own units (metres, pixels...): the SVG's viewBox is 0 0 width height."""
+
+    site: Name
+    width: Annotated[float, msgspec.Meta(gt=0, le=100_000)] = 1000
+    height: Annotated[float, msgspec.Meta(gt=0, le=100_000)] = 700
+    buildings: list[MapBuilding] = []
+    zones: list[MapZone] = []
+    doors: list[MapDoor] = []
+
+
+class ArmGroupRef(_Strict, kw_only=True):
+    """A zone group the console can arm and disarm (groups also appear once a gateway reports them)."""
+
+    site: Name
+    gateway: Name
+    group: Name
+    label: str = ""
+
+
+class AlarmsConfig(_Strict):
+    # An alarm nobody has acknowledged after this long escalates: highlighted, rings faster and louder,
+    # marked for the supervisor.
+    escalate_after_s: Annotated[float, msgspec.Meta(ge=5, le=3600)] = 60.0
+    check_every_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0  # the escalation timer's period
+    command_life_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 60  # how late a gateway may carry out arm/disarm
+    guards: list[Annotated[str, msgspec.Meta(min_length=1, max_length=40)]] = []  # offered when dispatching
+    groups: list[ArmGroupRef] = []
+    # kind → language → steps; replaces the default checklist of that kind (see DEFAULT_CHECKLISTS).
+    checklists: dict[str, dict[str, list[Annotated[str, msgspec.Meta(min_length=1, max_length=200)]]]] = {}
+
+    def checklist(self, kind: str, lang: str) -> list[str]:
+        lists = self.checklists.get(kind) or DEFAULT_CHECKLISTS.get(kind) or {}
+        return list(lists.get(lang) or lists.get("zh-CN") or [])
+
+
+def _check_alarms(cfg: PortalConfig, where: Any) -> list[str]:
+    problems: list[str] = []
+    a = cfg.alarms
+    for kind, langs in a.checklists.items():
+        jp = f"$.alarms.checklists.{kind}"
+        if kind not in ALARM_KINDS:
+            problems.append(f"{where(jp)}: unknown alarm kind {kind!r} (one of {', '.join(ALARM_KINDS)})")
+            continue
+        if set(langs) != set(LANGUAGES):
+            problems.append(f"{where(jp)}: give the steps in both {' and '.join(LANGUAGES)}")
+        elif len({len(v) for v in langs.values()}) != 1 or not langs["zh-CN"]:
+            problems.append(f"{where(jp)}: the languages must list the same number of steps (at least one)")
+    for i, g in enumerate(a.groups):
+        if not cfg.known(g.site, g.gateway):
+            problems.append(f"{where(f'$.alarms.groups[{i}]')}: gateway {g.site}/{g.gateway} is not in gateways")
+    sites: set[str] = set()
+    for i, m in enumerate(cfg.site_maps):
+        jp = f"$.site_maps[{i}]"
+        if m.site in sites:
+            problems.append(f"{where(jp)}: site {m.site} has two maps")
+        sites.add(m.site)
+        for what, items, attr in (("building", m.buildings, "code"), ("zone", m.zones, "zone"),
+                                  ("door", m.doors, "door")):
+            names = [getattr(x, attr) for x in items]
+            for dup in sorted({n for n in names if names.count(n) > 1}):
+                problems.append(f"{where(jp)}: {what} {dup!r} is drawn twice")
+        for j, b in enumerate(m.buildings):
+            if b.x + b.w > m.width or b.y + b.h > m.height:
+                problems.append(f"{where(f'{jp}.buildings[{j}]')}: building {b.code!r} lies outside the map")
+        for j, z in enumerate(m.zones):
+            if any(x > m.width or y > m.height for x, y in z.points):
+                problems.append(f"{where(f'{jp}.zones[{j}]')}: zone {z.zone!r} lies outside the map")
+        for j, d in enumerate(m.doors):
+            if d.x > m.width or d.y > m.height:
+                problems.append(f"{where(f'{jp}.doors[{j}]')}: door {d.door!r} lies outside the map")
+    return problems
+
+
 class PortalConfig(_Strict):
     site_name: str = "Gatehouse"
     # The address residents' phones reach the portal at, printed in every plate's QR ("https://wy.example.cn").
@@ -95,6 +254,8 @@ class PortalConfig(_Strict):
     public_url: str = ""
     phone: PhoneConfig = msgspec.field(default_factory=PhoneConfig)
     doors: DoorsConfig = msgspec.field(default_factory=DoorsConfig)
+    alarms: AlarmsConfig = msgspec.field(default_factory=AlarmsConfig)  # the alarm board
+    site_maps: list[SiteMapConfig] = []  # estate plans for the board's site map
     data_dir: str = "."
     listen: ListenConfig = msgspec.field(default_factory=ListenConfig)
     mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
@@ -169,6 +330,7 @@ def _cross_check(path: Path, cfg: PortalConfig, tree: Any) -> list[str]:
     for i, o in enumerate(cfg.allowed_origins):
         if not re.fullmatch(r"https?://[^/\s]+", o):
             problems.append(f"{where(f'$.allowed_origins[{i}]')}: {o!r} is not an origin like https://host[:port]")
+    problems += _check_alarms(cfg, where)
     return problems
 
 

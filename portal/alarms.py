@@ -1,0 +1,636 @@
+"""The alarm board's incident model: gateway alarm events in, incidents a guard handles to a close out.
+
+An **incident** is one gateway incident (``data.incident`` pairs an alarm, its repeats and its restore; see
+docs/events.md) or, for alarm types the gateway does not pair, one event. Its workflow::
+
+    new → acknowledged → dispatched (to a named guard) → on_scene → resolved (with a cause) → closed
+
+(resolve may follow acknowledge directly, and a dispatched incident may be dispatched again to another guard).
+A restore marks it *restored* (the condition cleared) but leaves it open until a guard closes it. Every step
+(the gateway's events as well as the guards' actions, checklist ticks, notes and escalation) is one row of
+``incident_log`` with who and when.
+
+Events reach the model through a cursor over ``events.pk`` (:class:`FeedIncidents`): whatever the store holds
+is looked at exactly once, whichever way it came in (MQTT, or events the portal raises itself), and a
+restart resumes where it stopped. Each event is also logged against its incident under a unique event id,
+so applying one twice changes nothing.
+
+The same feed keeps the arm state of zone groups (``group.*`` events) and the answers to arm/disarm
+commands sent from the console (``command.result``, matched on ``data.command_id``).
+
+Everything here runs on a plain ``sqlite3.Connection`` (the store's writer thread, or a test's own).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+from gateway import wire
+from portal import i18n
+from portal.config import ALARM_KINDS
+from portal.store import Op, StoreConflict, Tx, event_dict, now_text
+from portal.views import level_of, place_text
+
+STATES = ("new", "acknowledged", "dispatched", "on_scene", "resolved", "closed")
+CAUSES = ("real", "false", "test", "device_fault", "unknown")
+KINDS = ALARM_KINDS
+
+#: action: (the states it may be taken from, the state it leads to or None when the state stays)
+ACTIONS: dict[str, tuple[frozenset[str], str | None]] = {
+    "ack": (frozenset({"new"}), "acknowledged"),
+    "dispatch": (frozenset({"acknowledged", "dispatched"}), "dispatched"),
+    "on_scene": (frozenset({"dispatched"}), "on_scene"),
+    "resolve": (frozenset({"acknowledged", "dispatched", "on_scene"}), "resolved"),
+    "close": (frozenset({"resolved"}), "closed"),
+    "note": (frozenset(STATES) - {"closed"}, None),
+    "check": (frozenset({"acknowledged", "dispatched", "on_scene", "resolved"}), None),
+}
+NOTE_MAX = 1000
+GUARD_MAX = 40
+FEED_CHUNK = 1000
+
+#: Closing types of the gateway's paired families (docs/events.md); any type ending in ``_restore`` too.
+RESTORE_TYPES = frozenset({"zone.restore", "device.online", "panel.restore", "panel.test_restore"})
+#: Events that open an incident of their own although they are not paired (or are below TAMPER).
+UNPAIRED_ALARMS = frozenset({"panel.unknown_account", "house.sos"})
+#: Never an incident, whatever their priority: work orders, answers, arming and access traffic.
+NOT_ALARMS = frozenset({"house.problem", "house.armed", "house.disarmed", "panel.event", "zone.entry_delay",
+                        "zone.bypassed", "zone.unbypassed"})
+NOT_ALARM_PREFIXES = ("command.", "group.", "access.", "gateway.")
+
+_ZONE_KINDS = {"fire": "fire", "gas": "gas", "panic": "panic", "medical": "medical", "intrusion": "intrusion",
+               "touch": "intrusion", "cut": "fence_cut", "short": "fence_cut", "tamper": "tamper",
+               "fault": "fault"}
+_PANEL_KINDS = {"fire": "fire", "co": "fire", "gas": "gas", "medical": "medical", "panic": "panic",
+                "duress": "panic", "burglary": "intrusion", "general": "intrusion", "non_burglary": "intrusion",
+                "tamper": "tamper"}
+_P = wire.Priority
+
+
+class IncidentConflict(StoreConflict):
+    """The incident is not in a state that allows the action (someone else got there first)."""
+
+    def __init__(self, incident: dict[str, Any], action: str) -> None:
+        super().__init__(f"incident {incident['id']} is {incident['state']}; cannot {action}")
+        self.incident = incident
+        self.action = action
+
+
+class IncidentError(ValueError):
+    """A bad request for an action; ``key`` is an i18n key."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+# ---------------------------------------------------------------- classifying events
+
+
+def kind_by_priority(priority: int) -> str:
+    if priority >= _P.FIRE:
+        return "fire"
+    if priority >= _P.PANIC:
+        return "panic"
+    if priority >= _P.INTRUSION:
+        return "intrusion"
+    if priority >= _P.TAMPER:
+        return "tamper"
+    return "fault"
+
+
+def classify(etype: str, data: Mapping[str, Any], priority: int) -> str:
+    """The checklist and report kind of an alarm event: one of :data:`KINDS`."""
+    family = etype.split(".", 1)[0]
+    sub = str(data.get("kind", ""))
+    if family == "zone":
+        if etype.startswith("zone.fault"):
+            return "fault"
+        if etype.startswith("zone.tamper"):
+            return "fence_cut" if sub in ("cut", "short") else "tamper"
+        return _ZONE_KINDS.get(sub) or kind_by_priority(priority)
+    if family == "panel":
+        if etype.startswith(("panel.trouble", "panel.test", "panel.unknown")):
+            return "fault"
+        if etype.startswith("panel.tamper"):
+            return "tamper"
+        if sub in _PANEL_KINDS:
+            return _PANEL_KINDS[sub]
+        return kind_by_priority(priority)
+    if family in ("device", "reader", "gateway"):
+        return "fault"
+    if etype == "house.sos":
+        return "panic"
+    if etype.endswith(("tamper", "tamper_restore", "tamper_repeat")):
+        return "tamper"
+    return kind_by_priority(priority)
+
+
+def _role(etype: str, data: Mapping[str, Any]) -> str:
+    if etype in RESTORE_TYPES or etype.endswith("_restore") or "how" in data:
+        return "restore"
+    if etype.endswith("_repeat"):
+        return "repeat"
+    return "open"
+
+
+def _opening_of(etype: str) -> str:
+    """The opening type an unpaired closing type answers: ``door.tamper_restore`` → ``door.tamper``."""
+    if etype.endswith("_restore"):
+        return etype[: -len("_restore")]
+    if etype.endswith(".restore"):
+        return etype[: -len(".restore")] + ".alarm"
+    if etype.endswith(".online"):
+        return etype[: -len(".online")] + ".offline"
+    return etype
+
+
+def is_alarm(ev: Mapping[str, Any]) -> bool:
+    """Does this event open (or belong to) an incident?"""
+    etype = str(ev["type"])
+    if etype in NOT_ALARMS or etype.startswith(NOT_ALARM_PREFIXES):
+        return False
+    data = ev.get("data") or {}
+    if isinstance(data.get("incident"), str | int) and not isinstance(data.get("incident"), bool):
+        return True
+    return etype in UNPAIRED_ALARMS or int(ev["priority"]) >= _P.TAMPER or _role(etype, data) == "restore"
+
+
+# ---------------------------------------------------------------- presenting
+
+
+_TR = {lang: i18n.Translator(lang) for lang in i18n.LANGUAGES}
+
+
+def _texts(inc: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    data, place = inc["data"], inc["place"]
+    title: dict[str, str] = {}
+    where: dict[str, str] = {}
+    for lang, tr in _TR.items():
+        named = data.get("name_zh" if lang == "zh-CN" else "name_en")
+        if isinstance(named, str) and named:
+            title[lang] = named[:80]
+        elif tr.has(f"event.{inc['type']}"):
+            title[lang] = tr.event_label(inc["type"])
+        else:
+            title[lang] = tr(f"kind.{inc['kind']}")
+        text = place_text(place, tr) if any(place.get(k) for k in ("building", "unit", "house", "zone", "door")) \
+            else ""
+        label = data.get("label")
+        if isinstance(label, str) and label:
+            text = f"{text} {label[:60]}".strip()
+        if not text:
+            text = str(inc.get("device") or place.get("site", ""))
+        where[lang] = text
+    return title, where
+
+
+def incident_dict(row: sqlite3.Row) -> dict[str, Any]:
+    """An incident as the board, the API and the socket show it (texts in both languages)."""
+    d = {k: row[k] for k in row.keys()}  # noqa: SIM118  (sqlite3.Row is not a mapping)
+    d["place"] = json.loads(d["place"])
+    d["data"] = json.loads(d["data"])
+    d["checks"] = json.loads(d["checks"])
+    d["level"] = level_of(int(d["priority"]))
+    d["title"], d["where"] = _texts(d)
+    return d
+
+
+# ---------------------------------------------------------------- reading
+
+
+def get_incident(conn: sqlite3.Connection, incident_id: int) -> dict[str, Any] | None:
+    row = conn.execute("SELECT * FROM incidents WHERE id = ?", (incident_id,)).fetchone()
+    return incident_dict(row) if row else None
+
+
+def open_incidents(conn: sqlite3.Connection, limit: int = 500) -> list[dict[str, Any]]:
+    """Every incident not closed: highest priority first, then newest first."""
+    rows = conn.execute("SELECT * FROM incidents WHERE state != 'closed' ORDER BY priority DESC, opened_at DESC,"
+                        " id DESC LIMIT ?", (limit,))
+    return [incident_dict(r) for r in rows]
+
+
+def recent_closed(conn: sqlite3.Connection, limit: int = 20) -> list[dict[str, Any]]:
+    rows = conn.execute("SELECT * FROM incidents WHERE state = 'closed' ORDER BY closed_at DESC, id DESC LIMIT ?",
+                        (limit,))
+    return [incident_dict(r) for r in rows]
+
+
+def incident_log(conn: sqlite3.Connection, incident_id: int) -> list[dict[str, Any]]:
+    return [dict(r) for r in conn.execute(
+        "SELECT at, actor, action, detail, event_id FROM incident_log WHERE incident_id = ? ORDER BY id",
+        (incident_id,))]
+
+
+def arm_groups(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    return [_group_dict(r) for r in conn.execute("SELECT * FROM arm_groups ORDER BY site, gateway, grp")]
+
+
+def recent_commands(conn: sqlite3.Connection, limit: int = 20) -> list[dict[str, Any]]:
+    rows = conn.execute("SELECT * FROM console_commands ORDER BY sent_at DESC, id DESC LIMIT ?", (limit,))
+    return [command_dict(r) for r in rows]
+
+
+def get_command(conn: sqlite3.Connection, command_id: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT * FROM console_commands WHERE id = ?", (command_id,)).fetchone()
+    return command_dict(row) if row else None
+
+
+def _group_dict(row: sqlite3.Row) -> dict[str, Any]:
+    return {"site": row["site"], "gateway": row["gateway"], "group": row["grp"], "label": row["label"],
+            "state": row["state"], "mode": row["mode"], "by": row["by_user"], "source": row["source"],
+            "at": row["at"]}
+
+
+def command_dict(row: sqlite3.Row) -> dict[str, Any]:
+    return {"id": row["id"], "site": row["site"], "gateway": row["gateway"], "type": row["type"],
+            "args": json.loads(row["args"]), "by": row["by_user"], "sent_at": row["sent_at"],
+            "status": row["status"], "detail": row["detail"], "result_at": row["result_at"]}
+
+
+def max_event_pk(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT coalesce(max(pk), 0) FROM events").fetchone()[0])
+
+
+def feed_cursor(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT last_pk FROM incident_feed WHERE id = 1").fetchone()
+    return int(row[0]) if row else 0
+
+
+# ---------------------------------------------------------------- applying events
+
+
+def _log(conn: sqlite3.Connection, incident_id: int, at: str, actor: str, action: str, detail: str = "",
+         event_id: str | None = None) -> None:
+    conn.execute("INSERT INTO incident_log (incident_id, at, actor, action, detail, event_id)"
+                 " VALUES (?, ?, ?, ?, ?, ?)", (incident_id, at, actor[:80], action, detail[:NOTE_MAX], event_id))
+
+
+def _restore_detail(data: Mapping[str, Any]) -> str:
+    how = str(data.get("how", "restored"))[:20]
+    by = data.get("by")
+    return f"{how} by {str(by)[:60]}" if by else how
+
+
+def apply_event(conn: sqlite3.Connection, ev: Mapping[str, Any], now: str | None = None) -> int | None:
+    """Fold one stored event into the incidents; returns the id of the incident it changed, if any.
+
+    Applying an event a second time changes nothing (its id is logged once, under a unique index).
+    """
+    if not is_alarm(ev):
+        return None
+    if conn.execute("SELECT 1 FROM incident_log WHERE event_id = ?", (ev["id"],)).fetchone():
+        return None
+    now = now or now_text()
+    etype, data = str(ev["type"]), dict(ev.get("data") or {})
+    prio = int(ev["priority"])
+    role = _role(etype, data)
+    actor = f"gateway:{ev['gateway']}"
+    engine_id = data.get("incident")
+    if isinstance(engine_id, str | int) and not isinstance(engine_id, bool):
+        engine_id = str(engine_id)[:80]
+        key = f"{ev['site']}/{ev['gateway']}/{engine_id}"
+        row = conn.execute("SELECT id, state FROM incidents WHERE key = ?", (key,)).fetchone()
+    else:
+        engine_id = None
+        if role == "restore":  # an unpaired restore closes the newest matching open incident, if any
+            row = conn.execute(
+                "SELECT id, state FROM incidents WHERE key LIKE 'ev:%' AND site = ? AND gateway = ? AND type = ?"
+                " AND device = ? AND point IS ? AND place = ? AND restored_at IS NULL AND state != 'closed'"
+                " ORDER BY id DESC LIMIT 1",
+                (ev["site"], ev["gateway"], _opening_of(etype), ev["device"], ev.get("point"),
+                 json.dumps(ev["place"], ensure_ascii=False, separators=(",", ":"))),
+            ).fetchone()
+            if row is None:
+                return None
+        else:
+            key, row = f"ev:{ev['id']}", None
+    count = data.get("count")
+    count = int(count) if isinstance(count, int) and not isinstance(count, bool) and count > 0 else None
+    if row is None:
+        kind = classify(etype, data, prio)
+        opening = etype if role == "open" else (etype[: -len("_repeat")] if role == "repeat" else _opening_of(etype))
+        cur = conn.execute(
+            "INSERT INTO incidents (key, site, gateway, engine_incident, kind, type, priority, place, device, point,"
+            " label, data, first_event, opened_at, created_at, last_event_at, count, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, ev["site"], ev["gateway"], engine_id, kind, opening, prio,
+             json.dumps(ev["place"], ensure_ascii=False, separators=(",", ":")), ev["device"], ev.get("point"),
+             str(data.get("label") or "")[:100], json.dumps(data, ensure_ascii=False), ev["id"], ev["ts"], now,
+             ev["ts"], count or 1, now),
+        )
+        iid = int(cur.lastrowid or 0)
+    else:
+        iid = int(row["id"])
+        if role == "open":  # the opening came after a repeat or restore (a gap filled late): take its details
+            conn.execute("UPDATE incidents SET type = ?, data = ?, first_event = ?, opened_at = min(opened_at, ?)"
+                         " WHERE id = ?", (etype, json.dumps(data, ensure_ascii=False), ev["id"], ev["ts"], iid))
+        conn.execute("UPDATE incidents SET count = max(count, ?), last_event_at = max(last_event_at, ?),"
+                     " priority = max(priority, ?), version = version + 1, updated_at = ? WHERE id = ?",
+                     (count or 1, ev["ts"], prio, now, iid))
+    if role == "restore":
+        conn.execute("UPDATE incidents SET restored_at = coalesce(restored_at, ?), restore_how = ? WHERE id = ?",
+                     (ev["ts"], _restore_detail(data), iid))
+        if row is None:
+            conn.execute("UPDATE incidents SET count = max(count, ?) WHERE id = ?", (count or 1, iid))
+    detail = _restore_detail(data) if role == "restore" else (f"count {count}" if count else "")
+    _log(conn, iid, now, actor, {"open": "alarm"}.get(role, role), detail, ev["id"])
+    return iid
+
+
+def _apply_group(conn: sqlite3.Connection, ev: Mapping[str, Any]) -> dict[str, Any] | None:
+    data = ev.get("data") or {}
+    grp = data.get("group")
+    if not isinstance(grp, str) or not grp:
+        return None
+    state = {"group.armed": "armed", "group.arming": "arming", "group.disarmed": "disarmed"}[ev["type"]]
+    old = conn.execute("SELECT at FROM arm_groups WHERE site = ? AND gateway = ? AND grp = ?",
+                       (ev["site"], ev["gateway"], grp[:64])).fetchone()
+    if old is not None and old["at"] > ev["ts"]:
+        return None  # a late re-send never rolls the state back
+    conn.execute(
+        "INSERT INTO arm_groups (site, gateway, grp, label, state, mode, by_user, source, at, event_id)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site, gateway, grp) DO UPDATE SET"
+        " label = excluded.label, state = excluded.state, mode = excluded.mode, by_user = excluded.by_user,"
+        " source = excluded.source, at = excluded.at, event_id = excluded.event_id",
+        (ev["site"], ev["gateway"], grp[:64], str(data.get("label") or "")[:100], state,
+         str(data.get("mode") or "")[:10] or None, str(data.get("by") or "")[:80], str(data.get("source") or "")[:20],
+         ev["ts"], ev["id"]),
+    )
+    row = conn.execute("SELECT * FROM arm_groups WHERE site = ? AND gateway = ? AND grp = ?",
+                       (ev["site"], ev["gateway"], grp[:64])).fetchone()
+    return _group_dict(row)
+
+
+def _apply_command_result(conn: sqlite3.Connection, ev: Mapping[str, Any]) -> dict[str, Any] | None:
+    data = ev.get("data") or {}
+    cid = data.get("command_id")
+    if not isinstance(cid, str):
+        return None
+    cur = conn.execute(
+        "UPDATE console_commands SET status = ?, detail = ?, result_at = ?, result_event = ?"
+        " WHERE id = ? AND site = ? AND gateway = ? AND result_event IS NULL",
+        ("ok" if data.get("ok") is True else "failed", str(data.get("detail") or "")[:300], ev["ts"], ev["id"], cid,
+         ev["site"], ev["gateway"]),
+    )
+    return get_command(conn, cid) if cur.rowcount else None
+
+
+@dataclass
+class FeedResult:
+    incidents: list[dict[str, Any]] = field(default_factory=list)
+    new_ids: list[int] = field(default_factory=list)
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    commands: list[dict[str, Any]] = field(default_factory=list)
+    last_pk: int = 0
+    more: bool = False
+
+
+def feed(conn: sqlite3.Connection, limit: int = FEED_CHUNK, now: str | None = None) -> FeedResult:
+    """Apply the events stored since the last call (by ``events.pk``), at most ``limit`` of them."""
+    last = feed_cursor(conn)
+    rows = conn.execute("SELECT pk, id, site, gateway, seq, ts, type, device, point, priority, place, data,"
+                        " received_at FROM events WHERE pk > ? ORDER BY pk LIMIT ?", (last, limit)).fetchall()
+    out = FeedResult(last_pk=last, more=len(rows) == limit)
+    changed: dict[int, None] = {}
+    top = int(conn.execute("SELECT coalesce(max(id), 0) FROM incidents").fetchone()[0])
+    for r in rows:
+        ev = event_dict(tuple(r)[1:])
+        out.last_pk = int(r[0])
+        try:
+            etype = ev["type"]
+            if etype in ("group.armed", "group.arming", "group.disarmed"):
+                g = _apply_group(conn, ev)
+                if g is not None:
+                    out.groups.append(g)
+            elif etype == "command.result":
+                c = _apply_command_result(conn, ev)
+                if c is not None:
+                    out.commands.append(c)
+            else:
+                iid = apply_event(conn, ev, now)
+                if iid is not None:
+                    changed[iid] = None
+        except (KeyError, TypeError, ValueError) as e:  # a malformed event must not stop the feed
+            conn.execute(
+                "INSERT INTO rejections (reason, source, count, first_at, last_at, last_detail)"
+                " VALUES ('incident-feed', ?, 1, ?, ?, ?) ON CONFLICT (reason, source) DO UPDATE SET"
+                " count = count + 1, last_at = excluded.last_at, last_detail = excluded.last_detail",
+                (f"{ev.get('site')}/{ev.get('gateway')}", now_text(), now_text(), f"{ev.get('id')}: {e}"[:300]))
+    if rows:
+        conn.execute("UPDATE incident_feed SET last_pk = ? WHERE id = 1", (out.last_pk,))
+    for iid in changed:
+        inc = get_incident(conn, iid)
+        if inc is not None:
+            out.incidents.append(inc)
+            if iid > top:
+                out.new_ids.append(iid)
+    return out
+
+
+# ---------------------------------------------------------------- guards' actions
+
+
+def _clean(text: object, limit: int) -> str:
+    s = " ".join(str(text or "").split())
+    return "".join(c for c in s if c.isprintable())[:limit]
+
+
+def act(conn: sqlite3.Connection, incident_id: int, action: str, actor: str, *, now: str | None = None,
+        guard: str = "", cause: str = "", text: str = "", step: int | None = None, done: bool = True,
+        steps_of: Callable[[str], int] | None = None) -> dict[str, Any]:
+    """Take one workflow action; returns the incident after it.
+
+    Raises :class:`LookupError` (no such incident), :class:`IncidentError` (a bad request) or
+    :class:`IncidentConflict` (not allowed in the incident's state: the caller answers 409 with its owner).
+    ``steps_of(kind)`` is the length of a kind's checklist (for ``check``).
+    """
+    if action not in ACTIONS:
+        raise IncidentError("board.bad_action")
+    inc = get_incident(conn, incident_id)
+    if inc is None:
+        raise LookupError(incident_id)
+    allowed, to = ACTIONS[action]
+    if inc["state"] not in allowed:
+        raise IncidentConflict(inc, action)
+    now = now or now_text()
+    note = _clean(text, NOTE_MAX)
+    sets: dict[str, Any] = {}
+    detail = note
+    logged = action
+    if action == "ack":
+        sets = {"owner": actor, "acknowledged_at": now}
+    elif action == "dispatch":
+        who = _clean(guard, GUARD_MAX)
+        if not who:
+            raise IncidentError("board.need_guard")
+        sets = {"dispatched_to": who, "dispatched_at": now, "dispatched_by": actor}
+        detail = f"{who}{' · ' + note if note else ''}"
+    elif action == "on_scene":
+        sets = {"on_scene_at": now}
+    elif action == "resolve":
+        if cause not in CAUSES:
+            raise IncidentError("board.need_cause")
+        sets = {"cause": cause, "resolved_at": now, "resolved_by": actor}
+        detail = f"{cause}{' · ' + note if note else ''}"
+    elif action == "close":
+        sets = {"closed_at": now, "closed_by": actor}
+    elif action == "note":
+        if not note:
+            raise IncidentError("board.need_note")
+    elif action == "check":
+        steps = steps_of(inc["kind"]) if steps_of is not None else 0
+        if step is None or not 0 <= step < steps:
+            raise IncidentError("board.bad_step")
+        checks = dict(inc["checks"])
+        key = str(step)
+        if done:
+            checks[key] = {"by": actor, "at": now}
+        else:
+            checks.pop(key, None)
+        sets = {"checks": json.dumps(checks, ensure_ascii=False)}
+        detail = str(step)
+        logged = "check" if done else "uncheck"
+    if to is not None:
+        sets["state"] = to
+    cols = ", ".join(f"{k} = ?" for k in sets)
+    conn.execute(f"UPDATE incidents SET {cols}{', ' if cols else ''}version = version + 1, updated_at = ?"
+                 " WHERE id = ?", (*sets.values(), now, incident_id))
+    _log(conn, incident_id, now, actor, logged, detail)
+    out = get_incident(conn, incident_id)
+    assert out is not None
+    return out
+
+
+def escalate(conn: sqlite3.Connection, incident_ids: Sequence[int], now: str | None = None) -> list[dict[str, Any]]:
+    """Mark these incidents escalated if they are still unacknowledged; returns the ones marked now."""
+    now = now or now_text()
+    out = []
+    for iid in incident_ids:
+        cur = conn.execute("UPDATE incidents SET escalated_at = ?, version = version + 1, updated_at = ?"
+                           " WHERE id = ? AND state = 'new' AND escalated_at IS NULL", (now, now, iid))
+        if cur.rowcount:
+            _log(conn, iid, now, "system", "escalate")
+            inc = get_incident(conn, iid)
+            if inc is not None:
+                out.append(inc)
+    return out
+
+
+# ---------------------------------------------------------------- console commands (arm / disarm)
+
+
+def record_command(conn: sqlite3.Connection, cmd: wire.Command, site: str, gateway: str) -> dict[str, Any]:
+    conn.execute("INSERT INTO console_commands (id, site, gateway, type, args, by_user, sent_at, status)"
+                 " VALUES (?, ?, ?, ?, ?, ?, ?, 'sending')",
+                 (cmd.id, site, gateway, cmd.type, json.dumps(cmd.args, ensure_ascii=False), cmd.by,
+                  cmd.ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")))
+    out = get_command(conn, cmd.id)
+    assert out is not None
+    return out
+
+
+def command_sent(conn: sqlite3.Connection, command_id: str, sent: bool, detail: str = "") -> dict[str, Any] | None:
+    """After the publish: ``sent`` or ``unsent`` (unless the gateway's answer is already in)."""
+    conn.execute("UPDATE console_commands SET status = ?, detail = ? WHERE id = ? AND status = 'sending'",
+                 ("sent" if sent else "unsent", detail[:300], command_id))
+    return get_command(conn, command_id)
+
+
+# ---------------------------------------------------------------- store ops
+
+
+class FeedIncidents(Op):
+    def __init__(self, limit: int = FEED_CHUNK, now: str | None = None) -> None:
+        self.limit, self.now = limit, now
+
+    def apply(self, tx: Tx) -> FeedResult:
+        return feed(tx.conn, self.limit, self.now)
+
+
+class IncidentAction(Op):
+    def __init__(self, incident_id: int, action: str, actor: str, **kw: Any) -> None:
+        self.incident_id, self.action, self.actor, self.kw = incident_id, action, actor, kw
+
+    def apply(self, tx: Tx) -> dict[str, Any]:
+        return act(tx.conn, self.incident_id, self.action, self.actor, **self.kw)
+
+
+class Escalate(Op):
+    def __init__(self, incident_ids: Sequence[int], now: str | None = None) -> None:
+        self.ids, self.now = list(incident_ids), now
+
+    def apply(self, tx: Tx) -> list[dict[str, Any]]:
+        return escalate(tx.conn, self.ids, self.now)
+
+
+# ---------------------------------------------------------------- residents of a flat (read defensively)
+
+
+def mask_phone(phone: str) -> str:
+    """Never the whole number: 138****5678 for a mobile, the last four digits otherwise."""
+    digits = "".join(c for c in str(phone) if c.isdigit())
+    if len(digits) >= 11:
+        return digits[:3] + "*" * (len(digits) - 7) + digits[-4:]
+    if len(digits) > 4:
+        return "*" * (len(digits) - 4) + digits[-4:]
+    return "*" * len(digits)
+
+
+def _has_tables(conn: sqlite3.Connection, *names: str) -> bool:
+    found = {r[0] for r in conn.execute(
+        f"SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ({', '.join('?' * len(names))})", names)}
+    return found == set(names)
+
+
+def residents_of(conn: sqlite3.Connection, place: Mapping[str, Any], today: date) -> list[dict[str, str]] | None:
+    """The registered residents (masked phones) of the flat in ``place``; None when the place is not a flat,
+    empty when the registry has nobody there (or is not there). Unit may be missing in the event; the flat is
+    then matched on building and house number when that is unambiguous."""
+    site, building, unit, house = (place.get(k) for k in ("site", "building", "unit", "house"))
+    if not (site and building and house):
+        return None
+    if not _has_tables(conn, "reg_sites", "reg_buildings", "reg_units", "reg_houses", "reg_residents",
+                       "reg_people"):
+        return []
+    sql = ("SELECT h.id FROM reg_houses h JOIN reg_units u ON u.id = h.unit_id JOIN reg_buildings b"
+           " ON b.id = u.building_id JOIN reg_sites s ON s.id = b.site_id WHERE s.code = ? AND b.code = ?"
+           " AND h.code = ?")
+    args: list[Any] = [site, building, house]
+    if unit:
+        sql += " AND u.code = ?"
+        args.append(unit)
+    try:
+        houses = conn.execute(sql + " LIMIT 2", args).fetchall()
+        if len(houses) != 1:
+            return []
+        rows = conn.execute(
+            "SELECT p.name, p.phone, r.role, r.move_in, r.move_out, r.lease_end FROM reg_residents r"
+            " JOIN reg_people p ON p.id = r.person_id WHERE r.house_id = ? AND r.status = 'active' ORDER BY r.id",
+            (houses[0][0],)).fetchall()
+    except sqlite3.Error:  # a registry of another shape: show nobody rather than fail the alarm
+        return []
+    day = today.isoformat()
+    out = []
+    for r in rows:
+        if (r["move_in"] and r["move_in"] > day) or (r["move_out"] and r["move_out"] <= day):
+            continue
+        out.append({"name": str(r["name"])[:60], "role": str(r["role"]), "phone": mask_phone(r["phone"])})
+    return out
+
+
+def audit_view(conn: sqlite3.Connection, actor: str, incident_id: int, remote: str = "") -> None:
+    """Note in the registry's audit trail (when there is one) that a guard saw a flat's residents."""
+    if _has_tables(conn, "audit"):
+        conn.execute("INSERT INTO audit (at, actor, action, target, detail, remote) VALUES (?, ?, ?, ?, ?, ?)",
+                     (now_text(), actor[:80], "view.incident", f"incident:{incident_id}", "", remote[:64]))
+
+
+def parse_ts(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)

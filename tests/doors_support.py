@@ -1,0 +1,107 @@
+"""Helpers for the door, visitor and access-log tests: an estate with doors, a guard session, door events as
+a gateway sends them, and reading the console socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import aiomqtt
+from ulid import ULID
+
+from gateway import wire
+from portal import registry as reg
+from tests.portal_support import GATEWAY, SITE, Portal, batch_payload, next_ack, page_csrf, sign_in
+from tests.registry_support import admin_session, estate_csv, import_csv
+
+GUARD, GUARD_PW = "guard1", "guard-password-0001"
+EVENTS_TOPIC = wire.topic(SITE, GATEWAY, "events")
+CMD_TOPIC = wire.topic(SITE, GATEWAY, "cmd")
+#: (door, building, unit, gate, label) as the installer registered them
+DOORS = [
+    ("north-gate", None, None, True, "北门"),
+    ("b3u2", "3", "2", False, "3幢2单元门"),
+    ("b3u1", "3", "1", False, "3幢1单元门"),
+]
+
+
+async def estate_with_doors(p: Portal) -> None:
+    """The registry's estate (tests.registry_support) and three doors on gateway s1/gw1; signed in as admin."""
+    csrf = await admin_session(p)
+    status, body = await import_csv(p, csrf, estate_csv())
+    assert status == 200, body
+
+    def add(c: Any) -> None:
+        for door, building, unit, gate, label in DOORS:
+            reg.add_door(c, SITE, GATEWAY, door, building, unit, gate, label)
+
+    await p.services.store.run_write(add)
+
+
+async def guard_session(p: Portal, user: str = GUARD, password: str = GUARD_PW, role: str = "guard") -> str:
+    """Create a staff user, sign ``p.client`` in as them; the session's CSRF token (also kept in p.csrf)."""
+    await p.services.auth.create_user(user, role, password, must_change=False)
+    r = await sign_in(p, user, password)
+    assert r.status == 303, r.status
+    p.csrf = await page_csrf(p, "/doors")
+    return p.csrf
+
+
+def door_event(seq: int, etype: str, door: str, data: dict[str, Any] | None = None, *, ts: datetime | None = None,
+               building: str | None = None, unit: str | None = None, priority: int = wire.Priority.ROUTINE,
+               point: str | None = None) -> wire.Event:
+    ts = ts or datetime.now(UTC)
+    place: dict[str, str] = {"door": door}
+    if building:
+        place["building"] = building
+    if unit:
+        place["unit"] = unit
+    return wire.Event(id=str(ULID.from_datetime(ts)), seq=seq, ts=ts, type=etype, device=f"ctl-{door}",
+                      place=wire.Place(site=SITE, **place), point=point, priority=priority,
+                      data={"door": door, **(data or {})})
+
+
+def result_event(seq: int, command_id: str, ok: bool, door: str, detail: str = "") -> wire.Event:
+    ts = datetime.now(UTC)
+    return wire.Event(id=str(ULID.from_datetime(ts)), seq=seq, ts=ts, type="command.result", device="gateway",
+                      place=wire.Place(site=SITE, door=door),
+                      data={"command_id": command_id, "command": "unlock", "ok": ok, "detail": detail, "door": door})
+
+
+async def publish(gw: aiomqtt.Client, events: list[wire.Event]) -> None:
+    """Publish one batch as the gateway and wait for the portal's acknowledgement (stored and committed)."""
+    await gw.publish(EVENTS_TOPIC, batch_payload(events), qos=1)
+    ack = await next_ack(gw)
+    assert sorted(ack.seqs) == sorted(e.seq for e in events), ack
+
+
+async def next_command(gw: aiomqtt.Client, timeout: float = 10.0) -> wire.Command:
+    async with asyncio.timeout(timeout):
+        async for m in gw.messages:
+            if str(m.topic) == CMD_TOPIC:
+                payload = m.payload
+                assert isinstance(payload, bytes | bytearray)
+                return wire.decode_command(bytes(payload))
+    raise AssertionError("message stream ended")
+
+
+async def ws_wait(ws: aiohttp.ClientWebSocketResponse, kind: str, match: dict[str, Any] | None = None,
+                  timeout: float = 10.0) -> dict[str, Any]:
+    """The next socket message of ``kind`` whose payload (``door`` or ``command``) has every ``match`` item."""
+    async with asyncio.timeout(timeout):
+        while True:
+            msg = await ws.receive()
+            assert msg.type == aiohttp.WSMsgType.TEXT, msg
+            m = json.loads(msg.data)
+            if m.get("kind") != kind:
+                continue
+            body = m.get("door") or m.get("command") or {}
+            if all(body.get(k) == v for k, v in (match or {}).items()):
+                return dict(body)
+
+
+async def api_post(p: Portal, path: str, body: Any) -> aiohttp.ClientResponse:
+    return await p.client.post(path, json=body, headers={"Origin": p.origin, "X-CSRF-Token": p.csrf})
