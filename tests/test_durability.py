@@ -184,5 +184,5 @@ def test_portal_away_longer_than_the_broker_queues(rig_factory: Callable[..., Ri
     broker_log = (rig.broker.folder / "mosquitto.log").read_text(errors="replace")
     assert "Outgoing messages are being dropped" in broker_log, "the broker's queue must really have overflowed"
     rig.portal = procs.portal(rig.portal_cfg, rig.tmp / "logs", name="portal-2").start()
-    wait(lambda: rig.stored() >= COUNT, 120, f"all {COUNT} after the portal returned", rig)
+    wait(lambda: rig.stored() >= COUNT, 240, f"all {COUNT} after the portal returned", rig)
     assert_exactly_once(rig)
