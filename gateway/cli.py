@@ -685,7 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_gateway_run)
 
     pt = sub.add_parser("portal", help="the estate portal (web console)")
-    pt.add_argument("portal_args", nargs=argparse.REMAINDER, help="run --config FILE | adduser ...")
+    pt.add_argument("portal_args", nargs=argparse.REMAINDER,
+                    help="run | check | adduser | import-estate | export-estate | plates (each with --config FILE)")
     pt.set_defaults(func=lambda ns: _exec_module("portal", ns.portal_args) or 0)
 
     st = sub.add_parser("stub", help="simulated hardware: " + ", ".join(STUBS))

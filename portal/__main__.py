@@ -1,4 +1,5 @@
-"""``python -m portal run --config FILE`` and ``python -m portal adduser ...``."""
+"""``python -m portal run --config FILE``, ``adduser ...``, ``check``, and the registry commands
+``import-estate``, ``export-estate`` and ``plates`` (:mod:`portal.registry_cli`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from portal import registry_cli
 from portal.config import ConfigError, PortalConfig, load
 
 
@@ -78,12 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--must-change", action="store_true", help="force a password change at first sign-in")
     c = sub.add_parser("check", help="validate the config and exit")
     c.add_argument("--config", required=True)
+    registry_cli.add_parsers(sub)
     args = p.parse_args(argv)
     try:
         cfg = load(args.config)
     except ConfigError as e:
         print(f"config error:\n{e}", file=sys.stderr)
         return 2
+    if args.command in registry_cli.COMMANDS:
+        _setup_logging("WARNING")
+        return registry_cli.run(args, cfg)
     _setup_logging(cfg.log_level)
     if args.command == "run":
         return _run(cfg)
