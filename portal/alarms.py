@@ -55,13 +55,13 @@ GUARD_MAX = 40
 FEED_CHUNK = 1000
 
 #: Closing types of the gateway's paired families (docs/events.md); any type ending in ``_restore`` too.
-RESTORE_TYPES = frozenset({"zone.restore", "device.online", "panel.restore", "panel.test_restore"})
+RESTORE_TYPES = frozenset({"zone.restore", "device.online", "reader.online", "panel.restore", "panel.test_restore"})
 #: Events that open an incident of their own although they are not paired (or are below TAMPER).
 UNPAIRED_ALARMS = frozenset({"panel.unknown_account", "house.sos"})
-#: Never an incident, whatever their priority: work orders, answers, arming and access traffic.
+#: Never an incident, whatever their priority: work orders, answers, arming.
 NOT_ALARMS = frozenset({"house.problem", "house.armed", "house.disarmed", "panel.event", "zone.entry_delay",
                         "zone.bypassed", "zone.unbypassed"})
-NOT_ALARM_PREFIXES = ("command.", "group.", "access.", "gateway.")
+NOT_ALARM_PREFIXES = ("command.", "group.", "gateway.")
 
 _ZONE_KINDS = {"fire": "fire", "gas": "gas", "panic": "panic", "medical": "medical", "intrusion": "intrusion",
                "touch": "intrusion", "cut": "fence_cut", "short": "fence_cut", "tamper": "tamper",
@@ -126,6 +126,10 @@ def classify(etype: str, data: Mapping[str, Any], priority: int) -> str:
         return "fault"
     if etype == "house.sos":
         return "panic"
+    if family == "door":  # forced or held open, a burst of scans: someone may be getting in
+        return "tamper" if etype.startswith("door.tamper") else "intrusion"
+    if family == "access":  # a blocked person at a reader
+        return "intrusion"
     if etype.endswith(("tamper", "tamper_restore", "tamper_repeat")):
         return "tamper"
     return kind_by_priority(priority)

@@ -30,6 +30,7 @@ from portal.config import PortalConfig
 from portal.hub import Hub
 from portal.ingest import Ingest
 from portal.metrics import Metrics
+from portal.ratelimit import real_client
 from portal.services import SERVICES, Services
 from portal.store import Store, shutdown_executor
 
@@ -57,7 +58,9 @@ OPTIONS = web.AppKey("portal.options", Options)
 def create_app(cfg: PortalConfig, options: Options | None = None) -> web.Application:
     app = web.Application(
         client_max_size=cfg.max_body_bytes,
-        middlewares=[_errors, middleware(lambda r: r.app[SERVICES].auth, views.deny)],
+        # real_client first: every later step (sign-in limits, audit, phone pages) sees the client behind a proxy
+        middlewares=[real_client(cfg.trusted_proxies), _errors,
+                     middleware(lambda r: r.app[SERVICES].auth, views.deny)],
     )
     app[CONFIG] = cfg
     app[OPTIONS] = options or Options()

@@ -49,7 +49,7 @@ routes = web.RouteTableDef()
 GUARD_ROLES = ("admin", "guard")
 CLOSED_SHOWN = 20
 COMMANDS_SHOWN = 20
-I18N_PREFIXES = ("board.", "state.", "kind.", "cause.", "prio.", "conn.", "arm.", "map.", "role.")
+I18N_PREFIXES = ("board.", "state.", "kind.", "cause.", "prio.", "conn.", "arm.", "map.", "role.", "place.")
 
 
 def _now_text(wall: Callable[[], float]) -> str:

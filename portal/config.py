@@ -6,6 +6,7 @@ Relative paths in the file are relative to the file's folder.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -266,6 +267,10 @@ class PortalConfig(_Strict):
     # Extra origins accepted on state-changing requests and WebSockets besides the portal's own
     # (e.g. "https://portal.example.cn" behind a proxy that rewrites Host).
     allowed_origins: list[str] = []
+    # Reverse proxies in front of the portal (CIDRs: "127.0.0.1", "10.0.0.0/8"). Only a request from one of
+    # these has its X-Forwarded-For read: the client (for rate limits and the audit) is then the right-most
+    # address in it that is not one of them. Empty: the direct peer is the client, X-Forwarded-For is ignored.
+    trusted_proxies: list[str] = []
     language: Literal["zh-CN", "en"] = "zh-CN"
     timezone: str = "Asia/Shanghai"  # the site's local time, for display only; events are UTC
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
@@ -330,6 +335,11 @@ def _cross_check(path: Path, cfg: PortalConfig, tree: Any) -> list[str]:
     for i, o in enumerate(cfg.allowed_origins):
         if not re.fullmatch(r"https?://[^/\s]+", o):
             problems.append(f"{where(f'$.allowed_origins[{i}]')}: {o!r} is not an origin like https://host[:port]")
+    for i, c in enumerate(cfg.trusted_proxies):
+        try:
+            ipaddress.ip_network(c, strict=True)
+        except ValueError as e:
+            problems.append(f"{where(f'$.trusted_proxies[{i}]')}: {c!r} is not a network like 10.0.0.0/8 ({e})")
     problems += _check_alarms(cfg, where)
     return problems
 

@@ -1,4 +1,5 @@
-"""Token buckets per key (a client address, a phone number, a house), on an injectable monotonic clock.
+"""Token buckets per key (a client address, a phone number, a house), on an injectable monotonic clock,
+and the client address they key on when the portal sits behind a reverse proxy.
 
 Memory is bounded: past ``max_keys`` the least recently used keys are forgotten (a forgotten key
 starts with a full bucket again, which only ever errs towards letting a person in).
@@ -6,9 +7,13 @@ starts with a full bucket again, which only ever errs towards letting a person i
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 
 class RateLimiter:
@@ -47,3 +52,70 @@ class RateLimiter:
         self._buckets.move_to_end(key)
         while len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)
+
+
+# ---------------------------------------------------------------- the client behind a reverse proxy
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
+    """Parse CIDRs ("10.0.0.0/8", "::1", "127.0.0.1"); raises ValueError naming a bad one."""
+    return tuple(ipaddress.ip_network(c.strip(), strict=True) for c in cidrs)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    text = text.strip()
+    if text.startswith("[") and "]" in text:  # "[2001:db8::1]:443"
+        text = text[1:text.index("]")]
+    elif text.count(":") == 1:  # "203.0.113.7:51234"
+        text = text.split(":", 1)[0]
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def client_address(peer: str | None, forwarded_for: Iterable[str], trusted: Sequence[Network]) -> str | None:
+    """The address a request really came from.
+
+    ``peer`` is the direct peer of the connection. Only when it is one of the ``trusted`` proxies is
+    X-Forwarded-For (``forwarded_for``: every such header, in order) believed, and then only from the
+    right: each proxy appends the address it saw, so the right-most address that is not a trusted proxy
+    is the client; whatever a client wrote further left is ignored. An unreadable hop ends the walk at
+    the last proxy that could be believed.
+    """
+    ip = _ip(peer) if peer else None
+    if ip is None or not any(ip in n for n in trusted):
+        return peer
+    current = str(ip)
+    hops = [h for header in forwarded_for for h in header.split(",")]
+    for hop in reversed(hops):
+        ip = _ip(hop)
+        if ip is None:
+            break
+        current = str(ip)
+        if not any(ip in n for n in trusted):
+            break
+    return current
+
+
+def real_client(trusted_proxies: Iterable[str]) -> Middleware:
+    """An aiohttp middleware (put it first) giving handlers ``request.remote`` = :func:`client_address`.
+
+    With no trusted proxies it is a no-op and X-Forwarded-For is never read.
+    """
+    trusted = networks(trusted_proxies)
+
+    @web.middleware
+    async def real_client_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if trusted:
+            remote = client_address(request.remote, request.headers.getall("X-Forwarded-For", ()), trusted)
+            if remote != request.remote:
+                request = request.clone(remote=remote)
+        return await handler(request)
+
+    return real_client_middleware

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import sqlite3
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -144,7 +145,7 @@ def hbar_chart(items: list[tuple[str, int]], *, label_w: float = 220, width: flo
     h = row * max(1, len(items)) + 4
     span = width - label_w - 50
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart hbar {escape(css)}" viewBox="0 0 {width:g} {h:g}" '
-           f'role="img">']
+           f'width="{width:g}" height="{h:g}" role="img">']
     for i, (label, n) in enumerate(items):
         y = 2 + i * row
         w = span * n / top
@@ -161,21 +162,22 @@ def hbar_chart(items: list[tuple[str, int]], *, label_w: float = 220, width: flo
 def vbar_chart(items: list[tuple[str, int]], *, height: float = 180, css: str = "") -> Markup:
     """Vertical bars (one per day), labels underneath; every label shown while they fit, else every n-th."""
     top = max((n for _, n in items), default=0) or 1
-    col = 28.0
+    col = 44.0 if len(items) <= 31 else max(4.0, 1300 / len(items))  # a year still fits a screen
     width = max(col * len(items), 200) + 10
     base = height - 30
-    every = max(1, len(items) // 20)
+    every = max(1, math.ceil(44 / col))  # a label every n-th bar when they are narrow
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart vbar {escape(css)}" viewBox="0 0 {width:g} '
-           f'{height:g}" role="img">', f'<line class="axis" x1="4" y1="{base:g}" x2="{width - 4:g}" y2="{base:g}"/>']
+           f'{height:g}" width="{width:g}" height="{height:g}" role="img">',
+           f'<line class="axis" x1="4" y1="{base:g}" x2="{width - 4:g}" y2="{base:g}"/>']
     for i, (label, n) in enumerate(items):
         x = 6 + i * col
         h = (base - 18) * n / top
         text = (f'<text class="label" x="{x + col / 2:g}" y="{base + 16:g}" text-anchor="middle">'
                 f'{escape(label)}</text>') if i % every == 0 else ""
         value = f'<text class="value" x="{x + col / 2:g}" y="{base - h - 4:.1f}" text-anchor="middle">{n}</text>' \
-            if n else ""
+            if n and col >= 20 else ""
         out.append(f'<g class="bar" data-label="{escape(label)}" data-value="{n}"><title>{escape(label)}: {n}</title>'
-                   f'<rect x="{x + 3:g}" y="{base - h:.1f}" width="{col - 6:g}" height="{h:.1f}" rx="2"/>'
+                   f'<rect x="{x + col * 0.1:.1f}" y="{base - h:.1f}" width="{col * 0.8:.1f}" height="{h:.1f}" rx="2"/>'
                    f'{value}{text}</g>')
     out.append("</svg>")
     return Markup("".join(out))

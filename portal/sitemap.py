@@ -78,12 +78,12 @@ def render_svg(m: SiteMapConfig, tr: i18n.Translator, state: MapState | None = N
     st = state or MapState()
     doors_live = door_states or {}
     size = max(m.width, m.height)
-    font = size / 55
+    font = size / 45
     stroke = size / 180
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="sitemap" data-site="{escape(m.site)}" '
         f'viewBox="0 0 {_n(m.width)} {_n(m.height)}" role="img" aria-label="{escape(tr("map.title"))}" '
-        f'style="--map-stroke:{_n(stroke)}px" font-size="{_n(font)}">',
+        f'font-size="{_n(font)}">',
         f'<rect class="ground" x="0" y="0" width="{_n(m.width)}" height="{_n(m.height)}"/>',
         '<g class="zones">',
     ]
@@ -106,7 +106,8 @@ def render_svg(m: SiteMapConfig, tr: i18n.Translator, state: MapState | None = N
         cx, cy = b.x + b.w / 2, b.y + b.h / 2
         out.append(
             f'<g class="{cls}" data-building="{escape(b.code)}"><title>{escape(name)}</title>'
-            f'<rect x="{_n(b.x)}" y="{_n(b.y)}" width="{_n(b.w)}" height="{_n(b.h)}" rx="{_n(stroke)}"/>'
+            f'<rect x="{_n(b.x)}" y="{_n(b.y)}" width="{_n(b.w)}" height="{_n(b.h)}" rx="{_n(stroke)}" '
+            f'stroke-width="{_n(stroke / 3)}"/>'
             f'<text class="name" x="{_n(cx)}" y="{_n(cy)}" text-anchor="middle" dominant-baseline="middle">'
             f'{escape(name)}</text>'
             f'<text class="houses" x="{_n(cx)}" y="{_n(cy + font * 1.3)}" text-anchor="middle" '
@@ -119,7 +120,7 @@ def render_svg(m: SiteMapConfig, tr: i18n.Translator, state: MapState | None = N
         out.append(
             f'<g class="{_cls("door", d.door, st.alarm_doors, st.open_doors)}" data-door="{escape(d.door)}"'
             f'{live_attr}><title>{escape(label)}</title>'
-            f'<circle cx="{_n(d.x)}" cy="{_n(d.y)}" r="{_n(font * 0.55)}"/>'
+            f'<circle cx="{_n(d.x)}" cy="{_n(d.y)}" r="{_n(font * 0.55)}" stroke-width="{_n(stroke / 3)}"/>'
             f'<text x="{_n(d.x + font * 0.8)}" y="{_n(d.y)}" dominant-baseline="middle">{escape(label)}</text></g>')
     out.append("</g></svg>")
     return Markup("".join(out))

@@ -369,10 +369,23 @@
   }
 
   function resetAll(body) {
+    // The socket may already have delivered something newer than this answer: keep the higher version,
+    // and keep incidents the answer cannot know yet (opened after it was read).
+    var oldOpen = incidents;
+    var oldClosed = closed;
+    var fetched = (body.incidents || []).concat(body.closed || []);
+    var maxId = 0;
     incidents = {};
     closed = {};
-    (body.incidents || []).forEach(function (i) { incidents[i.id] = i; });
-    (body.closed || []).forEach(function (i) { closed[i.id] = i; });
+    fetched.forEach(function (i) {
+      maxId = Math.max(maxId, i.id);
+      var mine = oldOpen[i.id] || oldClosed[i.id];
+      var best = mine && mine.version > i.version ? mine : i;
+      if (best.state === "closed") { closed[best.id] = best; } else { incidents[best.id] = best; }
+    });
+    Object.keys(oldOpen).forEach(function (k) {
+      if (oldOpen[k].id > maxId && !closed[k]) { incidents[k] = oldOpen[k]; }
+    });
     if (list) {
       Array.prototype.slice.call(list.children).forEach(function (c) {
         if (!incidents[c.getAttribute("data-id")]) { list.removeChild(c); }
@@ -385,7 +398,9 @@
       renderLists(null);
       if (closedList) {
         closedList.textContent = "";
-        (body.closed || []).forEach(function (i) {
+        Object.keys(closed).map(function (k) { return closed[k]; }).sort(function (a, b) {
+          return a.closed_at === b.closed_at ? b.id - a.id : (a.closed_at < b.closed_at ? 1 : -1);
+        }).slice(0, 20).forEach(function (i) {
           var card = buildCard(i);
           updateCard(card, i);
           closedList.appendChild(card);
