@@ -56,7 +56,18 @@ class PanelReport:
     mono: float
 
 
-DeviceEvent = PointChanged | Availability | WriteResult | PanelReport
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """A code read by a QR reader: one line of printable ASCII, already checked by the driver (length,
+    characters, address). ``device`` is the serial line, ``reader`` the reader on it."""
+
+    device: str
+    reader: str
+    text: str
+    mono: float  # time.monotonic() when the line was complete
+
+
+DeviceEvent = PointChanged | Availability | WriteResult | PanelReport | Scan
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,10 +19,15 @@ from devices.cid_receiver import ContactIdLine
 from devices.events import DeviceEvent, WritePoint, WriteResult
 from devices.modbus import BusSpec, DeviceSpec, ModbusBus
 from devices.profiles import find_profile
+from devices.qr_reader import QrReaderLine, ReaderSpec
 from gateway import wire
+from gateway.access import AccessDecider
 from gateway.alarms import COMMANDS as ENGINE_COMMANDS
 from gateway.alarms import AlarmEngine, AlarmStateError
-from gateway.config import ContactIdLineConfig, GatewayConfig
+from gateway.config import ContactIdLineConfig, GatewayConfig, ReaderConfig
+from gateway.doors import COMMANDS as DOOR_COMMANDS
+from gateway.doors import STATE_KEY as DOORS_STATE
+from gateway.doors import DoorEngine, DoorService
 from gateway.events import Draft
 from gateway.loadgen import run_loadgen
 from gateway.localapi import serve_local_api
@@ -42,6 +47,8 @@ class Gateway:
                            batch_max=cfg.store.batch_max)
         self.uplink = Uplink(cfg, self.store, on_command=self._on_command)
         self.engine: AlarmEngine | None = None  # made once the store has given back its saved state
+        self.doors: DoorService | None = None  # likewise, when doors or readers are configured
+        self.decider: AccessDecider | None = None
         self._device_events: asyncio.Queue[DeviceEvent] = asyncio.Queue(maxsize=100_000)
         self.drivers: dict[str, Any] = {}  # name -> running bus or line, for status and metrics
         self._buses = self._make_buses()
@@ -55,12 +62,18 @@ class Gateway:
         async with self.store:
             self.engine = await self._restore_engine()
             try:
+                self.doors = await self._make_doors()
                 async with asyncio.TaskGroup() as tg:
                     name = f"gateway[{self.cfg.gateway}]"
                     uplink = tg.create_task(self.uplink.run(), name=f"{name}.uplink")
                     engine = tg.create_task(self._engine_loop(), name=f"{name}.engine")
+                    engines = [engine]
+                    if self.doors is not None:
+                        engines.append(tg.create_task(self.doors.run(), name=f"{name}.doors"))
                     producers = [tg.create_task(self._run_contact_id_line(c), name=f"{name}.cid[{c.name}]")
                                  for c in self.cfg.contact_id_lines]
+                    producers += [tg.create_task(self._run_reader_line(serial, readers), name=f"{name}.qr[{serial}]")
+                                  for serial, readers in self._reader_lines().items()]
                     producers += [tg.create_task(self._run_bus(b), name=f"{name}.bus[{b.spec.name}]")
                                   for b in self._buses]
                     if self.cfg.loadgen is not None:
@@ -70,7 +83,7 @@ class Gateway:
                     log.info("gateway %s/%s ready", self.cfg.site, self.cfg.gateway)
                     await stop.wait()
                     log.info("gateway stopping")
-                    for step, tasks in (("producers", producers), ("engine", [engine])):
+                    for step, tasks in (("producers", producers), ("engines", engines)):
                         await _cancel(step, tasks)
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(self.store._drain(), 5)
@@ -78,10 +91,17 @@ class Gateway:
                         await self.uplink.close()
                     await _cancel("uplink", [uplink])
             finally:
+                if self.decider is not None:
+                    self.decider.close()
                 log.info("gateway stopped; %d events wait in the outbox", await _safe_depth(self.store))
 
     def device_sink(self, ev: DeviceEvent) -> None:
         """Called by the drivers on the loop; never blocks."""
+        if self.doors is not None:
+            try:
+                self.doors.on_device_event(ev)
+            except Exception:
+                log.exception("doors: failed on %s", ev)
         try:
             self._device_events.put_nowait(ev)
         except asyncio.QueueFull:
@@ -125,6 +145,34 @@ class Gateway:
                 await asyncio.Future()  # the line runs its own tasks until we are cancelled
             finally:
                 self.drivers.pop(c.name, None)
+
+    async def _make_doors(self) -> DoorService | None:
+        """The door engine with its access decider (opened here, on the loop's thread, which then owns
+        its SQLite connection) and its saved state."""
+        if not self.cfg.doors and not self.cfg.readers:
+            return None
+        self.decider = AccessDecider.open(self.cfg, wall=time.time, mono=time.monotonic)
+        engine = DoorEngine(self.cfg, self.decider, mono=time.monotonic, state=await self.store.get_state(DOORS_STATE))
+        return DoorService(engine, self.write, self.store.submit)
+
+    def _reader_lines(self) -> dict[str, list[ReaderConfig]]:
+        lines: dict[str, list[ReaderConfig]] = {}
+        for r in self.cfg.readers:
+            lines.setdefault(r.serial, []).append(r)
+        return lines
+
+    async def _run_reader_line(self, serial: str, readers: list[ReaderConfig]) -> None:
+        doors = self.doors
+        assert doors is not None
+        specs = [ReaderSpec(r.name, r.address, r.heartbeat_s, r.offline_after_misses) for r in readers]
+        name = "+".join(r.name for r in readers)
+        line = QrReaderLine(name, serial, specs, doors.on_reader_event, baudrate=readers[0].baudrate)
+        async with line:
+            self.drivers[name] = line
+            try:
+                await asyncio.Future()
+            finally:
+                self.drivers.pop(name, None)
 
     async def _restore_engine(self) -> AlarmEngine:
         state = await self.store.get_state(ENGINE_STATE)
@@ -172,6 +220,10 @@ class Gateway:
             drafts, outcome = self.engine.command(cmd.type, cmd.args, cmd.by)
             ok, detail, extra = outcome.ok, outcome.detail, outcome.data
             state = {ENGINE_STATE: self.engine.snapshot()}
+        elif cmd.type in DOOR_COMMANDS and self.doors is not None:
+            outcome = await self.doors.command(cmd)
+            drafts, ok, detail, extra = outcome.drafts, outcome.ok, outcome.detail, outcome.data
+            state = {DOORS_STATE: self.doors.snapshot()}
         else:
             ok, detail, extra = False, f"unknown command type {cmd.type!r}", {}
         self.store.submit([*drafts, self._result(cmd, ok, detail, **extra)], state=state)

@@ -121,10 +121,16 @@ class DoorConfig(_Strict):
     relay: str  # its output point that releases the lock
     place: PlaceConfig | None = None  # building + unit: the unit's entrance (passes with that unit open it)
     gate: bool = False  # a site gate: passes with the gates right open it
-    contact: str | None = None  # its input point for the door contact (closed = shut)
-    exit_button: str | None = None  # its input point for the request-to-exit button
+    contact: str | None = None  # its input point for the door contact (active = the door is not shut)
+    exit_button: str | None = None  # its input point for the request-to-exit button (active = pressed)
+    lock_feedback: str | None = None  # its input point for the lock's feedback (active = lock released)
+    tamper: str | None = None  # its input point for the controller's tamper switch (active = tampered)
+    # Points that read false when active (a contact that closes an input while the door is shut).
+    invert: list[Literal["contact", "exit_button", "lock_feedback", "tamper"]] = []
     unlock_ms: PositiveMs = 5000
-    held_open_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 60  # door open longer: door.held_open
+    # The door may open this long after the unlock time (or an exit-button press) ended without being forced.
+    open_grace_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 2000
+    held_open_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 60  # door open longer: door.held
     label: str = ""
 
 
@@ -135,7 +141,12 @@ class ReaderConfig(_Strict):
     serial: str  # /dev/ttyUSB1, or a pyserial URL
     door: Name
     baudrate: Literal[1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200] = 9600
-    address: Annotated[int, msgspec.Meta(ge=0, le=255)] | None = None
+    address: Annotated[int, msgspec.Meta(ge=0, le=255)] | None = None  # "@<address>:" prefix on a shared line
+    # Heartbeat poll interval (a reader that answers polls); None: a plain scan engine, not polled.
+    heartbeat_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = None
+    offline_after_misses: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    # A code repeating the reader's previous one within this time is ignored (a code held in front of it).
+    repeat_ignore_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 2000
 
 
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -391,13 +402,19 @@ def _cross_check_access(cfg: GatewayConfig, where: Any, profiles: dict[str, Any]
         if d.device not in devices:
             problems.append(f"{tag}: device {d.device!r} is not defined under 'devices'")
         elif d.device in profiles:
-            for field in ("relay", "contact", "exit_button"):
+            for field in ("relay", "contact", "exit_button", "lock_feedback", "tamper"):
                 point = getattr(d, field)
                 if point is not None and point not in profiles[d.device].points:
                     problems.append(f"{tag}: {field}: device {d.device!r} has no point {point!r}")
             relay = profiles[d.device].points.get(d.relay)
             if relay is not None and not relay.writable:
                 problems.append(f"{tag}: relay: point {d.relay!r} of device {d.device!r} is not writable")
+            elif relay is not None and relay.table != "coil":
+                problems.append(f"{tag}: relay: point {d.relay!r} of device {d.device!r} is not a coil "
+                                "(the unlock is a timed pulse on a coil)")
+        for field in d.invert:
+            if getattr(d, field) is None:
+                problems.append(f"{tag}: invert: the door has no {field} point")
         if d.place is not None and (d.place.unit is None) != (d.place.building is None):
             problems.append(f"{tag}: a unit's door needs both place.building and place.unit")
         if d.gate and d.place is not None and d.place.unit is not None:
@@ -408,6 +425,10 @@ def _cross_check_access(cfg: GatewayConfig, where: Any, profiles: dict[str, Any]
             problems.append(f"{where(f'$.readers[{i}]', f'readers[{i}] ({r.name})')}: door {r.door!r} is not defined")
         lines.setdefault(r.serial, []).append((i, r))
     for serial, readers in lines.items():
+        if len({r.baudrate for _, r in readers}) > 1:
+            i, r = readers[1]
+            problems.append(f"{where(f'$.readers[{i}]', f'readers[{i}] ({r.name})')}: readers sharing {serial!r} "
+                            "need the same baudrate")
         addresses = [r.address for _, r in readers]
         if len(readers) > 1 and (None in addresses or len(set(addresses)) != len(addresses)):
             i, r = readers[1]
