@@ -240,11 +240,11 @@ def walk_items(cfg: GatewayConfig, zones: Iterable[str] | None = None, doors: bo
     if doors:
         for d in cfg.doors:
             if d.contact:
-                items.append(WalkItem(f"door {d.name} contact", "door contact", d.name, d.device, d.contact, False,
-                                      d.label, _place(d.place), "open the door"))
+                items.append(WalkItem(f"door {d.name} contact", "door contact", d.name, d.device, d.contact,
+                                      "contact" in d.invert, d.label, _place(d.place), "open the door"))
             if d.exit_button:
                 items.append(WalkItem(f"door {d.name} exit button", "exit button", d.name, d.device, d.exit_button,
-                                      False, d.label, _place(d.place), "press the button"))
+                                      "exit_button" in d.invert, d.label, _place(d.place), "press the button"))
     return items
 
 
