@@ -12,7 +12,7 @@ import json
 import logging
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.sdnotify import Notifier
 from devices.cid_receiver import ContactIdLine
@@ -21,18 +21,18 @@ from devices.modbus import BusSpec, DeviceSpec, ModbusBus
 from devices.profiles import find_profile
 from devices.qr_reader import QrReaderLine, ReaderSpec
 from gateway import wire
-from gateway.access import AccessDecider
 from gateway.alarms import COMMANDS as ENGINE_COMMANDS
 from gateway.alarms import AlarmEngine, AlarmStateError
 from gateway.config import ContactIdLineConfig, GatewayConfig, ReaderConfig
-from gateway.doors import COMMANDS as DOOR_COMMANDS
-from gateway.doors import STATE_KEY as DOORS_STATE
-from gateway.doors import DoorEngine, DoorService
 from gateway.events import Draft
 from gateway.loadgen import run_loadgen
 from gateway.localapi import serve_local_api
 from gateway.store import Store
 from gateway.uplink import Uplink
+
+if TYPE_CHECKING:  # imported by _make_doors when doors or readers are configured (passes bring cryptography, ~7 MB)
+    from gateway.access import AccessDecider
+    from gateway.doors import DoorService
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,10 @@ class Gateway:
         its SQLite connection) and its saved state."""
         if not self.cfg.doors and not self.cfg.readers:
             return None
+        from gateway.access import AccessDecider
+        from gateway.doors import STATE_KEY as DOORS_STATE
+        from gateway.doors import DoorEngine, DoorService
+
         self.decider = AccessDecider.open(self.cfg, wall=time.time, mono=time.monotonic)
         engine = DoorEngine(self.cfg, self.decider, mono=time.monotonic, state=await self.store.get_state(DOORS_STATE))
         return DoorService(engine, self.write, self.store.submit)
@@ -220,7 +224,9 @@ class Gateway:
             drafts, outcome = self.engine.command(cmd.type, cmd.args, cmd.by)
             ok, detail, extra = outcome.ok, outcome.detail, outcome.data
             state = {ENGINE_STATE: self.engine.snapshot()}
-        elif cmd.type in DOOR_COMMANDS and self.doors is not None:
+        elif self.doors is not None and cmd.type in _door_commands():
+            from gateway.doors import STATE_KEY as DOORS_STATE
+
             outcome = await self.doors.command(cmd)
             drafts, ok, detail, extra = outcome.drafts, outcome.ok, outcome.detail, outcome.data
             state = {DOORS_STATE: self.doors.snapshot()}
@@ -232,6 +238,12 @@ class Gateway:
         return Draft(type="command.result", device="gateway", place=wire.Place(site=self.cfg.site),
                      data={"command_id": cmd.id, "command": cmd.type, "ok": ok, "detail": detail,
                            "by": cmd.by, **extra})
+
+
+def _door_commands() -> tuple[str, ...]:
+    from gateway.doors import COMMANDS  # loaded by _make_doors whenever there is a door service
+
+    return COMMANDS
 
 
 def _loop_time_at(mono_deadline: float) -> float:
