@@ -35,6 +35,7 @@ from ulid import ULID
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.children import pct, start, stop  # noqa: E402
 from gateway import wire  # noqa: E402
 from gateway.broker import MosquittoProcess  # noqa: E402
 
@@ -45,36 +46,10 @@ SETTLE_S = 3.0
 WINDOW_S = 6.0  # CPU and poll-rate measurement window, with no flips going on
 
 
-async def start(name: str, args: list[str], log: Path) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
-    err = log.open("ab")
-    try:
-        proc = await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.DEVNULL,
-                                                    stdout=asyncio.subprocess.PIPE, stderr=err, cwd=ROOT)
-    finally:
-        err.close()
-    assert proc.stdout
-    async with asyncio.timeout(60):
-        while True:
-            line = await proc.stdout.readline()
-            if not line:
-                raise SystemExit(f"{name} exited before it was ready; see {log}")
-            if line.startswith(b"{") and b'"ready"' in line:
-                return proc, json.loads(line)
 
 
-async def stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), 15)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
 
 
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(p / 100 * len(s)))]
 
 
 async def stub_requests(http: aiohttp.ClientSession, control: str) -> int:

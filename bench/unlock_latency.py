@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import shutil
-import socket
 import sqlite3
 import sys
 import tempfile
@@ -33,6 +32,8 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.children import pct, start, stop  # noqa: E402
+from gateway.broker import free_port  # noqa: E402
 from gateway.wire.passes import PassFields, generate_keypair, save_public_key, sign_pass  # noqa: E402
 
 PY = sys.executable
@@ -43,42 +44,10 @@ UNLOCK_MS = 20
 WARMUP = 20
 
 
-async def start(name: str, args: list[str], log: Path) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
-    err = log.open("ab")
-    try:
-        proc = await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.DEVNULL,
-                                                    stdout=asyncio.subprocess.PIPE, stderr=err, cwd=ROOT)
-    finally:
-        err.close()
-    assert proc.stdout
-    async with asyncio.timeout(60):
-        while True:
-            line = await proc.stdout.readline()
-            if not line:
-                raise SystemExit(f"{name} exited before it was ready; see {log}")
-            if line.startswith(b"{") and b'"ready"' in line:
-                return proc, json.loads(line)
 
 
-async def stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), 15)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
 
 
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(p / 100 * len(s)))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def gateway_yaml(modbus: str, serial: str, others: int) -> str:
