@@ -25,16 +25,14 @@ this off.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Literal, Self
 
 from devices.contact_id import ACK, NAK, CidFramer, Heartbeat, Item, PanelMessage, ReceiverMessage, Rejected
 from devices.events import Availability, DeviceEvent, PanelReport
-from devices.serial_line import SerialLine, SerialLineDown
+from devices.serial_line import LineDriver, SerialLine, SerialLineDown
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +60,7 @@ STAT_KEYS = (
 )
 
 
-class ContactIdLine:
+class ContactIdLine(LineDriver[Item]):
     """One serial line carrying Contact ID. An async context manager: enter starts the line's tasks
     (``cid[<name>].read`` and ``cid[<name>].supervise``), exit stops them and closes the port.
 
@@ -105,45 +103,30 @@ class ContactIdLine:
         self._check_interval = check_interval
         self._label = f"cid[{name}]"
         self._framer = CidFramer(mode)
-        self._line: SerialLine[Item] = SerialLine(
-            url,
-            self._framer,
-            self._handle,
-            label=self._label,
-            on_state=self._port_state,
-            baudrate=baudrate,
-            reconnect_min=reconnect_min,
-            reconnect_max=reconnect_max,
+        super().__init__(
+            SerialLine(
+                url,
+                self._framer,
+                self._handle,
+                label=self._label,
+                on_state=self._port_state,
+                baudrate=baudrate,
+                reconnect_min=reconnect_min,
+                reconnect_max=reconnect_max,
+            ),
+            STAT_KEYS,
         )
-        self._counts = dict.fromkeys(STAT_KEYS, 0)
         self._state: Literal["unknown", "online", "offline"] = "unknown"
         self._last_traffic = clock()
         self._last_key: PanelMessage | ReceiverMessage | None = None
         self._last_key_at = 0.0
         self._warned: dict[str, float] = {}
-        self._supervisor: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Self:
         self._last_traffic = self._clock()
-        await self._line.__aenter__()
-        self._supervisor = asyncio.create_task(self._supervise(), name=f"{self._label}.supervise")
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        task, self._supervisor = self._supervisor, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self._line.__aexit__(exc_type, exc, tb)
-
-    async def wait_open(self) -> None:
-        """Wait until the serial port is open (bound it with ``asyncio.timeout``)."""
-        await self._line.wait_open()
+        return await super().__aenter__()
 
     @property
     def availability(self) -> Literal["unknown", "online", "offline"]:
@@ -151,11 +134,8 @@ class ContactIdLine:
 
     def stats(self) -> dict[str, int]:
         """Counters since start; the keys are :data:`STAT_KEYS` (all always present)."""
-        out = dict(self._counts)
+        out = super().stats()
         out["garbage_bytes"] = self._framer.garbage_bytes
-        line = self._line.stats()
-        for k in ("bytes_in", "opens", "losses"):
-            out[k] = line[k]
         return out
 
     # ------------------------------------------------------------ supervision

@@ -21,17 +21,15 @@ The framing is sans-IO (:class:`LineFramer`, :func:`parse_line`); :class:`QrRead
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Literal, Self
+from typing import Literal
 
 from devices.events import Availability, Scan
-from devices.serial_line import SerialLine, SerialLineDown
+from devices.serial_line import LineDriver, SerialLine, SerialLineDown
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +194,7 @@ class _Reader:
     next_poll: float = 0.0
 
 
-class QrReaderLine:
+class QrReaderLine(LineDriver[Line | Refused]):
     """One serial line with one reader, or several addressed readers (RS-485). An async context manager:
     enter starts ``qr[<name>].read`` and ``qr[<name>].supervise``, exit stops them and closes the port.
 
@@ -237,34 +235,13 @@ class QrReaderLine:
         self._by_address = {r.spec.address: r for r in self._readers}
         self._label = f"qr[{name}]"
         self._framer = LineFramer()
-        self._line: SerialLine[Line | Refused] = SerialLine(
+        super().__init__(SerialLine(
             url, self._framer, self._handle, label=self._label, on_state=self._port_state, baudrate=baudrate,
             reconnect_min=reconnect_min, reconnect_max=reconnect_max,
-        )
-        self._counts = dict.fromkeys(STAT_KEYS, 0)
-        self._supervisor: asyncio.Task[None] | None = None
+        ), STAT_KEYS)
         self._warned: dict[str, float] = {}
 
-    # ------------------------------------------------------------ lifecycle
-
-    async def __aenter__(self) -> Self:
-        await self._line.__aenter__()
-        self._supervisor = asyncio.create_task(self._supervise(), name=f"{self._label}.supervise")
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        task, self._supervisor = self._supervisor, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self._line.__aexit__(exc_type, exc, tb)
-
-    async def wait_open(self) -> None:
-        """Wait until the serial port is open (bound it with ``asyncio.timeout``)."""
-        await self._line.wait_open()
+    # ------------------------------------------------------------ state
 
     @property
     def readers(self) -> list[str]:
@@ -272,14 +249,6 @@ class QrReaderLine:
 
     def availability(self) -> dict[str, str]:
         return {r.spec.name: r.state for r in self._readers}
-
-    def stats(self) -> dict[str, int]:
-        """Counters since start; the keys are :data:`STAT_KEYS` (all always present)."""
-        out = dict(self._counts)
-        line = self._line.stats()
-        for k in ("bytes_in", "opens", "losses"):
-            out[k] = line[k]
-        return out
 
     # ------------------------------------------------------------ supervision
 

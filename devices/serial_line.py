@@ -10,11 +10,12 @@ closed :meth:`SerialLine.write` raises :class:`SerialLineDown` at once.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Generic, Protocol, Self, TypeVar
 
@@ -192,3 +193,44 @@ class SerialLine(Generic[T]):
             delay = self._jitter() * min(self._max, self._min * 2**attempt)
             attempt = min(attempt + 1, 30)
             await asyncio.sleep(delay)
+
+
+class LineDriver(abc.ABC, Generic[T]):
+    """A device driver on one :class:`SerialLine` with a supervise task beside it. An async context manager:
+    enter opens the line (task ``<label>.read``) and starts ``<label>.supervise``; exit stops both and closes
+    the port. ``stat_keys`` are the driver's counters, all always present in :meth:`stats`."""
+
+    def __init__(self, line: SerialLine[T], stat_keys: Iterable[str]) -> None:
+        self._line = line
+        self._counts = dict.fromkeys(stat_keys, 0)
+        self._supervisor: asyncio.Task[None] | None = None
+
+    @abc.abstractmethod
+    async def _supervise(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        await self._line.__aenter__()
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"{self._line.label}.supervise")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        task, self._supervisor = self._supervisor, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._line.__aexit__(exc_type, exc, tb)
+
+    async def wait_open(self) -> None:
+        """Wait until the serial port is open (bound it with ``asyncio.timeout``)."""
+        await self._line.wait_open()
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start, with the line's ``bytes_in``, ``opens`` and ``losses``."""
+        out = dict(self._counts)
+        line = self._line.stats()
+        for k in ("bytes_in", "opens", "losses"):
+            out[k] = line[k]
+        return out

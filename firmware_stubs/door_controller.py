@@ -56,9 +56,10 @@ from firmware_stubs.modbus_device import (
     ControlError,
     StubApp,
     Values,
-    add_common_args,
     endpoints_from_args,
     standard_coil_value,
+    stub_args,
+    window,
 )
 
 MODEL_ID = 0x4443  # "DC"
@@ -136,19 +137,13 @@ class DoorController:
 
     def read(self, fc: int, address: int, count: int) -> Values | ExcCodes:
         if fc == 1:
-            if address + count > COIL_END:
-                return ExcCodes.ILLEGAL_ADDRESS
-            return self.coils[address : address + count]
+            return window(self.coils, address, count, COIL_END)
         if fc == 2:
-            if address + count > DISCRETE_END:
-                return ExcCodes.ILLEGAL_ADDRESS
             bits = [self.door_open, self.exit_pressed, self.unlocked, self.tamper, self.aux_input] + [False] * 3
-            return bits[address : address + count]
+            return window(bits, address, count, DISCRETE_END)
         if fc == 3:
-            if address + count > HOLDING_END:
-                return ExcCodes.ILLEGAL_ADDRESS
             regs = [MODEL_ID, DOORS, FIRMWARE, self.unit] + [0] * 12 + [self.exit_release_s] + [0] * 15
-            return regs[address : address + count]
+            return window(regs, address, count, HOLDING_END)
         return ExcCodes.ILLEGAL_FUNCTION
 
     def write(self, fc: int, address: int, values: Values) -> ExcCodes | None:
@@ -240,14 +235,11 @@ def _ms(body: dict[str, Any], key: str, default: int | None) -> int | None:
 
 
 def build(argv: Sequence[str] | None = None) -> tuple[StubApp, argparse.Namespace]:
-    ap = argparse.ArgumentParser(prog="python -m firmware_stubs.door_controller",
-                                 description="Door controller firmware stub (Modbus)")
-    add_common_args(ap)
-    args = ap.parse_args(argv)
+    args = stub_args(argv, "python -m firmware_stubs.door_controller", "Door controller firmware stub (Modbus)")
     stub = StubApp(endpoints_from_args(args, DoorController))
 
     def ctl(body: dict[str, Any]) -> DoorController:
-        c: DoorController = stub.unit(stub.endpoint(body), body)
+        c: DoorController = stub.unit_for(body)
         return c
 
     async def open_(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:

@@ -77,6 +77,13 @@ class UnitModel(Protocol):
 READ_TABLE_OF = {5: 1, 15: 1, 6: 3, 16: 3, 22: 3, 23: 3}
 
 
+def window(values: Values, address: int, count: int, end: int) -> Values | ExcCodes:
+    """``count`` values from ``address``, or ILLEGAL_ADDRESS when they would run past ``end``."""
+    if address + count > end:
+        return ExcCodes.ILLEGAL_ADDRESS
+    return values[address : address + count]
+
+
 def standard_coil_value(raw: int) -> bool | None:
     """Function 05's value field: 0xFF00 on, 0x0000 off, anything else is not a plain write."""
     return {0xFF00: True, 0x0000: False}.get(raw)
@@ -401,6 +408,10 @@ class StubApp:
     def endpoints_for(self, body: dict[str, Any]) -> list[Endpoint]:
         return list(self.endpoints) if body.get("panel") == "all" else [self.endpoint(body)]
 
+    def unit_for(self, body: dict[str, Any]) -> Any:
+        """The unit a control request names: ``unit`` on the endpoint ``panel`` (both defaulting)."""
+        return self.unit(self.endpoint(body), body)
+
     def unit(self, ep: Endpoint, body: dict[str, Any]) -> Any:
         raw = body.get("unit", next(iter(ep.units)))
         if isinstance(raw, bool) or not isinstance(raw, int) or raw not in ep.units:
@@ -553,6 +564,16 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
                     help="control API address (default 127.0.0.1:0)")
 
 
+def stub_args(argv: Sequence[str] | None, prog: str, description: str,
+              more: Callable[[argparse.ArgumentParser], object] | None = None) -> argparse.Namespace:
+    """A Modbus stub's command line: the common options, then its own (added by ``more``)."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    add_common_args(ap)
+    if more is not None:
+        more(ap)
+    return ap.parse_args(argv)
+
+
 def endpoints_from_args(args: argparse.Namespace, make_unit: Callable[[int], UnitModel]) -> list[Endpoint]:
     if args.count < 1 or args.count > 1000:
         raise SystemExit("--count must be 1-1000")
@@ -692,7 +713,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     async def set_input(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
         n = parse_index(request.match_info["n"], 8)
-        board: IoBoard = stub.unit(stub.endpoint(body), body)
+        board: IoBoard = stub.unit_for(body)
         board.inputs[n - 1] = stub.flag(body, "active")
         return {}
 

@@ -57,10 +57,11 @@ from firmware_stubs.modbus_device import (
     ControlError,
     StubApp,
     Values,
-    add_common_args,
     endpoints_from_args,
     parse_index,
     standard_coil_value,
+    stub_args,
+    window,
 )
 
 MODEL_ID = 0x5050  # "PP"
@@ -118,18 +119,12 @@ class Panel:
 
     def read(self, fc: int, address: int, count: int) -> Values | ExcCodes:
         if fc == 2:
-            if address + count > DISCRETE_END:
-                return ExcCodes.ILLEGAL_ADDRESS
-            return self.bits[address : address + count]
+            return window(self.bits, address, count, DISCRETE_END)
         if fc == 1:
-            if address + count > COIL_END:
-                return ExcCodes.ILLEGAL_ADDRESS
-            return self.coils[address : address + count]
+            return window(self.coils, address, count, COIL_END)
         if fc in (3, 4):
-            if address + count > REGISTER_END:
-                return ExcCodes.ILLEGAL_ADDRESS
             regs = self._input_registers() if fc == 4 else self._holding_registers()
-            return regs[address : address + count]
+            return window(regs, address, count, REGISTER_END)
         return ExcCodes.ILLEGAL_FUNCTION
 
     def write(self, fc: int, address: int, values: Values) -> ExcCodes | None:
@@ -170,15 +165,12 @@ class Panel:
 
 
 def build(argv: Sequence[str] | None = None) -> tuple[StubApp, argparse.Namespace]:
-    ap = argparse.ArgumentParser(prog="python -m firmware_stubs.perimeter_panel",
-                                 description="Perimeter alarm panel firmware stub (Modbus)")
-    add_common_args(ap)
-    ap.add_argument("--zones", type=int, choices=(8, 16), default=8)
-    args = ap.parse_args(argv)
+    args = stub_args(argv, "python -m firmware_stubs.perimeter_panel", "Perimeter alarm panel firmware stub (Modbus)",
+                     lambda ap: ap.add_argument("--zones", type=int, choices=(8, 16), default=8))
     stub = StubApp(endpoints_from_args(args, lambda u: Panel(u, args.zones)))
 
     def panel(body: dict[str, Any]) -> Panel:
-        p: Panel = stub.unit(stub.endpoint(body), body)
+        p: Panel = stub.unit_for(body)
         return p
 
     def zone_of(request: web.Request, p: Panel) -> int:

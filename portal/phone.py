@@ -68,9 +68,13 @@ async def _scan_guard(request: web.Request, *, count: bool = True) -> web.Respon
     return None
 
 
+def _digest(code: str) -> str:
+    """The lookup hash of a plate or visitor code; a malformed one hashes to something no code can match."""
+    return reg.code_hash(code if reg.PLATE_CODE_RE.match(code) else "!" + code[:100])
+
+
 async def _place(request: web.Request) -> reg.Place | None:
-    code = request.match_info["code"]
-    digest = reg.code_hash(code if reg.PLATE_CODE_RE.match(code) else "!" + code[:100])
+    digest = _digest(request.match_info["code"])
     place = await _est(request).read(lambda c: reg.lookup_plate(c, digest))
     if place is None:
         _est(request).limits["bad-code"].spend(_addr(request))
@@ -99,6 +103,34 @@ async def _house_plate(request: web.Request, *, count: bool = True) -> tuple[reg
     return place, resp
 
 
+async def _at_plate(request: web.Request, *, house: bool = False) -> tuple[reg.Place, Estate] | web.Response:
+    """The plate's place (``house``: a house plate only) and the estate, else the page to answer with."""
+    place, resp = await (_house_plate(request) if house else _plate(request))
+    if resp is not None:
+        return resp
+    assert place is not None
+    return place, _est(request)
+
+
+async def _at_my_house(
+        request: web.Request) -> tuple[reg.Place, Estate, ResidentSession, reg.Resident | None] | web.Response:
+    """A house plate page that needs a signed-in resident (else off to sign in), with their residency there."""
+    got = await _at_plate(request, house=True)
+    if isinstance(got, web.Response):
+        return got
+    place, est = got
+    rs = await est.resident_session(request)
+    if rs is None:
+        raise _to_login(request)
+    return place, est, rs, await _my_residency(est, rs, place)
+
+
+def _message(request: web.Request, place: reg.Place, title_key: str, message_key: str, status: int = 200,
+             **ctx: Any) -> web.Response:
+    return page(request, "phone_message.html", status=status, title_key=title_key, message_key=message_key,
+                place=place, code=request.match_info["code"], **ctx)
+
+
 async def _my_residency(est: Estate, rs: ResidentSession | None, place: reg.Place) -> reg.Resident | None:
     """The signed-in person's residency in this house (any status), if any."""
     if rs is None or place.house_id is None:
@@ -113,11 +145,10 @@ async def _my_residency(est: Estate, rs: ResidentSession | None, place: reg.Plac
 @routes.get("/p/{code}")
 @public
 async def plate_page(request: web.Request) -> web.StreamResponse:
-    place, resp = await _plate(request)
-    if resp is not None:
-        return resp
-    assert place is not None
-    est = _est(request)
+    got = await _at_plate(request)
+    if isinstance(got, web.Response):
+        return got
+    place, est = got
     rs = await est.resident_session(request)
     if place.kind == "entrance":
         return await _entrance(request, est, place, rs)
@@ -175,11 +206,10 @@ async def _my_units(est: Estate, rs: ResidentSession) -> set[int]:
 @routes.post("/p/{code}/open")
 @public
 async def open_door(request: web.Request) -> web.StreamResponse:
-    place, resp = await _plate(request)
-    if resp is not None:
-        return resp
-    assert place is not None
-    est = _est(request)
+    got = await _at_plate(request)
+    if isinstance(got, web.Response):
+        return got
+    place, est = got
     rs = await est.resident_session(request)
     form = await request.post()
     if place.kind != "entrance":
@@ -214,27 +244,25 @@ def _to_login(request: web.Request) -> web.HTTPSeeOther:
 @routes.post("/p/{code}/sos")
 @public
 async def sos(request: web.Request) -> web.StreamResponse:
-    place, resp = await _house_plate(request)
-    if resp is not None:
-        return resp
-    assert place is not None
-    est = _est(request)
+    got = await _at_plate(request, house=True)
+    if isinstance(got, web.Response):
+        return got
+    place, est = got
     if not est.limits["sos"].allow(f"h{place.house_id}") or not est.limits["sos"].allow(_addr(request)):
-        return page(request, "phone_message.html", status=429, title_key="phone.sos_title",
-                    message_key="phone.sos_again", place=place, code=request.match_info["code"])
+        return _message(request, place, "phone.sos_title", "phone.sos_again", status=429)
     await est.raise_work_item(place, "sos")
-    return page(request, "phone_message.html", title_key="phone.sos_title", message_key="phone.sos_sent",
-                place=place, code=request.match_info["code"], ok=True)
+    return _message(request, place, "phone.sos_title", "phone.sos_sent", ok=True)
 
 
 @routes.get("/p/{code}/report")
 @public
 async def report_page(request: web.Request) -> web.StreamResponse:
-    place, resp = await _house_plate(request)
-    if resp is not None:
-        return resp
+    got = await _at_plate(request, house=True)
+    if isinstance(got, web.Response):
+        return got
+    place, est = got
     return page(request, "phone_report.html", place=place, categories=CATEGORIES, code=request.match_info["code"],
-                error=None, max_photo_mb=request.app[ESTATE].cfg.phone.photo_max_bytes // (1024 * 1024))
+                error=None, max_photo_mb=est.cfg.phone.photo_max_bytes // (1024 * 1024))
 
 
 async def _read_report(request: web.Request, cap: int) -> tuple[dict[str, str], bytes | None]:
@@ -282,11 +310,10 @@ def check_photo(data: bytes) -> str | None:
 @routes.post("/p/{code}/report")
 @public
 async def report_submit(request: web.Request) -> web.StreamResponse:
-    place, resp = await _house_plate(request)
-    if resp is not None:
-        return resp
-    assert place is not None
-    est = _est(request)
+    got = await _at_plate(request, house=True)
+    if isinstance(got, web.Response):
+        return got
+    place, est = got
     cap = est.cfg.phone.photo_max_bytes
     code = request.match_info["code"]
     ctx = {"place": place, "categories": CATEGORIES, "code": code, "max_photo_mb": cap // (1024 * 1024)}
@@ -308,8 +335,7 @@ async def report_submit(request: web.Request) -> web.StreamResponse:
     if not est.limits["report"].allow(_addr(request)):
         return throttled(request)
     await est.raise_work_item(place, "problem", category=category, text=text, photo=photo, photo_type=ptype)
-    return page(request, "phone_message.html", title_key="report.title", message_key="report.sent", place=place,
-                code=code, ok=True)
+    return _message(request, place, "report.title", "report.sent", ok=True)
 
 
 # ---------------------------------------------------------------- "I live here"
@@ -318,9 +344,10 @@ async def report_submit(request: web.Request) -> web.StreamResponse:
 @routes.get("/p/{code}/register")
 @public
 async def register_page(request: web.Request) -> web.StreamResponse:
-    place, resp = await _house_plate(request)
-    if resp is not None:
-        return resp
+    got = await _at_plate(request, house=True)
+    if isinstance(got, web.Response):
+        return got
+    place, _ = got
     return page(request, "phone_register.html", place=place, code=request.match_info["code"], error=None,
                 form={}, min_password=RESIDENT_MIN_PASSWORD)
 
@@ -328,11 +355,11 @@ async def register_page(request: web.Request) -> web.StreamResponse:
 @routes.post("/p/{code}/register")
 @public
 async def register_submit(request: web.Request) -> web.StreamResponse:
-    place, resp = await _house_plate(request)
-    if resp is not None:
-        return resp
-    assert place is not None and place.house_id is not None
-    est = _est(request)
+    got = await _at_plate(request, house=True)
+    if isinstance(got, web.Response):
+        return got
+    place, est = got
+    assert place.house_id is not None
     form = {k: str(v)[:200] for k, v in (await request.post()).items() if isinstance(v, str) and k != "csrf"}
     code = request.match_info["code"]
 
@@ -376,26 +403,19 @@ async def register_submit(request: web.Request) -> web.StreamResponse:
     except reg.RegistryError as e:
         return again(e.key, 409)
     log.info("registration for %s pending", place.short_zh)
-    return page(request, "phone_message.html", title_key="register.title", message_key="register.pending",
-                place=place, code=code, ok=True)
+    return _message(request, place, "register.title", "register.pending", ok=True)
 
 
 @routes.post("/p/{code}/confirm")
 @public
 async def owner_confirms(request: web.Request) -> web.StreamResponse:
     """The owner of the house approves or rejects a pending registration from their phone."""
-    place, resp = await _house_plate(request)
-    if resp is not None:
-        return resp
-    assert place is not None
-    est = _est(request)
-    rs = await est.resident_session(request)
-    if rs is None:
-        raise _to_login(request)
-    mine = await _my_residency(est, rs, place)
+    got = await _at_my_house(request)
+    if isinstance(got, web.Response):
+        return got
+    place, est, rs, mine = got
     if mine is None or mine.role != "owner" or not mine.active(est.today()):
-        return page(request, "phone_message.html", status=403, title_key="phone.confirm_title",
-                    message_key="phone.not_owner", place=place, code=request.match_info["code"])
+        return _message(request, place, "phone.confirm_title", "phone.not_owner", status=403)
     form = await request.post()
     action = str(form.get("action", ""))
     try:
@@ -408,8 +428,7 @@ async def owner_confirms(request: web.Request) -> web.StreamResponse:
     try:
         await est.write(lambda c: reg.decide(c, rid, action, actor, today, house_id=hid))
     except reg.RegistryError as e:
-        return page(request, "phone_message.html", status=409, title_key="phone.confirm_title", message_key=e.key,
-                    place=place, code=request.match_info["code"])
+        return _message(request, place, "phone.confirm_title", e.key, status=409)
     raise web.HTTPSeeOther(f"/p/{request.match_info['code']}")
 
 
@@ -443,19 +462,13 @@ async def my_pass(request: web.Request) -> web.StreamResponse:
 @routes.post("/p/{code}/visitor")
 @public
 async def visitor_issue(request: web.Request) -> web.StreamResponse:
-    place, resp = await _house_plate(request)
-    if resp is not None:
-        return resp
-    assert place is not None
-    est = _est(request)
-    rs = await est.resident_session(request)
-    if rs is None:
-        raise _to_login(request)
-    mine = await _my_residency(est, rs, place)
+    got = await _at_my_house(request)
+    if isinstance(got, web.Response):
+        return got
+    place, est, _, mine = got
     form = await request.post()
     if mine is None or not mine.active(est.today()):
-        return page(request, "phone_message.html", status=403, title_key="visitor.title",
-                    message_key="visitor.not_active", place=place, code=request.match_info["code"])
+        return _message(request, place, "visitor.title", "visitor.not_active", status=403)
     try:
         hours = int(str(form.get("hours", "")))
         uses = int(str(form.get("uses", "1")))
@@ -481,9 +494,12 @@ async def visitor_issue(request: web.Request) -> web.StreamResponse:
     raise web.HTTPSeeOther(f"/m/v/{token}")
 
 
-async def _visitor(request: web.Request) -> tuple[sqlite3.Row, reg.Place] | None:
-    token = request.match_info["token"]
-    digest = reg.code_hash(token if reg.PLATE_CODE_RE.match(token) else "!" + token[:100])
+async def _visitor(request: web.Request) -> tuple[sqlite3.Row, reg.Place] | web.Response | None:
+    """The visitor pass behind the link and its house; the page to answer with when throttled; None if unknown."""
+    guard = await _scan_guard(request)
+    if guard is not None:
+        return guard
+    digest = _digest(request.match_info["token"])
 
     def load(c: sqlite3.Connection) -> tuple[sqlite3.Row, reg.Place] | None:
         row = c.execute("SELECT v.*, r.house_id FROM visitor_passes v JOIN reg_residents r ON r.id = v.resident_id"
@@ -493,18 +509,19 @@ async def _visitor(request: web.Request) -> tuple[sqlite3.Row, reg.Place] | None
         place = reg.house_place(c, row["house_id"])
         return (row, place) if place else None
 
-    return await _est(request).read(load)
+    got = await _est(request).read(load)
+    if got is None:
+        _est(request).limits["bad-code"].spend(_addr(request))
+    return got
 
 
 @routes.get("/m/v/{token}")
 @public
 async def visitor_page(request: web.Request) -> web.StreamResponse:
-    guard = await _scan_guard(request)
-    if guard is not None:
-        return guard
     got = await _visitor(request)
+    if isinstance(got, web.Response):
+        return got
     if got is None:
-        _est(request).limits["bad-code"].spend(_addr(request))
         return invalid(request)
     row, place = got
     est = _est(request)
@@ -521,18 +538,25 @@ async def visitor_page(request: web.Request) -> web.StreamResponse:
 @routes.get("/m/v/{token}/qr.png")
 @public
 async def visitor_png(request: web.Request) -> web.StreamResponse:
-    guard = await _scan_guard(request)
-    if guard is not None:
-        return guard
     got = await _visitor(request)
+    if isinstance(got, web.Response):
+        return got
     if got is None:
-        _est(request).limits["bad-code"].spend(_addr(request))
         raise web.HTTPNotFound()
     data = await _est(request).cpu(plates.png, got[0]["pass_text"], 8)
     return web.Response(body=data, content_type="image/png")
 
 
 # ---------------------------------------------------------------- resident sign-in
+
+
+async def _signed_in(request: web.Request) -> tuple[Estate, ResidentSession]:
+    """The estate and the resident's session; without one, off to the sign-in page."""
+    est = _est(request)
+    rs = await est.resident_session(request)
+    if rs is None:
+        raise web.HTTPSeeOther("/m/login")
+    return est, rs
 
 
 @routes.get("/m/login")
@@ -577,9 +601,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
 @routes.get("/m/password")
 @public
 async def password_page(request: web.Request) -> web.StreamResponse:
-    rs = await _est(request).resident_session(request)
-    if rs is None:
-        raise web.HTTPSeeOther("/m/login")
+    _, rs = await _signed_in(request)
     return page(request, "phone_password.html", resident=rs, error=None, min_password=RESIDENT_MIN_PASSWORD,
                 next=safe_next(request.query.get("next"), "/m"))
 
@@ -587,10 +609,7 @@ async def password_page(request: web.Request) -> web.StreamResponse:
 @routes.post("/m/password")
 @public
 async def password_submit(request: web.Request) -> web.StreamResponse:
-    est = _est(request)
-    rs = await est.resident_session(request)
-    if rs is None:
-        raise web.HTTPSeeOther("/m/login")
+    est, rs = await _signed_in(request)
     form = await request.post()
     new, confirm = str(form.get("new", ""))[:200], str(form.get("confirm", ""))[:200]
     nxt = safe_next(str(form.get("next", "")), "/m")
@@ -615,10 +634,7 @@ async def password_submit(request: web.Request) -> web.StreamResponse:
 @routes.get("/m")
 @public
 async def my_homes(request: web.Request) -> web.StreamResponse:
-    est = _est(request)
-    rs = await est.resident_session(request)
-    if rs is None:
-        raise web.HTTPSeeOther("/m/login")
+    est, rs = await _signed_in(request)
     if rs.must_set_password:
         raise web.HTTPSeeOther("/m/password")
     today = est.today()
