@@ -86,7 +86,7 @@ class Gateway:
                     for step, tasks in (("producers", producers), ("engines", engines)):
                         await _cancel(step, tasks)
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(self.store._drain(), 5)
+                        await asyncio.wait_for(self.store.drain(), 5)
                     with contextlib.suppress(Exception):
                         await self.uplink.close()
                     await _cancel("uplink", [uplink])

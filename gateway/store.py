@@ -136,7 +136,7 @@ class Store:
         """Drain what is queued (a few seconds at most), then close the connections."""
         if self._writer_task is not None:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._drain(), timeout=5.0)
+                await asyncio.wait_for(self.drain(), timeout=5.0)
             self._writer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer_task
@@ -147,7 +147,8 @@ class Store:
         self._executor.shutdown(wait=True)
         self._reader.shutdown(wait=True)
 
-    async def _drain(self) -> None:
+    async def drain(self) -> None:
+        """Wait until everything queued so far is committed (callers bound it: a full disk makes it wait)."""
         await self._queue.join()
 
     def _conn(self) -> sqlite3.Connection:
