@@ -12,6 +12,7 @@ import json
 import logging
 import signal
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.sdnotify import Notifier
@@ -27,7 +28,7 @@ from gateway.config import ContactIdLineConfig, GatewayConfig, ReaderConfig
 from gateway.events import Draft
 from gateway.loadgen import run_loadgen
 from gateway.localapi import serve_local_api
-from gateway.store import Store
+from gateway.store import CorruptReplaced, Store, replace_if_corrupt
 from gateway.uplink import Uplink
 
 if TYPE_CHECKING:  # imported by _make_doors when doors or readers are configured (passes bring cryptography, ~7 MB)
@@ -60,6 +61,8 @@ class Gateway:
 
     async def run(self, stop: asyncio.Event) -> None:
         async with self.store:
+            if self.store.replaced is not None:
+                self._report_replaced("store", self.store.replaced)
             self.engine = await self._restore_engine()
             try:
                 self.doors = await self._make_doors()
@@ -155,6 +158,9 @@ class Gateway:
         from gateway.doors import STATE_KEY as DOORS_STATE
         from gateway.doors import DoorEngine, DoorService
 
+        replaced = await asyncio.to_thread(replace_if_corrupt, Path(self.cfg.data_dir) / self.cfg.access.db)
+        if replaced is not None:
+            self._report_replaced("access database", replaced)
         self.decider = AccessDecider.open(self.cfg, wall=time.time, mono=time.monotonic)
         engine = DoorEngine(self.cfg, self.decider, mono=time.monotonic, state=await self.store.get_state(DOORS_STATE))
         return DoorService(engine, self.write, self.store.submit)
@@ -177,6 +183,13 @@ class Gateway:
                 await asyncio.Future()
             finally:
                 self.drivers.pop(name, None)
+
+    def _report_replaced(self, what: str, r: CorruptReplaced) -> None:
+        # The file was logged when moved; the console must see it too (the old events are gone from view).
+        self.store.submit([Draft(type="store.corrupt_replaced", device="gateway", place=wire.Place(site=self.cfg.site),
+                                 priority=wire.Priority.FAULT,
+                                 data={"what": what, "path": str(r.path), "moved_to": str(r.moved_to),
+                                       "error": r.error})])
 
     async def _restore_engine(self) -> AlarmEngine:
         state = await self.store.get_state(ENGINE_STATE)

@@ -8,6 +8,10 @@ written in the same transaction: an event is never in the log without being queu
 Sequence numbers are given at commit, inside the transaction, so they have no gaps.
 When the disk is full (or the file cannot be written), queued work waits in memory, bounded, and is
 written when space returns; :attr:`Store.fault` says why meanwhile.
+
+A file found corrupt at start-up is moved aside (``<name>.corrupt-<UTC time>``, with its -wal and -shm)
+and a fresh one is made, so the gateway keeps guarding; :attr:`Store.replaced` says so, for the console.
+A schema newer than this gateway knows is not corruption: it is refused, and the file left alone.
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,6 +64,70 @@ def _v1_event_log_and_outbox(db: sqlite_utils.Database) -> None:
 
 class StoreError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class CorruptReplaced:
+    """A corrupt database file was moved aside (to ``moved_to``) and a fresh one will be made at ``path``."""
+
+    path: Path
+    moved_to: Path
+    error: str
+
+
+_CORRUPT_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+_SIDECARS = ("-wal", "-shm")
+
+
+def is_corrupt_error(e: BaseException) -> bool:
+    """True for SQLite's "malformed" and "not a database" errors; not for locks, I/O errors or a full disk."""
+    code = getattr(e, "sqlite_errorcode", None)
+    return isinstance(e, sqlite3.DatabaseError) and code is not None and (code & 0xFF) in _CORRUPT_CODES
+
+
+def corruption(path: Path) -> str | None:
+    """Why the SQLite file at ``path`` is corrupt (open, then ``PRAGMA quick_check``), or None if it reads
+    well or does not exist. Other errors (locked, unreadable) are raised: they are no reason to move it."""
+    if not path.exists():
+        return None
+    try:
+        # Read-only: a writable connection would delete (or checkpoint) the -wal and -shm on close,
+        # and they belong with the file, for whoever looks into what went wrong.
+        conn = sqlite3.connect(f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro", uri=True,
+                               isolation_level=None, timeout=10)
+        try:
+            rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check(20)").fetchall()]
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as e:
+        if is_corrupt_error(e):
+            return str(e)
+        raise
+    return None if rows == ["ok"] else "quick_check: " + "; ".join(rows)
+
+
+def move_aside(path: Path, error: str, now: datetime) -> CorruptReplaced:
+    """Rename ``path`` (sidecars first, so a stale WAL never meets a fresh file) to ``<name>.corrupt-<UTC time>``."""
+    stamp = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    base = f"{path.name}.corrupt-{stamp}"
+    target = path.with_name(base)
+    for n in range(1, 1000):
+        if not any(Path(f"{target}{s}").exists() for s in ("", *_SIDECARS)):
+            break
+        target = path.with_name(f"{base}.{n}")
+    else:
+        raise StoreError(f"{path}: no free name to move the corrupt file to")
+    for s in (*_SIDECARS, ""):
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(f"{path}{s}", f"{target}{s}")
+    log.error("database %s is corrupt (%s): moved to %s; starting a fresh one", path, error, target)
+    return CorruptReplaced(path=path, moved_to=target, error=error)
+
+
+def replace_if_corrupt(path: Path, now: Callable[[], datetime] = wire.utcnow) -> CorruptReplaced | None:
+    """Check the file before it is opened for use; move it aside if corrupt (the next open makes a fresh one)."""
+    error = corruption(path)
+    return None if error is None else move_aside(path, error, now())
 
 
 @dataclass
@@ -117,6 +187,7 @@ class Store:
         self.last_seq = 0
         self.on_fault: Callable[[str | None], None] | None = None
         self.dropped = 0
+        self.replaced: CorruptReplaced | None = None  # set at open when a corrupt file was moved aside
 
     # ------------------------------------------------------------ lifecycle
 
@@ -164,7 +235,16 @@ class Store:
             self._local.conn = None
 
     def _open_writer(self) -> int:
-        row = self._conn().execute("SELECT max(seq) FROM events").fetchone()
+        self.replaced = replace_if_corrupt(self.path, self._wall)
+        try:
+            row = self._conn().execute("SELECT max(seq) FROM events").fetchone()
+        except sqlite3.DatabaseError as e:
+            # Damage quick_check did not see (it skips some checks): the same remedy, once.
+            if self.replaced is not None or not is_corrupt_error(e):
+                raise
+            self._close_conn()
+            self.replaced = move_aside(self.path, str(e), self._wall())
+            row = self._conn().execute("SELECT max(seq) FROM events").fetchone()
         return int(row[0] or 0) + 1
 
     # ------------------------------------------------------------ writes
