@@ -1,5 +1,5 @@
 """``python -m portal run --config FILE``, ``adduser ...``, ``check``, and the registry commands
-``import-estate``, ``export-estate`` and ``plates`` (:mod:`portal.registry_cli`)."""
+``import-estate``, ``export-estate``, ``plates`` and ``audit-verify`` (:mod:`portal.registry_cli`)."""
 
 from __future__ import annotations
 

@@ -22,11 +22,12 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from gateway.wire import NAME_RE
+from portal import audit
 from portal.api import bad_request
 from portal.auth import SESSION_KEY, roles
 from portal.doors import BOARD
 from portal.services import SERVICES
-from portal.store import now_text, ts_text
+from portal.store import ts_text
 from portal.views import local_time, render, translator
 from portal.visitors import parse_house
 
@@ -252,9 +253,8 @@ async def export_csv(request: web.Request) -> web.StreamResponse:
     labels = _labels(request)
     u = request[SESSION_KEY].user
     actor = f"{u.role}:{u.name}"
-    await svc.store.run_write(lambda c: c.execute(
-        "INSERT INTO audit (at, actor, action, target, detail, remote) VALUES (?, ?, ?, ?, ?, ?)",
-        (now_text(), actor, "export.access_log", "access_log", f.query()[:300], (request.remote or "")[:64])))
+    await svc.store.run_write(lambda c: audit.write(c, actor, "export.access_log", "access_log", f.query()[:300],
+                                                    request.remote or ""))
     stamp = datetime.now(svc.tz).strftime("%Y%m%d-%H%M")
     resp = web.StreamResponse(headers={
         "Content-Type": "text/csv; charset=utf-8",

@@ -31,7 +31,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from gateway import wire
-from portal import i18n
+from portal import audit, i18n
 from portal.config import ALARM_KINDS
 from portal.store import Op, StoreConflict, Tx, event_dict, now_text
 from portal.views import level_of, place_text
@@ -507,6 +507,7 @@ def act(conn: sqlite3.Connection, incident_id: int, action: str, actor: str, *, 
     conn.execute(f"UPDATE incidents SET {cols}{', ' if cols else ''}version = version + 1, updated_at = ?"
                  " WHERE id = ?", (*sets.values(), now, incident_id))
     _log(conn, incident_id, now, actor, logged, detail)
+    audit.write(conn, actor, f"alarm.{logged}", f"incident:{incident_id}", detail, at=now)
     out = get_incident(conn, incident_id)
     assert out is not None
     return out
@@ -521,6 +522,7 @@ def escalate(conn: sqlite3.Connection, incident_ids: Sequence[int], now: str | N
                            " WHERE id = ? AND state = 'new' AND escalated_at IS NULL", (now, now, iid))
         if cur.rowcount:
             _log(conn, iid, now, "system", "escalate")
+            audit.write(conn, "system", "alarm.escalate", f"incident:{iid}", at=now)
             inc = get_incident(conn, iid)
             if inc is not None:
                 out.append(inc)
@@ -535,6 +537,8 @@ def record_command(conn: sqlite3.Connection, cmd: wire.Command, site: str, gatew
                  " VALUES (?, ?, ?, ?, ?, ?, ?, 'sending')",
                  (cmd.id, site, gateway, cmd.type, json.dumps(cmd.args, ensure_ascii=False), cmd.by,
                   cmd.ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")))
+    audit.write(conn, cmd.by, f"alarm.{cmd.type}", f"group:{site}/{gateway}/{cmd.args.get('group', '')}",
+                json.dumps(cmd.args, ensure_ascii=False, sort_keys=True) + f" command {cmd.id}")
     out = get_command(conn, cmd.id)
     assert out is not None
     return out
@@ -631,9 +635,8 @@ def residents_of(conn: sqlite3.Connection, place: Mapping[str, Any], today: date
 
 def audit_view(conn: sqlite3.Connection, actor: str, incident_id: int, remote: str = "") -> None:
     """Note in the registry's audit trail (when there is one) that a guard saw a flat's residents."""
-    if _has_tables(conn, "audit"):
-        conn.execute("INSERT INTO audit (at, actor, action, target, detail, remote) VALUES (?, ?, ?, ?, ?, ?)",
-                     (now_text(), actor[:80], "view.incident", f"incident:{incident_id}", "", remote[:64]))
+    if _has_tables(conn, "audit", "audit_anchor"):
+        audit.write(conn, actor, "view.incident", f"incident:{incident_id}", remote=remote)
 
 
 def parse_ts(text: str) -> datetime:

@@ -34,11 +34,12 @@ from aiohttp import web
 from ulid import ULID
 
 from gateway import wire
+from portal import audit
 from portal.api import bad_request, read_json
 from portal.auth import SESSION_KEY, roles
 from portal.ingest import BrokerUnavailable
 from portal.services import SERVICES, Services
-from portal.store import BatchResult, FnOp, Op, StatusResult, now_text, ts_text
+from portal.store import BatchResult, FnOp, Op, StatusResult, ts_text
 from portal.views import local_time, render, translator
 
 log = logging.getLogger("portal.doors")
@@ -347,8 +348,7 @@ class DoorBoard:
             c.execute("INSERT INTO door_commands (id, site, gateway, door, reason, by_user, remote, sent_at, status)"
                       " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
                       (cmd.id, site, cmd.gateway, door, reason, actor, remote[:64], cmd.sent_at))
-            c.execute("INSERT INTO audit (at, actor, action, target, detail, remote) VALUES (?, ?, ?, ?, ?, ?)",
-                      (now_text(), actor, "door.remote_unlock", f"door:{site}/{door}", reason, remote[:64]))
+            audit.write(c, actor, "door.remote_unlock", f"door:{site}/{door}", reason, remote)
 
         await self.svc.store.run_write(record)  # before sending: the answer must find the row
         self._remember(cmd)

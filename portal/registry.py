@@ -22,6 +22,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 from gateway.wire import NAME_RE
+from portal import audit as audit_trail
 from portal.store import now_text
 
 RESIDENT_ROLES = ("owner", "family", "tenant")
@@ -136,8 +137,7 @@ def has_ended(status: str, move_out: str | None, role: str, lease_end: str | Non
 
 def audit(conn: sqlite3.Connection, actor: str, action: str, target: str = "", detail: str = "",
           remote: str = "") -> None:
-    conn.execute("INSERT INTO audit (at, actor, action, target, detail, remote) VALUES (?, ?, ?, ?, ?, ?)",
-                 (now_text(), actor[:80], action[:40], target[:200], detail[:500], remote[:64]))
+    audit_trail.write(conn, actor, action, target, detail, remote)
 
 
 # ---------------------------------------------------------------- CSV import

@@ -14,6 +14,7 @@ its gateways on its next refresh (``phone.revocations_every_s``), not at once as
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pwd
 import sqlite3
@@ -22,13 +23,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from portal import audit as audit_trail
 from portal import registry as reg
 from portal.config import PortalConfig
 from portal.i18n import Translator
 from portal.store import StoreError, open_db
 
 T = TypeVar("T")
-COMMANDS = ("import-estate", "export-estate", "plates")
+COMMANDS = ("import-estate", "export-estate", "plates", "audit-verify")
 IMPORT_MAX_BYTES = 32 * 1024 * 1024  # the web import's upload limit
 
 
@@ -56,6 +58,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--building", help="a building code; default: every building")
     p.add_argument("--unit", help="a unit code of --building")
     p.add_argument("-o", "--output", required=True, metavar="OUT.pdf")
+    v = sub.add_parser("audit-verify", help="check the audit trail's hash chain (exit 0 intact, 1 broken)")
+    v.add_argument("--config", required=True)
 
 
 def run(args: argparse.Namespace, cfg: PortalConfig) -> int:
@@ -64,10 +68,33 @@ def run(args: argparse.Namespace, cfg: PortalConfig) -> int:
             return import_estate(cfg, args.csv, dry_run=args.dry_run)
         if args.command == "export-estate":
             return export_estate(cfg, args.output)
+        if args.command == "audit-verify":
+            return audit_verify(cfg)
         return print_plates(cfg, args.output, site=args.site, building=args.building, unit=args.unit)
     except CliError as e:
         print(f"{args.command}: {e}", file=sys.stderr)
         return e.status
+
+
+def audit_verify(cfg: PortalConfig) -> int:
+    """Walk the audit chain in one read transaction (a consistent snapshot while the portal writes)."""
+    conn = _open(cfg, create=False)
+    try:
+        conn.execute("BEGIN")
+        try:
+            verdict = audit_trail.verify(conn)
+        finally:
+            conn.execute("ROLLBACK")
+    except sqlite3.Error as e:
+        raise CliError(f"cannot read the audit trail: {e}") from None
+    finally:
+        conn.close()
+    print(json.dumps({"ok": verdict.ok, "rows": verdict.rows, "bad_id": verdict.bad_id, "reason": verdict.reason},
+                     ensure_ascii=False))
+    if verdict.ok:
+        return 0
+    print(f"audit-verify: broken at row {verdict.bad_id}: {verdict.reason}", file=sys.stderr)
+    return 1
 
 
 def cli_actor() -> str:

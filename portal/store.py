@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import hashlib
 import json
 import logging
 import sqlite3
@@ -509,6 +510,31 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX console_commands_sent ON console_commands(sent_at);
     """,
+    # 5: the audit trail as a hash chain (portal/audit.py): each row's hash is audit_hash(prev_hash, its fields),
+    # prev_hash the row before's hash ('' for the first). audit_anchor holds the newest row's id and hash and the
+    # row count, updated in the same transaction as every insert, so deleting rows at the end is detected too.
+    # Existing rows are chained in id order.
+    """
+    ALTER TABLE audit ADD COLUMN prev_hash TEXT NOT NULL DEFAULT '';
+    ALTER TABLE audit ADD COLUMN hash TEXT NOT NULL DEFAULT '';
+    CREATE TABLE audit_anchor (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        last_id INTEGER NOT NULL,
+        hash TEXT NOT NULL,
+        count INTEGER NOT NULL
+    );
+    WITH RECURSIVE chain (id, prev, h) AS (
+        SELECT id, '', audit_hash('', id, at, actor, action, target, detail, remote)
+        FROM audit WHERE id = (SELECT min(id) FROM audit)
+        UNION ALL
+        SELECT a.id, c.h, audit_hash(c.h, a.id, a.at, a.actor, a.action, a.target, a.detail, a.remote)
+        FROM chain c JOIN audit a ON a.id = (SELECT min(id) FROM audit WHERE id > c.id)
+    )
+    UPDATE audit SET prev_hash = chain.prev, hash = chain.h FROM chain WHERE audit.id = chain.id;
+    INSERT INTO audit_anchor (id, last_id, hash, count)
+    SELECT 1, coalesce(max(id), 0), coalesce((SELECT hash FROM audit ORDER BY id DESC LIMIT 1), ''), count(*)
+    FROM audit;
+    """,
 ]
 
 
@@ -542,8 +568,18 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+def audit_hash(prev_hash: str, id: int, at: str, actor: str, action: str, target: str, detail: str,
+               remote: str) -> str:
+    """SHA-256 (hex) of ``prev_hash`` followed by the audit row's fields as canonical JSON."""
+    row = {"id": id, "at": at, "actor": actor, "action": action, "target": target, "detail": detail,
+           "remote": remote}
+    canonical = json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256((prev_hash + canonical).encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema up to date; returns the version. Each step is one transaction."""
+    conn.create_function("audit_hash", 8, audit_hash, deterministic=True)  # for migration 5's backfill
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     if version > len(MIGRATIONS):
         raise StoreError(f"the store is at schema {version}, newer than this portal ({len(MIGRATIONS)})")

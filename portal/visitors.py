@@ -25,7 +25,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.wire.passes import PassFields, sign_pass
-from portal import plates
+from portal import audit, plates
 from portal.auth import SESSION_KEY, roles
 from portal.passes_issue import VISITOR_MAX_S, VISITOR_MAX_USES, load_or_create_key
 from portal.services import SERVICES, Services
@@ -208,9 +208,8 @@ async def register(app: web.Application, form: Any, actor: str) -> int:
             " ?, ?, ?)",
             (subject, name, h["site"], h["building"], h["unit"], h["house"], h["house_id"], fields.pass_id.hex(),
              text, not_before, not_after, uses, note, now_text(), actor)).lastrowid or 0)
-        c.execute("INSERT INTO audit (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
-                  (now_text(), actor, "visitor.register", f"visitor:{vid}",
-                   f"{h['site']} {h['building']}-{h['unit']}-{h['house']} uses={uses}"))
+        audit.write(c, actor, "visitor.register", f"visitor:{vid}",
+                    f"{h['site']} {h['building']}-{h['unit']}-{h['house']} uses={uses}")
         return vid
 
     vid: int = await svc.store.run_write(put)
