@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import random
 import shutil
 import signal
 import socket
@@ -30,8 +31,32 @@ def find_mosquitto() -> str:
     raise BrokerError("mosquitto is not installed: run `make demo` or `make test`, or apt-get install mosquitto")
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A free port below the kernel's ephemeral range.
+
+    A server that is stopped and started again on the same port (a broker restarted mid-test) must not
+    find its port taken meanwhile by some client's outgoing connection, which only ever gets an
+    ephemeral port; a client retrying a connect to the dead port can even connect to itself there.
+    """
+    lo, _ = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, max(20001, lo))
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded machine: any free port at all
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
@@ -95,23 +120,33 @@ log_type notice
         return "\n".join(lines)
 
     def start(self, timeout: float = 10.0) -> MosquittoProcess:
+        """Start and wait until it listens. A port still held for a moment (a restart on the same port
+        right after a kill) is tried again until ``timeout``."""
         self.write_conf()
-        self.proc = subprocess.Popen(
-            [find_mosquitto(), "-c", str(self.conf_path)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                log = (self.folder / "mosquitto.log")
-                tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
-                raise BrokerError(f"mosquitto exited with {self.proc.returncode}: {err.strip()} {tail}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.02)
+        while True:
+            self._close()
+            self.proc = subprocess.Popen(
+                [find_mosquitto(), "-c", str(self.conf_path)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                try:
+                    with socket.create_connection((self.host, self.port), timeout=0.2):
+                        return self
+                except OSError:
+                    time.sleep(0.02)
+            else:
+                break
+            err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+            log = self.folder / "mosquitto.log"
+            tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
+            if "Address already in use" in err + tail[-200:] and time.monotonic() < deadline:
+                time.sleep(0.25)
+                continue
+            raise BrokerError(f"mosquitto exited with {self.proc.returncode}: {err.strip()} {tail}")
         self.kill()
         raise BrokerError(f"mosquitto did not listen on {self.host}:{self.port} within {timeout}s")
 
