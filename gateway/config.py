@@ -312,6 +312,16 @@ def _resolve_mqtt(m: MqttConfig, base: Path) -> MqttConfig:
     return msgspec.structs.replace(m, password_file=rel(m.password_file), tls=tls)
 
 
+def _unique(kind: str, names: list[str], where: Any, problems: list[str], what: str = "name") -> set[str]:
+    """The set of ``names``; each repeat is a problem naming its file, line and entry."""
+    seen: set[str] = set()
+    for i, n in enumerate(names):
+        if n in seen:
+            problems.append(f"{where(f'$.{kind}[{i}].{what}', f'{kind}[{i}] ({n})')}: duplicate {what}")
+        seen.add(n)
+    return seen
+
+
 def cross_check(cfg: GatewayConfig, tree: Any, *, check_profiles: bool) -> list[str]:
     """Rules that span entries. Each problem names the file, line and entity."""
     src = cfg.source
@@ -321,18 +331,10 @@ def cross_check(cfg: GatewayConfig, tree: Any, *, check_profiles: bool) -> list[
         line = line_of(tree, jp)
         return f"{src}:{line}: {name}" if line else f"{src}: {name}"
 
-    def unique(kind: str, names: list[str]) -> set[str]:
-        seen: set[str] = set()
-        for i, n in enumerate(names):
-            if n in seen:
-                problems.append(f"{where(f'$.{kind}[{i}].name', f'{kind}[{i}] ({n})')}: duplicate name")
-            seen.add(n)
-        return seen
-
-    buses = unique("buses", [b.name for b in cfg.buses])
-    unique("devices", [d.name for d in cfg.devices])
-    unique("zones", [z.name for z in cfg.zones])
-    unique("contact_id_lines", [c.name for c in cfg.contact_id_lines])
+    buses = _unique("buses", [b.name for b in cfg.buses], where, problems)
+    _unique("devices", [d.name for d in cfg.devices], where, problems)
+    _unique("zones", [z.name for z in cfg.zones], where, problems)
+    _unique("contact_id_lines", [c.name for c in cfg.contact_id_lines], where, problems)
 
     for i, b in enumerate(cfg.buses):
         tag = where(f"$.buses[{i}]", f"buses[{i}] ({b.name})")
@@ -387,16 +389,8 @@ def _cross_check_access(cfg: GatewayConfig, where: Any, profiles: dict[str, Any]
     problems: list[str] = []
     devices = {d.name for d in cfg.devices}
 
-    def unique(kind: str, names: list[str]) -> set[str]:
-        seen: set[str] = set()
-        for i, n in enumerate(names):
-            if n in seen:
-                problems.append(f"{where(f'$.{kind}[{i}].name', f'{kind}[{i}] ({n})')}: duplicate name")
-            seen.add(n)
-        return seen
-
-    doors = unique("doors", [d.name for d in cfg.doors])
-    unique("readers", [r.name for r in cfg.readers])
+    doors = _unique("doors", [d.name for d in cfg.doors], where, problems)
+    _unique("readers", [r.name for r in cfg.readers], where, problems)
     for i, d in enumerate(cfg.doors):
         tag = where(f"$.doors[{i}]", f"doors[{i}] ({d.name})")
         if d.device not in devices:
@@ -466,18 +460,10 @@ def _cross_check_alarms(cfg: GatewayConfig, where: Any, profiles: dict[str, Any]
 
     problems: list[str] = []
 
-    def unique(kind: str, names: list[str], what: str = "name") -> set[str]:
-        seen: set[str] = set()
-        for i, n in enumerate(names):
-            if n in seen:
-                problems.append(f"{where(f'$.{kind}[{i}].{what}', f'{kind}[{i}] ({n})')}: duplicate {what}")
-            seen.add(n)
-        return seen
-
-    groups = unique("zone_groups", [g.name for g in cfg.zone_groups]) | {"default"}
-    unique("alarm_schedules", [s.name for s in cfg.alarm_schedules])
-    unique("indoor_panels", [p.name for p in cfg.indoor_panels])
-    unique("indoor_panels", [p.account.upper() for p in cfg.indoor_panels], "account")
+    groups = _unique("zone_groups", [g.name for g in cfg.zone_groups], where, problems) | {"default"}
+    _unique("alarm_schedules", [s.name for s in cfg.alarm_schedules], where, problems)
+    _unique("indoor_panels", [p.name for p in cfg.indoor_panels], where, problems)
+    _unique("indoor_panels", [p.account.upper() for p in cfg.indoor_panels], where, problems, "account")
     used: dict[tuple[str, str], str] = {}
     for i, z in enumerate(cfg.zones):
         tag = where(f"$.zones[{i}]", f"zones[{i}] ({z.name})")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,6 +17,7 @@ from gateway import wire
 from portal import registry as reg
 from tests.portal_support import GATEWAY, SITE, Portal, batch_payload, next_ack, page_csrf, sign_in
 from tests.registry_support import admin_session, estate_csv, import_csv
+from tests.stubs import Stub
 
 GUARD, GUARD_PW = "guard1", "guard-password-0001"
 EVENTS_TOPIC = wire.topic(SITE, GATEWAY, "events")
@@ -105,3 +107,37 @@ async def ws_wait(ws: aiohttp.ClientWebSocketResponse, kind: str, match: dict[st
 
 async def api_post(p: Portal, path: str, body: Any) -> aiohttp.ClientResponse:
     return await p.client.post(path, json=body, headers={"Origin": p.origin, "X-CSRF-Token": p.csrf})
+
+
+def door_gateway_config(folder: Path, broker_port: int, door: Stub, reader: Stub, *, public_key: str | Path,
+                        door_name: str = "b3-u2", reader_name: str = "qr-b3-u2", site: str = SITE,
+                        gateway: str = GATEWAY, held_open_s: int = 5, reader_misses: int = 2) -> Path:
+    """A gateway config with one unit door (building 3, unit 2) on the door-controller stub and its QR reader
+    on the reader stub's pty; the portal's public key only."""
+    folder.mkdir(parents=True, exist_ok=True)
+    host, port = door.endpoint()
+    path = folder / "gateway.yaml"
+    path.write_text(f"""
+site: {site}
+gateway: {gateway}
+data_dir: data
+mqtt: {{host: 127.0.0.1, port: {broker_port}, reconnect_min_s: 0.1, reconnect_max_s: 1.0}}
+uplink: {{resend_after_s: 1.0, resend_max_s: 2.0}}
+local_api: {{enabled: false}}
+buses:
+  - {{name: doors, kind: modbus-tcp, host: {host}, port: {port}, timeout_ms: 300}}
+devices:
+  - {{name: ctl-3-2, profile: door-controller, bus: doors, unit: 1, poll_ms: 100}}
+doors:
+  - {{name: {door_name}, device: ctl-3-2, relay: lock_relay, contact: door_open, exit_button: exit_button,
+      lock_feedback: lock_released, tamper: tamper, place: {{building: "3", unit: "2"}},
+      unlock_ms: 1500, open_grace_ms: 1000, held_open_s: {held_open_s}}}
+readers:
+  - {{name: {reader_name}, serial: {reader.serial}, door: {door_name}, heartbeat_s: 0.5,
+      offline_after_misses: {reader_misses}, repeat_ignore_ms: 0}}
+access:
+  public_keys: [{public_key}]
+  burst_count: 5
+  burst_window_s: 60
+""", encoding="utf-8")
+    return path

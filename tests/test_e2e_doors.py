@@ -35,6 +35,7 @@ from gateway.wire.passes import (
     sign_revocations,
 )
 from tests import procs
+from tests.doors_support import door_gateway_config
 from tests.portal_support import write_config as write_portal_config
 from tests.stubs import Stub, run_stub
 
@@ -134,35 +135,6 @@ async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
         await asyncio.sleep(0.05)
 
 
-def gateway_config(folder: Path, broker: MosquittoProcess, door: Stub, reader: Stub) -> Path:
-    host, port = door.endpoint()
-    path = folder / "gateway.yaml"
-    path.write_text(f"""
-site: {SITE}
-gateway: {GW}
-data_dir: data
-mqtt: {{host: 127.0.0.1, port: {broker.port}, reconnect_min_s: 0.1, reconnect_max_s: 1.0}}
-uplink: {{resend_after_s: 1.0, resend_max_s: 2.0}}
-local_api: {{enabled: false}}
-buses:
-  - {{name: doors, kind: modbus-tcp, host: {host}, port: {port}, timeout_ms: 300}}
-devices:
-  - {{name: ctl-3-2, profile: door-controller, bus: doors, unit: 1, poll_ms: 100}}
-doors:
-  - {{name: {DOOR}, device: ctl-3-2, relay: lock_relay, contact: door_open, exit_button: exit_button,
-      lock_feedback: lock_released, tamper: tamper, place: {{building: "3", unit: "2"}},
-      unlock_ms: 1500, open_grace_ms: 1000, held_open_s: 5}}
-readers:
-  - {{name: {READER}, serial: {reader.serial}, door: {DOOR}, heartbeat_s: 0.5, offline_after_misses: 2,
-      repeat_ignore_ms: 0}}
-access:
-  public_keys: [keys/pass.pub]
-  burst_count: 5
-  burst_window_s: 60
-""", encoding="utf-8")
-    return path
-
-
 @pytest.fixture
 async def site(tmp_path: Path, broker: MosquittoProcess) -> AsyncIterator[Site]:
     portal_cfg = write_portal_config(tmp_path / "portal", broker, gateways=[(SITE, GW)])
@@ -174,7 +146,8 @@ async def site(tmp_path: Path, broker: MosquittoProcess) -> AsyncIterator[Site]:
             priv, pub = generate_keypair()
             (tmp_path / "gw" / "keys").mkdir(parents=True)
             save_public_key(tmp_path / "gw" / "keys" / "pass.pub", pub)
-            cfg = gateway_config(tmp_path / "gw", broker, door, reader)
+            cfg = door_gateway_config(tmp_path / "gw", broker.port, door, reader, public_key="keys/pass.pub",
+                                      site=SITE, gateway=GW, door_name=DOOR, reader_name=READER)
             gateway = await asyncio.to_thread(lambda: procs.gateway(cfg, tmp_path / "logs").start())
             s = Site(tmp_path, broker, portal, portal_cfg, gateway, door, reader, (priv, pub), generate_keypair()[0])
             made.append(s)

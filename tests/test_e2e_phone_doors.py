@@ -27,6 +27,7 @@ from gateway.broker import MosquittoProcess
 from gateway.wire.passes import Pass, keyring, load_public_key, parse_pass, parse_revocations
 from portal.passes_issue import PUBLIC_KEY_FILE
 from tests import procs
+from tests.doors_support import door_gateway_config
 from tests.portal_support import SITE, Portal, running_portal, wait_for, write_config
 from tests.registry_support import (
     ADMIN,
@@ -51,34 +52,6 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 PHONE = {"viewport": {"width": 390, "height": 844}, "device_scale_factor": 2, "is_mobile": True, "has_touch": True}
 NAME, MOBILE, PASSWORD = "陈小明", "13566667777", "xiaoming-2026"
 T = 10_000  # ms: bounded waits in the page
-
-
-def gateway_config(folder: Path, broker: MosquittoProcess, door: Stub, reader: Stub, public_key: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    host, port = door.endpoint()
-    path = folder / "gateway.yaml"
-    path.write_text(f"""
-site: {SITE}
-gateway: {GW}
-data_dir: data
-mqtt: {{host: 127.0.0.1, port: {broker.port}, reconnect_min_s: 0.1, reconnect_max_s: 1.0}}
-uplink: {{resend_after_s: 1.0, resend_max_s: 2.0}}
-local_api: {{enabled: false}}
-buses:
-  - {{name: doors, kind: modbus-tcp, host: {host}, port: {port}, timeout_ms: 300}}
-devices:
-  - {{name: ctl-3-2, profile: door-controller, bus: doors, unit: 1, poll_ms: 100}}
-doors:
-  - {{name: {DOOR}, device: ctl-3-2, relay: lock_relay, contact: door_open, exit_button: exit_button,
-      lock_feedback: lock_released, tamper: tamper, place: {{building: "3", unit: "2"}},
-      unlock_ms: 1500, open_grace_ms: 1000, held_open_s: 30}}
-readers:
-  - {{name: {READER}, serial: {reader.serial}, door: {DOOR}, heartbeat_s: 0.5, offline_after_misses: 4,
-      repeat_ignore_ms: 0}}
-access:
-  public_keys: [{public_key}]
-""", encoding="utf-8")
-    return path
 
 
 @asynccontextmanager
@@ -136,7 +109,8 @@ async def test_phone_passes_open_the_unit_door_until_move_out(tmp_path: Path, br
         ring = keyring([load_public_key(public_key)])
         code = await plate_code(p, "3", "2", "301")
         hid = await house_id(p, "3", "2", "301")
-        cfg = gateway_config(tmp_path / "gw", broker, door, reader, public_key)
+        cfg = door_gateway_config(tmp_path / "gw", broker.port, door, reader, public_key=public_key, gateway=GW,
+                                  door_name=DOOR, reader_name=READER, held_open_s=30, reader_misses=4)
         assert "PRIVATE" not in public_key.read_text() and "pass_signing_key.pem" not in cfg.read_text()
 
         async with gateway_process(cfg, tmp_path / "logs") as gateway:
