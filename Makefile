@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint bench clean system-deps browser-deps install
+.PHONY: demo test lint bench clean system-deps browser-deps test-deps install
 
 $(VENV)/bin/python:
 	@$(PY) -c "import ensurepip, venv" 2>/dev/null || { \
@@ -37,7 +37,15 @@ browser-deps:
 demo: system-deps $(STAMP)
 	$(BIN)/gatehouse demo $(DEMO_ARGS)
 
-test: system-deps browser-deps $(TEST_STAMP)
+# What only the tests need: nftables (packet loss inside a private network namespace) and libfaketime (a gateway
+# process whose wall clock jumps).
+test-deps:
+	@{ command -v nft >/dev/null 2>&1 && [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 -o -e \
+	  /usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1 ]; } || { \
+	  echo "installing nftables and faketime with apt"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables faketime; }
+
+test: system-deps browser-deps test-deps $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -535,6 +535,11 @@ MIGRATIONS: list[str] = [
     SELECT 1, coalesce(max(id), 0), coalesce((SELECT hash FROM audit ORDER BY id DESC LIMIT 1), ''), count(*)
     FROM audit;
     """,
+    # 6: staff accounts scoped to sites. NULL: every site (admins, and single-site estates); otherwise a JSON
+    # array of site ids, and the account sees and acts on those sites' alarms, doors and events only.
+    """
+    ALTER TABLE users ADD COLUMN sites TEXT;
+    """,
 ]
 
 
@@ -614,6 +619,10 @@ class User:
     password_hash: str
     must_change: bool
     created_at: str
+    sites: tuple[str, ...] | None = None  # None: every site
+
+    def sees_site(self, site: str) -> bool:
+        return self.sites is None or site in self.sites
 
 
 @dataclass(frozen=True, slots=True)
@@ -626,8 +635,9 @@ class Session:
 
 
 def _user(row: sqlite3.Row) -> User:
+    sites = row["sites"]
     return User(row["id"], row["name"], row["role"], row["password_hash"], bool(row["must_change"]),
-                row["created_at"])
+                row["created_at"], None if sites is None else tuple(json.loads(sites)))
 
 
 def insert_user(conn: sqlite3.Connection, name: str, role: str, password_hash: str, must_change: bool) -> int:
