@@ -277,6 +277,13 @@ class AccessDecider:
 
     # ------------------------------------------------------------ time
 
+    def set_clock_synced(self, synced: bool) -> None:
+        """The clock's sync state, from NTP. While synchronised the wall clock is evidence for the floor,
+        so the floor is fresh at the moment synchronisation is lost."""
+        self.clock_synced = synced
+        if synced:
+            self._evidence(self._wall())
+
     def time_floor(self) -> float:
         """A lower bound on the true unix time, from signed evidence and the monotonic clock."""
         return self._floor + (self._mono() - self._floor_mono)

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
+import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,14 +42,86 @@ log = logging.getLogger(__name__)
 
 ENGINE_STATE = "alarm_engine"
 ENGINE_BATCH = 500
+CLOCK_SYNC_ENV = "GATEHOUSE_CLOCK_SYNC"
+CLOCK_CHECK_S = 1.0
+_TIME_ERROR = 5  # adjtimex(2): the kernel's clock is not synchronised
+
+
+def kernel_clock_synced() -> bool:
+    """The kernel's NTP status (what ``timedatectl`` shows as "System clock synchronized"): adjtimex(2)
+    in read-only mode (``modes`` 0), so it needs no privilege."""
+    buf = ctypes.create_string_buffer(512)  # struct timex is 208 bytes on 64-bit Linux; zeroed: modes 0
+    state = ctypes.CDLL(None, use_errno=True).adjtimex(buf)
+    if state < 0:
+        raise OSError(ctypes.get_errno(), "adjtimex failed")
+    return bool(state != _TIME_ERROR)
+
+
+def clock_sync_source(spec: str | None) -> Callable[[], bool] | None:
+    """How the gateway learns whether its wall clock is synchronised, from ``GATEHOUSE_CLOCK_SYNC``:
+
+    * unset or ``assume``: it is taken as synchronised (None: nothing to watch);
+    * ``kernel``: the kernel's NTP status (chrony, ntpd and systemd-timesyncd all set it);
+    * ``file:PATH``: synchronised while PATH exists (a time daemon that signals by a file, and tests).
+
+    While it is not, passes are judged by :mod:`gateway.access`'s rules for an unsynchronised clock and a
+    command's expiry by a lower bound on the true time (see :class:`ClockWatch`).
+    """
+    if spec is None or spec in ("", "assume"):
+        return None
+    if spec == "kernel":
+        kernel_clock_synced()  # fails here, at start-up, where adjtimex is missing
+        return kernel_clock_synced
+    if spec.startswith("file:") and len(spec) > 5:
+        return Path(spec[5:]).exists
+    raise ValueError(f"{CLOCK_SYNC_ENV}={spec!r}: expected assume, kernel or file:PATH")
+
+
+class ClockWatch:
+    """Whether the wall clock is known to be synchronised, and a lower bound on the true time: the last
+    wall reading taken while it was, advanced by the monotonic clock since (0 if it never was)."""
+
+    def __init__(self, source: Callable[[], bool] | None, *, wall: Callable[[], float] = time.time,
+                 mono: Callable[[], float] = time.monotonic) -> None:
+        self._source = source
+        self._wall = wall
+        self._mono = mono
+        self.synced = True
+        self._floor, self._floor_mono = 0.0, mono()
+        self.check()
+
+    @property
+    def watching(self) -> bool:
+        return self._source is not None
+
+    def check(self) -> bool:
+        """Read the source again; True if the state changed."""
+        was = self.synced
+        if self._source is not None:
+            try:
+                self.synced = bool(self._source())
+            except OSError as e:
+                log.warning("clock sync state unreadable (%s): taken as not synchronised", e)
+                self.synced = False
+        if self.synced:
+            self._floor, self._floor_mono = self._wall(), self._mono()
+        if self.synced != was:
+            log.warning("wall clock %s", "synchronised" if self.synced else "NOT synchronised")
+        return self.synced != was
+
+    def floor(self) -> float:
+        return self._floor + (self._mono() - self._floor_mono)
 
 
 class Gateway:
-    def __init__(self, cfg: GatewayConfig) -> None:
+    def __init__(self, cfg: GatewayConfig, clock_synced: Callable[[], bool] | None = None) -> None:
         self.cfg = cfg
+        self.clock = ClockWatch(clock_synced)
         self.store = Store(cfg.data_path(cfg.store.path), site=cfg.site, gateway=cfg.gateway,
-                           batch_max=cfg.store.batch_max)
+                           batch_max=cfg.store.batch_max, retention_days=cfg.store.retention_days,
+                           retention_rows=cfg.store.retention_rows)
         self.uplink = Uplink(cfg, self.store, on_command=self._on_command)
+        self.store.on_fault = self.uplink.set_fault  # a full disk reaches the portal in the retained status
         self.engine: AlarmEngine | None = None  # made once the store has given back its saved state
         self.doors: DoorService | None = None  # likewise, when doors or readers are configured
         self.decider: AccessDecider | None = None
@@ -71,6 +146,8 @@ class Gateway:
                     uplink = tg.create_task(self.uplink.run(), name=f"{name}.uplink")
                     engine = tg.create_task(self._engine_loop(), name=f"{name}.engine")
                     engines = [engine]
+                    if self.clock.watching:
+                        engines.append(tg.create_task(self._watch_clock(), name=f"{name}.clock"))
                     if self.doors is not None:
                         engines.append(tg.create_task(self.doors.run(), name=f"{name}.doors"))
                     producers = [tg.create_task(self._run_contact_id_line(c), name=f"{name}.cid[{c.name}]")
@@ -97,6 +174,14 @@ class Gateway:
                 if self.decider is not None:
                     self.decider.close()
                 log.info("gateway stopped; %d events wait in the outbox", await _safe_depth(self.store))
+
+    async def _watch_clock(self) -> None:
+        """Follow the clock's sync state into the access decider (which keeps its own time floor)."""
+        while True:
+            self.clock.check()
+            if self.decider is not None:
+                self.decider.set_clock_synced(self.clock.synced)
+            await asyncio.sleep(CLOCK_CHECK_S)
 
     def device_sink(self, ev: DeviceEvent) -> None:
         """Called by the drivers on the loop; never blocks."""
@@ -162,6 +247,7 @@ class Gateway:
         if replaced is not None:
             self._report_replaced("access database", replaced)
         self.decider = AccessDecider.open(self.cfg, wall=time.time, mono=time.monotonic)
+        self.decider.set_clock_synced(self.clock.synced)
         engine = DoorEngine(self.cfg, self.decider, mono=time.monotonic, state=await self.store.get_state(DOORS_STATE))
         return DoorService(engine, self.write, self.store.submit)
 
@@ -231,7 +317,7 @@ class Gateway:
             return
         drafts: list[Draft] = []
         state: dict[str, Any] | None = None
-        if cmd.expires < wire.utcnow():
+        if self._command_expired(cmd):
             ok, detail, extra = False, "expired before it arrived", {}
         elif cmd.type in ENGINE_COMMANDS and self.engine is not None:
             drafts, outcome = self.engine.command(cmd.type, cmd.args, cmd.by)
@@ -246,6 +332,14 @@ class Gateway:
         else:
             ok, detail, extra = False, f"unknown command type {cmd.type!r}", {}
         self.store.submit([*drafts, self._result(cmd, ok, detail, **extra)], state=state)
+
+    def _command_expired(self, cmd: wire.Command) -> bool:
+        if self.clock.synced:
+            return cmd.expires < wire.utcnow()
+        # A wall clock known to be wrong must neither refuse every command (set ahead) nor run stale ones
+        # forever (set back): only a moment certainly past, by the lower bound on the true time, has expired.
+        floor = max(self.clock.floor(), self.decider.time_floor() if self.decider is not None else 0.0)
+        return cmd.expires.timestamp() < floor
 
     def _result(self, cmd: wire.Command, ok: bool, detail: str, **extra: Any) -> Draft:
         return Draft(type="command.result", device="gateway", place=wire.Place(site=self.cfg.site),
@@ -289,7 +383,7 @@ async def serve(cfg: GatewayConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    gw = Gateway(cfg)
+    gw = Gateway(cfg, clock_sync_source(os.environ.get(CLOCK_SYNC_ENV)))
     notifier = Notifier()
     api = serve_local_api(gw, cfg.local_api.host, cfg.local_api.port) if cfg.local_api.enabled \
         else contextlib.nullcontext()

@@ -45,6 +45,10 @@ class MqttConfig(_Strict):
 class StoreConfig(_Strict):
     path: str = "gateway.db"  # relative to data_dir
     batch_max: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 500
+    # Acknowledged events are deleted past either bound (null: no bound); unacknowledged ones never are.
+    # 250,000 events are ~150 MB on the SD card; the portal keeps the estate's history.
+    retention_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] | None = 90
+    retention_rows: Annotated[int, msgspec.Meta(ge=1000)] | None = 250_000
 
 
 class UplinkConfig(_Strict):
@@ -243,6 +247,8 @@ class LoadgenConfig(_Strict):
 
     count: Annotated[int, msgspec.Meta(ge=1)]
     rate: Annotated[float, msgspec.Meta(gt=0)] = 500.0
+    alarm_every: Annotated[int, msgspec.Meta(ge=0)] = 0  # every n-th event is an alarm or tamper (0: none)
+    start_after_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 0.0  # a quiet spell first (burst benchmarks)
 
 
 class GatewayConfig(_Strict):

@@ -7,7 +7,15 @@ written in the same transaction: an event is never in the log without being queu
 
 Sequence numbers are given at commit, inside the transaction, so they have no gaps.
 When the disk is full (or the file cannot be written), queued work waits in memory, bounded, and is
-written when space returns; :attr:`Store.fault` says why meanwhile.
+written when space returns; :attr:`Store.fault` says why meanwhile (``on_fault`` hears each change,
+so the uplink can tell the portal without writing anything), and a ``store.fault`` event records the
+episode once it is over.
+
+The outbox has two lanes for the uplink: urgent events (priority :data:`URGENT_PRIORITY` and up: alarms,
+tamper) and routine ones, each read in seq order (:meth:`Store.outbox_after`).
+
+Retention: acknowledged events older than ``retention_days``, or beyond the newest ``retention_rows``, are
+deleted by the writer thread in small chunks while it is idle; an event still in the outbox never is.
 
 A file found corrupt at start-up is moved aside (``<name>.corrupt-<UTC time>``, with its -wal and -shm)
 and a fresh one is made, so the gateway keeps guarding; :attr:`Store.replaced` says so, for the console.
@@ -27,9 +35,9 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 import sqlite_utils
@@ -39,6 +47,11 @@ from gateway import wire
 from gateway.events import Draft
 
 log = logging.getLogger(__name__)
+
+#: Events at or above this priority take the uplink's urgent lane: alarms and tamper before routine traffic.
+URGENT_PRIORITY = int(wire.Priority.TAMPER)
+#: Pause between two retention chunks, so queued writes get the writer in between.
+PRUNE_PAUSE_S = 0.05
 
 #: Each step brings the schema from version i to i+1. Never edit a released step; add one.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
@@ -168,7 +181,9 @@ class Store:
     """Async facade over the store file. Use as ``async with Store(...) as store:``."""
 
     def __init__(self, path: Path, *, site: str, gateway: str, batch_max: int = 500,
-                 ring_max: int = 100_000, wall: Callable[[], datetime] = wire.utcnow) -> None:
+                 ring_max: int = 100_000, wall: Callable[[], datetime] = wire.utcnow,
+                 retention_days: float | None = None, retention_rows: int | None = None,
+                 prune_chunk: int = 500, prune_every_s: float = 600.0) -> None:
         self.path = Path(path)
         self.site = site
         self.gateway = gateway
@@ -188,12 +203,23 @@ class Store:
         self.on_fault: Callable[[str | None], None] | None = None
         self.dropped = 0
         self.replaced: CorruptReplaced | None = None  # set at open when a corrupt file was moved aside
+        self.last_urgent_seq = 0  # newest seq ever committed to the urgent lane (the uplink skips an empty lane)
+        self._fault_since: datetime | None = None
+        self._fault_first = ""
+        self._fault_peak = 0
+        self.retention_days = retention_days
+        self.retention_rows = retention_rows
+        self.prune_chunk = prune_chunk
+        self.prune_every_s = prune_every_s
+        self._prune_due = time.monotonic() + min(prune_every_s, 60.0)  # not in the way of start-up
+        self._prune_logged = False
+        self.pruned = 0  # events deleted by retention since start
 
     # ------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Store:
         loop = asyncio.get_running_loop()
-        self._next_seq = await loop.run_in_executor(self._executor, self._open_writer)
+        self._next_seq, self.last_urgent_seq = await loop.run_in_executor(self._executor, self._open_writer)
         self.last_seq = self._next_seq - 1
         self._writer_task = asyncio.create_task(self._writer(), name=f"gateway[{self.gateway}].store.writer")
         if await self.outbox_depth():
@@ -234,7 +260,8 @@ class Store:
             conn.close()
             self._local.conn = None
 
-    def _open_writer(self) -> int:
+    def _open_writer(self) -> tuple[int, int]:
+        """(next seq, newest urgent seq in the outbox)."""
         self.replaced = replace_if_corrupt(self.path, self._wall)
         try:
             row = self._conn().execute("SELECT max(seq) FROM events").fetchone()
@@ -245,7 +272,10 @@ class Store:
             self._close_conn()
             self.replaced = move_aside(self.path, str(e), self._wall())
             row = self._conn().execute("SELECT max(seq) FROM events").fetchone()
-        return int(row[0] or 0) + 1
+        urgent = self._conn().execute(
+            "SELECT max(o.seq) FROM outbox o JOIN events e ON e.seq = o.seq WHERE e.priority >= ?",
+            (URGENT_PRIORITY,)).fetchone()
+        return int(row[0] or 0) + 1, int(urgent[0] or 0)
 
     # ------------------------------------------------------------ writes
 
@@ -278,7 +308,7 @@ class Store:
         loop = asyncio.get_running_loop()
         backoff = 0.05
         while True:
-            jobs = [await self._queue.get()]
+            jobs = [await self._next_job()]
             n = len(jobs[0].drafts)
             while not self._queue.empty() and n < self.batch_max:
                 job = self._queue.get_nowait()
@@ -291,6 +321,7 @@ class Store:
                 except (sqlite3.OperationalError, sqlite3.DatabaseError, OSError) as e:
                     # Disk full, read-only file, I/O error: keep the jobs, say so, try again later.
                     self._set_fault(f"storage: {e}")
+                    self._fault_peak = max(self._fault_peak, self._pending)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
             backoff = 0.05
@@ -305,15 +336,52 @@ class Store:
             if added:
                 self.committed.set()
 
+    async def _next_job(self) -> _Job:
+        """The next queued job. While the queue is idle, prune the event log when due, a chunk at a time."""
+        loop = asyncio.get_running_loop()
+        while self.retention_days is not None or self.retention_rows is not None:
+            now = time.monotonic()
+            if not self._queue.empty() or self.fault:
+                break
+            if now < self._prune_due:
+                with contextlib.suppress(TimeoutError):
+                    return await asyncio.wait_for(self._queue.get(), self._prune_due - now)
+                continue
+            try:
+                n = await loop.run_in_executor(self._executor, self._prune_chunk)
+            except (sqlite3.Error, OSError) as e:
+                if not self._prune_logged:
+                    self._prune_logged = True
+                    log.warning("store %s: retention failed: %s (retried every %.0f s)", self.path, e,
+                                self.prune_every_s)
+                n = 0
+            self._prune_due = time.monotonic() + (PRUNE_PAUSE_S if n >= self.prune_chunk else self.prune_every_s)
+        return await self._queue.get()
+
     def _set_fault(self, fault: str | None) -> None:
         if fault != self.fault:
             if fault:
                 log.error("store %s: %s; %d drafts wait in memory", self.path, fault, self._pending)
+                if self._fault_since is None:
+                    self._fault_since, self._fault_first, self._fault_peak = self._wall(), fault, self._pending
             else:
                 log.warning("store %s: writable again", self.path)
+                self._record_fault_episode()
             self.fault = fault
             if self.on_fault is not None:
                 self.on_fault(fault)
+
+    def _record_fault_episode(self) -> None:
+        """Once writable again, put the episode in the event log (it could not be written while it lasted)."""
+        if self._fault_since is None:
+            return
+        until = self._wall()
+        d = Draft(type="store.fault", device="gateway", place=wire.Place(site=self.site), priority=wire.Priority.FAULT,
+                  data={"detail": self._fault_first[:300], "since": self._fault_since.isoformat(),
+                        "until": until.isoformat(), "waited": self._fault_peak, "dropped": self.dropped})
+        self._fault_since = None
+        self._pending += 1
+        self._queue.put_nowait(_Job(drafts=[d]))
 
     def _commit(self, jobs: list[_Job]) -> list[list[wire.Event]]:
         conn = self._conn()
@@ -322,6 +390,7 @@ class Store:
         rows: list[tuple[int, str, str, str, int, bytes]] = []
         acks: list[tuple[int]] = []
         states: list[tuple[str, bytes]] = []
+        urgent = 0
         for job in jobs:
             events = []
             for d in job.drafts:
@@ -332,6 +401,8 @@ class Store:
                 )
                 rows.append((seq, ev.id, ts.isoformat(), ev.type, ev.priority, _enc.encode(ev)))
                 events.append(ev)
+                if ev.priority >= URGENT_PRIORITY:
+                    urgent = seq
                 seq += 1
             out.append(events)
             acks.extend((s,) for s in job.ack_seqs)
@@ -353,20 +424,88 @@ class Store:
             raise
         self._next_seq = seq
         self.last_seq = seq - 1
+        if urgent:
+            self.last_urgent_seq = urgent
         return out
+
+    def _prune_chunk(self) -> int:
+        """Delete up to ``prune_chunk`` of the oldest acknowledged events past retention (writer thread)."""
+        conn = self._conn()
+        conds: list[str] = []
+        args: list[Any] = []
+        bound = 0  # no seq above this qualifies: keeps the scan short when there is nothing to delete
+        cutoff = None
+        if self.retention_rows is not None:
+            bound = max(bound, self.last_seq - self.retention_rows)
+            conds.append("seq <= ?")
+            args.append(self.last_seq - self.retention_rows)
+        if self.retention_days is not None:
+            cutoff = (self._wall() - timedelta(days=self.retention_days)).astimezone(UTC).isoformat()
+            row = conn.execute("SELECT seq FROM events WHERE ts < ? ORDER BY ts DESC LIMIT 1", (cutoff,)).fetchone()
+            if row is not None:
+                bound = max(bound, int(row[0]))
+            conds.append("ts < ?")
+            args.append(cutoff)
+        # The newest event always stays: the next seq is counted from it after a restart.
+        bound = min(bound, self.last_seq - 1)
+        if bound <= 0 and cutoff is None:
+            return 0
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            n = 0
+            if bound > 0:
+                n = conn.execute(
+                    "DELETE FROM events WHERE seq IN (SELECT seq FROM events e WHERE e.seq <= ? AND (" +
+                    " OR ".join(conds) + ") AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.seq = e.seq)"
+                    " ORDER BY e.seq LIMIT ?)", (bound, *args, self.prune_chunk)).rowcount
+            if cutoff is not None:  # command ids are only needed while a re-delivery could still come
+                conn.execute("DELETE FROM commands_seen WHERE id IN (SELECT id FROM commands_seen WHERE ts < ? "
+                             "LIMIT ?)", (cutoff, self.prune_chunk))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self.pruned += n
+        if n:
+            log.debug("store %s: retention deleted %d events", self.path, n)
+        return n
+
+    async def prune_now(self) -> int:
+        """Run retention to the end now (chunk by chunk, on the writer thread); the events deleted."""
+        loop = asyncio.get_running_loop()
+        total = 0
+        while True:
+            n = await loop.run_in_executor(self._executor, self._prune_chunk)
+            total += n
+            if n < self.prune_chunk:
+                return total
 
     # ------------------------------------------------------------ reads (a second connection, WAL readers)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], R]) -> R:
         return await asyncio.get_running_loop().run_in_executor(self._reader, lambda: fn(self._conn()))
 
-    async def outbox_after(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
-        """(seq, encoded event) of outbox rows past ``after_seq``, in seq order."""
+    async def outbox_after(self, after_seq: int, limit: int, *, lane: Literal["all", "urgent", "routine"] = "all",
+                           upto: int | None = None) -> list[tuple[int, bytes]]:
+        """(seq, encoded event) of outbox rows past ``after_seq`` (and not past ``upto``), in seq order: all of
+        them, or only one lane (urgent: priority >= :data:`URGENT_PRIORITY`)."""
+        sql = "SELECT o.seq, e.body FROM outbox o JOIN events e ON e.seq = o.seq WHERE o.seq > ?"
+        args: list[int] = [after_seq]
+        if upto is not None:
+            sql += " AND o.seq <= ?"
+            args.append(upto)
+        if lane != "all":
+            sql += " AND e.priority >= ?" if lane == "urgent" else " AND e.priority < ?"
+            args.append(URGENT_PRIORITY)
+        args.append(limit)
+
         def q(c: sqlite3.Connection) -> list[tuple[int, bytes]]:
-            return c.execute(
-                "SELECT o.seq, e.body FROM outbox o JOIN events e ON e.seq = o.seq WHERE o.seq > ? "
-                "ORDER BY o.seq LIMIT ?", (after_seq, limit)).fetchall()
+            return c.execute(sql + " ORDER BY o.seq LIMIT ?", args).fetchall()
         return await self._read(q)
+
+    async def event_count(self) -> int:
+        return int((await self._read(lambda c: c.execute("SELECT count(*) FROM events").fetchone()))[0])
 
     async def outbox_depth(self) -> int:
         return int((await self._read(lambda c: c.execute("SELECT count(*) FROM outbox").fetchone()))[0])
@@ -386,7 +525,12 @@ class Store:
         def q(c: sqlite3.Connection) -> bool:
             cur = c.execute("INSERT OR IGNORE INTO commands_seen(id, ts) VALUES (?, ?)", (command_id, ts.isoformat()))
             return cur.rowcount == 0
-        return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: q(self._conn()))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: q(self._conn()))
+        except (sqlite3.OperationalError, OSError) as e:
+            # A full disk must not stop a remote unlock: run it, without the guard against a re-delivery.
+            log.error("store %s: command %s not recorded (%s); carried out unrecorded", self.path, command_id, e)
+            return False
 
     @property
     def pending(self) -> int:

@@ -8,6 +8,13 @@ after every reconnect); the portal's ingest is idempotent by event id, so re-sen
 At most ``window`` events are in flight unacknowledged, so a portal that is away does not make the
 gateway push its whole backlog into a broker that would drop it. Reconnects live here and only here,
 with capped exponential backoff and full jitter, reset after a connection that worked.
+
+The outbox is read in two lanes, each in seq order with a cursor of its own: urgent events (alarms,
+tamper: priority ``store.URGENT_PRIORITY`` and up) take any room in the window first, so a burst of
+routine door events does not hold an alarm back; the portal sees a gap in the seqs meanwhile.
+
+The retained status says "online" and carries the store's fault (a full disk) while it lasts: the
+fault cannot wait in an outbox that cannot be written.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ class UplinkStats:
     commands: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     last_ack_mono: float | None = None
+    urgent_sent: int = 0
+    command_errors: int = 0
 
 
 def backoff_delays(lo: float, hi: float, rng: random.Random | None = None) -> Callable[[int], float]:
@@ -73,8 +82,11 @@ class Uplink:
         self._t_ack = wire.topic(cfg.site, cfg.gateway, "ack")
         self._t_cmd = wire.topic(cfg.site, cfg.gateway, "cmd")
         self._t_status = wire.topic(cfg.site, cfg.gateway, "status")
-        self._inflight: dict[int, float] = {}  # seq -> monotonic time sent
-        self._cursor = 0  # highest seq sent on this connection
+        self._inflight: dict[int, tuple[float, bool]] = {}  # seq -> (monotonic time sent, urgent lane)
+        self._cursor = 0  # highest routine seq sent on this connection
+        self._cursor_urgent = 0  # highest urgent seq sent on this connection
+        self._fault = ""  # the store's standing fault, carried in the retained status
+        self._status_changed = asyncio.Event()
         self._acked = asyncio.Event()
         self._logged_reasons: set[str] = set()
         self._client: aiomqtt.Client | None = None
@@ -130,18 +142,36 @@ class Uplink:
                 payload = wire.encode(wire.Status(v=wire.SCHEMA_VERSION, state="offline", ts=wire.utcnow()))
                 await client.publish(self._t_status, payload, qos=1, retain=True, timeout=2)
 
+    def set_fault(self, fault: str | None) -> None:
+        """The store's fault changed (None: cleared); the retained status says so at once when connected."""
+        fault = (fault or "")[:500]
+        if fault != self._fault:
+            self._fault = fault
+            self._status_changed.set()
+
+    def _online(self) -> bytes:
+        return wire.encode(wire.Status(v=wire.SCHEMA_VERSION, state="online", ts=wire.utcnow(), version=__version__,
+                                       fault=self._fault))
+
+    async def _status_loop(self, client: aiomqtt.Client) -> None:
+        while True:
+            await self._status_changed.wait()
+            self._status_changed.clear()
+            await client.publish(self._t_status, self._online(), qos=1, retain=True)
+
     async def _serve(self, client: aiomqtt.Client) -> None:
         client.pending_calls_threshold = 2 * MAX_PUBLISHES  # aiomqtt warns past this; we never get there
         self._inflight.clear()
-        self._cursor = 0
+        self._cursor = self._cursor_urgent = 0
         await client.subscribe([(self._t_ack, 1), (self._t_cmd, 1)])
-        online = wire.Status(v=wire.SCHEMA_VERSION, state="online", ts=wire.utcnow(), version=__version__)
-        await client.publish(self._t_status, wire.encode(online), qos=1, retain=True)
+        self._status_changed.clear()
+        await client.publish(self._t_status, self._online(), qos=1, retain=True)
         self.store.committed.set()  # whatever is in the outbox goes out now
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._receive(client), name=f"gateway[{self.cfg.gateway}].uplink.receive")
                 tg.create_task(self._send(client), name=f"gateway[{self.cfg.gateway}].uplink.send")
+                tg.create_task(self._status_loop(client), name=f"gateway[{self.cfg.gateway}].uplink.status")
         except ExceptionGroup as eg:
             # A lost connection surfaces in one of the two tasks; report it as the plain MqttError it is.
             mqtt_errors = eg.subgroup(aiomqtt.MqttError)
@@ -162,20 +192,20 @@ class Uplink:
                 await slots.acquire()
                 slots.release()  # only waited for a free slot; _publish takes it
                 room = up.window - len(self._inflight)
-                rows = await self.store.outbox_after(self._cursor, min(up.batch_max, room)) if room > 0 else []
+                rows, urgent = await self._next_rows(min(up.batch_max, room)) if room > 0 else ([], False)
                 if rows:
                     await slots.acquire()
-                    self._publish(client, rows, publishes, slots)
+                    self._publish(client, rows, urgent, publishes, slots)
                     continue
                 # Nothing to send now: wait for new events, an ack (room in the window), or a resend.
                 self.store.committed.clear()
                 if room > 0:
                     # Re-check after clearing, in case a commit landed between the read and the clear.
-                    rows = await self.store.outbox_after(self._cursor, 1)
+                    rows, _ = await self._next_rows(1)
                     if rows:
                         continue
                 self._acked.clear()
-                oldest = min(self._inflight.values(), default=None)
+                oldest = min((t for t, _ in self._inflight.values()), default=None)
                 timeout = None if oldest is None else max(0.0, oldest + resend_after - self._clock())
                 waiters = [asyncio.ensure_future(self.store.committed.wait()),
                            asyncio.ensure_future(self._acked.wait())]
@@ -190,7 +220,11 @@ class Uplink:
                     self.stats.resends += 1
                     log.info("uplink: %d events unacknowledged for %.0fs, re-sending", len(self._inflight),
                              resend_after)
-                    self._cursor = min(self._inflight) - 1
+                    for seq, (_, lane_urgent) in self._inflight.items():
+                        if lane_urgent:
+                            self._cursor_urgent = min(self._cursor_urgent, seq - 1)
+                        else:
+                            self._cursor = min(self._cursor, seq - 1)
                     self._inflight.clear()
                     resend_after = min(resend_after * 2, up.resend_max_s)
                 elif self.stats.last_ack_mono is not None and self._clock() - self.stats.last_ack_mono < 1:
@@ -200,15 +234,29 @@ class Uplink:
                 t.cancel()
             await asyncio.gather(*publishes, return_exceptions=True)
 
-    def _publish(self, client: aiomqtt.Client, rows: list[tuple[int, bytes]],
+    async def _next_rows(self, limit: int) -> tuple[list[tuple[int, bytes]], bool]:
+        """The next rows to send, urgent lane first; and whether they are urgent."""
+        last_urgent = self.store.last_urgent_seq
+        if last_urgent > self._cursor_urgent:
+            rows = await self.store.outbox_after(self._cursor_urgent, limit, lane="urgent", upto=last_urgent)
+            if rows:
+                return rows, True
+            self._cursor_urgent = last_urgent  # nothing left in that range: the lane is empty up to there
+        return await self.store.outbox_after(self._cursor, limit, lane="routine"), False
+
+    def _publish(self, client: aiomqtt.Client, rows: list[tuple[int, bytes]], urgent: bool,
                  publishes: set[asyncio.Task[None]], slots: asyncio.Semaphore) -> None:
         # The stored bodies are already encoded wire.Events; frame them into a batch without re-encoding.
         head = f'{{"v":{wire.SCHEMA_VERSION},"site":"{self.cfg.site}","gateway":"{self.cfg.gateway}","events":['
         payload = head.encode() + b",".join(body for _, body in rows) + b"]}"
         now = self._clock()
         for seq, _ in rows:
-            self._inflight[seq] = now
-        self._cursor = rows[-1][0]
+            self._inflight[seq] = (now, urgent)
+        if urgent:
+            self._cursor_urgent = rows[-1][0]
+            self.stats.urgent_sent += len(rows)
+        else:
+            self._cursor = rows[-1][0]
         self.stats.batches_sent += 1
         self.stats.events_sent += len(rows)
         task = asyncio.create_task(self._publish_one(client, payload),
@@ -256,4 +304,8 @@ class Uplink:
     async def _on_command(self, cmd: wire.Command) -> None:
         self.stats.commands += 1
         if self.on_command is not None:
-            await self.on_command(cmd)
+            try:
+                await self.on_command(cmd)
+            except Exception:  # a failing command must not take the uplink (and the gateway) down with it
+                self.stats.command_errors += 1
+                log.exception("uplink: command %s (%s) failed", cmd.id, cmd.type)

@@ -44,6 +44,9 @@ log = logging.getLogger("portal.ingest")
 ACK_CHUNK = 5000
 ACK_QUEUE_MAX = 10_000
 LOG_ONCE_MAX = 1000
+#: A seq gap is normal for a moment (a gateway sends alarms ahead of routine events queued before them);
+#: it is logged as a warning only if still open after this long.
+GAP_GRACE_S = 30.0
 
 
 class BrokerUnavailable(ConnectionError):
@@ -82,6 +85,10 @@ class Ingest:
         self.acks_sent = 0
         self.acks_dropped = 0
         self._stopping = False
+        self.faults: dict[tuple[str, str], str] = {}  # a gateway's standing fault, from its retained status
+        self.gap_grace_s = GAP_GRACE_S
+        self._gap_timers: dict[tuple[str, str, int, int], asyncio.TimerHandle] = {}
+        self._gaps_warned: set[tuple[str, str, int, int]] = set()
         store.add_commit_listener(self._on_commit)
 
     # -- lifecycle
@@ -101,6 +108,9 @@ class Ingest:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for h in self._gap_timers.values():
+            h.cancel()
+        self._gap_timers.clear()
         self._set_connected(False)
 
     # -- the connection
@@ -252,10 +262,12 @@ class Ingest:
                 acks[(res.site, res.gateway)].extend(res.ack_seqs)
                 new.extend(res.new_events)
                 self._after_batch(res, now)
-            elif isinstance(res, StatusResult) and isinstance(op, SetStatus) and res.changed:
-                log.info("gateway %s/%s is %s", op.site, op.gateway, res.snapshot.status)
-                if self.on_status:
-                    self.on_status(op.site, op.gateway, res.snapshot.status)
+            elif isinstance(res, StatusResult) and isinstance(op, SetStatus):
+                fault_changed = self._note_fault(op)
+                if res.changed:
+                    log.info("gateway %s/%s is %s", op.site, op.gateway, res.snapshot.status)
+                if (res.changed or fault_changed) and self.on_status:
+                    self.on_status(op.site, op.gateway, self._shown_status(op.site, op.gateway, res.snapshot.status))
         for (site, gw), seqs in acks.items():
             if not seqs:
                 continue
@@ -268,6 +280,34 @@ class Ingest:
         if new and self.on_events:
             self.on_events(new)
 
+    def _note_fault(self, op: SetStatus) -> bool:
+        """Keep the fault an online gateway reports (none once it is offline); True if it changed."""
+        key = (op.site, op.gateway)
+        fault = op.status.fault if op.status.state == "online" else ""
+        if fault == self.faults.get(key, ""):
+            return False
+        if fault:
+            self.faults[key] = fault
+            log.error("gateway %s/%s reports a fault: %s", op.site, op.gateway, fault[:200])
+        else:
+            self.faults.pop(key, None)
+            log.warning("gateway %s/%s: fault cleared", op.site, op.gateway)
+        return True
+
+    def _shown_status(self, site: str, gateway: str, status: str) -> str:
+        """What the console shows: "fault" for an online gateway with a standing fault."""
+        return "fault" if status == "online" and self.faults.get((site, gateway)) else status
+
+    def _gap_overdue(self, key: tuple[str, str, int, int]) -> None:
+        self._gap_timers.pop(key, None)
+        site, gw, lo, hi = key
+        snap = self.store.gateways.get((site, gw))
+        if snap is None or (lo, hi) not in snap.open_gaps:
+            return
+        self._gaps_warned.add(key)
+        log.warning("gateway %s/%s: seq gap %d..%d still open after %.0f s (have up to %d contiguous)", site, gw,
+                    lo, hi, self.gap_grace_s, snap.contiguous_seq)
+
     def _after_batch(self, res: BatchResult, now: datetime) -> None:
         who = f"{res.site}/{res.gateway}"
         self.metrics.events_ingested.inc(len(res.new_events))
@@ -279,11 +319,25 @@ class Ingest:
             except ValueError:
                 continue
             self.metrics.ingest_latency.observe(max(0.0, (now - ts).total_seconds()))
+        loop = asyncio.get_running_loop()
         for lo, hi in res.gap_opened:
-            log.warning("gateway %s: seq gap %d..%d noticed (have up to %d contiguous)", who, lo, hi,
-                        res.snapshot.contiguous_seq)
+            key = (res.site, res.gateway, lo, hi)
+            log.debug("gateway %s: seq gap %d..%d noticed (have up to %d contiguous)", who, lo, hi,
+                      res.snapshot.contiguous_seq)
+            old = self._gap_timers.pop(key, None)
+            if old is not None:
+                old.cancel()
+            self._gap_timers[key] = loop.call_later(self.gap_grace_s, self._gap_overdue, key)
         for lo, hi in res.gaps_closed:
-            log.info("gateway %s: seq gap %d..%d filled", who, lo, hi)
+            key = (res.site, res.gateway, lo, hi)
+            timer = self._gap_timers.pop(key, None)
+            if timer is not None:
+                timer.cancel()
+            if key in self._gaps_warned:
+                self._gaps_warned.discard(key)
+                log.info("gateway %s: seq gap %d..%d filled", who, lo, hi)
+            else:
+                log.debug("gateway %s: seq gap %d..%d filled", who, lo, hi)
         if res.conflicts:
             n = len(res.conflicts)
             self.rejections["seq-conflict"] += n
@@ -316,12 +370,14 @@ class Ingest:
         gws = []
         for g in self.cfg.gateways:
             snap = self.store.gateways.get((g.site, g.gateway))
-            item: dict[str, Any] = {"site": g.site, "gateway": g.gateway, "name": g.name}
+            item: dict[str, Any] = {"site": g.site, "gateway": g.gateway, "name": g.name,
+                                    "fault": self.faults.get((g.site, g.gateway), "")}
             if snap is None:
                 item.update(status="unknown", online=False, last_seq=0, contiguous_seq=0, gaps_open=0)
             else:
                 item.update(
-                    status=snap.status, online=snap.status == "online", last_seq=snap.max_seq,
+                    status=self._shown_status(g.site, g.gateway, snap.status), online=snap.status == "online",
+                    last_seq=snap.max_seq,
                     contiguous_seq=snap.contiguous_seq, gaps_open=len(snap.open_gaps),
                     missing=[list(r) for r in snap.missing[:20]], gaps_noticed=snap.gaps_noticed,
                     gaps_closed=snap.gaps_closed, events_stored=snap.events_stored, last_event_at=snap.last_event_at,

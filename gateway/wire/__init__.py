@@ -20,7 +20,9 @@ as any event) whose ``data`` carries ``command_id``, ``ok`` and ``detail``.
 Delivery is at-least-once end to end: the gateway keeps each event in its outbox until an
 :class:`Ack` names its seq, re-sending meanwhile; the portal stores by event id idempotently and
 acknowledges again on a re-send. Sequence numbers are per gateway, start at 1 and have no gaps,
-so the portal can notice a missing one.
+so the portal can notice a missing one. Urgent events (priority TAMPER and up) are sent ahead of
+routine ones queued before them, so batches may arrive out of seq order: only a gap that stays open
+means something is missing.
 
 Decoding is strict: unknown fields, wrong types, a wrong schema version or an oversized payload
 raise :class:`WireError` with a short reason, which receivers count and log once.
@@ -125,10 +127,14 @@ class Command(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, fr
 
 
 class Status(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
+    """``fault`` (optional, added within v1, omitted when empty): a standing gateway fault that cannot wait
+    in the outbox, such as a store that cannot write (a full SD card); cleared by the next status without it."""
+
     v: int
     state: Literal["online", "offline"]
     ts: datetime | None = None
     version: str = ""
+    fault: Annotated[str, msgspec.Meta(max_length=500)] = ""
 
 
 # ---------------------------------------------------------------- topics
@@ -183,6 +189,10 @@ def _decode(cls: type[T], payload: bytes | bytearray | memoryview) -> T:
         raise WireError("schema", str(e)[:200]) from None
     except msgspec.DecodeError as e:
         raise WireError("malformed", str(e)[:200]) from None
+    except RecursionError:  # msgspec's answer to JSON nested a thousand deep
+        raise WireError("malformed", "nested too deeply") from None
+    except UnicodeDecodeError:  # msgspec's answer to a string (even a key it skips) that is not UTF-8
+        raise WireError("malformed", "a string is not UTF-8") from None
     if head.v != SCHEMA_VERSION:
         raise WireError("bad-version", f"v={head.v}, this side speaks v={SCHEMA_VERSION}")
     dec = _decoders.get(cls)
@@ -194,6 +204,10 @@ def _decode(cls: type[T], payload: bytes | bytearray | memoryview) -> T:
         raise WireError("schema", str(e)[:200]) from None
     except msgspec.DecodeError as e:
         raise WireError("malformed", str(e)[:200]) from None
+    except RecursionError:
+        raise WireError("malformed", "nested too deeply") from None
+    except UnicodeDecodeError:
+        raise WireError("malformed", "a string is not UTF-8") from None
 
 
 class _Versioned(msgspec.Struct):
