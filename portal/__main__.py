@@ -1,4 +1,4 @@
-"""``python -m portal run --config FILE``, ``adduser ...``, ``check``, and the registry commands
+"""``python -m portal run --config FILE``, ``adduser ...``, ``check``, ``purge [--dry-run]``, and the registry commands
 ``import-estate``, ``export-estate``, ``plates`` and ``audit-verify`` (:mod:`portal.registry_cli`)."""
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ def _run(cfg: PortalConfig) -> int:
     return 0
 
 
-def _adduser(cfg: PortalConfig, name: str, role: str, password_file: str, must_change: bool) -> int:
+def _adduser(cfg: PortalConfig, name: str, role: str, password_file: str, must_change: bool,
+             sites_arg: str | None = None) -> int:
     from argon2 import PasswordHasher
 
     from portal.auth import USER_NAME_RE, AuthError, check_new_password
-    from portal.store import ROLES, StoreConflict, insert_user, open_db
+    from portal.store import ROLES, SitesError, StoreConflict, insert_user, open_db, parse_sites, registry_site_codes
 
     if not USER_NAME_RE.match(name):
         print(f"adduser: bad user name {name!r}: letters, digits and . _ - only, at most 32", file=sys.stderr)
@@ -55,15 +56,32 @@ def _adduser(cfg: PortalConfig, name: str, role: str, password_file: str, must_c
     except AuthError:
         print("adduser: the password must have 12 to 1024 characters", file=sys.stderr)
         return 2
+    if sites_arg is not None and role == "admin":
+        print("adduser: administrators see every site; --sites is for guards and installers", file=sys.stderr)
+        return 2
     conn = open_db(cfg.db_path)
     try:
-        insert_user(conn, name, role, PasswordHasher().hash(password), must_change)
+        sites = None
+        if sites_arg is not None:
+            known = registry_site_codes(conn)
+            try:
+                sites = parse_sites(sites_arg, known)
+            except SitesError as e:
+                why = ("not a site id" if e.key == "users.bad_sites"
+                       else f"unknown site (the registry has: {', '.join(known)})")
+                print(f"adduser: --sites: {why}: {', '.join(e.sites)}", file=sys.stderr)
+                return 2
+            if sites is None:
+                print("adduser: --sites needs at least one site id (leave it out for every site)", file=sys.stderr)
+                return 2
+        insert_user(conn, name, role, PasswordHasher().hash(password), must_change, sites)
     except StoreConflict:
         print(f"adduser: user {name!r} exists", file=sys.stderr)
         return 1
     finally:
         conn.close()
-    print(json.dumps({"user": name, "role": role, "must_change": must_change}))
+    print(json.dumps({"user": name, "role": role, "must_change": must_change,
+                      "sites": list(sites) if sites is not None else None}, ensure_ascii=False))
     return 0
 
 
@@ -78,8 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--role", required=True, choices=["admin", "guard", "installer"])
     a.add_argument("--password-file", required=True, help="a file holding the password (trailing newline ignored)")
     a.add_argument("--must-change", action="store_true", help="force a password change at first sign-in")
+    a.add_argument("--sites", help="comma-separated site ids the account sees and acts on (default: every site)")
     c = sub.add_parser("check", help="validate the config and exit")
     c.add_argument("--config", required=True)
+    pg = sub.add_parser("purge", help="apply the retention policy now (the portal also does it daily)")
+    pg.add_argument("--config", required=True)
+    pg.add_argument("--dry-run", action="store_true", help="count what would go; change nothing")
     registry_cli.add_parsers(sub)
     args = p.parse_args(argv)
     try:
@@ -93,8 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(cfg.log_level)
     if args.command == "run":
         return _run(cfg)
+    if args.command == "purge":
+        from portal import retention
+
+        return retention.cli(cfg, dry_run=args.dry_run)
     if args.command == "adduser":
-        return _adduser(cfg, args.user, args.role, args.password_file, args.must_change)
+        return _adduser(cfg, args.user, args.role, args.password_file, args.must_change, args.sites)
     print(json.dumps({"ok": True, "config": cfg.source}))
     return 0
 

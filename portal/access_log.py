@@ -14,7 +14,7 @@ import io
 import logging
 import re
 import sqlite3
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
@@ -26,6 +26,8 @@ from portal import audit
 from portal.api import bad_request
 from portal.auth import SESSION_KEY, roles
 from portal.doors import BOARD
+from portal.scope import Sites, sites_of
+from portal.scope import sql as site_sql
 from portal.services import SERVICES
 from portal.store import ts_text
 from portal.views import local_time, render, translator
@@ -59,6 +61,7 @@ class Filter:
     since: str = ""  # UTC ts text, inclusive
     until: str = ""  # UTC ts text, exclusive
     raw: dict[str, str] = field(default_factory=dict)  # the query as given, for links and the form
+    sites: Sites = None  # the user's scope (None: every site); not part of the query
 
     def query(self, **extra: str) -> str:
         return urlencode({**{k: v for k, v in self.raw.items() if v}, **extra})
@@ -133,8 +136,9 @@ def names_of(conn: sqlite3.Connection, subjects: set[str]) -> dict[str, str]:
 def search(conn: sqlite3.Connection, f: Filter, *, before: tuple[str, int] | None = None,
            limit: int = PAGE_DEFAULT) -> list[dict[str, Any]]:
     """One page, newest first; ``before`` = (ts, event_pk) of the last row of the previous page."""
-    where: list[str] = []
-    args: list[Any] = []
+    cond, scope_args = site_sql("site", f.sites)
+    where: list[str] = [cond]
+    args: list[Any] = [*scope_args]
     for col, v in (("site", f.site), ("door", f.door), ("house", f.house), ("kind", f.kind)):
         if v:
             where.append(f"{col} = ?")
@@ -163,9 +167,7 @@ def search(conn: sqlite3.Connection, f: Filter, *, before: tuple[str, int] | Non
     if before is not None:
         where.append("(ts < ? OR (ts = ? AND event_pk < ?))")
         args.extend([before[0], before[0], before[1]])
-    sql = "SELECT * FROM access_log"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
+    sql = "SELECT * FROM access_log WHERE " + " AND ".join(where)
     sql += " ORDER BY ts DESC, event_pk DESC LIMIT ?"
     args.append(limit)
     rows = [dict(r) for r in conn.execute(sql, args)]
@@ -203,7 +205,7 @@ def present(r: dict[str, Any], tz: Any, labels: dict[tuple[str, str], str]) -> d
 
 async def _page_rows(request: web.Request) -> tuple[Filter, list[dict[str, Any]], str | None, int]:
     svc = request.app[SERVICES]
-    f = parse_filter(request.query, svc.tz)
+    f = replace(parse_filter(request.query, svc.tz), sites=sites_of(request))
     before = _cursor(request.query.get("before", ""))
     try:
         limit = int(request.query.get("limit", "") or PAGE_DEFAULT)
@@ -238,7 +240,9 @@ async def page(request: web.Request) -> web.StreamResponse:
         raw = {k: request.query.get(k, "")[:80] for k in FILTER_KEYS}
         f, rows, nxt, error = Filter(raw=raw), [], None, e.text
     b = request.app.get(BOARD)
-    doors = sorted(((v.site, v.door, v.label or v.door) for v in b.doors.values()), key=lambda d: d[2]) if b else []
+    sites = sites_of(request)
+    doors = sorted(((v.site, v.door, v.label or v.door) for v in b.doors.values() if sites is None or v.site in sites),
+                   key=lambda d: d[2]) if b else []
     return render(request, "access_log.html", status=400 if error else 200, rows=rows, f=f, next_cursor=nxt,
                   error=error, reasons=REASONS, kinds=KINDS, doors=doors,
                   paged="before" in request.query)
@@ -248,7 +252,7 @@ async def page(request: web.Request) -> web.StreamResponse:
 @roles("admin", "guard")
 async def export_csv(request: web.Request) -> web.StreamResponse:
     svc = request.app[SERVICES]
-    f = parse_filter(request.query, svc.tz)
+    f = replace(parse_filter(request.query, svc.tz), sites=sites_of(request))
     tr = translator(request)
     labels = _labels(request)
     u = request[SESSION_KEY].user

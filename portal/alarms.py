@@ -33,6 +33,8 @@ from typing import Any
 from gateway import wire
 from portal import audit, i18n
 from portal.config import ALARM_KINDS
+from portal.scope import Sites
+from portal.scope import sql as site_sql
 from portal.store import Op, StoreConflict, Tx, event_dict, now_text
 from portal.views import level_of, place_text
 
@@ -213,16 +215,18 @@ def get_incident(conn: sqlite3.Connection, incident_id: int) -> dict[str, Any] |
     return incident_dict(row) if row else None
 
 
-def open_incidents(conn: sqlite3.Connection, limit: int = 500) -> list[dict[str, Any]]:
-    """Every incident not closed: highest priority first, then newest first."""
-    rows = conn.execute("SELECT * FROM incidents WHERE state != 'closed' ORDER BY priority DESC, opened_at DESC,"
-                        " id DESC LIMIT ?", (limit,))
+def open_incidents(conn: sqlite3.Connection, limit: int = 500, sites: Sites = None) -> list[dict[str, Any]]:
+    """Every incident not closed (of ``sites``; None: all): highest priority first, then newest first."""
+    cond, args = site_sql("site", sites)
+    rows = conn.execute(f"SELECT * FROM incidents WHERE state != 'closed' AND {cond} ORDER BY priority DESC,"
+                        " opened_at DESC, id DESC LIMIT ?", (*args, limit))
     return [incident_dict(r) for r in rows]
 
 
-def recent_closed(conn: sqlite3.Connection, limit: int = 20) -> list[dict[str, Any]]:
-    rows = conn.execute("SELECT * FROM incidents WHERE state = 'closed' ORDER BY closed_at DESC, id DESC LIMIT ?",
-                        (limit,))
+def recent_closed(conn: sqlite3.Connection, limit: int = 20, sites: Sites = None) -> list[dict[str, Any]]:
+    cond, args = site_sql("site", sites)
+    rows = conn.execute(f"SELECT * FROM incidents WHERE state = 'closed' AND {cond} ORDER BY closed_at DESC, id DESC"
+                        " LIMIT ?", (*args, limit))
     return [incident_dict(r) for r in rows]
 
 
@@ -232,12 +236,16 @@ def incident_log(conn: sqlite3.Connection, incident_id: int) -> list[dict[str, A
         (incident_id,))]
 
 
-def arm_groups(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    return [_group_dict(r) for r in conn.execute("SELECT * FROM arm_groups ORDER BY site, gateway, grp")]
+def arm_groups(conn: sqlite3.Connection, sites: Sites = None) -> list[dict[str, Any]]:
+    cond, args = site_sql("site", sites)
+    return [_group_dict(r) for r in conn.execute(f"SELECT * FROM arm_groups WHERE {cond} ORDER BY site, gateway, grp",
+                                                 args)]
 
 
-def recent_commands(conn: sqlite3.Connection, limit: int = 20) -> list[dict[str, Any]]:
-    rows = conn.execute("SELECT * FROM console_commands ORDER BY sent_at DESC, id DESC LIMIT ?", (limit,))
+def recent_commands(conn: sqlite3.Connection, limit: int = 20, sites: Sites = None) -> list[dict[str, Any]]:
+    cond, args = site_sql("site", sites)
+    rows = conn.execute(f"SELECT * FROM console_commands WHERE {cond} ORDER BY sent_at DESC, id DESC LIMIT ?",
+                        (*args, limit))
     return [command_dict(r) for r in rows]
 
 

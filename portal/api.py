@@ -9,6 +9,7 @@ from aiohttp import web
 
 from portal.auth import AuthError, public, roles
 from portal.metrics import CONTENT_TYPE
+from portal.scope import sites_of
 from portal.services import SERVICES
 from portal.store import EventQuery
 
@@ -31,6 +32,8 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad_request(f"malformed JSON: {e}") from None
+    except RecursionError:  # thousands of nested brackets
+        raise bad_request("malformed JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise bad_request("expected a JSON object")
     return data
@@ -87,7 +90,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         raise bad_request("filter too long")
     rows = await request.app[SERVICES].store.events(
         EventQuery(before=before, after=after, after_seq=after_seq, site=site, gateway=gateway, types=types,
-                   limit=limit))
+                   limit=limit, sites=sites_of(request)))  # another site's events: as for an unknown site
     body: dict[str, Any] = {"events": rows, "order": "asc" if (after or after_seq is not None) else "desc"}
     if len(rows) == limit:
         last = rows[-1]

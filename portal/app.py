@@ -22,9 +22,10 @@ from typing import Any, TextIO
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from common.sdnotify import Notifier
-from portal import api, board, doors, estate, views
+from portal import api, board, doors, estate, limits, openapi, retention, views
 from portal.auth import Auth, middleware, wants_json
 from portal.config import PortalConfig
 from portal.hub import Hub
@@ -59,8 +60,9 @@ def create_app(cfg: PortalConfig, options: Options | None = None) -> web.Applica
     app = web.Application(
         client_max_size=cfg.max_body_bytes,
         # real_client first: every later step (sign-in limits, audit, phone pages) sees the client behind a proxy
-        middlewares=[real_client(cfg.trusted_proxies), _errors,
+        middlewares=[real_client(cfg.trusted_proxies), _errors, limits.middleware(cfg),
                      middleware(lambda r: r.app[SERVICES].auth, views.deny)],
+        handler_args={"debug": False},  # aiohttp's own 500 page carries a traceback in asyncio debug mode
     )
     app[CONFIG] = cfg
     app[OPTIONS] = options or Options()
@@ -68,6 +70,7 @@ def create_app(cfg: PortalConfig, options: Options | None = None) -> web.Applica
                          undefined=jinja2.StrictUndefined)
     app.router.add_routes(views.routes)
     app.router.add_routes(api.routes)
+    app.router.add_routes(openapi.routes)
     app.router.add_static("/static/", HERE / "static", name="static", append_version=True)
     app.cleanup_ctx.append(_lifecycle)
     estate.setup(app, wall=app[OPTIONS].clock, mono=app[OPTIONS].monotonic)  # registry, plates, phone pages
@@ -99,20 +102,25 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     svc = Services(cfg=cfg, store=store, hub=hub, ingest=ingest, auth=auth, metrics=metrics, cpu=cpu, tz=cfg.tz)
     app[SERVICES] = svc
     housekeeping: asyncio.Task[None] | None = None
+    purging: asyncio.Task[None] | None = None
     try:
         svc.first_admin_password = await auth.ensure_admin()
         await ingest.start()
         housekeeping = asyncio.create_task(_housekeeping(auth), name="portal.housekeeping")
+        purging = asyncio.create_task(retention.daily(store, retention.Policy.from_config(cfg), wall=opt.clock,
+                                                      start_delay_s=cfg.retention.start_delay_s),
+                                      name="portal.retention")
         yield
     finally:
         steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
             ("ingest", ingest.stop), ("console sockets", hub.close), ("store", store.close),
             ("worker threads", lambda: shutdown_executor(cpu)),
         ]
-        if housekeeping is not None:
-            housekeeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await housekeeping
+        for task in (housekeeping, purging):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for name, step in steps:  # each step tried even if an earlier one failed
             try:
                 await step()
@@ -174,11 +182,42 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
         raise
     except (asyncio.CancelledError, ConnectionError):
         raise
+    except ValueError as e:
+        if not _malformed_body(e):
+            log.exception("%s %s failed", request.method, request.path)
+            return _internal(request)
+        log.info("%s %s: malformed request body: %s", request.method, request.path, e)
+        if wants_json(request):
+            return web.json_response({"error": "bad-request", "detail": "malformed body"}, status=400)
+        return web.Response(status=400, text="400 bad request: malformed body", content_type="text/plain")
+    except BadHttpMessage as e:  # e.g. a multipart part's header line aiohttp's parser refuses
+        log.info("%s %s: malformed request body: %s", request.method, request.path, e.message)
+        if wants_json(request):
+            return web.json_response({"error": "bad-request", "detail": "malformed body"}, status=400)
+        return web.Response(status=400, text="400 bad request: malformed body", content_type="text/plain")
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
-        if wants_json(request):
-            return web.json_response({"error": "internal"}, status=500)
-        return web.Response(status=500, text="500 internal server error", content_type="text/plain")
+        return _internal(request)
+
+
+def _internal(request: web.Request) -> web.Response:
+    if wants_json(request):
+        return web.json_response({"error": "internal"}, status=500)
+    return web.Response(status=500, text="500 internal server error", content_type="text/plain")
+
+
+_BODY_PARSERS = frozenset({"aiohttp.multipart", "aiohttp.web_request"})
+
+
+def _malformed_body(e: ValueError) -> bool:
+    """Text not in the encoding it claims, or an error aiohttp's own form/multipart parsing raised: the request
+    is malformed (a 400), not the portal broken."""
+    if isinstance(e, UnicodeDecodeError):
+        return True
+    tb, module = e.__traceback__, None
+    while tb is not None:
+        module, tb = tb.tb_frame.f_globals.get("__name__"), tb.tb_next
+    return module in _BODY_PARSERS
 
 
 # ---------------------------------------------------------------- the process
@@ -193,6 +232,7 @@ def ready_url(host: str, port: int) -> str:
 
 async def serve(cfg: PortalConfig, out: TextIO, *, stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or ``stop``). Prints the first-admin line (if any) and the ready line."""
+    limits.require_c_parser()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -6,17 +6,27 @@ command-line tool's ``BEGIN IMMEDIATE``), so rows are chained one after another 
 own fields. The ``audit_anchor`` row (newest id, newest hash, row count) is updated in the same transaction.
 :func:`verify` walks the chain: an edited row fails its own hash, a deleted row breaks the next row's
 ``prev_hash``, and rows deleted at the end leave the chain short of the anchor.
+
+Retention prunes the oldest rows (:mod:`portal.retention`) without breaking that: the chain then starts after the
+``audit_epoch`` row (the last pruned row's id and hash, the number pruned). Before pruning, a ``retention.purge``
+row naming the planned epoch is written into the chain (:func:`claim`), and :func:`prune` moves the epoch to at most
+that point, in chunks. :func:`verify` holds the epoch to the newest such row, so moving the start further, or
+deleting kept rows at the start and forging the epoch, is found like any other deletion.
 """
 
 from __future__ import annotations
 
+import re
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from portal.store import audit_hash, now_text
 
 # the column limits every writer has always applied
 LIMITS = {"actor": 80, "action": 40, "target": 200, "detail": 500, "remote": 64}
+PURGE_ACTION = "retention.purge"
+_CLAIM_RE = re.compile(r"^audit-epoch:(\d+):(\d+):([0-9a-f]{64})$")
 
 
 def write(conn: sqlite3.Connection, actor: str, action: str, target: str = "", detail: str = "", remote: str = "",
@@ -40,6 +50,85 @@ def write(conn: sqlite3.Connection, actor: str, action: str, target: str = "", d
     return new_id
 
 
+# ---------------------------------------------------------------- pruning (the chain's start)
+
+
+@dataclass(frozen=True, slots=True)
+class Epoch:
+    """Where the chain starts: rows up to ``through_id`` (``pruned`` of them in all) are gone; ``hash`` is the
+    last one's, so the first kept row's ``prev_hash``. All zero and empty: nothing was ever pruned."""
+
+    through_id: int = 0
+    hash: str = ""
+    pruned: int = 0
+
+    def target(self) -> str:
+        return f"audit-epoch:{self.through_id}:{self.pruned}:{self.hash}"
+
+    @classmethod
+    def parse(cls, target: str) -> Epoch | None:
+        m = _CLAIM_RE.match(target)
+        return cls(int(m.group(1)), m.group(3), int(m.group(2))) if m else None
+
+
+def epoch(conn: sqlite3.Connection) -> Epoch:
+    try:
+        row = conn.execute("SELECT through_id, hash, pruned FROM audit_epoch WHERE id = 1").fetchone()
+    except sqlite3.OperationalError:  # a store from before schema 7: never pruned
+        return Epoch()
+    return Epoch(int(row[0]), str(row[1]), int(row[2])) if row else Epoch()
+
+
+def plan(conn: sqlite3.Connection, before: str) -> Epoch:
+    """The epoch once every row older than ``before`` is pruned from the start. It stops at the first row that is
+    not older (a clock that once ran backwards cannot make a hole), and never moves back."""
+    now = epoch(conn)
+    first_kept = conn.execute("SELECT id FROM audit WHERE id > ? AND at >= ? ORDER BY id LIMIT 1",
+                              (now.through_id, before)).fetchone()
+    if first_kept is None:
+        row = conn.execute("SELECT id, hash FROM audit WHERE id > ? ORDER BY id DESC LIMIT 1",
+                           (now.through_id,)).fetchone()
+    else:
+        row = conn.execute("SELECT id, hash FROM audit WHERE id > ? AND id < ? ORDER BY id DESC LIMIT 1",
+                           (now.through_id, int(first_kept[0]))).fetchone()
+    if row is None:
+        return now
+    n = conn.execute("SELECT count(*) FROM audit WHERE id > ? AND id <= ?", (now.through_id, row[0])).fetchone()[0]
+    return Epoch(int(row[0]), str(row[1]), now.pruned + int(n))
+
+
+def claim(conn: sqlite3.Connection, actor: str, before: str, detail: Callable[[int], str]) -> tuple[Epoch, int, int]:
+    """Plan the pruning of rows older than ``before`` and write the ``retention.purge`` row that attests it, with
+    ``detail(rows to prune)`` (call inside a write transaction). Returns the planned epoch, the rows it prunes and
+    the new row's id."""
+    now = epoch(conn)
+    planned = plan(conn, before)
+    text = detail(planned.pruned - now.pruned)
+    if len(text) > LIMITS["detail"]:
+        raise ValueError(f"audit detail of {len(text)} characters is over {LIMITS['detail']}")
+    row = write(conn, actor, PURGE_ACTION, planned.target() if planned.through_id else "", text)
+    return planned, planned.pruned - now.pruned, row
+
+
+def prune(conn: sqlite3.Connection, upto: Epoch, limit: int) -> int:
+    """Delete at most ``limit`` rows from the start of the chain, never past ``upto`` (a :func:`claim`ed epoch), and
+    move the epoch in the same transaction. Returns the rows deleted (0: done)."""
+    now = epoch(conn)
+    rows = conn.execute("SELECT id, hash FROM audit WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+                        (now.through_id, upto.through_id, limit)).fetchall()
+    if not rows:
+        return 0
+    last_id, last_hash = int(rows[-1][0]), str(rows[-1][1])
+    n = conn.execute("DELETE FROM audit WHERE id > ? AND id <= ?", (now.through_id, last_id)).rowcount
+    conn.execute("INSERT INTO audit_epoch (id, through_id, hash, pruned, at) VALUES (1, ?, ?, ?, ?)"
+                 " ON CONFLICT (id) DO UPDATE SET through_id = excluded.through_id, hash = excluded.hash,"
+                 " pruned = excluded.pruned, at = excluded.at", (last_id, last_hash, now.pruned + n, now_text()))
+    return int(n)
+
+
+# ---------------------------------------------------------------- verification
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     ok: bool
@@ -48,25 +137,67 @@ class Verdict:
     reason: str = ""
 
 
+def _newest_claim(conn: sqlite3.Connection) -> tuple[int, Epoch | None] | None:
+    row = conn.execute("SELECT id, target FROM audit WHERE action = ? AND target LIKE 'audit-epoch:%'"
+                       " ORDER BY id DESC LIMIT 1", (PURGE_ACTION,)).fetchone()
+    return (int(row[0]), Epoch.parse(str(row[1]))) if row else None
+
+
 def verify(conn: sqlite3.Connection) -> Verdict:
-    """Walk the whole chain in id order; the first break found, or ok."""
-    prev, prev_id, n = "", None, 0
+    """Walk the kept chain in id order from the epoch; the first break found, or ok."""
+    start = epoch(conn)
+    claimed = _newest_claim(conn)
+    if claimed is not None and claimed[1] is None:
+        return Verdict(False, 0, claimed[0], "the retention.purge row's epoch cannot be read")
+    want = claimed[1] if claimed is not None else None
+    claim_id = claimed[0] if claimed is not None else None
+    prev, prev_id, n, seen = start.hash, None, 0, False
+    start_text = (f"the start of the chain (rows up to {start.through_id} were pruned)" if start.through_id
+                  else "the start of the chain")
     for r in conn.execute("SELECT id, at, actor, action, target, detail, remote, prev_hash, hash FROM audit"
                           " ORDER BY id"):
         rid = int(r[0])
+        if rid <= start.through_id:
+            return Verdict(False, n, rid, f"row {rid} is at or before the pruned start of the chain"
+                                          f" (row {start.through_id}): it was put back, or the epoch was changed")
         if r[7] != prev:
-            where = f"row {prev_id}'s hash" if prev_id is not None else "the start of the chain"
+            where = f"row {prev_id}'s hash" if prev_id is not None else start_text
             return Verdict(False, n, rid, f"prev_hash does not match {where}: a row before it was deleted or its"
                                           " prev_hash was changed")
         if audit_hash(prev, rid, r[1], r[2], r[3], r[4], r[5], r[6]) != r[8]:
             return Verdict(False, n, rid, "hash mismatch: the row was edited")
         prev, prev_id, n = r[8], rid, n + 1
+        if want is None or rid != want.through_id:
+            continue
+        seen = True
+        if (r[8], start.pruned + n) != (want.hash, want.pruned):
+            return Verdict(False, n, rid, f"row {rid} is not the one the retention.purge row {claim_id} planned"
+                                          " to prune through: rows at the start were deleted or the epoch changed")
+    bad = _check_epoch(start, want, claim_id, seen)
+    if bad:
+        return Verdict(False, n, claim_id, bad)
     anchor = conn.execute("SELECT last_id, hash, count FROM audit_anchor WHERE id = 1").fetchone()
     if anchor is None:
         return Verdict(False, n, None, "the audit_anchor row is missing")
     last_id, last_hash, count = int(anchor[0]), str(anchor[1]), int(anchor[2])
-    if (last_id, last_hash, count) != (prev_id or 0, prev, n):
+    end_id = prev_id if prev_id is not None else start.through_id
+    if (last_id, last_hash, count) != (end_id, prev, n + start.pruned):
         return Verdict(False, n, last_id or None,
-                       f"the chain ends at row {prev_id} ({n} rows) but the anchor names row {last_id} ({count} rows):"
-                       " rows at the end were deleted, or the anchor was changed")
+                       f"the chain ends at row {end_id} ({n} rows, {start.pruned} pruned) but the anchor names row"
+                       f" {last_id} ({count} rows): rows at the end were deleted, or the anchor was changed")
     return Verdict(True, n)
+
+
+def _check_epoch(start: Epoch, want: Epoch | None, claim_id: int | None, seen: bool) -> str:
+    """Is the chain's start where the newest retention.purge row said pruning may take it? '' when it is."""
+    if want is None:
+        return (f"rows up to {start.through_id} were pruned but no retention.purge row in the kept chain attests"
+                " it" if start.through_id else "")
+    if want.through_id < start.through_id:
+        return (f"the chain starts after row {start.through_id}, past row {want.through_id} that the"
+                f" retention.purge row {claim_id} planned to prune through")
+    if want.through_id == start.through_id and (want.hash, want.pruned) != (start.hash, start.pruned):
+        return f"the audit_epoch row does not match the retention.purge row {claim_id}"
+    if want.through_id > start.through_id and not seen:
+        return f"row {want.through_id}, planned by the retention.purge row {claim_id}, is missing"
+    return ""

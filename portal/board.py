@@ -39,6 +39,7 @@ from portal import alarms, i18n
 from portal.api import bad_request, read_json
 from portal.auth import SESSION_KEY, roles
 from portal.ingest import BrokerUnavailable
+from portal.scope import need, sees, sites_of
 from portal.services import SERVICES, Services
 from portal.sitemap import map_state, render_svg
 from portal.store import BatchResult, Op, StoreError, ts_text
@@ -313,7 +314,7 @@ def site_map_svgs(request: web.Request, incidents: list[dict[str, Any]], only: s
     tr = translator(request)
     live = door_states(request.app)
     return [render_svg(m, tr, map_state(incidents, m.site), live.get(m.site))
-            for m in svc.cfg.site_maps if only is None or m.site == only]
+            for m in svc.cfg.site_maps if (only is None or m.site == only) and sees(request, m.site)]
 
 
 def page_config(request: web.Request) -> dict[str, Any]:
@@ -330,7 +331,7 @@ def page_config(request: web.Request) -> dict[str, Any]:
         "checklists": {k: b.checklist(k, tr.lang) for k in alarms.KINDS},
         "causes": list(alarms.CAUSES), "guards": list(svc.cfg.alarms.guards),
         "groups": [{"site": g.site, "gateway": g.gateway, "group": g.group, "label": g.label}
-                   for g in svc.cfg.alarms.groups],
+                   for g in svc.cfg.alarms.groups if sees(request, g.site)],
         "escalate_after_s": svc.cfg.alarms.escalate_after_s,
         "sounds": {"normal": "/board/alarm.wav", "fast": "/board/alarm.wav?fast=1"},
     }
@@ -353,7 +354,8 @@ def _conflict(e: alarms.IncidentConflict) -> web.Response:
 @routes.get("/board")
 @roles(*GUARD_ROLES)
 async def board_page(request: web.Request) -> web.StreamResponse:
-    incidents = await request.app[SERVICES].store.read(alarms.open_incidents)
+    sites = sites_of(request)
+    incidents = await request.app[SERVICES].store.read(lambda c: alarms.open_incidents(c, sites=sites))
     return render(request, "board.html", maps=site_map_svgs(request, incidents),
                   config=script_json(page_config(request)))
 
@@ -363,7 +365,8 @@ async def board_page(request: web.Request) -> web.StreamResponse:
 async def map_page(request: web.Request) -> web.StreamResponse:
     svc = request.app[SERVICES]
     site = request.query.get("site") or None
-    incidents = await svc.store.read(alarms.open_incidents)
+    sites = sites_of(request)
+    incidents = await svc.store.read(lambda c: alarms.open_incidents(c, sites=sites))
     maps = site_map_svgs(request, incidents, site)
     if site is not None and not maps:
         raise web.HTTPNotFound()
@@ -384,19 +387,23 @@ async def alarm_sound(request: web.Request) -> web.StreamResponse:
 @roles(*GUARD_ROLES)
 async def board_json(request: web.Request) -> web.StreamResponse:
     svc = request.app[SERVICES]
+    sites = sites_of(request)
 
     def load(c: Any) -> dict[str, Any]:
-        return {"incidents": alarms.open_incidents(c), "closed": alarms.recent_closed(c, CLOSED_SHOWN),
-                "groups": alarms.arm_groups(c), "commands": alarms.recent_commands(c, COMMANDS_SHOWN)}
+        return {"incidents": alarms.open_incidents(c, sites=sites),
+                "closed": alarms.recent_closed(c, CLOSED_SHOWN, sites=sites),
+                "groups": alarms.arm_groups(c, sites=sites),
+                "commands": alarms.recent_commands(c, COMMANDS_SHOWN, sites=sites)}
 
     body = await svc.store.read(load)
-    body["waiting_s"] = {str(k): round(v, 1) for k, v in _board(request).waiting().items()}
+    shown = {inc["id"] for inc in body["incidents"]}
+    body["waiting_s"] = {str(k): round(v, 1) for k, v in _board(request).waiting().items() if k in shown}
     return web.json_response(body, dumps=lambda o: json.dumps(o, ensure_ascii=False))
 
 
 def _incident_id(request: web.Request) -> int:
     raw = request.match_info["id"]
-    if not raw.isdigit() or len(raw) > 12:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 12:  # "¹" is a digit to str.isdigit, not to int()
         raise web.HTTPNotFound()
     return int(raw)
 
@@ -411,7 +418,7 @@ async def incident_detail(request: web.Request) -> web.StreamResponse:
 
     def load(c: Any) -> dict[str, Any] | None:
         inc = alarms.get_incident(c, iid)
-        if inc is None:
+        if inc is None or not sees(request, inc["site"]):  # another site's: as if there were none
             return None
         residents = alarms.residents_of(c, inc["place"], today)
         return {"incident": inc, "log": alarms.incident_log(c, iid), "residents": residents}
@@ -456,6 +463,9 @@ async def incident_action(request: web.Request) -> web.StreamResponse:
         if not isinstance(step, int) or isinstance(step, bool) or not isinstance(done, bool):
             raise bad_request("check needs step (an integer) and done (true or false)")
         kw.update(step=step, done=done)
+    found = await request.app[SERVICES].store.read(lambda c: alarms.get_incident(c, iid))
+    if found is None or not sees(request, found["site"]):  # an incident's site never changes
+        raise web.HTTPNotFound()
     try:
         inc = await _board(request).act(iid, action, _user(request), **kw)
     except LookupError:
@@ -480,6 +490,7 @@ async def arm_group(request: web.Request) -> web.StreamResponse:
     if action not in ("arm", "disarm") or mode not in ("away", "stay") or not isinstance(force, bool):
         raise bad_request("action is arm or disarm; mode away or stay; force true or false")
     assert isinstance(site, str) and isinstance(gateway, str) and isinstance(group, str)
+    need(request, site)
     if not svc.cfg.known(site, gateway):
         raise bad_request(f"unknown gateway {site}/{gateway}")
     rec = await _board(request).arm(site, gateway, group, str(action), _user(request), mode=str(mode), force=force)

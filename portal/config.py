@@ -63,10 +63,59 @@ class SessionConfig(_Strict):
     absolute_timeout_s: Annotated[int, msgspec.Meta(ge=60, le=30 * 86400)] = 12 * 3600
 
 
+#: argon2id cost floor: OWASP's equivalent settings (46 MiB x 1 pass ... 7 MiB x 5 passes) all reach 35 MiB-passes.
+ARGON2_MIN_KIB_PASSES = 35 * 1024
+
+
+class AuthConfig(_Strict):
+    """Staff passwords and failed sign-ins (portal/auth.py describes the lock policy)."""
+
+    # argon2id (RFC 9106) cost of new hashes; stored hashes of another cost are redone at their next sign-in.
+    # 46 MiB, 2 passes, 1 lane: above OWASP's 19 MiB x 2 baseline, about 90 ms on the guardroom PC.
+    argon2_memory_kib: Annotated[int, msgspec.Meta(ge=7 * 1024, le=1024 * 1024)] = 46 * 1024
+    argon2_time_cost: Annotated[int, msgspec.Meta(ge=1, le=10)] = 2
+    argon2_parallelism: Annotated[int, msgspec.Meta(ge=1, le=8)] = 1
+    failure_window_s: Annotated[int, msgspec.Meta(ge=60, le=86_400)] = 15 * 60  # also the first lock's length
+    max_failures_user_address: Annotated[int, msgspec.Meta(ge=3, le=1000)] = 10
+    max_failures_address: Annotated[int, msgspec.Meta(ge=3, le=10_000)] = 20  # any user names
+    max_failures_user: Annotated[int, msgspec.Meta(ge=3, le=10_000)] = 30  # from addresses it never signed in from
+    lock_max_s: Annotated[int, msgspec.Meta(ge=60, le=7 * 86_400)] = 86_400  # repeated locks double up to this
+
+
 class StoreConfig(_Strict):
     path: str = "portal.db"  # relative to data_dir
     batch_max: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 256  # queued writes committed in one transaction
     queue_max: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
+
+
+#: Security logs (the audit trail with its sign-in records, the access log, events, incidents, door and arm
+#: commands) are kept at least this long: six months.
+SECURITY_LOG_MIN_DAYS = 183
+Days = Annotated[int, msgspec.Meta(ge=0, le=36_500)]
+
+
+class RetentionConfig(_Strict):
+    """How long the portal keeps what it stores; portal/retention.py purges daily (docs/retention.md)."""
+
+    audit_days: Days = 365  # security logs: each at least SECURITY_LOG_MIN_DAYS
+    access_log_days: Days = 365  # also visitor passes and the guardroom's visitor records
+    events_days: Days = 365
+    incidents_days: Days = 365  # closed alarms with their step logs
+    commands_days: Days = 365  # remote unlocks and arm/disarm orders
+    former_residents_days: Days = 30  # after the last residency ended: name and phone anonymised
+    visitors_days: Days = 30  # after a guardroom visitor's pass expired: name and note cleared
+    work_items_days: Days = 90  # after a help call or problem report was finished: text, photo, notes cleared
+    start_delay_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 300.0  # first run after start-up; then daily
+    chunk_rows: Annotated[int, msgspec.Meta(ge=100, le=50_000)] = 2000  # rows per transaction
+
+
+SECURITY_LOG_KEYS = ("audit_days", "access_log_days", "events_days", "incidents_days", "commands_days")
+
+
+def _check_retention(cfg: PortalConfig, where: Any) -> list[str]:
+    return [f"{where(f'$.retention.{k}')}: {k} is {getattr(cfg.retention, k)}, but security logs are kept at least"
+            f" {SECURITY_LOG_MIN_DAYS} days (six months)"
+            for k in SECURITY_LOG_KEYS if getattr(cfg.retention, k) < SECURITY_LOG_MIN_DAYS]
 
 
 class PhoneConfig(_Strict):
@@ -262,7 +311,9 @@ class PortalConfig(_Strict):
     mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
     gateways: list[GatewayRef] = []
     sessions: SessionConfig = msgspec.field(default_factory=SessionConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     cookie_secure: bool = False  # true when the portal is reached over TLS (a reverse proxy)
     # Extra origins accepted on state-changing requests and WebSockets besides the portal's own
     # (e.g. "https://portal.example.cn" behind a proxy that rewrites Host).
@@ -322,7 +373,7 @@ def _cross_check(path: Path, cfg: PortalConfig, tree: Any) -> list[str]:
         seen.add(key)
     try:
         ZoneInfo(cfg.timezone)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long, or a folder ("Asia")
         problems.append(f"{where('$.timezone')}: unknown time zone {cfg.timezone!r} (e.g. Asia/Shanghai)")
     if cfg.mqtt.password_file and not cfg.mqtt.username:
         problems.append(f"{where('$.mqtt')}: password_file given without username")
@@ -330,6 +381,12 @@ def _cross_check(path: Path, cfg: PortalConfig, tree: Any) -> list[str]:
         problems.append(f"{where('$.mqtt.reconnect_max_s')}: reconnect_max_s is below reconnect_min_s")
     if cfg.sessions.absolute_timeout_s < cfg.sessions.idle_timeout_s:
         problems.append(f"{where('$.sessions.absolute_timeout_s')}: absolute timeout is below the idle timeout")
+    a = cfg.auth
+    if a.argon2_memory_kib * a.argon2_time_cost < ARGON2_MIN_KIB_PASSES:
+        problems.append(f"{where('$.auth')}: argon2 cost too low: argon2_memory_kib x argon2_time_cost must reach"
+                        f" {ARGON2_MIN_KIB_PASSES} (e.g. 19456 x 2)")
+    if a.lock_max_s < a.failure_window_s:
+        problems.append(f"{where('$.auth.lock_max_s')}: lock_max_s is below failure_window_s")
     if cfg.public_url and not re.fullmatch(r"https?://[^/\s]+(/[^\s?#]*)?", cfg.public_url):
         problems.append(f"{where('$.public_url')}: {cfg.public_url!r} is not a URL like https://host[:port][/path]")
     for i, o in enumerate(cfg.allowed_origins):
@@ -341,6 +398,7 @@ def _cross_check(path: Path, cfg: PortalConfig, tree: Any) -> list[str]:
         except ValueError as e:
             problems.append(f"{where(f'$.trusted_proxies[{i}]')}: {c!r} is not a network like 10.0.0.0/8 ({e})")
     problems += _check_alarms(cfg, where)
+    problems += _check_retention(cfg, where)
     return problems
 
 

@@ -38,6 +38,7 @@ from portal import audit
 from portal.api import bad_request, read_json
 from portal.auth import SESSION_KEY, roles
 from portal.ingest import BrokerUnavailable
+from portal.scope import Sites, need, sees, sites_of
 from portal.services import SERVICES, Services
 from portal.store import BatchResult, FnOp, Op, StatusResult, ts_text
 from portal.views import local_time, render, translator
@@ -242,12 +243,13 @@ class DoorBoard:
     def door_json(self, v: DoorView) -> dict[str, Any]:
         return v.as_json(self.svc.tz, self.gateway_status(v.site, v.gateway))
 
-    def listing(self) -> list[dict[str, Any]]:
-        """Every door, registered first, then by site, building, unit and name."""
+    def listing(self, sites: Sites = None) -> list[dict[str, Any]]:
+        """Every door (of ``sites``; None: all), registered first, then by site, building, unit and name."""
         def order(v: DoorView) -> tuple[Any, ...]:
             return (not v.registered, v.site, not v.gate, _num(v.building), _num(v.unit), v.label or v.door)
 
-        return [self.door_json(v) for v in sorted(self.doors.values(), key=order)]
+        shown = [v for v in self.doors.values() if sites is None or v.site in sites]
+        return [self.door_json(v) for v in sorted(shown, key=order)]
 
     def apply(self, e: dict[str, Any]) -> DoorView | None:
         """Apply one stored event; the door it changed, or None. The same rule as the store's triggers."""
@@ -315,8 +317,9 @@ class DoorBoard:
     def command(self, cid: str) -> UnlockCommand | None:
         return self.commands.get(cid)
 
-    def recent_commands(self, limit: int = RECENT_COMMANDS) -> list[dict[str, Any]]:
-        return [c.as_json(self.svc.tz) for c in list(reversed(self.commands.values()))[:limit]]
+    def recent_commands(self, limit: int = RECENT_COMMANDS, sites: Sites = None) -> list[dict[str, Any]]:
+        shown = [c for c in reversed(self.commands.values()) if sites is None or c.site in sites]
+        return [c.as_json(self.svc.tz) for c in shown[:limit]]
 
     def _remember(self, cmd: UnlockCommand) -> None:
         self.commands[cmd.id] = cmd
@@ -457,8 +460,9 @@ async def doors_page(request: web.Request) -> web.StreamResponse:
     b = board(request.app)
     await b.refresh_registry()
     user = request[SESSION_KEY].user
-    return render(request, "doors.html", doors=b.listing(), commands=b.recent_commands(), states=DOOR_STATES,
-                  can_unlock=user.role in ("admin", "guard"), wait_s=b.wait_s,
+    sites = sites_of(request)
+    return render(request, "doors.html", doors=b.listing(sites), commands=b.recent_commands(sites=sites),
+                  states=DOOR_STATES, can_unlock=user.role in ("admin", "guard"), wait_s=b.wait_s,
                   place=lambda d: door_place(d, translator(request)))
 
 
@@ -474,7 +478,7 @@ def door_place(d: dict[str, Any], tr: Any) -> str:
 async def doors_json(request: web.Request) -> web.StreamResponse:
     b = board(request.app)
     await b.refresh_registry()
-    return web.json_response({"doors": b.listing(), "states": list(DOOR_STATES)})
+    return web.json_response({"doors": b.listing(sites_of(request)), "states": list(DOOR_STATES)})
 
 
 @routes.post("/api/doors/{site}/{door}/unlock")
@@ -483,6 +487,7 @@ async def unlock(request: web.Request) -> web.StreamResponse:
     site, door = request.match_info["site"], request.match_info["door"]
     if not wire.NAME_RE.match(site) or not wire.NAME_RE.match(door):
         raise web.HTTPNotFound()
+    need(request, site)
     data = await read_json(request)
     reason = data.get("reason")
     if not isinstance(reason, str) or not reason.strip():
@@ -503,7 +508,7 @@ async def unlock(request: web.Request) -> web.StreamResponse:
 @routes.get("/api/doors/commands")
 @roles("admin", "guard", "installer")
 async def commands_json(request: web.Request) -> web.StreamResponse:
-    return web.json_response({"commands": board(request.app).recent_commands()})
+    return web.json_response({"commands": board(request.app).recent_commands(sites=sites_of(request))})
 
 
 @routes.get("/api/doors/commands/{id}")
@@ -518,4 +523,6 @@ async def command_json(request: web.Request) -> web.StreamResponse:
         if row is None:
             raise web.HTTPNotFound()
         cmd = _command(row)
+    if not sees(request, cmd.site):
+        raise web.HTTPNotFound()
     return web.json_response({"command": cmd.as_json(b.svc.tz)})

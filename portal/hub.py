@@ -29,15 +29,16 @@ CLOSE_GOING_AWAY = 1001
 
 
 class _Client:
-    __slots__ = ("id", "kicked", "label", "queue", "render", "ws")
+    __slots__ = ("id", "kicked", "label", "queue", "render", "wants", "ws")
 
     def __init__(self, cid: int, ws: web.WebSocketResponse, queue_max: int, render: Callable[[Message], str],
-                 label: str) -> None:
+                 label: str, wants: Callable[[Message], bool] | None) -> None:
         self.id = cid
         self.ws = ws
         self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=queue_max)
         self.render = render
         self.label = label
+        self.wants = wants
         self.kicked = False
 
 
@@ -54,9 +55,9 @@ class Hub:
         return len(self._clients)
 
     def broadcast(self, message: Message) -> None:
-        """Queue a message for every console; never waits. A console that cannot keep up is dropped."""
+        """Queue a message for every console that wants it; never waits. A console that cannot keep up is dropped."""
         for c in list(self._clients.values()):
-            if c.kicked:
+            if c.kicked or (c.wants is not None and not c.wants(message)):
                 continue
             try:
                 c.queue.put_nowait(message)
@@ -80,18 +81,21 @@ class Hub:
 
     async def serve(self, request: web.Request, *, render: Callable[[Message], str], label: str = "",
                     backlog: Callable[[], Awaitable[Iterable[Message]]] | None = None,
-                    hello: Message | None = None) -> web.WebSocketResponse:
+                    hello: Message | None = None,
+                    wants: Callable[[Message], bool] | None = None) -> web.WebSocketResponse:
         """Run one console socket until either side closes it.
 
         ``backlog`` (what the console missed) is sent after the client is registered, so nothing
         that is stored meanwhile falls between the two; the page drops duplicates by event id.
+        ``wants`` filters what this console is sent (broadcasts and backlog alike): a guard scoped to
+        some sites gets nothing of the others.
         """
         ws = web.WebSocketResponse(heartbeat=25.0, max_msg_size=4096)
         await ws.prepare(request)
         if self._closed:
             await ws.close(code=CLOSE_GOING_AWAY)
             return ws
-        c = _Client(next(self._ids), ws, self.queue_max, render, label)
+        c = _Client(next(self._ids), ws, self.queue_max, render, label, wants)
         self._clients[c.id] = c
         self._gauge()
         sender = asyncio.create_task(self._send_loop(c), name=f"portal.ws[{c.id}].send")
@@ -102,6 +106,8 @@ class Hub:
                 for m in await backlog():
                     if c.kicked:
                         break
+                    if wants is not None and not wants(m):
+                        continue
                     try:
                         c.queue.put_nowait(m)
                     except asyncio.QueueFull:
@@ -134,6 +140,13 @@ class Hub:
             except (ConnectionError, RuntimeError) as e:  # closing underneath us
                 log.debug("console socket %d: send failed: %s", c.id, e)
                 return
+
+    def kick_label(self, label: str, why: str) -> int:
+        """Tell the consoles of one user (by label) to reconnect, e.g. after their sites changed."""
+        clients = [c for c in self._clients.values() if not c.kicked and c.label == label]
+        for c in clients:
+            self._kick(c, why, slow=False)
+        return len(clients)
 
     def kick_all(self, why: str) -> int:
         """Tell every console to reconnect (e.g. after a change of roles); returns how many there were."""

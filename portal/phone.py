@@ -24,6 +24,7 @@ from portal import plates
 from portal import registry as reg
 from portal.auth import CSRF_HEADER, public, safe_next
 from portal.estate import ESTATE, RESIDENT_MIN_PASSWORD, Estate, ResidentSession
+from portal.limits import body_limit
 from portal.views import render
 
 log = logging.getLogger("portal.phone")
@@ -221,10 +222,12 @@ async def open_door(request: web.Request) -> web.StreamResponse:
     except ValueError:
         raise web.HTTPBadRequest() from None
     ok_units = await _my_units(est, rs)
-    door = await est.read(lambda c: reg.door(c, door_id))
-    if door is None or door.unit_id != place.unit_id or place.unit_id not in ok_units:
+    if place.unit_id not in ok_units:  # an entrance the resident does not live behind (its plate is public)
         return page(request, "phone_message.html", status=403, title_key="phone.open_title",
                     message_key="phone.no_right")
+    door = await est.read(lambda c: reg.door(c, door_id))
+    if door is None or door.unit_id != place.unit_id:  # another entrance's door: as if there were none
+        return invalid(request)
     if not est.limits["unlock"].allow(f"p{rs.person.id}"):
         return throttled(request)
     result = await est.unlock(door, f"resident:{rs.person.id}")
@@ -309,6 +312,7 @@ def check_photo(data: bytes) -> str | None:
 
 @routes.post("/p/{code}/report")
 @public
+@body_limit(lambda cfg: cfg.phone.photo_max_bytes + 16_384)  # the photo and the form around it
 async def report_submit(request: web.Request) -> web.StreamResponse:
     got = await _at_plate(request, house=True)
     if isinstance(got, web.Response):
@@ -428,6 +432,8 @@ async def owner_confirms(request: web.Request) -> web.StreamResponse:
     try:
         await est.write(lambda c: reg.decide(c, rid, action, actor, today, house_id=hid))
     except reg.RegistryError as e:
+        if e.key == "registry.no_such_resident":  # another house's resident: as if there were none
+            return invalid(request)
         return _message(request, place, "phone.confirm_title", e.key, status=409)
     raise web.HTTPSeeOther(f"/p/{request.match_info['code']}")
 
@@ -449,8 +455,10 @@ async def my_pass(request: web.Request) -> web.StreamResponse:
     est = _est(request)
     rs = await est.resident_session(request)
     mine = await _my_residency(est, rs, place)
-    if rs is None or mine is None:
+    if rs is None:
         return web.json_response({"error": "sign-in"}, status=401)
+    if mine is None:  # signed in, but not a resident of this house
+        return web.json_response({"error": "not-resident"}, status=403)
     if not mine.active(est.today()):
         return web.json_response({"error": "not-active"}, status=403)
     text, fields = est.issuer.resident_pass(place.site, mine.subject, place.unit_ref, place.house_ref)
@@ -577,6 +585,12 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
         person, otc = await est.sign_in(phone, secret, _addr(request))
     except reg.RegistryError as e:
         status = 429 if e.key == "signin.throttled" else 401
+        if status == 401:  # (throttled attempts are cheap to send: logged, not audited one by one)
+            number = reg.normalize_phone(phone)  # masked as guards see it; never a password typed here
+            await est.audit("public", "signin.failed", f"phone:{reg.mask_phone(number) if number else '?'}",
+                            e.key, remote=_addr(request))
+        else:
+            log.info("resident sign-in refused from %s: throttled", _addr(request))
         return page(request, "phone_login.html", status=status, error=e.key, phone=phone, next=nxt)
     old = await est.resident_session(request)
     token = await est.start_resident_session(person.id, must_set_password=otc, old=old)
@@ -593,6 +607,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     rs = await est.resident_session(request)
     if rs is not None:
         await est.end_resident_session(rs)
+        await est.audit(f"resident:{rs.person.id}", "signout", remote=_addr(request))
     resp = web.HTTPSeeOther("/m/login")
     resp.del_cookie("gh_resident", path="/")
     raise resp

@@ -20,7 +20,10 @@ from portal import registry as reg
 from portal.api import bad_request
 from portal.auth import SESSION_KEY, roles
 from portal.estate import ESTATE, Estate
+from portal.limits import body_limit
 from portal.phone import base_url
+from portal.scope import keep, need, sees, sites_of
+from portal.scope import sql as site_sql
 from portal.store import now_text
 from portal.views import render, translator
 
@@ -51,6 +54,23 @@ def _int(value: str) -> int:
         raise web.HTTPNotFound() from None
 
 
+def _every_site(request: web.Request) -> None:
+    """Estate-wide administration (site records, import, export, the audit trail) needs an unscoped account."""
+    if sites_of(request) is not None:
+        raise web.HTTPForbidden()
+
+
+_HOUSE_SITE = ("SELECT s.code FROM reg_houses h JOIN reg_units u ON u.id = h.unit_id JOIN reg_buildings b"
+               " ON b.id = u.building_id JOIN reg_sites s ON s.id = b.site_id WHERE h.id = ?")
+_UNIT_SITE = ("SELECT s.code FROM reg_units u JOIN reg_buildings b ON b.id = u.building_id JOIN reg_sites s"
+              " ON s.id = b.site_id WHERE u.id = ?")
+
+
+def _site_of(c: sqlite3.Connection, sql: str, ref: int) -> str | None:
+    row = c.execute(sql, (ref,)).fetchone()
+    return str(row[0]) if row else None
+
+
 # ---------------------------------------------------------------- overview
 
 
@@ -58,21 +78,27 @@ def _int(value: str) -> int:
 @roles("admin", "guard", "installer")
 async def overview(request: web.Request) -> web.StreamResponse:
     est = _est(request)
-    sites = await est.read(reg.overview)
-    doors = await est.read(lambda c: reg.doors(c))
+    scope = sites_of(request)
+    cond, args = site_sql("s.code", scope)
+    in_scope = (" JOIN reg_houses h ON h.id = x.house_id JOIN reg_units u ON u.id = h.unit_id JOIN reg_buildings b"
+                f" ON b.id = u.building_id JOIN reg_sites s ON s.id = b.site_id WHERE {cond} AND ")
+    sites = keep(scope, await est.read(reg.overview), "code")
+    doors = [d for d in await est.read(lambda c: reg.doors(c)) if sees(request, d.site)]
     n_pending = await est.read(lambda c: int(c.execute(
-        "SELECT count(*) FROM reg_residents WHERE status = 'pending'").fetchone()[0]))
+        "SELECT count(*) FROM reg_residents x" + in_scope + "x.status = 'pending'", args).fetchone()[0]))
     n_work = await est.read(lambda c: int(c.execute(
-        "SELECT count(*) FROM work_items WHERE status != 'closed'").fetchone()[0]))
-    sync = est.publisher.status() if est.publisher else []
+        "SELECT count(*) FROM work_items x" + in_scope + "x.status != 'closed'", args).fetchone()[0]))
+    sync = keep(scope, est.publisher.status() if est.publisher else [])
+    gateways = [g for g in est.cfg.gateways if sees(request, g.site)]
     return render(request, "registry_index.html", sites=sites, doors=doors, n_pending=n_pending, n_work=n_work,
-                  sync=sync, kid=est.issuer.kid, gateways=est.cfg.gateways, role=_role(request),
+                  sync=sync, kid=est.issuer.kid, gateways=gateways, role=_role(request),
                   notice=request.query.get("notice"))
 
 
 @routes.post("/admin/registry/sites")
 @roles("admin")
 async def save_site(request: web.Request) -> web.StreamResponse:
+    _every_site(request)
     form = await request.post()
     code = str(form.get("code", "")).strip()
     name = str(form.get("name", "")).strip()[:64]
@@ -101,6 +127,7 @@ async def save_door(request: web.Request) -> web.StreamResponse:
     gate = form.get("gate") == "1"
     label = str(form.get("label", "")).strip()[:60]
     est = _est(request)
+    need(request, site)
     if not est.cfg.known(site, gw) or not NAME_RE.match(door):
         raise web.HTTPBadRequest(text="unknown gateway, or a door name that is not a wire name")
     try:
@@ -128,6 +155,7 @@ async def building_page(request: web.Request) -> web.StreamResponse:
     b, houses, units = await est.read(load)
     if b is None:
         raise web.HTTPNotFound()
+    need(request, b["site"])
     return render(request, "registry_building.html", b=b, houses=houses, units=units, role=_role(request),
                   notice=request.query.get("notice"))
 
@@ -140,6 +168,7 @@ async def house_page(request: web.Request) -> web.StreamResponse:
     place = await est.read(lambda c: reg.house_place(c, hid))
     if place is None:
         raise web.HTTPNotFound()
+    need(request, place.site)
     people = await est.read(lambda c: reg.household(c, hid))
     role = _role(request)
     await est.audit(_actor(request), "view.house", f"house:{hid}", "masked" if role != "admin" else "full",
@@ -157,6 +186,12 @@ async def resident_action(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     back = str(form.get("back", ""))
     actor, today = _actor(request), est.today()
+
+    def where(c: sqlite3.Connection) -> str | None:
+        r = reg.resident(c, rid)
+        return _site_of(c, _HOUSE_SITE, r.house_id) if r is not None else None
+
+    need(request, await est.read(where))  # no such resident, or one of another site
     if action == "code":
         res = await est.read(lambda c: reg.resident(c, rid))
         if res is None:
@@ -181,7 +216,7 @@ async def resident_action(request: web.Request) -> web.StreamResponse:
 @roles("admin")
 async def pending_page(request: web.Request) -> web.StreamResponse:
     est = _est(request)
-    items = await est.read(reg.pending)
+    items = [(r, place) for r, place in await est.read(reg.pending) if sees(request, place.site)]
     await est.audit(_actor(request), "view.pending", detail=f"{len(items)} registrations", remote=request.remote or "")
     return render(request, "registry_pending.html", items=items)
 
@@ -198,8 +233,8 @@ async def reissue(request: web.Request) -> web.StreamResponse:
     actor = _actor(request)
 
     def put(c: sqlite3.Connection) -> int | None:
-        table = "reg_houses" if kind == "house" else "reg_units"
-        if c.execute(f"SELECT 1 FROM {table} WHERE id = ?", (ref,)).fetchone() is None:
+        site = _site_of(c, _HOUSE_SITE if kind == "house" else _UNIT_SITE, ref)
+        if site is None or not sees(request, site):
             return None
         reg.issue_plate(c, kind, ref)
         reg.audit(c, actor, "plate.reissue", f"{kind}:{ref}")
@@ -222,6 +257,7 @@ async def plate_image(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound()
     ref = _int(request.match_info["id"])
     est = _est(request)
+    need(request, await est.read(lambda c: _site_of(c, _HOUSE_SITE if kind == "house" else _UNIT_SITE, ref)))
     code = await est.read(lambda c: reg.plate_code(c, kind, ref))
     if code is None:
         raise web.HTTPNotFound()
@@ -238,9 +274,9 @@ async def _sheet_specs(request: web.Request) -> tuple[list[reg.PlateSpec], str]:
     uid = _int(unit) if unit else None
 
     def load(c: sqlite3.Connection) -> tuple[list[reg.PlateSpec], str] | None:
-        b = c.execute("SELECT b.code, s.name FROM reg_buildings b JOIN reg_sites s ON s.id = b.site_id"
-                      " WHERE b.id = ?", (bid,)).fetchone()
-        if b is None:
+        b = c.execute("SELECT b.code, s.name, s.code AS site FROM reg_buildings b JOIN reg_sites s"
+                      " ON s.id = b.site_id WHERE b.id = ?", (bid,)).fetchone()
+        if b is None or not sees(request, b["site"]):
             return None
         return reg.plates_for(c, bid, uid), f"{b['name']} {b['code']}幢"
 
@@ -287,11 +323,13 @@ async def sheet_html(request: web.Request) -> web.StreamResponse:
 
 @routes.post("/api/registry/import")
 @roles("admin")
+@body_limit(IMPORT_MAX_BYTES)  # streamed and counted by the handler too
 async def import_csv(request: web.Request) -> web.StreamResponse:
     """The body is the CSV (text/csv) or a multipart form with a ``file``; ``?dry_run=1`` only checks.
 
     One transaction: any bad line and nothing is written; the answer names every bad line.
     """
+    _every_site(request)
     data = await _read_upload(request)
     est = _est(request)
     tr = translator(request)
@@ -341,6 +379,7 @@ async def _capped(part: Any) -> bytes:
 @routes.get("/admin/registry/export.csv")
 @roles("admin")
 async def export(request: web.Request) -> web.StreamResponse:
+    _every_site(request)
     est = _est(request)
     text = await est.read(reg.export_csv)
     rows = text.count("\n") - 1
@@ -352,6 +391,7 @@ async def export(request: web.Request) -> web.StreamResponse:
 @routes.get("/admin/registry/audit")
 @roles("admin")
 async def audit_page(request: web.Request) -> web.StreamResponse:
+    _every_site(request)
     rows = await _est(request).read(lambda c: reg.audit_log(c, 300))
     return render(request, "registry_audit.html", rows=rows)
 
@@ -364,12 +404,15 @@ async def audit_page(request: web.Request) -> web.StreamResponse:
 async def work_page(request: web.Request) -> web.StreamResponse:
     est = _est(request)
     show_closed = request.query.get("closed") == "1"
+    cond, args = site_sql("s.code", sites_of(request))
 
     def load(c: sqlite3.Connection) -> list[dict[str, Any]]:
-        rows = c.execute("SELECT id, kind, house_id, category, text, photo IS NOT NULL AS has_photo, status, notes,"
-                         " created_at, updated_at FROM work_items" + ("" if show_closed else
-                                                                     " WHERE status != 'closed'")
-                         + " ORDER BY (kind = 'sos') DESC, id DESC LIMIT 300").fetchall()
+        rows = c.execute("SELECT w.id, w.kind, w.house_id, w.category, w.text, w.photo IS NOT NULL AS has_photo,"
+                         " w.status, w.notes, w.created_at, w.updated_at FROM work_items w"
+                         " JOIN reg_houses h ON h.id = w.house_id JOIN reg_units u ON u.id = h.unit_id"
+                         " JOIN reg_buildings b ON b.id = u.building_id JOIN reg_sites s ON s.id = b.site_id"
+                         f" WHERE {cond}" + ("" if show_closed else " AND w.status != 'closed'")
+                         + " ORDER BY (w.kind = 'sos') DESC, w.id DESC LIMIT 300", args).fetchall()
         out = []
         for r in rows:
             d = dict(r)
@@ -396,6 +439,12 @@ async def work_update(request: web.Request) -> web.StreamResponse:
     if status not in WORK_STATUSES:
         raise web.HTTPBadRequest()
 
+    def where(c: sqlite3.Connection) -> str | None:
+        row = c.execute("SELECT house_id FROM work_items WHERE id = ?", (wid,)).fetchone()
+        return _site_of(c, _HOUSE_SITE, row[0]) if row else None
+
+    need(request, await est.read(where))  # no such work item, or one of another site
+
     def put(c: sqlite3.Connection) -> bool:
         row = c.execute("SELECT status, notes FROM work_items WHERE id = ?", (wid,)).fetchone()
         if row is None or row["status"] == "closed":
@@ -415,9 +464,11 @@ async def work_update(request: web.Request) -> web.StreamResponse:
 @roles("admin", "guard")
 async def work_photo(request: web.Request) -> web.StreamResponse:
     wid = _int(request.match_info["id"])
-    row = await _est(request).read(lambda c: c.execute("SELECT photo, photo_type FROM work_items WHERE id = ?",
-                                                       (wid,)).fetchone())
-    if row is None or row["photo"] is None:
+    row = await _est(request).read(lambda c: c.execute(
+        "SELECT w.photo, w.photo_type, s.code AS site FROM work_items w JOIN reg_houses h ON h.id = w.house_id"
+        " JOIN reg_units u ON u.id = h.unit_id JOIN reg_buildings b ON b.id = u.building_id"
+        " JOIN reg_sites s ON s.id = b.site_id WHERE w.id = ?", (wid,)).fetchone())
+    if row is None or row["photo"] is None or not sees(request, row["site"]):
         raise web.HTTPNotFound()
     return web.Response(body=row["photo"], content_type=row["photo_type"],
                         headers={"Content-Disposition": "inline", "Content-Security-Policy": "default-src 'none'"})
@@ -442,8 +493,15 @@ async def revocations(request: web.Request) -> web.StreamResponse:
     site = request.query.get("site") or None
     if site is not None and not NAME_RE.match(site):
         raise bad_request("bad site")
-    await est.refresh_revocations(site)
+    scope = sites_of(request)
     assert est.publisher is not None
+    if site is not None and not sees(request, site):  # another site's lists: as for an unknown site
+        return web.json_response({"lists": {}, "gateways": []})
+    if site is not None or scope is None:
+        await est.refresh_revocations(site)
+    else:
+        for s in scope:
+            await est.refresh_revocations(s)
     lists = {s: {"version": sl.version, "issued_at": sl.issued_at, "signed": sl.signed}
-             for s, sl in est.publisher.lists.items() if site is None or s == site}
-    return web.json_response({"lists": lists, "gateways": est.publisher.status()})
+             for s, sl in est.publisher.lists.items() if (site is None or s == site) and sees(request, s)}
+    return web.json_response({"lists": lists, "gateways": keep(scope, est.publisher.status())})

@@ -26,6 +26,8 @@ from markupsafe import Markup
 
 from portal import alarms, i18n
 from portal.auth import roles
+from portal.scope import Sites, sites_of
+from portal.scope import sql as site_sql
 from portal.services import SERVICES
 from portal.store import ts_text
 from portal.views import render, translator
@@ -69,9 +71,10 @@ def day_bounds(day_from: date, day_to: date, tz: ZoneInfo) -> tuple[str, str]:
     return ts_text(start), ts_text(end)
 
 
-def load_incidents(conn: sqlite3.Connection, start: str, end: str) -> list[dict[str, Any]]:
-    rows = conn.execute("SELECT * FROM incidents WHERE created_at >= ? AND created_at < ? ORDER BY created_at, id",
-                        (start, end))
+def load_incidents(conn: sqlite3.Connection, start: str, end: str, sites: Sites = None) -> list[dict[str, Any]]:
+    cond, args = site_sql("site", sites)
+    rows = conn.execute(f"SELECT * FROM incidents WHERE created_at >= ? AND created_at < ? AND {cond}"
+                        " ORDER BY created_at, id", (start, end, *args))
     return [alarms.incident_dict(r) for r in rows]
 
 
@@ -209,7 +212,8 @@ def _range(request: web.Request) -> tuple[date, date]:
 async def _report(request: web.Request, day_from: date, day_to: date) -> tuple[Report, list[dict[str, Any]]]:
     svc = request.app[SERVICES]
     start, end = day_bounds(day_from, day_to, svc.tz)
-    incidents = await svc.store.read(lambda c: load_incidents(c, start, end))
+    sites = sites_of(request)
+    incidents = await svc.store.read(lambda c: load_incidents(c, start, end, sites))
     return compute(incidents, svc.tz, day_from, day_to, translator(request).lang), incidents
 
 

@@ -540,6 +540,23 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE users ADD COLUMN sites TEXT;
     """,
+    # 7: data retention (portal/retention.py). audit_epoch: where the audit chain starts once its oldest rows are
+    # pruned (the id and hash of the last pruned row, how many rows were pruned in all); the retention.purge row
+    # that planned the pruning is in the kept chain and attests it. reg_people.purged_at: a former resident whose
+    # name and phone were anonymised. Indexes for the purge's range deletes.
+    """
+    CREATE TABLE audit_epoch (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        through_id INTEGER NOT NULL,
+        hash TEXT NOT NULL,
+        pruned INTEGER NOT NULL,
+        at TEXT NOT NULL
+    );
+    ALTER TABLE reg_people ADD COLUMN purged_at TEXT;
+    CREATE INDEX events_ts ON events(ts);
+    CREATE INDEX guard_visitors_expiry ON guard_visitors(not_after);
+    CREATE INDEX visitor_passes_expiry ON visitor_passes(not_after);
+    """,
 ]
 
 
@@ -640,17 +657,58 @@ def _user(row: sqlite3.Row) -> User:
                 row["created_at"], None if sites is None else tuple(json.loads(sites)))
 
 
-def insert_user(conn: sqlite3.Connection, name: str, role: str, password_hash: str, must_change: bool) -> int:
+def insert_user(conn: sqlite3.Connection, name: str, role: str, password_hash: str, must_change: bool,
+                sites: Sequence[str] | None = None) -> int:
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     try:
         cur = conn.execute(
-            "INSERT INTO users (name, role, password_hash, must_change, created_at) VALUES (?, ?, ?, ?, ?)",
-            (name, role, password_hash, int(must_change), now_text()),
+            "INSERT INTO users (name, role, password_hash, must_change, created_at, sites) VALUES (?, ?, ?, ?, ?, ?)",
+            (name, role, password_hash, int(must_change), now_text(), _sites_json(sites)),
         )
     except sqlite3.IntegrityError:
         raise StoreConflict(f"user {name!r} exists") from None
     return int(cur.lastrowid or 0)
+
+
+def _sites_json(sites: Sequence[str] | None) -> str | None:
+    return None if sites is None else json.dumps(sorted(set(sites)))
+
+
+def set_user_sites(conn: sqlite3.Connection, name: str, sites: Sequence[str] | None) -> bool:
+    """Scope a user to ``sites`` (None: every site); False when there is no such user."""
+    cur = conn.execute("UPDATE users SET sites = ? WHERE name = ?", (_sites_json(sites), name))
+    return cur.rowcount == 1
+
+
+class SitesError(ValueError):
+    """A bad list of sites; ``key`` is an i18n key, ``sites`` the offending ids."""
+
+    def __init__(self, key: str, sites: Sequence[str] = ()) -> None:
+        super().__init__(f"{key}: {', '.join(sites)}")
+        self.key = key
+        self.sites = tuple(sites)
+
+
+def parse_sites(raw: str, known: Sequence[str]) -> tuple[str, ...] | None:
+    """``north,south`` → ("north", "south"); blank → None (every site). Ids must be wire names, and one of
+    ``known`` when the registry knows any sites (an empty registry accepts any, to be filled in later)."""
+    parts = [p.strip() for p in raw.replace("，", ",").split(",")]
+    ids = tuple(dict.fromkeys(p for p in parts if p))
+    if not ids:
+        return None
+    bad = [i for i in ids if not wire.NAME_RE.match(i)]
+    if bad:
+        raise SitesError("users.bad_sites", bad)
+    unknown = [i for i in ids if known and i not in known]
+    if unknown:
+        raise SitesError("users.unknown_sites", unknown)
+    return ids
+
+
+def registry_site_codes(conn: sqlite3.Connection) -> list[str]:
+    """The site codes the estate registry knows (empty before any import)."""
+    return [r[0] for r in conn.execute("SELECT code FROM reg_sites ORDER BY code")]
 
 
 def get_user(conn: sqlite3.Connection, name: str) -> User | None:
@@ -961,11 +1019,15 @@ class EventQuery:
     gateway: str | None = None
     types: tuple[str, ...] = ()
     limit: int = 100
+    sites: tuple[str, ...] | None = None  # only these sites (a user's scope); None: every site
 
 
 def query_events(conn: sqlite3.Connection, q: EventQuery) -> list[dict[str, Any]]:
     where: list[str] = []
     args: list[Any] = []
+    if q.sites is not None:
+        where.append(f"site IN ({', '.join('?' * len(q.sites))})" if q.sites else "0 = 1")
+        args.extend(q.sites)
     if q.site:
         where.append("site = ?")
         args.append(q.site)

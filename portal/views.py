@@ -15,6 +15,7 @@ from portal import i18n
 from portal.auth import (
     CSRF_KEY,
     MIN_PASSWORD,
+    PASSWORD_FORM_BYTES,
     SESSION_KEY,
     AuthError,
     during_password_change,
@@ -23,8 +24,10 @@ from portal.auth import (
     safe_next,
     wants_json,
 )
+from portal.limits import body_limit
+from portal.scope import site_of_message, sites_of
 from portal.services import SERVICES, Services
-from portal.store import EventQuery, User, list_users
+from portal.store import EventQuery, SitesError, User, list_users, parse_sites, registry_site_codes, set_user_sites
 
 log = logging.getLogger("portal.views")
 routes = web.RouteTableDef()
@@ -124,6 +127,7 @@ async def login_page(request: web.Request) -> web.StreamResponse:
 
 @routes.post("/login")
 @public
+@body_limit(PASSWORD_FORM_BYTES)
 async def login_submit(request: web.Request) -> web.StreamResponse:
     svc = request.app[SERVICES]
     form = await request.post()
@@ -134,7 +138,10 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
         user = await svc.auth.authenticate(name, password, request.remote or "?")
     except AuthError as e:
         status = 429 if e.key == "login.throttled" else 401
-        return render(request, "login.html", status=status, next=nxt, error=e.key, name=name)
+        resp = render(request, "login.html", status=status, next=nxt, error=e.key, name=name)
+        if "retry_after" in e.kw:
+            resp.headers["Retry-After"] = str(e.kw["retry_after"])
+        return resp
     token = await svc.auth.start_session(user, request.get(SESSION_KEY))
     resp = _see_other("/password" if user.must_change else nxt)
     svc.auth.set_session_cookie(resp, token)
@@ -145,7 +152,7 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
 @during_password_change
 async def logout(request: web.Request) -> web.StreamResponse:
     svc = request.app[SERVICES]
-    await svc.auth.end_session(request[SESSION_KEY])
+    await svc.auth.end_session(request[SESSION_KEY], request.remote or "?")
     resp = _see_other("/login")
     svc.auth.clear_session_cookie(resp)
     raise resp
@@ -159,16 +166,21 @@ async def password_page(request: web.Request) -> web.StreamResponse:
 
 @routes.post("/password")
 @during_password_change
+@body_limit(PASSWORD_FORM_BYTES)
 async def password_submit(request: web.Request) -> web.StreamResponse:
     svc = request.app[SERVICES]
     session = request[SESSION_KEY]
     form = await request.post()
     try:
         token = await svc.auth.change_password(session, str(form.get("current", "")), str(form.get("new", "")),
-                                               str(form.get("confirm", "")))
+                                               str(form.get("confirm", "")), remote=request.remote or "?")
     except AuthError as e:
-        return render(request, "password.html", status=400, error=e.key, error_kw=e.kw,
-                      forced=session.user.must_change)
+        throttled = e.key == "login.throttled"
+        resp = render(request, "password.html", status=429 if throttled else 400, error=e.key,
+                      error_kw={k: v for k, v in e.kw.items() if k != "retry_after"}, forced=session.user.must_change)
+        if throttled:
+            resp.headers["Retry-After"] = str(e.kw["retry_after"])
+        return resp
     resp = _see_other("/console?changed=1")
     svc.auth.set_session_cookie(resp, token)
     raise resp
@@ -192,12 +204,13 @@ async def switch_language(request: web.Request) -> web.StreamResponse:
 async def console(request: web.Request) -> web.StreamResponse:
     svc = request.app[SERVICES]
     tr = translator(request)
-    rows = await svc.store.events(EventQuery(limit=CONSOLE_ROWS))
+    sites = sites_of(request)
+    rows = await svc.store.events(EventQuery(limit=CONSOLE_ROWS, sites=sites))
     events = [present_event(e, tr, svc.tz) for e in rows]
     gateways = [
         {"key": f"{g['site']}/{g['gateway']}", "name": g["name"] or f"{g['site']}/{g['gateway']}",
          "status": g["status"]}
-        for g in svc.ingest.health()["gateways"]
+        for g in svc.ingest.health()["gateways"] if sites is None or g["site"] in sites
     ]
     return render(request, "console.html", events=events, gateways=gateways,
                   changed=request.query.get("changed") == "1", max_rows=CONSOLE_ROWS)
@@ -226,10 +239,40 @@ async def users_create(request: web.Request) -> web.StreamResponse:
     if role not in ("guard", "installer"):
         return await _users(request, 400, error="users.bad_role", error_kw={})
     try:
+        sites = parse_sites(str(form.get("sites", "")), await svc.store.read(registry_site_codes))
+    except SitesError as e:
+        return await _users(request, 400, error=e.key, error_kw={"sites": ", ".join(e.sites)})
+    try:
         await svc.auth.create_user(name, role, str(form.get("password", "")), must_change=True)
     except AuthError as e:
         return await _users(request, 400, error=e.key, error_kw=e.kw)
+    if sites is not None:
+        await svc.store.run_write(lambda c: set_user_sites(c, name, sites))
     return await _users(request, created=name)
+
+
+@routes.post(r"/users/{name}/sites")
+@roles("admin")
+async def users_set_sites(request: web.Request) -> web.StreamResponse:
+    """Scope a guard or installer to some sites (blank: every site); their open consoles reconnect."""
+    svc = request.app[SERVICES]
+    name = request.match_info["name"]
+    users: list[User] = await svc.store.read(list_users)
+    user = next((u for u in users if u.name.lower() == name.lower()), None)
+    if user is None:
+        raise web.HTTPNotFound()
+    form = await request.post()
+    if user.role == "admin":
+        return await _users(request, 400, error="users.admin_all_sites", error_kw={})
+    try:
+        sites = parse_sites(str(form.get("sites", "")), await svc.store.read(registry_site_codes))
+    except SitesError as e:
+        return await _users(request, 400, error=e.key, error_kw={"sites": ", ".join(e.sites)})
+    await svc.store.run_write(lambda c: set_user_sites(c, user.name, sites))
+    svc.hub.kick_label(user.name, "sites changed")
+    log.info("sites of %s set to %s by %s", user.name, "all" if sites is None else ",".join(sites),
+             request[SESSION_KEY].user.name)
+    raise _see_other("/users")
 
 
 # ---------------------------------------------------------------- the console socket
@@ -253,9 +296,14 @@ async def console_socket(request: web.Request) -> web.StreamResponse:
     async def backlog() -> list[dict[str, Any]]:
         if after is None:
             return []
-        rows = await svc.store.events(EventQuery(after=after, limit=BACKLOG_MAX))
+        rows = await svc.store.events(EventQuery(after=after, limit=BACKLOG_MAX, sites=sites))
         return [{"kind": "event", "event": e} for e in rows]
 
     user = request[SESSION_KEY].user
+    sites = user.sites
+
+    def wants(m: dict[str, Any]) -> bool:  # a scoped console gets only its sites' messages (fail closed)
+        return sites is None or site_of_message(m) in sites
+
     return await svc.hub.serve(request, render=render_msg, label=user.name, backlog=backlog,
-                               hello={"kind": "hello", "user": user.name})
+                               hello={"kind": "hello", "user": user.name}, wants=wants)

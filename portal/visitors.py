@@ -28,6 +28,8 @@ from gateway.wire.passes import PassFields, sign_pass
 from portal import audit, plates
 from portal.auth import SESSION_KEY, roles
 from portal.passes_issue import VISITOR_MAX_S, VISITOR_MAX_USES, load_or_create_key
+from portal.scope import Sites, sees, sites_of
+from portal.scope import sql as site_sql
 from portal.services import SERVICES, Services
 from portal.store import now_text
 from portal.views import local_time, render
@@ -84,12 +86,14 @@ def parse_house(raw: str) -> tuple[str, str, str] | None:
 
 
 def find_houses(conn: sqlite3.Connection, building: str, unit: str, house: str,
-                site: str | None = None) -> list[dict[str, Any]]:
+                site: str | None = None, sites: Sites = None) -> list[dict[str, Any]]:
+    """Houses by their codes (in ``site`` when given), among the sites ``sites`` only (None: every site)."""
+    cond, scope_args = site_sql("s.code", sites)
     sql = ("SELECT h.id AS house_id, s.code AS site, s.name AS site_name, b.code AS building, u.code AS unit,"
            " u.id AS unit_id, h.code AS house FROM reg_houses h JOIN reg_units u ON u.id = h.unit_id"
            " JOIN reg_buildings b ON b.id = u.building_id JOIN reg_sites s ON s.id = b.site_id"
-           " WHERE b.code = ? AND u.code = ? AND h.code = ?")
-    args: list[Any] = [building, unit, house]
+           f" WHERE b.code = ? AND u.code = ? AND h.code = ? AND {cond}")
+    args: list[Any] = [building, unit, house, *scope_args]
     if site:
         sql += " AND s.code = ?"
         args.append(site)
@@ -168,8 +172,11 @@ def window(form: Any, tz: Any, now: float) -> tuple[int, int]:
     return start, start + hours * 3600
 
 
-async def register(app: web.Application, form: Any, actor: str) -> int:
-    """Check the form, sign the pass and store the registration; its id. Raises :class:`VisitorError`."""
+async def register(app: web.Application, form: Any, actor: str, sites: Sites = None) -> int:
+    """Check the form, sign the pass and store the registration; its id. Raises :class:`VisitorError`.
+
+    Only houses of ``sites`` (the guard's scope; None: every site) can be visited: another site's house is
+    refused as unknown."""
     svc: Services = app[SERVICES]
     from portal.registry import new_subject
 
@@ -181,7 +188,7 @@ async def register(app: web.Application, form: Any, actor: str) -> int:
     if parsed is None:
         raise VisitorError("visitors.bad_house")
     site = str(form.get("site", "")).strip() or None
-    houses = await svc.store.read(lambda c: find_houses(c, *parsed, site=site))
+    houses = await svc.store.read(lambda c: find_houses(c, *parsed, site=site, sites=sites))
     if not houses:
         raise VisitorError("visitors.unknown_house")
     if len(houses) > 1:
@@ -223,8 +230,10 @@ def visitor(conn: sqlite3.Connection, vid: int) -> dict[str, Any] | None:
     return dict(row) if row else None
 
 
-def recent(conn: sqlite3.Connection, limit: int = LIST_ROWS) -> list[dict[str, Any]]:
-    return [dict(r) for r in conn.execute("SELECT * FROM guard_visitors ORDER BY id DESC LIMIT ?", (limit,))]
+def recent(conn: sqlite3.Connection, limit: int = LIST_ROWS, sites: Sites = None) -> list[dict[str, Any]]:
+    cond, args = site_sql("site", sites)
+    return [dict(r) for r in conn.execute(f"SELECT * FROM guard_visitors WHERE {cond} ORDER BY id DESC LIMIT ?",
+                                          (*args, limit))]
 
 
 def present(v: dict[str, Any], tz: Any, now: float) -> dict[str, Any]:
@@ -249,8 +258,9 @@ async def _page(request: web.Request, status: int = 200, error: str | None = Non
                 form: Any = None) -> web.Response:
     svc = request.app[SERVICES]
     now = request.app[DESK].wall()
-    rows = await svc.store.read(recent)
-    site_list = await svc.store.read(sites)
+    scope = sites_of(request)
+    rows = await svc.store.read(lambda c: recent(c, sites=scope))
+    site_list = [s for s in await svc.store.read(sites) if scope is None or s["code"] in scope]
     values = {k: str((form or {}).get(k, "")) for k in ("name", "house", "site", "start", "note")}
     values["hours"] = str((form or {}).get("hours", "4"))
     values["uses"] = str((form or {}).get("uses", "2"))
@@ -269,7 +279,7 @@ async def visitors_page(request: web.Request) -> web.StreamResponse:
 async def visitors_submit(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     try:
-        vid = await register(request.app, form, _actor(request))
+        vid = await register(request.app, form, _actor(request), sites_of(request))
     except VisitorError as e:
         return await _page(request, 400, e.key, form)
     raise web.HTTPSeeOther(f"/visitors/{vid}")
@@ -287,7 +297,7 @@ async def _load(request: web.Request) -> tuple[dict[str, Any], dict[str, Any]]:
 
     def load(c: sqlite3.Connection) -> tuple[dict[str, Any], dict[str, Any]] | None:
         v = visitor(c, vid)
-        if v is None:
+        if v is None or not sees(request, v["site"]):  # another site's visitor: as if there were none
             return None
         houses = find_houses(c, v["building"], v["unit"], v["house"], v["site"])
         h = houses[0] if houses else {**v, "site_name": ""}
@@ -328,9 +338,10 @@ async def house_lookup(request: web.Request) -> web.StreamResponse:
         return web.json_response({"found": False, "error": "bad-house"})
     site = request.query.get("site", "")[:64] or None
     today = _today(svc.tz, request.app[DESK].wall())
+    scope = sites_of(request)
 
     def load(c: sqlite3.Connection) -> dict[str, Any]:
-        houses = find_houses(c, *parsed, site=site)
+        houses = find_houses(c, *parsed, site=site, sites=scope)
         if len(houses) != 1:
             return {"found": False, "error": "pick-site" if houses else "unknown-house"}
         h = houses[0]
