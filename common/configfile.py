@@ -45,11 +45,63 @@ def parse_yaml(path: Path, text: str) -> tuple[Any, Any]:
         raise ConfigError([f"{path}{line}: not valid YAML: {e.problem}"]) from None
     except Exception as e:  # ruamel raises several unrelated types for duplicate keys and the like
         raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+    _check_tree(path, tree)
     return plain(tree), tree
 
 
 def read_yaml(path: Path) -> tuple[Any, Any]:
     return parse_yaml(path, read_text(path))
+
+
+#: Most nodes a config may hold once its aliases are expanded: far above any real site, far below what a
+#: few lines of nested aliases can build ("billion laughs").
+MAX_NODES = 500_000
+#: Deepest nesting of mappings and lists a config may have.
+MAX_DEPTH = 64
+
+
+def _check_tree(path: Path, tree: Any) -> None:
+    """Refuse what YAML allows but no config needs before anything walks the tree: an alias that holds
+    itself, aliases that expand past :data:`MAX_NODES`, nesting past :data:`MAX_DEPTH`, and NUL characters
+    (no path, name or label can hold one). Shared (aliased) nodes are counted without walking them again."""
+    sizes: dict[int, int] = {}
+    open_ids: set[int] = set()
+
+    def fail(line: int | None, what: str) -> ConfigError:
+        return ConfigError([f"{path}:{line or 1}: {what}"])
+
+    def size(node: Any, depth: int, line: int | None) -> int:
+        if isinstance(node, str):
+            if "\x00" in node:
+                raise fail(line, "a NUL character in a value")
+            return 1
+        if not isinstance(node, dict | list):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_ids:
+            raise fail(line, "an alias refers to a node that contains it")
+        if depth > MAX_DEPTH:
+            raise fail(line, f"nested deeper than {MAX_DEPTH} levels")
+        open_ids.add(key)
+        lc = getattr(node, "lc", None)
+        here = lc.line + 1 if lc is not None and lc.line is not None else line
+        lines = getattr(lc, "data", None) or {}
+        n = 1
+        for k, v in node.items() if isinstance(node, dict) else enumerate(node):
+            pos = lines.get(k)
+            at = pos[0] + 1 if pos else here
+            if isinstance(k, str) and "\x00" in k:
+                raise fail(at, "a NUL character in a key")
+            n += size(v, depth + 1, at)
+            if n > MAX_NODES:
+                raise fail(here, f"more than {MAX_NODES} values once aliases are expanded")
+        open_ids.discard(key)
+        sizes[key] = n
+        return n
+
+    size(tree, 0, 1)
 
 
 def plain(node: Any) -> Any:
@@ -71,14 +123,18 @@ def line_of(tree: Any, jsonpath: str) -> int | None:
     """The 1-based line of ``$.devices[2].unit`` in a ruamel tree, or of its nearest parent."""
     node, line = tree, None
     for key, idx in _STEP_RE.findall(jsonpath.removeprefix("$")):
+        step: str | int
         if isinstance(node, CommentedMap) and key and key in node:
-            line = node.lc.key(key)[0] + 1
-            node = node[key]
+            step = key
         elif isinstance(node, CommentedSeq) and idx and int(idx) < len(node):
-            line = node.lc.item(int(idx))[0] + 1
-            node = node[int(idx)]
+            step = int(idx)
         else:
             break
+        # A key brought in by a merge (``<<: *base``) has no position in this mapping: keep the parent's.
+        pos = (getattr(node.lc, "data", None) or {}).get(step)
+        if pos:
+            line = pos[0] + 1
+        node = node[step]
     if line is None and hasattr(tree, "lc"):
         line = tree.lc.line + 1
     return line
@@ -112,8 +168,8 @@ def convert_strict(path: Path, cls: type[T], data: Any, tree: Any) -> T:
         unknown = re.search(r"unknown field `([^`]+)`", msg)
         if unknown:
             jp = f"{jp}.{unknown.group(1)}"
-        line = line_of(tree, jp)
-        loc = f"{path}:{line}" if line else str(path)
+        line = line_of(tree, jp) or 1  # an empty file has no lines: its error is on line 1
+        loc = f"{path}:{line}"
         entity = entity_of(data, jp)
         raise ConfigError([f"{loc}: {entity + ': ' if entity else ''}{where[0]} (at {jp})"]) from None
 

@@ -29,6 +29,7 @@ import base64
 import binascii
 import hashlib
 import os
+import re
 import secrets
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -52,6 +53,7 @@ MAX_LIFE_S = 366 * 86400
 MAX_USES = 1000
 _KID_BYTES = 4
 _SIG_BYTES = 64
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
 
 PassKind = Literal["resident", "visitor"]
 _KINDS: tuple[PassKind, PassKind] = ("resident", "visitor")
@@ -391,10 +393,16 @@ def parse_revocations(text: str | bytes, public_keys: Mapping[str, Ed25519Public
     if not text.startswith(REVOCATION_PREFIX):
         raise PassError("malformed", "not a revocation list")
     b64 = text[len(REVOCATION_PREFIX) :]
+    # urlsafe_b64decode skips stray characters and reads "+" as "-": check the alphabet ourselves, and
+    # re-encode, so that no other spelling (nor changed trailing bits) of a signed list verifies.
+    if not _B64URL_RE.fullmatch(b64):
+        raise PassError("malformed", "not base64url")
     try:
         raw = base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4))
     except (binascii.Error, ValueError):
         raise PassError("malformed", "not base64url") from None
+    if base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=") != b64:
+        raise PassError("malformed", "not canonical base64url")
     _kid, body = _verify(REVOCATION_PREFIX, raw, public_keys)
     return decode_revocation_body(body)
 
