@@ -23,6 +23,7 @@ class Notifier:
             addr = "\0" + addr[1:]
         self.address = addr or None
         self._sock: socket.socket | None = None
+        self._failing = False  # a failure is logged once, not at every watchdog tick
         usec = env.get("WATCHDOG_USEC", "")
         pid = env.get("WATCHDOG_PID", "")
         mine = not pid or pid == str(os.getpid())
@@ -35,10 +36,15 @@ class Notifier:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             self._sock.sendto("\n".join(fields).encode(), self.address)
-            return True
         except OSError as e:
-            log.warning("sd_notify to %r failed: %s", self.address, e)
+            if not self._failing:
+                log.warning("sd_notify to %r failed: %s (logged again only after it has worked)", self.address, e)
+            self._failing = True
             return False
+        if self._failing:
+            log.warning("sd_notify to %r works again", self.address)
+            self._failing = False
+        return True
 
     def ready(self, status: str = "") -> bool:
         return self.send("READY=1", *([f"STATUS={status}"] if status else []))

@@ -218,7 +218,7 @@ class Uplink:
                     # Nothing acknowledged for a while: send everything unacknowledged again, and wait
                     # longer next time while the portal stays silent.
                     self.stats.resends += 1
-                    log.info("uplink: %d events unacknowledged for %.0fs, re-sending", len(self._inflight),
+                    log.info("uplink: %d events unacknowledged for %.1f s, re-sending", len(self._inflight),
                              resend_after)
                     for seq, (_, lane_urgent) in self._inflight.items():
                         if lane_urgent:

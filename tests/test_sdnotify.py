@@ -68,3 +68,20 @@ async def test_watchdog_fed_while_loop_runs_and_not_while_hung(notify_socket: tu
 def test_watchdog_for_another_pid_is_ignored() -> None:
     n = Notifier({"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"})
     assert n.watchdog_s is None
+
+
+def test_a_vanished_socket_is_logged_once_until_it_works_again(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    path = str(tmp_path / "notify.sock")
+    n = Notifier({"NOTIFY_SOCKET": path})
+    with caplog.at_level("WARNING", logger="common.sdnotify"):
+        assert not any(n.send("WATCHDOG=1") for _ in range(50))  # nobody listening: fifty failures
+        assert len(caplog.records) == 1 and "failed" in caplog.records[0].getMessage()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.bind(path)
+        try:
+            assert n.send("WATCHDOG=1") and s.recv(64) == b"WATCHDOG=1"
+        finally:
+            s.close()
+        assert [r.getMessage().endswith("works again") for r in caplog.records] == [False, True]
+    n.close()
