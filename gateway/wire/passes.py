@@ -352,7 +352,7 @@ def parse_pass(text: str | bytes | bytearray, public_keys: Mapping[str, Ed25519P
     kid, body_bytes = _verify(PASS_PREFIX, raw, public_keys)
     try:
         body = _body_decoder.decode(body_bytes)
-    except msgspec.DecodeError as e:  # signed by a key we trust, yet invalid: a portal bug
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:  # signed by a key we trust, yet invalid: a portal bug
         raise PassError("malformed", f"signed body invalid: {str(e)[:120]}") from None
     return Pass(
         kind=_KINDS[body.kind],
@@ -415,5 +415,5 @@ def decode_revocation_body(body: bytes) -> RevocationList:
     """Decode an already verified list body (as kept in a gateway's own store)."""
     try:
         return _revocation_decoder.decode(body)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:  # msgspec raises the latter for a str not UTF-8
         raise PassError("malformed", f"revocation list body invalid: {str(e)[:120]}") from None
