@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import aiomqtt
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
@@ -259,3 +260,11 @@ def portal_process(config_path: Path, timeout: float = 20.0) -> Iterator[PortalP
             proc.wait()
             if proc.stdout:
                 proc.stdout.close()
+
+
+async def sign_in_console(http: aiohttp.ClientSession, url: str, user: str, password: str) -> None:
+    """Sign ``http`` in at a running portal (``url`` ends in /) as a staff user and land on the console."""
+    page = await (await http.get(url + "login")).text()
+    r = await http.post(url + "login", data={"user": user, "password": password, "csrf": csrf_of(page)},
+                        headers={"Origin": url.rstrip("/")})
+    assert r.status == 200 and str(r.url).endswith("/console"), (r.status, r.url)

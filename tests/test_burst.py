@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import sqlite3
 import statistics
 import subprocess
@@ -29,6 +28,7 @@ from gateway.events import Draft
 from gateway.store import URGENT_PRIORITY, Store
 from gateway.uplink import Uplink
 from tests import procs
+from tests.portal_support import sign_in_console
 from tests.portal_support import write_config as write_portal_config
 from tests.test_uplink import Acker, _cfg, _until, running
 
@@ -93,15 +93,6 @@ def _rows(db: Path) -> list[tuple[int, int, int, str, str, str]]:
         conn.close()
 
 
-async def _sign_in(http: aiohttp.ClientSession, url: str) -> None:
-    page = await (await http.get(url + "login")).text()
-    m = re.search(r'name="csrf" value="([^"]+)"', page)
-    assert m, "no sign-in form"
-    r = await http.post(url + "login", data={"user": GUARD, "password": GUARD_PW, "csrf": m.group(1)},
-                        headers={"Origin": url.rstrip("/")})
-    assert r.status == 200 and str(r.url).endswith("/console"), (r.status, r.url)
-
-
 async def test_a_burst_of_1000_alarms_first_memory_bounded_console_responsive(tmp_path: Path,
                                                                             broker: MosquittoProcess) -> None:
     pcfg = write_portal_config(tmp_path / "portal", broker, gateways=[("s1", "gw1")], extra="ws_queue_max: 8192\n")
@@ -129,7 +120,7 @@ async def test_a_burst_of_1000_alarms_first_memory_bounded_console_responsive(tm
     try:
         async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
                                          timeout=aiohttp.ClientTimeout(total=10)) as http:
-            await _sign_in(http, url)
+            await sign_in_console(http, url, GUARD, GUARD_PW)
             async with http.ws_connect(url + "ws", headers={"Origin": url.rstrip("/")}) as ws:
 
                 async def listen() -> None:

@@ -13,6 +13,7 @@ Durations are measured on this process's monotonic clock (the stubs' ``mono`` is
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import sqlite3
@@ -34,6 +35,7 @@ from tests import procs
 from tests.doors_support import door_gateway_config
 from tests.portal_support import write_config as write_portal_config
 from tests.stubs import Stub, run_stub
+from tests.test_e2e_doors import until as e2e_until
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -178,17 +180,7 @@ class Site:
         return f"--- gateway\n{self.gateway.tail(6000)}"
 
 
-async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
+until = functools.partial(e2e_until, step=0.02)  # fine-grained: the delays measured are compared within TOL_S
 
 
 def _gateway_config(folder: Path, broker: MosquittoProcess, perimeter: Stub, door: Stub, reader: Stub) -> Path:

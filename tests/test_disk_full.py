@@ -14,7 +14,6 @@ import contextlib
 import errno
 import json
 import os
-import re
 import sqlite3
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from gateway.broker import MosquittoProcess
 from gateway.wire.passes import generate_keypair, save_public_key
 from tests import procs
 from tests.doors_support import door_gateway_config
+from tests.portal_support import sign_in_console
 from tests.portal_support import write_config as write_portal_config
 from tests.stubs import run_stub
 from tests.test_e2e_doors import DOOR, GW, READER, SITE, Site, tampered, until
@@ -94,15 +94,6 @@ async def _health(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
         return dict(body["gateways"][0])
 
 
-async def _sign_in(http: aiohttp.ClientSession, url: str) -> None:
-    page = await (await http.get(url + "login")).text()
-    m = re.search(r'name="csrf" value="([^"]+)"', page)
-    assert m, "no sign-in form"
-    r = await http.post(url + "login", data={"user": GUARD, "password": GUARD_PW, "csrf": m.group(1)},
-                        headers={"Origin": url.rstrip("/")})
-    assert r.status == 200 and str(r.url).endswith("/console"), (r.status, r.url)
-
-
 @contextlib.asynccontextmanager
 async def _rig(tmp: Path, broker: MosquittoProcess) -> AsyncIterator[Site]:
     data = tmp / "gw" / "data"
@@ -148,7 +139,7 @@ async def test_a_full_disk_keeps_doors_opening_and_reaches_the_console(tmp_path:
             aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
                                   timeout=aiohttp.ClientTimeout(total=10)) as http:
         url = site.portal.info["url"]
-        await _sign_in(http, url)
+        await sign_in_console(http, url, GUARD, GUARD_PW)
         statuses: list[str] = []
         async with http.ws_connect(url + "ws", headers={"Origin": url.rstrip("/")}) as ws:
 

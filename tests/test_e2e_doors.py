@@ -122,7 +122,8 @@ class Site:
         return f"--- gateway\n{self.gateway.tail()}\n--- portal\n{self.portal.tail()}"
 
 
-async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+async def until(check: Callable[[], Any], timeout: float, what: str, *, step: float = 0.05) -> Any:
+    """``check()`` (awaited if a coroutine) once it is truthy, polled every ``step`` s; fails after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         got = check()
@@ -132,7 +133,7 @@ async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
             return got
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(step)
 
 
 @pytest.fixture
