@@ -44,6 +44,7 @@ ENGINE_STATE = "alarm_engine"
 ENGINE_BATCH = 500
 CLOCK_SYNC_ENV = "GATEHOUSE_CLOCK_SYNC"
 CLOCK_CHECK_S = 1.0
+CANCEL_AGAIN_S = 1.0  # a task still running this long after a cancel is cancelled again
 _TIME_ERROR = 5  # adjtimex(2): the kernel's clock is not synchronised
 
 
@@ -165,11 +166,15 @@ class Gateway:
                     log.info("gateway stopping")
                     for step, tasks in (("producers", producers), ("engines", engines)):
                         await _cancel(step, tasks)
+                    log.debug("stopping: producers and engines stopped; draining the store")
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(self.store.drain(), 5)
+                    log.debug("stopping: saying offline")
                     with contextlib.suppress(Exception):
                         await self.uplink.close()
+                    log.debug("stopping: closing the uplink")
                     await _cancel("uplink", [uplink])
+                    log.debug("stopping: closing the store")
             finally:
                 if self.decider is not None:
                     self.decider.close()
@@ -359,15 +364,19 @@ def _loop_time_at(mono_deadline: float) -> float:
 
 
 async def _cancel(step: str, tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel the tasks and wait for them, cancelling again any that lives on: on Python 3.11 a cancel that
+    arrives as an ``asyncio.wait_for`` inside (aiomqtt's subscribe and publish) completes is swallowed."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
+        if pending:
+            log.warning("stopping %s: %s ignored a cancel; cancelling again", step,
+                        ", ".join(t.get_name() for t in pending))
     for t in tasks:
-        t.cancel()
-    for t in tasks:
-        try:
-            await t
-        except asyncio.CancelledError:
-            pass
-        except Exception:
-            log.exception("stopping %s: %s failed", step, t.get_name())
+        if not t.cancelled() and t.exception() is not None:
+            log.error("stopping %s: %s failed", step, t.get_name(), exc_info=t.exception())
 
 
 async def _safe_depth(store: Store) -> int:
