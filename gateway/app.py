@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.sdnotify import Notifier
+from common.tasks import cancel_and_wait
 from devices.cid_receiver import ContactIdLine
 from devices.events import DeviceEvent, WritePoint, WriteResult
 from devices.modbus import BusSpec, DeviceSpec, ModbusBus
@@ -44,7 +45,6 @@ ENGINE_STATE = "alarm_engine"
 ENGINE_BATCH = 500
 CLOCK_SYNC_ENV = "GATEHOUSE_CLOCK_SYNC"
 CLOCK_CHECK_S = 1.0
-CANCEL_AGAIN_S = 1.0  # a task still running this long after a cancel is cancelled again
 _TIME_ERROR = 5  # adjtimex(2): the kernel's clock is not synchronised
 
 
@@ -165,7 +165,7 @@ class Gateway:
                     await stop.wait()
                     log.info("gateway stopping")
                     for step, tasks in (("producers", producers), ("engines", engines)):
-                        await _cancel(step, tasks)
+                        await cancel_and_wait(step, tasks)
                     log.debug("stopping: producers and engines stopped; draining the store")
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(self.store.drain(), 5)
@@ -173,7 +173,7 @@ class Gateway:
                     with contextlib.suppress(Exception):
                         await self.uplink.close()
                     log.debug("stopping: closing the uplink")
-                    await _cancel("uplink", [uplink])
+                    await cancel_and_wait("uplink", [uplink])
                     log.debug("stopping: closing the store")
             finally:
                 if self.decider is not None:
@@ -361,22 +361,6 @@ def _door_commands() -> tuple[str, ...]:
 def _loop_time_at(mono_deadline: float) -> float:
     """A time.monotonic() deadline on the event loop's clock (the same clock on Linux, but not by contract)."""
     return asyncio.get_running_loop().time() + (mono_deadline - time.monotonic())
-
-
-async def _cancel(step: str, tasks: list[asyncio.Task[Any]]) -> None:
-    """Cancel the tasks and wait for them, cancelling again any that lives on: on Python 3.11 a cancel that
-    arrives as an ``asyncio.wait_for`` inside (aiomqtt's subscribe and publish) completes is swallowed."""
-    pending = {t for t in tasks if not t.done()}
-    while pending:
-        for t in pending:
-            t.cancel()
-        _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
-        if pending:
-            log.warning("stopping %s: %s ignored a cancel; cancelling again", step,
-                        ", ".join(t.get_name() for t in pending))
-    for t in tasks:
-        if not t.cancelled() and t.exception() is not None:
-            log.error("stopping %s: %s failed", step, t.get_name(), exc_info=t.exception())
 
 
 async def _safe_depth(store: Store) -> int:

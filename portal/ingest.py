@@ -12,7 +12,6 @@ contract is counted by reason, logged once per (gateway, reason), and dropped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections import defaultdict
@@ -23,6 +22,7 @@ from typing import Any
 import aiomqtt
 
 from common.configfile import read_secret
+from common.tasks import cancel_and_wait
 from gateway import wire
 from portal.config import ConfigError, PortalConfig
 from portal.metrics import Metrics
@@ -104,9 +104,7 @@ class Ingest:
     async def stop(self) -> None:
         self._stopping = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait("ingest", [self._task])
             self._task = None
         for h in self._gap_timers.values():
             h.cancel()
