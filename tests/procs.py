@@ -10,9 +10,11 @@ import json
 import os
 import select
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,29 @@ class Child:
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+def read_rows(db: Path, sql: str, *args: object) -> list[tuple[Any, ...]]:
+    """A read-only query of a child's SQLite store: ``[]`` while the file or its tables do not exist yet."""
+    if not db.exists():
+        return []
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return conn.execute(sql, args).fetchall()
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        conn.close()
+
+
+def wait(cond: Callable[[], bool], timeout: float, what: str, rig: Any = None) -> None:
+    """Poll ``cond`` every 0.1 s; on timeout fail with ``what`` and, when given, the rig's logs (``rig.logs()``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{rig.logs() if rig else ''}")
 
 
 def gateway(config: Path, logdir: Path, name: str = "gateway") -> Child:

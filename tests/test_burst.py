@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -81,16 +80,8 @@ async def test_urgent_events_jump_a_full_window_and_resends_cover_both_lanes(tmp
 
 def _rows(db: Path) -> list[tuple[int, int, int, str, str, str]]:
     """(pk, seq, priority, type, data, ts) of the burst at the portal, in the order it arrived."""
-    if not db.exists():
-        return []
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    try:
-        return conn.execute("SELECT pk, seq, priority, type, data, ts FROM events WHERE type LIKE 'test.%'"
-                            " ORDER BY pk").fetchall()
-    except sqlite3.OperationalError:
-        return []
-    finally:
-        conn.close()
+    return procs.read_rows(db, "SELECT pk, seq, priority, type, data, ts FROM events WHERE type LIKE 'test.%'"
+                               " ORDER BY pk")
 
 
 async def test_a_burst_of_1000_alarms_first_memory_bounded_console_responsive(tmp_path: Path,

@@ -16,7 +16,6 @@ import asyncio
 import functools
 import json
 import os
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -89,27 +88,16 @@ class Site:
 
     # -- watching the stores (the gateway's and the portal's SQLite files, read-only)
 
-    def _rows(self, db: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        if not db.exists():
-            return []
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            return conn.execute(sql, args).fetchall()
-        except sqlite3.OperationalError:
-            return []
-        finally:
-            conn.close()
-
     def poll_stores(self) -> None:
         now, real = time.monotonic(), time.time()
         top = max(self.gw_seen, default=0)
-        for (body,) in self._rows(self.tmp / "gw" / "data" / "gateway.db",
-                                  "SELECT body FROM events WHERE seq > ? ORDER BY seq", (top,)):
+        for (body,) in procs.read_rows(self.tmp / "gw" / "data" / "gateway.db",
+                                       "SELECT body FROM events WHERE seq > ? ORDER BY seq", top):
             e = json.loads(body)
             self.gw_seen[e["seq"]] = Seen(now, real, e)
         top = max(self.portal_seen, default=0)
-        for (seq,) in self._rows(self.tmp / "portal" / "data" / "portal.db",
-                                 "SELECT seq FROM events WHERE gateway = ? AND seq > ?", (GW, top)):
+        for (seq,) in procs.read_rows(self.tmp / "portal" / "data" / "portal.db",
+                                      "SELECT seq FROM events WHERE gateway = ? AND seq > ?", GW, top):
             self.portal_seen.setdefault(seq, now)
 
     async def watch(self) -> None:

@@ -8,7 +8,6 @@ source, which resumes after a crash from what its store committed) and ``python 
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -59,29 +58,16 @@ class Rig:
 
     def portal_rows(self) -> list[tuple[int, int]]:
         """(seq, loadgen number) of every stored event of our gateway, in seq order."""
-        if not self.portal_db.exists():
-            return []
-        conn = sqlite3.connect(f"file:{self.portal_db}?mode=ro", uri=True, timeout=10)
-        try:
-            rows = conn.execute("SELECT seq, data FROM events WHERE gateway = ? AND type = 'test.synthetic' "
-                                "ORDER BY seq", (GW,)).fetchall()
-        except sqlite3.OperationalError:
-            return []
-        finally:
-            conn.close()
+        rows = procs.read_rows(self.portal_db, "SELECT seq, data FROM events"
+                               " WHERE gateway = ? AND type = 'test.synthetic' ORDER BY seq", GW)
         return [(s, json.loads(d)["n"]) for s, d in rows]
 
     def stored(self) -> int:
         return len(self.portal_rows())
 
     def _gateway_count(self, table: str) -> int:
-        conn = sqlite3.connect(f"file:{self.gateway_db}?mode=ro", uri=True, timeout=10)
-        try:
-            return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
-        except sqlite3.OperationalError:
-            return 0
-        finally:
-            conn.close()
+        rows = procs.read_rows(self.gateway_db, f"SELECT count(*) FROM {table}")
+        return int(rows[0][0]) if rows else 0
 
     def outbox_depth(self) -> int:
         return self._gateway_count("outbox")
@@ -94,15 +80,6 @@ class Rig:
 
     def logs(self) -> str:
         return f"--- gateway\n{self.gateway.tail()}\n--- portal\n{self.portal.tail()}"
-
-
-def wait(cond: Callable[[], bool], timeout: float, what: str, rig: Rig | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{rig.logs() if rig else ''}")
 
 
 @pytest.fixture
@@ -135,37 +112,37 @@ def assert_exactly_once(rig: Rig) -> None:
     assert len(rows) == COUNT, f"{len(rows)} stored\n{rig.logs()}"
     assert seqs == list(range(1, COUNT + 1)), "seqs must be 1..N with no gap or duplicate"
     assert numbers == list(range(1, COUNT + 1)), "each produced event exactly once, in production order"
-    wait(lambda: rig.outbox_depth() == 0, 20, "the gateway's outbox to drain after the acks", rig)
+    procs.wait(lambda: rig.outbox_depth() == 0, 20, "the gateway's outbox to drain after the acks", rig)
 
 
 def test_gateway_killed_mid_stream(rig_factory: Callable[..., Rig]) -> None:
     rig = rig_factory()
-    wait(lambda: rig.stored() >= 1500, 60, "1500 events", rig)
+    procs.wait(lambda: rig.stored() >= 1500, 60, "1500 events", rig)
     rig.gateway.kill()  # SIGKILL: no goodbye, whatever was in memory is gone
     at_kill = rig.stored()
     assert at_kill < COUNT
     rig.restart_gateway()
-    wait(lambda: rig.stored() >= COUNT, 90, f"all {COUNT} after the restart", rig)
+    procs.wait(lambda: rig.stored() >= COUNT, 90, f"all {COUNT} after the restart", rig)
     assert_exactly_once(rig)
 
 
 def test_broker_stopped_for_30_seconds(rig_factory: Callable[..., Rig]) -> None:
     rig = rig_factory(rate=150)  # slow enough that the stream is still going when the broker comes back
-    wait(lambda: rig.stored() >= 800, 60, "800 events", rig)
+    procs.wait(lambda: rig.stored() >= 800, 60, "800 events", rig)
     rig.broker.stop()
     time.sleep(30)
     rig.broker.start()
-    wait(lambda: rig.stored() >= COUNT, 120, f"all {COUNT} after the broker returned", rig)
+    procs.wait(lambda: rig.stored() >= COUNT, 120, f"all {COUNT} after the broker returned", rig)
     assert_exactly_once(rig)
 
 
 def test_broker_killed_mid_stream(rig_factory: Callable[..., Rig]) -> None:
     rig = rig_factory()
-    wait(lambda: rig.stored() >= 1500, 60, "1500 events", rig)
+    procs.wait(lambda: rig.stored() >= 1500, 60, "1500 events", rig)
     rig.broker.kill()
     time.sleep(2)
     rig.broker.start()
-    wait(lambda: rig.stored() >= COUNT, 90, f"all {COUNT} after the broker was killed", rig)
+    procs.wait(lambda: rig.stored() >= COUNT, 90, f"all {COUNT} after the broker was killed", rig)
     assert_exactly_once(rig)
 
 
@@ -175,14 +152,14 @@ def test_portal_away_longer_than_the_broker_queues(rig_factory: Callable[..., Ri
     rig = rig_factory(start_portal=False, batch_max=1, rate=1000)
     # The portal must have subscribed once (a persistent session) for the broker to queue anything.
     rig.portal.start()
-    wait(lambda: rig.stored() >= 100, 60, "the first events", rig)
+    procs.wait(lambda: rig.stored() >= 100, 60, "the first events", rig)
     rig.portal.stop()
     at_stop = rig.stored()
-    wait(lambda: rig.produced() >= COUNT, 60, f"all {COUNT} produced while the portal is away", rig)
+    procs.wait(lambda: rig.produced() >= COUNT, 60, f"all {COUNT} produced while the portal is away", rig)
     time.sleep(2)  # the gateway keeps trying meanwhile; the broker queues what it will and drops the rest
     assert rig.outbox_depth() >= COUNT - at_stop - 1, "nothing may leave the outbox without the portal's ack"
     broker_log = (rig.broker.folder / "mosquitto.log").read_text(errors="replace")
     assert "Outgoing messages are being dropped" in broker_log, "the broker's queue must really have overflowed"
     rig.portal = procs.portal(rig.portal_cfg, rig.tmp / "logs", name="portal-2").start()
-    wait(lambda: rig.stored() >= COUNT, 240, f"all {COUNT} after the portal returned", rig)
+    procs.wait(lambda: rig.stored() >= COUNT, 240, f"all {COUNT} after the portal returned", rig)
     assert_exactly_once(rig)

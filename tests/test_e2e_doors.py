@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -72,26 +71,15 @@ class Site:
 
     # -- the stores
 
-    def _rows(self, db: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        if not db.exists():
-            return []
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-        try:
-            return conn.execute(sql, args).fetchall()
-        except sqlite3.OperationalError:
-            return []
-        finally:
-            conn.close()
-
     def gw_events(self, *types: str) -> list[dict[str, Any]]:
-        rows = self._rows(self.tmp / "gw" / "data" / "gateway.db", "SELECT body FROM events ORDER BY seq")
+        rows = procs.read_rows(self.tmp / "gw" / "data" / "gateway.db", "SELECT body FROM events ORDER BY seq")
         evs = [json.loads(r[0]) for r in rows]
         return [e for e in evs if not types or e["type"] in types]
 
     def portal_events(self, *types: str) -> list[dict[str, Any]]:
-        rows = self._rows(self.tmp / "portal" / "data" / "portal.db",
-                          "SELECT type, priority, place, data, seq, device FROM events WHERE gateway = ? ORDER BY seq",
-                          (GW,))
+        rows = procs.read_rows(self.tmp / "portal" / "data" / "portal.db",
+                               "SELECT type, priority, place, data, seq, device FROM events"
+                               " WHERE gateway = ? ORDER BY seq", GW)
         evs = [{"type": t, "priority": p, "place": json.loads(pl), "data": json.loads(d), "seq": s, "device": dev}
                for t, p, pl, d, s, dev in rows]
         return [e for e in evs if not types or e["type"] in types]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -75,37 +74,26 @@ class Rig:
     def gateway_db(self) -> Path:
         return self.tmp / "gw" / "data" / "gateway.db"
 
-    def _query(self, db: Path, sql: str, *args: object) -> list[tuple]:
-        if not db.exists():
-            return []
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-        try:
-            return conn.execute(sql, args).fetchall()
-        except sqlite3.OperationalError:
-            return []  # not created yet
-        finally:
-            conn.close()
-
     def portal_rows(self) -> list[tuple[int, int, float, float]]:
         """(seq, loadgen number, event time, stored time) of each stored event, in seq order."""
-        rows = self._query(self.portal_db, "SELECT seq, data, ts, received_at FROM events WHERE gateway = ? "
+        rows = procs.read_rows(self.portal_db, "SELECT seq, data, ts, received_at FROM events WHERE gateway = ? "
                            "AND type = 'test.synthetic' ORDER BY seq", GW)
         return [(s, json.loads(d)["n"], _ts(t), _ts(r)) for s, d, t, r in rows]
 
     def stored(self) -> int:
-        rows = self._query(self.portal_db, "SELECT count(*) FROM events WHERE gateway = ?", GW)
+        rows = procs.read_rows(self.portal_db, "SELECT count(*) FROM events WHERE gateway = ?", GW)
         return int(rows[0][0]) if rows else 0
 
     def produced(self) -> int:
-        rows = self._query(self.gateway_db, "SELECT count(*) FROM events")
+        rows = procs.read_rows(self.gateway_db, "SELECT count(*) FROM events")
         return int(rows[0][0]) if rows else 0
 
     def outbox_depth(self) -> int:
-        rows = self._query(self.gateway_db, "SELECT count(*) FROM outbox")
+        rows = procs.read_rows(self.gateway_db, "SELECT count(*) FROM outbox")
         return int(rows[0][0]) if rows else -1
 
     def open_gaps(self) -> list[list[int]]:
-        rows = self._query(self.portal_db, "SELECT open_gaps FROM gateways WHERE gateway = ?", GW)
+        rows = procs.read_rows(self.portal_db, "SELECT open_gaps FROM gateways WHERE gateway = ?", GW)
         return json.loads(rows[0][0]) if rows else []
 
     def start_gateway(self, port: int) -> procs.Child:
@@ -122,15 +110,6 @@ class Rig:
         gw = self.gateway.tail() if self.gateway else ""
         relay = self.relay.child.tail() if self.relay else ""
         return f"--- gateway\n{gw}\n--- portal\n{self.portal.tail()}\n--- relay\n{relay}"
-
-
-def wait(cond: Callable[[], bool], timeout: float, what: str, rig: Rig) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{rig.logs()}")
 
 
 @pytest.fixture
@@ -176,7 +155,7 @@ def assert_exactly_once(rig: Rig) -> None:
     assert [r[0] for r in rows] == list(range(1, rig.count + 1)), "seqs must be 1..N with no gap or duplicate"
     assert [r[1] for r in rows] == list(range(1, rig.count + 1)), "each event exactly once, in production order"
     assert rig.open_gaps() == [], "the portal still counts a gap"
-    wait(lambda: rig.outbox_depth() == 0, 20, "the gateway's outbox to drain", rig)
+    procs.wait(lambda: rig.outbox_depth() == 0, 20, "the gateway's outbox to drain", rig)
 
 
 def test_delay_and_loss_latency_degrades_gracefully(rig_factory: Callable[[int], Rig]) -> None:
@@ -187,12 +166,12 @@ def test_delay_and_loss_latency_degrades_gracefully(rig_factory: Callable[[int],
     imp = Impairment(rig.ns, rig.relay.port)
     imp.loss(5)
     rig.start_gateway(rig.relay.port)
-    wait(lambda: rig.produced() >= rig.count, 60, f"all {rig.count} events produced", rig)
+    procs.wait(lambda: rig.produced() >= rig.count, 60, f"all {rig.count} events produced", rig)
     dropped = imp.dropped()
     imp.clear()
     rig.relay.set_delay(0)
     repaired = time.time()
-    wait(lambda: rig.stored() >= rig.count, 60, f"all {rig.count} stored after the repair", rig)
+    procs.wait(lambda: rig.stored() >= rig.count, 60, f"all {rig.count} stored after the repair", rig)
     assert_exactly_once(rig)
 
     lat = [got - made for _, _, made, got in rig.portal_rows() if made < repaired - 1]
@@ -215,7 +194,7 @@ def test_refused_then_blackholed_reconnects_with_backoff(rig_factory: Callable[[
     port = rig.broker.gateway_port
     imp = Impairment(rig.ns, port)
     rig.start_gateway(port)
-    wait(lambda: rig.stored() >= 100, 30, "the first events", rig)
+    procs.wait(lambda: rig.stored() >= 100, 30, "the first events", rig)
 
     # Refused: each attempt fails at once, so the spacing is the gateway's backoff and nothing else.
     t0 = time.monotonic()
@@ -223,9 +202,9 @@ def test_refused_then_blackholed_reconnects_with_backoff(rig_factory: Callable[[
     time.sleep(10)
     refused = [a for a in imp.attempts() if a >= t0]
     imp.clear()
-    wait(lambda: rig.gateway_log().count("uplink connected") >= 2, 15, "the reconnect after the refusal", rig)
+    procs.wait(lambda: rig.gateway_log().count("uplink connected") >= 2, 15, "the reconnect after the refusal", rig)
     at_reconnect = rig.stored()
-    wait(lambda: rig.stored() > at_reconnect + 50, 15, "events flowing again", rig)
+    procs.wait(lambda: rig.stored() > at_reconnect + 50, 15, "events flowing again", rig)
 
     # Blackhole: nothing answers; keepalive (5 s) must notice, and attempts wait out the connect timeout.
     downs_before = rig.gateway_log().count("down:")
@@ -235,7 +214,7 @@ def test_refused_then_blackholed_reconnects_with_backoff(rig_factory: Callable[[
     blackholed = [a for a in imp.attempts() if a >= t1]
     noticed = rig.gateway_log().count("down:") - downs_before
     imp.clear()
-    wait(lambda: rig.stored() >= rig.count, 60, f"all {rig.count} stored after the blackhole", rig)
+    procs.wait(lambda: rig.stored() >= rig.count, 60, f"all {rig.count} stored after the blackhole", rig)
     assert_exactly_once(rig)
 
     gaps = [b - a for a, b in itertools.pairwise(refused)]

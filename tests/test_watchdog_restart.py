@@ -25,7 +25,6 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import struct
 import subprocess
 import time
@@ -303,18 +302,6 @@ async def running(portal: Portal) -> AsyncIterator[Portal]:
             await task
 
 
-def store_rows(db: Path, sql: str) -> list[tuple[Any, ...]]:
-    if not db.exists():
-        return []
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    try:
-        return conn.execute(sql).fetchall()
-    except sqlite3.OperationalError:
-        return []
-    finally:
-        conn.close()
-
-
 async def until(check: Callable[[], Any], timeout: float, what: str, svc: Service | None = None) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -348,7 +335,7 @@ async def test_a_hung_loop_starves_the_watchdog_and_the_restart_loses_nothing(
             try:
                 ready_at = await first.ready()
                 figures["ready_s"] = round(ready_at - first.started, 2)
-                await until(lambda: len(store_rows(db, "SELECT seq FROM events")) == COUNT, 15,
+                await until(lambda: len(procs.read_rows(db, "SELECT seq FROM events")) == COUNT, 15,
                             f"all {COUNT} synthetic events stored", first)
                 await until(lambda: "re-sending" in first.journal.text(), 10,
                             "the uplink's re-send log line, the portal being silent", first)
@@ -385,7 +372,7 @@ async def test_a_hung_loop_starves_the_watchdog_and_the_restart_loses_nothing(
             finally:
                 first.close()
 
-            outbox = {s for (s,) in store_rows(db, "SELECT seq FROM outbox")}
+            outbox = {s for (s,) in procs.read_rows(db, "SELECT seq FROM outbox")}
             assert outbox == set(range(ACK_UNTIL + 1, COUNT + 1)), "the outbox at the kill: all the unacknowledged"
             before = portal.first_seen()
             never_sent = outbox - set(before)
@@ -401,7 +388,7 @@ async def test_a_hung_loop_starves_the_watchdog_and_the_restart_loses_nothing(
                 figures["restart_ready_s"] = round(ready_at - second.started, 2)
                 await until(lambda: set(portal.first_seen()) >= set(range(1, COUNT + 1)), 20,
                             f"all {COUNT} events at the broker", second)
-                await until(lambda: not store_rows(db, "SELECT seq FROM outbox LIMIT 1"), 10,
+                await until(lambda: not procs.read_rows(db, "SELECT seq FROM outbox LIMIT 1"), 10,
                             "the outbox drained by the portal's acks", second)
                 await until(lambda: len(second.pings(ready_at)) >= 3, 10, "WATCHDOG=1 from the new process", second)
                 fed = [ready_at, *second.pings(ready_at)]
@@ -428,6 +415,6 @@ async def test_a_hung_loop_starves_the_watchdog_and_the_restart_loses_nothing(
     first_seen = portal.first_seen()
     assert all(first_seen[s] > second.started for s in never_sent), \
         "events never published before the kill must have come from the restarted gateway's store"
-    assert len(store_rows(db, "SELECT seq FROM events")) == COUNT, "the restart produced nothing twice"
+    assert len(procs.read_rows(db, "SELECT seq FROM events")) == COUNT, "the restart produced nothing twice"
     figures["copies_at_broker"] = len(portal.copies)
     print(f"watchdog restart figures: {json.dumps(figures)}")
