@@ -1,4 +1,9 @@
-"""Stopping asyncio tasks for good, for both programs' shutdowns."""
+"""Stopping asyncio tasks for good, for both programs' shutdowns and connections.
+
+On Python 3.11 a cancel that arrives as an ``asyncio.wait_for`` inside the task completes is lost (aiomqtt wraps
+its subscribe and publish replies in one), so a single cancel and an await can wait for ever; an
+``asyncio.TaskGroup`` cancels its tasks only once. These helpers cancel again until the task has ended.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +18,10 @@ CANCEL_AGAIN_S = 1.0  # a task still running this long after a cancel is cancell
 
 
 async def cancel_and_wait(step: str, tasks: Iterable[asyncio.Task[Any]]) -> None:
-    """Cancel the tasks and wait until each has ended, cancelling again any that lives on; log those that failed.
-
-    On Python 3.11 a cancel that arrives as an ``asyncio.wait_for`` inside the task completes is lost (aiomqtt
-    wraps its subscribe and publish replies in one), so a single cancel and await can wait forever.
-    """
-    tasks = list(tasks)
+    """Cancel the tasks and wait until each has ended, cancelling again any that lives on; log those that failed
+    while being stopped (one that had ended already is its owner's business)."""
     pending = {t for t in tasks if not t.done()}
+    stopped = set(pending)
     while pending:
         for t in pending:
             t.cancel()
@@ -27,6 +29,27 @@ async def cancel_and_wait(step: str, tasks: Iterable[asyncio.Task[Any]]) -> None
         if pending:
             log.warning("stopping %s: %s ignored a cancel; cancelling again", step,
                         ", ".join(t.get_name() for t in pending))
-    for t in tasks:
+    for t in stopped:
         if not t.cancelled() and t.exception() is not None:
             log.error("stopping %s: %s failed", step, t.get_name(), exc_info=t.exception())
+
+
+async def run_until_first_ends(step: str, tasks: list[asyncio.Task[Any]]) -> None:
+    """Wait until one of the tasks ends or the caller is cancelled, stop the others for good, then raise the
+    error of the first that failed (or the cancel). A TaskGroup for tasks that serve one connection together."""
+    cancelled = False
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        cancelled, done = True, set()
+    stopping = asyncio.ensure_future(cancel_and_wait(step, tasks))
+    while not stopping.done():
+        try:
+            await asyncio.shield(stopping)
+        except asyncio.CancelledError:
+            cancelled = True  # going down already; the stop runs to its end first
+    if cancelled:
+        raise asyncio.CancelledError
+    for t in tasks:
+        if t in done and not t.cancelled() and t.exception() is not None:
+            raise t.exception()  # type: ignore[misc]

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import aiomqtt
 
 from common.configfile import read_secret
+from common.tasks import run_until_first_ends
 from gateway import __version__, wire
 from gateway.config import GatewayConfig
 from gateway.store import Store
@@ -167,18 +168,11 @@ class Uplink:
         self._status_changed.clear()
         await client.publish(self._t_status, self._online(), qos=1, retain=True)
         self.store.committed.set()  # whatever is in the outbox goes out now
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._receive(client), name=f"gateway[{self.cfg.gateway}].uplink.receive")
-                tg.create_task(self._send(client), name=f"gateway[{self.cfg.gateway}].uplink.send")
-                tg.create_task(self._status_loop(client), name=f"gateway[{self.cfg.gateway}].uplink.status")
-        except ExceptionGroup as eg:
-            # A lost connection surfaces in one of the two tasks; report it as the plain MqttError it is.
-            mqtt_errors = eg.subgroup(aiomqtt.MqttError)
-            if mqtt_errors is not None and mqtt_errors.exceptions and len(eg.exceptions) == len(
-                    mqtt_errors.exceptions):
-                raise mqtt_errors.exceptions[0] from None
-            raise
+        name = f"gateway[{self.cfg.gateway}].uplink"
+        # A lost connection surfaces as the MqttError of one of them.
+        await run_until_first_ends(name, [asyncio.create_task(self._receive(client), name=f"{name}.receive"),
+                                          asyncio.create_task(self._send(client), name=f"{name}.send"),
+                                          asyncio.create_task(self._status_loop(client), name=f"{name}.status")])
 
     # ------------------------------------------------------------ sending
 

@@ -22,7 +22,7 @@ from typing import Any
 import aiomqtt
 
 from common.configfile import read_secret
-from common.tasks import cancel_and_wait
+from common.tasks import cancel_and_wait, run_until_first_ends
 from gateway import wire
 from portal.config import ConfigError, PortalConfig
 from portal.metrics import Metrics
@@ -142,9 +142,9 @@ class Ingest:
                     self.connects += 1
                     self._set_connected(True)
                     log.info("connected to MQTT broker %s:%d as %s", m.host, m.port, m.client_id)
-                    async with asyncio.TaskGroup() as tg:
-                        tg.create_task(self._publish_acks(client), name="portal.ingest.acks")
-                        tg.create_task(self._receive(client), name="portal.ingest.receive")
+                    await run_until_first_ends("ingest", [
+                        asyncio.create_task(self._publish_acks(client), name="portal.ingest.acks"),
+                        asyncio.create_task(self._receive(client), name="portal.ingest.receive")])
             except* aiomqtt.MqttError as eg:
                 err = str(eg.exceptions[0])
                 if self.connected or err != self.last_error:
