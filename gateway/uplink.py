@@ -1,9 +1,10 @@
 """The uplink: the outbox drained to the portal over MQTT, commands taken in.
 
 The broker's PUBACK is not the end of an event's journey: an outbox row is forgotten only when the
-portal has stored the event and said so on the ``ack`` topic. Until then the event is re-sent (after
-``resend_after_s``, backing off while nothing is acknowledged, and from the start of the outbox
-after every reconnect); the portal's ingest is idempotent by event id, so re-sends are harmless.
+portal has stored the event and said so on the ``ack`` topic. Until then the event is re-sent: after
+``resend_after_s`` once something sent later was acknowledged, or once acks have stopped that long (a
+portal still acknowledging is working through a backlog), backing off while nothing is acknowledged,
+and from the start of the outbox after every reconnect; the portal's ingest is idempotent by event id.
 
 At most ``window`` events are in flight unacknowledged, so a portal that is away does not make the
 gateway push its whole backlog into a broker that would drop it. Reconnects live here and only here,
@@ -84,6 +85,7 @@ class Uplink:
         self._t_cmd = wire.topic(cfg.site, cfg.gateway, "cmd")
         self._t_status = wire.topic(cfg.site, cfg.gateway, "status")
         self._inflight: dict[int, tuple[float, bool]] = {}  # seq -> (monotonic time sent, urgent lane)
+        self._acked_sent_last = float("-inf")  # the latest send time among the events acknowledged
         self._cursor = 0  # highest routine seq sent on this connection
         self._cursor_urgent = 0  # highest urgent seq sent on this connection
         self._fault = ""  # the store's standing fault, carried in the retained status
@@ -199,8 +201,7 @@ class Uplink:
                     if rows:
                         continue
                 self._acked.clear()
-                oldest = min((t for t, _ in self._inflight.values()), default=None)
-                timeout = None if oldest is None else max(0.0, oldest + resend_after - self._clock())
+                timeout = self._resend_due(resend_after)
                 waiters = [asyncio.ensure_future(self.store.committed.wait()),
                            asyncio.ensure_future(self._acked.wait())]
                 try:
@@ -287,9 +288,26 @@ class Uplink:
             self._logged_reasons.add(key)
             log.warning("uplink: rejected a message on %s: %s (further ones are only counted)", topic, detail)
 
+    def _resend_due(self, resend_after: float) -> float | None:
+        """Seconds until the unacknowledged events are re-sent (None: nothing in flight).
+
+        The oldest is re-sent ``resend_after`` after its send when something sent after it was acknowledged
+        (the broker dropped it); otherwise only once acks have stopped for ``resend_after``: a portal working
+        through a backlog is busy, not lost, and copies of the window would only bury it.
+        """
+        oldest = min((t for t, _ in self._inflight.values()), default=None)
+        if oldest is None:
+            return None
+        since = oldest
+        if self._acked_sent_last <= oldest and self.stats.last_ack_mono is not None:
+            since = max(oldest, self.stats.last_ack_mono)
+        return max(0.0, since + resend_after - self._clock())
+
     def _on_ack(self, ack: wire.Ack) -> None:
         for s in ack.seqs:
-            self._inflight.pop(s, None)
+            sent = self._inflight.pop(s, None)
+            if sent is not None:
+                self._acked_sent_last = max(self._acked_sent_last, sent[0])
         self.store.acknowledge(ack.seqs)
         self.stats.acks += len(ack.seqs)
         self.stats.last_ack_mono = self._clock()

@@ -28,12 +28,15 @@ def _cfg(broker: MosquittoProcess, **uplink: float) -> GatewayConfig:
 
 
 class Acker:
-    """Receives batches like the portal does and acknowledges them (optionally not)."""
+    """Receives batches like the portal does and acknowledges them (optionally not, or slowly, or not a batch
+    holding a seq in ``lose``: the broker dropped it)."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.seen: list[int] = []
         self.ack = True
+        self.work_s = 0.0  # time spent storing each batch
+        self.lose: set[int] = set()
 
     async def run(self) -> None:
         async with aiomqtt.Client("127.0.0.1", self.port, identifier="test-acker", clean_session=False) as c:
@@ -41,6 +44,10 @@ class Acker:
             async for msg in c.messages:
                 site, gw, _ = wire.parse_topic(str(msg.topic))
                 batch = wire.decode_batch(bytes(msg.payload), site=site, gateway=gw)  # type: ignore[arg-type]
+                if self.lose & {e.seq for e in batch.events}:
+                    self.lose -= {e.seq for e in batch.events}
+                    continue
+                await asyncio.sleep(self.work_s)
                 self.seen.extend(e.seq for e in batch.events)
                 if self.ack:
                     ack = wire.Ack(v=1, seqs=[e.seq for e in batch.events])
@@ -79,6 +86,40 @@ async def test_events_are_forgotten_only_when_acknowledged(tmp_path: Path, broke
             await store.append([])
             assert await store.outbox_depth() == 0
             assert sorted(set(acker.seen)) == list(range(1, 51))
+
+
+async def test_a_portal_working_through_a_backlog_gets_no_resends(tmp_path: Path, broker: MosquittoProcess) -> None:
+    """Acks keep coming, each batch slower than the re-send time: the portal is busy, not lost; re-sending the
+    window then would only bury it in copies."""
+    acker = Acker(broker.port)
+    acker.work_s = 0.05
+    async with Store(tmp_path / "gw.db", site="s1", gateway="gw1") as store:
+        up = Uplink(_cfg(broker, batch_max=1, resend_after_s=0.3, resend_max_s=0.6), store)
+        async with running(acker.run(), up.run()):
+            await store.append([Draft(type="zone.alarm", device="p", place=PLACE) for _ in range(40)])
+            await _until(lambda: up.stats.acks >= 40)  # 40 × 50 ms: the last ack comes ~2 s after the send
+            assert up.stats.resends == 0
+            assert acker.seen == list(range(1, 41))
+
+
+async def test_a_lost_batch_is_resent_though_later_ones_are_acknowledged(tmp_path: Path,
+                                                                          broker: MosquittoProcess) -> None:
+    acker = Acker(broker.port)
+    acker.lose = {5}
+    async with Store(tmp_path / "gw.db", site="s1", gateway="gw1") as store:
+        up = Uplink(_cfg(broker, batch_max=1, resend_after_s=0.3, resend_max_s=0.6), store)
+        async with running(acker.run(), up.run()):
+            await store.append([Draft(type="zone.alarm", device="p", place=PLACE) for _ in range(10)])
+            await _until(lambda: up.stats.acks >= 9)
+            for _ in range(60):  # a steady trickle for 3 s: acks never pause for the re-send time
+                await store.append([Draft(type="zone.alarm", device="p", place=PLACE)])
+                await asyncio.sleep(0.05)
+                if 5 in acker.seen:
+                    break
+            assert 5 in acker.seen, "a lost event must be re-sent while later ones keep being acknowledged"
+            await _until(lambda: not up._inflight)
+            assert await store.outbox_depth() == 0
+            assert acker.seen.count(5) == 1 and up.stats.resends == 1
 
 
 async def test_window_bounds_unacknowledged_events(tmp_path: Path, broker: MosquittoProcess) -> None:
