@@ -77,7 +77,7 @@ class Rig:
     def portal_rows(self) -> list[tuple[int, int, float, float]]:
         """(seq, loadgen number, event time, stored time) of each stored event, in seq order."""
         rows = procs.read_rows(self.portal_db, "SELECT seq, data, ts, received_at FROM events WHERE gateway = ? "
-                           "AND type = 'test.synthetic' ORDER BY seq", GW)
+                               "AND type = 'test.synthetic' ORDER BY seq", GW)
         return [(s, json.loads(d)["n"], _ts(t), _ts(r)) for s, d, t, r in rows]
 
     def stored(self) -> int:
