@@ -3,8 +3,11 @@ error naming the file, the line and (inside a named list entry) the entity."""
 
 from __future__ import annotations
 
+import copy
+import difflib
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -174,7 +177,211 @@ def convert_strict(path: Path, cls: type[T], data: Any, tree: Any) -> T:
         raise ConfigError([f"{loc}: {entity + ': ' if entity else ''}{where[0]} (at {jp})"]) from None
 
 
-def read_secret(path: str) -> str:
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``"; did you mean 'fence'?"`` when one of ``choices`` is close to ``word``, else ''."""
+    close = difflib.get_close_matches(word, [c for c in choices if c != word], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+Step = str | int
+
+
+def parse_path(jsonpath: str) -> list[Step]:
+    """``$.devices[2].unit`` → ``["devices", 2, "unit"]``."""
+    return [key or int(idx) for key, idx in _STEP_RE.findall(jsonpath.removeprefix("$"))]
+
+
+def format_path(steps: Iterable[Step]) -> str:
+    return "$" + "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in steps)
+
+
+class Remap:
+    """Where the entries of a repaired copy of a config were in the file: entries dropped from a list shift
+    the ones after them, and every problem must still name the line the installer sees."""
+
+    def __init__(self) -> None:
+        self._lists: dict[tuple[Step, ...], list[int]] = {}
+        self.dropped: dict[str, set[str]] = {}  # top-level list -> names of the entries dropped from it
+        self.taken_out: set[tuple[Step, ...]] = set()  # keys taken out, as paths in the file
+
+    def original(self, steps: Iterable[Step]) -> list[Step]:
+        out: list[Step] = []
+        for s in steps:
+            if isinstance(s, int):
+                m = self._lists.get(tuple(out))
+                s = m[s] if m is not None and s < len(m) else s
+            out.append(s)
+        return out
+
+    def jsonpath(self, jsonpath: str) -> str:
+        return format_path(self.original(parse_path(jsonpath)))
+
+    def name(self, jsonpath: str, name: str) -> str:
+        """``devices[1] (p2)`` with the index it has in the file."""
+        steps = parse_path(jsonpath)
+        orig = self.original(steps)
+        for i, s in enumerate(steps):
+            if isinstance(s, int) and i and isinstance(steps[i - 1], str) and orig[i] != s:
+                name = name.replace(f"{steps[i - 1]}[{s}]", f"{steps[i - 1]}[{orig[i]}]", 1)
+        return name
+
+    def drop(self, container: list[Any], list_steps: list[Step], index: int) -> None:
+        key = tuple(self.original(list_steps))
+        m = self._lists.setdefault(key, list(range(len(container))))
+        del m[index]
+        item = container.pop(index)
+        if isinstance(item, dict) and isinstance(item.get("name"), str) and key and isinstance(key[0], str):
+            self.dropped.setdefault(key[0], set()).add(item["name"])
+
+    def dropped_names(self, kind: str | None = None) -> set[str]:
+        """Names of the entries dropped from ``kind`` (``"buses"``), or from every list."""
+        if kind is not None:
+            return self.dropped.get(kind, set())
+        return set().union(*self.dropped.values())
+
+
+def echoes(problem: str, data: Any, remap: Remap) -> bool:
+    """Whether a cross-check ``problem`` of a repaired config only repeats an error already reported: it names
+    an entry dropped for its own error (``bus 'fence' is not defined``), or a key taken out of its entry
+    (``a modbus-tcp bus needs 'host' and 'port'`` once a bad ``port`` was taken out)."""
+    if any(f"{n!r} is not defined" in problem for n in remap.dropped_names()):
+        return True
+    for steps in remap.taken_out:
+        if len(steps) >= 3 and isinstance(steps[-1], str):
+            entity = entity_of(data, format_path(steps[:2]))
+            if entity and f": {entity}: " in problem and f"{steps[-1]!r}" in problem:
+                return True
+    return False
+
+
+def _type_at(cls: type, steps: Iterable[Step]) -> Any:
+    """The msgspec type found by following ``steps`` from ``cls`` (None where they leave the schema)."""
+    from msgspec import inspect as mi
+
+    t: Any = mi.type_info(cls)
+
+    def unwrap(t: Any, want: type) -> Any:
+        while True:
+            if isinstance(t, mi.Metadata):
+                t = t.type
+            elif isinstance(t, mi.UnionType):
+                t = next((x for x in t.types if isinstance(x, want | mi.Metadata)), None)
+            else:
+                return t if isinstance(t, want) else None
+
+    for s in steps:
+        if isinstance(s, int):
+            t = unwrap(t, mi.ListType)
+            t = t.item_type if t is not None else None
+        else:
+            t = unwrap(t, mi.StructType)
+            t = next((f.type for f in t.fields if f.encode_name == s), None) if t is not None else None
+        if t is None:
+            return None
+    return t
+
+
+def _hint(cls: type, steps: list[Step], message: str) -> str:
+    """A "did you mean" for a misspelt key or a misspelt choice."""
+    from msgspec import inspect as mi
+
+    unknown = re.search(r"unknown field `([^`]+)`", message)
+    if unknown:
+        parent = _type_at(cls, steps[:-1])
+        while isinstance(parent, mi.Metadata | mi.UnionType):
+            parent = (
+                parent.type
+                if isinstance(parent, mi.Metadata)
+                else next((x for x in parent.types if not isinstance(x, mi.NoneType)), None)
+            )
+        if isinstance(parent, mi.StructType):
+            return did_you_mean(unknown.group(1), [f.encode_name for f in parent.fields])
+        return ""
+    enum = re.match(r"Invalid enum value '([^']*)'", message)
+    if enum:
+        t = _type_at(cls, steps)
+        while isinstance(t, mi.Metadata | mi.UnionType):
+            t = (
+                t.type
+                if isinstance(t, mi.Metadata)
+                else next((x for x in t.types if isinstance(x, mi.LiteralType)), None)
+            )
+        if isinstance(t, mi.LiteralType):
+            return did_you_mean(enum.group(1), [str(v) for v in t.values])
+    return ""
+
+
+def _stand_in(t: Any) -> Any:
+    """A value of type ``t`` for a missing top-level setting (already reported), or None."""
+    from msgspec import inspect as mi
+
+    while isinstance(t, mi.Metadata):
+        t = t.type
+    if isinstance(t, mi.StrType):
+        return "x"
+    if isinstance(t, mi.LiteralType) and t.values:
+        return t.values[0]
+    return None
+
+
+def convert_all(
+    path: Path, cls: type[T], data: Any, tree: Any, *, limit: int = 100
+) -> tuple[T | None, list[str], Remap]:
+    """Like :func:`convert_strict`, but every problem of the file in one run: after each error the offending
+    key is taken out (an entry that cannot stand without it is dropped, and :class:`Remap` keeps the lines
+    right) and the rest is validated again. Returns the config (None if the file cannot be repaired far
+    enough to build one), the problems (``file:line: entity: message (at $.path)``, a "did you mean" where a
+    key or a choice is misspelt) and the remap, for cross-checks of the repaired config."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}:1: the top level must be a mapping of settings"])
+    work = copy.deepcopy(data)
+    remap = Remap()
+    problems: list[str] = []
+    taken_out = remap.taken_out
+    for _ in range(limit * 4):
+        try:
+            return msgspec.convert(work, cls, strict=True), problems, remap
+        except msgspec.ValidationError as e:
+            parts = str(e).rsplit(" - at `", 1)
+            message = parts[0]
+            steps = parse_path(parts[1].rstrip("`")) if len(parts) == 2 else []
+            unknown = re.search(r"unknown field `([^`]+)`", message)
+            missing = re.match(r"Object missing required field `([^`]+)`", message)
+            if unknown:
+                steps.append(unknown.group(1))
+            if not (missing and tuple(remap.original([*steps, missing.group(1)])) in taken_out):
+                jp = format_path(remap.original(steps))
+                line = line_of(tree, jp) or 1
+                entity = entity_of(data, jp)
+                problems.append(
+                    f"{path}:{line}: {entity + ': ' if entity else ''}{message} (at {jp}){_hint(cls, steps, message)}"
+                )
+            if len(problems) >= limit:
+                return None, problems, remap
+            if not steps:
+                # Nothing to drop at the top: a stand-in for a missing setting lets the rest be checked.
+                stand_in = _stand_in(_type_at(cls, [missing.group(1)])) if missing else None
+                if stand_in is None:
+                    return None, problems, remap
+                work[missing.group(1)] = stand_in  # type: ignore[union-attr]
+                continue
+            parent: Any = work
+            for s in steps[:-1]:
+                parent = parent[s]
+            last = steps[-1]
+            if isinstance(parent, dict) and last in parent:
+                taken_out.add(tuple(remap.original(steps)))
+                del parent[last]
+            elif isinstance(parent, list) and isinstance(last, int) and last < len(parent):
+                remap.drop(parent, steps[:-1], last)
+            else:
+                return None, problems, remap
+    return None, problems, remap
+
+
+def read_secret(path: str | os.PathLike[str]) -> str:
     """Read a secret file, refusing one that others can read (it must be mode 0600 or stricter)."""
     try:
         st = os.stat(path)
@@ -183,3 +390,20 @@ def read_secret(path: str) -> str:
     if st.st_mode & 0o077:
         raise ConfigError([f"{path}: secret file must not be readable by group or others (chmod 600)"])
     return Path(path).read_text(encoding="utf-8").strip()
+
+
+def write_secret(path: Path, data: bytes) -> None:
+    """Write a secret file of mode 0600 atomically (a new file beside it, fsynced, then renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(fd, 0o600)  # whatever the umask, and over a stale part file's mode
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

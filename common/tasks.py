@@ -27,8 +27,9 @@ async def cancel_and_wait(step: str, tasks: Iterable[asyncio.Task[Any]]) -> None
             t.cancel()
         _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
         if pending:
-            log.warning("stopping %s: %s ignored a cancel; cancelling again", step,
-                        ", ".join(t.get_name() for t in pending))
+            log.warning(
+                "stopping %s: %s ignored a cancel; cancelling again", step, ", ".join(t.get_name() for t in pending)
+            )
     for t in stopped:
         if not t.cancelled() and t.exception() is not None:
             log.error("stopping %s: %s failed", step, t.get_name(), exc_info=t.exception())
@@ -48,7 +49,12 @@ async def run_until_first_ends(step: str, tasks: list[asyncio.Task[Any]]) -> Non
             await asyncio.shield(stopping)
         except asyncio.CancelledError:
             cancelled = True  # going down already; the stop runs to its end first
+    # Take every error (a task that failed in the very turn the cancel came, say the link dropping as the broker
+    # stops with us): one left in a task is reported as "never retrieved" when the task is collected.
+    errors = [e for t in tasks if t.done() and not t.cancelled() and (e := t.exception()) is not None]
     if cancelled:
+        for e in errors:
+            log.debug("stopping %s: a task had failed meanwhile: %r", step, e)
         raise asyncio.CancelledError
     for t in tasks:
         if t in done and not t.cancelled() and t.exception() is not None:

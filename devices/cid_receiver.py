@@ -7,19 +7,24 @@ Replies on the line (see ``docs/contact-id.md``):
 =====================================  ==========  ===================================================
 what came in                           reply       effect
 =====================================  ==========  ===================================================
-a good message (or a resend of one)    ACK 0x06    a PanelReport, unless it repeats the previous one
+a good message (or a resend of one)    ACK 0x06    a PanelReport (``repeat`` when it repeats the previous)
 heartbeat (receiver)                   ACK 0x06    keeps the line online
-received intact, not understood        ACK 0x06    counted ``rejected_unsupported``; resending won't help
+received intact, not understood        ACK 0x06    counted ``rejected_unsupported``, and an Unreadable
+                                                   event: resending won't help, so it is lost here
 bad checksum                           NAK 0x15    counted; the sender repeats at once
 malformed line                         NAK 0x15    counted; the sender repeats at once
 over-long line                         nothing     counted; dropped up to the next terminator
 =====================================  ==========  ===================================================
 
+A run of :data:`UNREADABLE_AFTER` refused lines with no good one between them (a sender whose every
+resend arrives damaged, which gives up after a few) is an Unreadable event too.
+
 Neither framing carries a sequence number, and a sender repeats a message whose ACK it missed.
 So a message equal to the previous one, arriving within ``dedupe_window`` seconds of it (the
-window slides with each repeat), is acknowledged again but not reported again. Two identical
-consecutive events that close together are therefore reported once. ``dedupe_window=0`` turns
-this off.
+window slides with each repeat), is reported with ``repeat=True`` (counted ``duplicates``): the
+driver knows nothing of alarms, the engine does, and it folds a repeat into the incident still open
+or raises it anew when none is (two identical events close together are then one incident, never
+none). ``dedupe_window=0`` turns the flag off.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from collections.abc import Callable
 from typing import Literal, Self
 
 from devices.contact_id import ACK, NAK, CidFramer, Heartbeat, Item, PanelMessage, ReceiverMessage, Rejected
-from devices.events import Availability, DeviceEvent, PanelReport
+from devices.events import Availability, DeviceEvent, PanelReport, Unreadable
 from devices.serial_line import LineDriver, SerialLine, SerialLineDown
 
 log = logging.getLogger(__name__)
@@ -40,11 +45,14 @@ Mode = Literal["panel", "receiver"]
 
 #: Receiver heartbeats come about every 30 s; three missed ones make the line offline.
 RECEIVER_SILENCE_TIMEOUT = 90.0
+#: Refused lines in a row (no good message between) after which what was sent is taken as lost.
+UNREADABLE_AFTER = 3
 
 STAT_KEYS = (
     "frames",  # good Contact ID messages, repeats included
-    "reports",  # PanelReports emitted
-    "duplicates",  # repeats acknowledged but not reported
+    "reports",  # PanelReports emitted, repeats included
+    "duplicates",  # repeats of the previous message (reported with repeat=True)
+    "unreadable",  # Unreadable events emitted
     "heartbeats",
     "rejected_checksum",
     "rejected_malformed",
@@ -121,6 +129,7 @@ class ContactIdLine(LineDriver[Item]):
         self._last_key: PanelMessage | ReceiverMessage | None = None
         self._last_key_at = 0.0
         self._warned: dict[str, float] = {}
+        self._bad_run = 0  # refused lines since the last good one
 
     # ------------------------------------------------------------ lifecycle
 
@@ -196,6 +205,7 @@ class ContactIdLine(LineDriver[Item]):
         if isinstance(item, Rejected):
             self._rejected(item, now)
         elif isinstance(item, Heartbeat):
+            self._bad_run = 0
             self._counts["heartbeats"] += 1
             self._reply(ACK)
             self._traffic(now)
@@ -204,14 +214,16 @@ class ContactIdLine(LineDriver[Item]):
 
     def _message(self, msg: PanelMessage | ReceiverMessage, now: float) -> None:
         self._counts["frames"] += 1
+        self._bad_run = 0
         self._reply(ACK)
         self._traffic(now)
-        if self._dedupe_window > 0 and msg == self._last_key and now - self._last_key_at <= self._dedupe_window:
+        repeat = self._dedupe_window > 0 and msg == self._last_key and now - self._last_key_at <= self._dedupe_window
+        if repeat:
             self._counts["duplicates"] += 1
-            self._last_key_at = now
             log.debug("%s: repeat of %r acknowledged again", self._label, msg)
-            return
-        self._last_key, self._last_key_at = msg, now
+        else:
+            self._last_key = msg
+        self._last_key_at = now
         self._counts["reports"] += 1
         self._emit(
             PanelReport(
@@ -222,16 +234,23 @@ class ContactIdLine(LineDriver[Item]):
                 partition=msg.partition,
                 zone_or_user=msg.zone,
                 mono=now,
+                repeat=repeat,
             )
         )
 
     def _rejected(self, item: Rejected, now: float) -> None:
         self._counts[f"rejected_{item.reason}"] += 1
+        self._bad_run += 1
         if item.reason == "unsupported":
             self._reply(ACK)
             self._traffic(now)
         elif item.reason != "overlong":
             self._reply(NAK)
+        if item.reason == "unsupported" or self._bad_run >= UNREADABLE_AFTER:
+            self._bad_run = 0
+            self._counts["unreadable"] += 1
+            sample = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in item.sample[:40])
+            self._emit(Unreadable(self.name, item.reason, sample, now))
         # One warning per reason per minute; the rest at debug level, all of them counted.
         last = self._warned.get(item.reason)
         level = logging.DEBUG if last is not None and now - last < 60.0 else logging.WARNING

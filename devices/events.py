@@ -40,6 +40,13 @@ class WriteResult:
     ok: bool
     mono: float
     detail: str = ""
+    #: The point read back after the write: True it holds the value written, False it does not (``ok`` is
+    #: then False: the device echoed the write, but the relay did not move), None not read back.
+    confirmed: bool | None = None
+    #: Why it failed: ``rejected`` (a bad command, never sent), ``refused`` (a Modbus exception), ``no_answer``,
+    #: ``link_down``, ``not_moved`` (answered, but the read-back differs), ``unconfirmed`` (answered, the
+    #: read-back was not); empty when ``ok``.
+    failure: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +61,31 @@ class PanelReport:
     partition: int
     zone_or_user: int
     mono: float
+    #: The line saw this same message within its duplicate window: most likely a resend whose ACK the
+    #: sender missed, possibly a second event of the same kind. The driver reports it anyway; the engine
+    #: decides (it folds into an open incident, and raises anew when none is open).
+    repeat: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A message a line received but could not use: a bad checksum, a malformed line, an intact line in
+    another protocol, an over-long run. Whatever it said (it may have been an alarm) did not arrive."""
+
+    device: str  # the serial line
+    reason: str  # checksum, malformed, unsupported, overlong
+    sample: str  # the start of what came in, printable ASCII
+    mono: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCheck:
+    """How a device's settings compare with what its profile says they must be (``expect`` on points),
+    reported whenever that changes. ``problems`` is empty when everything is as expected."""
+
+    device: str
+    problems: tuple[str, ...]
+    mono: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +99,7 @@ class Scan:
     mono: float  # time.monotonic() when the line was complete
 
 
-DeviceEvent = PointChanged | Availability | WriteResult | PanelReport | Scan
+DeviceEvent = PointChanged | Availability | WriteResult | PanelReport | Scan | Unreadable | DeviceCheck
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,21 @@ tunnelled through a TCP serial server) and everything on it.
 It polls each device's point groups at their own intervals in merged block reads, reports changes
 as :class:`~devices.events.PointChanged`, tracks availability, puts writes ahead of polls, paces
 serial frames, and is the one place that reconnects (capped exponential backoff, full jitter).
+
+A write is not done when the device echoes it: the bus reads the point back at once (ahead of every
+poll) and the write succeeds only if the device holds the value written (``WriteResult.confirmed``).
+A board that echoes a relay command while its relay is in another control mode fails here. Points
+whose profile gives ``expect`` values are checked as they are read: a :class:`~devices.events.DeviceCheck`
+is reported whenever the device's list of problems changes (and once at its first reading).
 pymodbus's own retry and reconnect logic is switched off (``retries=0``, ``reconnect_delay=0``, no
 automatic disconnect after missed answers) so that nothing reconnects behind our back.
+
+Requests and replies are PDU bytes (:mod:`devices.modbus_pdu`): each block's read is built once, and a reply
+identical to the block's previous one is not decoded at all. On Modbus TCP the bus speaks MBAP itself on an
+asyncio protocol (no objects per transaction: that path is where a poll's CPU went): the polls due together are
+sent one after the other from the callback that takes each answer (no task switch or extra wake-up per request),
+and the socket is read into one buffer kept for the connection. RTU framings (a serial line, a serial server)
+keep pymodbus's client for the framing, where the wire, not the CPU, is the cost.
 
 Usage::
 
@@ -27,17 +40,30 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
-from pymodbus.exceptions import ConnectionException, ModbusException
-from pymodbus.framer import FramerType
-from pymodbus.pdu import ModbusPDU
-from pymodbus.pdu.bit_message import WriteSingleCoilRequest
-
-from devices.events import Availability, DeviceEvent, PointChanged, WritePoint, WriteResult
-from devices.modbus_plan import Block, DevicePlan, GroupPlan, PollJob, PollScheduler, backoff_delay, plan_blocks
+from common.backoff import backoff_delay
+from devices.events import Availability, DeviceCheck, DeviceEvent, PointChanged, WritePoint, WriteResult
+from devices.modbus_pdu import (
+    ModbusReplyError,
+    check_write_reply,
+    exception_code,
+    mbap_frame,
+    mbap_split,
+    read_values,
+    write_coil_raw_request,
+    write_coil_request,
+    write_registers_request,
+)
+from devices.modbus_plan import Block, DevicePlan, GroupPlan, PollJob, PollScheduler, plan_blocks
 from devices.profiles import PointSpec, Profile, Value, encode_point
+
+if TYPE_CHECKING:
+    from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+    from pymodbus.exceptions import ConnectionException, ModbusException
+    from pymodbus.framer import FramerType
+    from pymodbus.pdu import ModbusPDU
+    from pymodbus.pdu.bit_message import WriteSingleCoilRequest as _FlashRequest
 
 log = logging.getLogger("devices.modbus")
 
@@ -59,7 +85,11 @@ class BusDown(ModbusBusError):
 @dataclass(frozen=True, slots=True)
 class BusSpec:
     """One bus. ``serial`` is a device path or a pyserial URL (``/dev/ttyUSB0``, a pseudo-terminal);
-    ``inter_frame_ms`` None means 30 ms on RTU framing, 0 on Modbus TCP."""
+    ``inter_frame_ms`` None means 30 ms on RTU framing, 0 on Modbus TCP. ``max_in_flight`` above 1 (Modbus TCP
+    only, where the MBAP transaction id pairs each answer with its request) pipelines: of the polls due together,
+    that many go out in one write, and each answer sends the next; their devices are not staggered. Off by
+    default: some serial servers take one request at a time and drop the rest, and a write waits behind the
+    requests already sent (on a serial server's 9600-baud line, some 20 ms each)."""
 
     name: str
     kind: BusKind
@@ -76,6 +106,7 @@ class BusSpec:
     offline_poll_ms: int = 2000  # how often an offline device is probed
     reconnect_min_ms: int = 100
     reconnect_max_ms: int = 10_000
+    max_in_flight: int = 1  # modbus-tcp: requests sent without waiting for the answers before them
 
     def __post_init__(self) -> None:
         if self.kind not in ("modbus-tcp", "modbus-rtu", "modbus-rtu-over-tcp"):
@@ -85,12 +116,25 @@ class BusSpec:
                 raise ValueError(f"bus {self.name!r}: a modbus-rtu bus needs 'serial'")
         elif not self.host or not self.port:
             raise ValueError(f"bus {self.name!r}: a {self.kind} bus needs 'host' and 'port'")
-        for fname, lo in (("timeout_ms", 1), ("offline_after_misses", 1), ("offline_poll_ms", 1),
-                          ("reconnect_min_ms", 1), ("reconnect_max_ms", 1), ("retries", 0)):
+        for fname, lo in (
+            ("timeout_ms", 1),
+            ("offline_after_misses", 1),
+            ("offline_poll_ms", 1),
+            ("reconnect_min_ms", 1),
+            ("reconnect_max_ms", 1),
+            ("retries", 0),
+        ):
             if getattr(self, fname) < lo:
                 raise ValueError(f"bus {self.name!r}: {fname} must be at least {lo}")
         if self.inter_frame_ms is not None and self.inter_frame_ms < 0:
             raise ValueError(f"bus {self.name!r}: inter_frame_ms must not be negative")
+        if not 1 <= self.max_in_flight <= 255:
+            raise ValueError(f"bus {self.name!r}: max_in_flight must be 1-255")
+        if self.max_in_flight > 1 and self.kind != "modbus-tcp":
+            raise ValueError(
+                f"bus {self.name!r}: max_in_flight above 1 needs modbus-tcp (transaction ids pair the "
+                f"answers; an RTU line answers one request at a time)"
+            )
 
     @property
     def gap_ms(self) -> int:
@@ -183,15 +227,27 @@ class _LinkLost(ModbusBusError):
     pass
 
 
-class _FlashRequest(WriteSingleCoilRequest):
-    """Function 05 with a raw value field: a vendor's timed-pulse command, not an on/off."""
+def _load_pymodbus() -> None:
+    """Import pymodbus where it is used (RTU framings, scans): a gateway on Modbus TCP alone never loads it (some
+    2 MB resident, with pyserial)."""
+    global AsyncModbusSerialClient, AsyncModbusTcpClient, ConnectionException, ModbusException, FramerType
+    global _FlashRequest
+    if "_FlashRequest" in globals():
+        return
+    from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+    from pymodbus.exceptions import ConnectionException, ModbusException
+    from pymodbus.framer import FramerType
+    from pymodbus.pdu.bit_message import WriteSingleCoilRequest
 
-    def __init__(self, address: int, raw: int, dev_id: int) -> None:
-        super().__init__(dev_id=dev_id, address=address)
-        self.raw = raw
+    class _FlashRequest(WriteSingleCoilRequest):
+        """Function 05 with a raw value field: a vendor's timed-pulse command, not an on/off."""
 
-    def encode(self) -> bytes:
-        return struct.pack(">HH", self.address, self.raw)
+        def __init__(self, address: int, raw: int, dev_id: int) -> None:
+            super().__init__(dev_id=dev_id, address=address)
+            self.raw = raw
+
+        def encode(self) -> bytes:
+            return struct.pack(">HH", self.address, self.raw)
 
 
 class _Link:
@@ -199,6 +255,7 @@ class _Link:
     and answer checks, error classification."""
 
     def __init__(self, spec: BusSpec, clock: Callable[[], float], gap_s: float) -> None:
+        _load_pymodbus()
         self.spec = spec
         self.clock = clock
         self.gap_s = gap_s
@@ -223,8 +280,13 @@ class _Link:
         client: AsyncModbusTcpClient | AsyncModbusSerialClient
         if s.kind == "modbus-rtu":
             client = AsyncModbusSerialClient(
-                str(s.serial), framer=FramerType.RTU, baudrate=s.baudrate, parity=s.parity, stopbits=s.stopbits,
-                bytesize=8, **common,
+                str(s.serial),
+                framer=FramerType.RTU,
+                baudrate=s.baudrate,
+                parity=s.parity,
+                stopbits=s.stopbits,
+                bytesize=8,
+                **common,
             )
         else:
             framer = FramerType.SOCKET if s.kind == "modbus-tcp" else FramerType.RTU
@@ -311,6 +373,299 @@ class _Link:
             return resp, self.last_end - t0
         raise last
 
+    async def request(
+        self, unit: int, pdu: bytes, retries: int, on_error: Callable[[str], None]
+    ) -> tuple[bytes, float]:
+        """:meth:`exchange` for a request PDU; returns the reply PDU (function code and data) and the latency."""
+        resp, latency = await self.exchange(unit, _pymodbus_send(pdu, unit), retries, on_error)
+        return bytes([resp.function_code]) + resp.encode(), latency
+
+
+def _pymodbus_send(pdu: bytes, unit: int) -> Callable[[Any], Awaitable[ModbusPDU]]:
+    """The pymodbus client call that sends a request PDU built by :mod:`devices.modbus_pdu`."""
+    fc, address, value = struct.unpack_from(">BHH", pdu)
+    if fc in (1, 2, 3, 4):
+        fn = {1: "read_coils", 2: "read_discrete_inputs", 3: "read_holding_registers", 4: "read_input_registers"}[fc]
+        return lambda c: getattr(c, fn)(address, count=value, device_id=unit)
+    if fc == 5:
+        if value in (0xFF00, 0):
+            return lambda c: c.write_coil(address, value == 0xFF00, device_id=unit)
+        return lambda c: c.execute(False, _FlashRequest(address, value, unit))
+    if fc == 6:
+        return lambda c: c.write_register(address, value, device_id=unit)
+    regs = list(struct.unpack_from(f">{value}H", pdu, 6))
+    return lambda c: c.write_registers(address, regs, device_id=unit)
+
+
+class _MbapProtocol(asyncio.BufferedProtocol):
+    """One Modbus TCP connection: frames out, the answers to the requests outstanding back, paired by
+    transaction id. A batch is ``n`` requests with consecutive transaction ids from ``base``: up to ``window`` of
+    them are outstanding at once, and each answer sends the next request from here (``proceed()`` says whether
+    it may: not while a write waits), so a run of polls costs no task switch and no extra wake-up per request.
+    Each answer is handed to ``on_reply`` as it arrives; the waiter completes when nothing sent is outstanding
+    and nothing more may be sent.
+
+    The socket is read into one buffer kept for the connection (``recv_into``): reading with ``recv`` made
+    asyncio allocate, shrink and free a 256 KiB bytes object per answer, three system calls of the memory
+    allocator each time."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.garbage = False  # bytes that were no answer arrived since the last send
+        self.active = 0.0  # loop time of the last answer matched or request sent (the link's silence timer)
+        self.got: list[tuple[int, bytes] | None] = []  # the batch's answers: (unit id, reply PDU)
+        self.sent = 0  # requests of the batch sent so far
+        self._in = bytearray(_RX_SIZE)
+        self._view = memoryview(self._in)
+        self._end = 0  # bytes held in _in
+        self._loop_time: Callable[[], float] = time.monotonic
+        self._base = 0
+        self._left = 0  # sent and not answered
+        self._frames: Sequence[bytes] = ()
+        self._window = 1
+        self._proceed: Callable[[], bool] | None = None
+        self._on_reply: Callable[[int, int, bytes], None] | None = None
+        self._waiter: asyncio.Future[list[tuple[int, bytes] | None]] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._loop_time = asyncio.get_running_loop().time
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_exception(_LinkLost(f"connection lost: {exc or 'closed by the peer'}"))
+
+    @property
+    def partial(self) -> bool:
+        """Part of a frame is held, waiting for the rest."""
+        return self._end > 0
+
+    def send(
+        self,
+        base: int,
+        frames: Sequence[bytes],
+        window: int,
+        fut: asyncio.Future[list[tuple[int, bytes] | None]],
+        on_reply: Callable[[int, int, bytes], None] | None = None,
+        proceed: Callable[[], bool] | None = None,
+    ) -> None:
+        self._end = 0  # whatever is left is part of an answer to an earlier request that timed out
+        self.garbage = False
+        n = len(frames)
+        first = min(n, window)
+        self._base, self._left, self.got, self.sent = base, first, [None] * n, first
+        self._frames, self._window, self._proceed = frames, window, proceed
+        self._on_reply, self._waiter = on_reply, fut
+        self.active = self._loop_time()
+        assert self.transport is not None
+        self.transport.write(frames[0] if first == 1 else b"".join(frames[:first]))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._end >= _RX_SIZE - 512:  # a peer that sends and never completes a frame
+            self.garbage = True
+            self._end = 0
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        buf = self._in
+        end = self._end + nbytes
+        pos = 0
+        while pos < end:
+            try:
+                frame = mbap_split(buf, pos, end)
+            except ModbusReplyError:
+                self.garbage = True  # the stream is lost up to here: start again with the next answer
+                pos = end
+                break
+            if frame is None:
+                break
+            used, tid, unit, pdu = frame
+            pos += used
+            self._take(tid, unit, pdu)
+        if pos >= end:
+            self._end = 0
+        else:
+            if pos:
+                buf[: end - pos] = buf[pos:end]
+            self._end = end - pos
+
+    def _take(self, tid: int, unit: int, pdu: bytes) -> None:
+        w = self._waiter
+        i = (tid - self._base) % 0xFFFF  # transaction ids run 1-65535
+        got = self.got
+        if not tid or i >= self.sent or got[i] is not None or w is None or w.done():
+            self.garbage = True  # a late answer (to a request that timed out) or a stray frame
+            return
+        got[i] = (unit, pdu)
+        self.active = self._loop_time()
+        if self._on_reply is not None:
+            try:
+                self._on_reply(i, unit, pdu)
+            except Exception as e:  # the bus's handler failed: its poll loop restarts
+                w.set_exception(e)
+                return
+        self._left -= 1
+        k = self.sent
+        if k < len(got) and self._left < self._window and (self._proceed is None or self._proceed()):
+            self.sent = k + 1
+            self._left += 1
+            assert self.transport is not None
+            self.transport.write(self._frames[k])
+        elif not self._left:
+            w.set_result(got)
+
+
+_RX_SIZE = 1 << 16
+
+
+class _TcpLink:
+    """Modbus TCP with our own MBAP framing: the same discipline as :class:`_Link` (our retries, unit-id and
+    answer checks, error kinds), none of pymodbus's per-request objects."""
+
+    def __init__(self, spec: BusSpec, clock: Callable[[], float], gap_s: float) -> None:
+        self.spec = spec
+        self.clock = clock
+        self.gap_s = gap_s
+        self.last_end = -math.inf
+        self._proto: _MbapProtocol | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tid = 0
+        self._timeout_s = spec.timeout_ms / 1000
+        # One timer for the link, not one per request: it fires at most once per timeout and re-arms itself
+        # for the request then outstanding (most answers come long before it is due).
+        self._waiter: asyncio.Future[list[tuple[int, bytes] | None]] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def up(self) -> bool:
+        return self._proto is not None and not self._proto.closed
+
+    @property
+    def garbage(self) -> bool:
+        """Bytes that were no answer (or part of a frame never completed) arrived since the last send."""
+        return self._proto is not None and (self._proto.garbage or self._proto.partial)
+
+    async def connect(self) -> str | None:
+        self.close()
+        loop = self._loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._timeout_s + 5.0):
+                _, proto = await loop.create_connection(_MbapProtocol, str(self.spec.host), int(self.spec.port or 0))
+        except (OSError, TimeoutError) as e:
+            return f"{type(e).__name__}: {e}"
+        self._proto = proto
+        self.last_end = -math.inf
+        return None
+
+    def close(self) -> None:
+        proto, self._proto = self._proto, None
+        if proto is not None and proto.transport is not None:
+            proto.closed = True
+            proto.transport.abort()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        fut = self._waiter
+        proto = self._proto
+        if fut is None or fut.done() or proto is None:
+            return
+        loop = fut.get_loop()
+        # Answers coming in (a batch) move the deadline: the timeout is a silence of that long, not the batch.
+        deadline = proto.active + self._timeout_s
+        if loop.time() >= deadline:
+            fut.set_exception(TimeoutError())
+        else:
+            self._timer = loop.call_at(deadline, self._check_deadline)
+
+    def _send(
+        self,
+        proto: _MbapProtocol,
+        reqs: Sequence[tuple[int, bytes]],
+        window: int,
+        on_reply: Callable[[int, int, bytes], None] | None,
+        proceed: Callable[[], bool] | None,
+    ) -> asyncio.Future[list[tuple[int, bytes] | None]]:
+        loop = self._loop
+        assert loop is not None
+        base = self._tid % 0xFFFF + 1
+        frames = [mbap_frame((base - 1 + i) % 0xFFFF + 1, unit, pdu) for i, (unit, pdu) in enumerate(reqs)]
+        self._tid = (base - 2 + len(reqs)) % 0xFFFF + 1
+        fut: asyncio.Future[list[tuple[int, bytes] | None]] = loop.create_future()
+        self._waiter = fut
+        proto.send(base, frames, window, fut, on_reply, proceed)
+        if self._timer is None:
+            self._timer = loop.call_at(proto.active + self._timeout_s, self._check_deadline)
+        return fut
+
+    async def request_many(
+        self,
+        reqs: Sequence[tuple[int, bytes]],
+        on_reply: Callable[[int, int, bytes], None],
+        window: int = 1,
+        proceed: Callable[[], bool] | None = None,
+    ) -> tuple[list[tuple[int, bytes] | None], int]:
+        """Send the requests ``(unit, PDU)`` with at most ``window`` outstanding (pipelined when above 1), each
+        next one as an answer comes in, while ``proceed()`` allows; each answer goes to ``on_reply(index, unit,
+        reply PDU)`` as it arrives. Returns the answers by index (None for those not answered before a silence of
+        the timeout, or not sent; no retries here) and how many were sent. Raises _LinkLost."""
+        proto = self._proto
+        if proto is None or proto.closed:
+            raise _LinkLost("link closed")
+        fut = self._send(proto, reqs, window, on_reply, proceed)
+        try:
+            return await fut, proto.sent
+        except TimeoutError:
+            return proto.got, proto.sent
+        finally:
+            self._waiter = None
+            self.last_end = self.clock()
+
+    async def request(
+        self, unit: int, pdu: bytes, retries: int, on_error: Callable[[str], None]
+    ) -> tuple[bytes, float]:
+        """One request with up to ``retries`` repeats. Returns (reply PDU, latency_s). Raises _NoAnswer,
+        _DeviceRefused (a Modbus exception answer, not retried) or _LinkLost."""
+        last = _NoAnswer("timeout", "no answer")
+        req = ((unit, pdu),)
+        for _ in range(retries + 1):
+            proto = self._proto
+            if proto is None or proto.closed:
+                raise _LinkLost("link closed")
+            if self.gap_s:
+                wait = self.last_end + self.gap_s - self.clock()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            t0 = self.clock()
+            fut = self._send(proto, req, 1, None, None)
+            try:
+                answer = (await fut)[0]
+            except TimeoutError:
+                kind = "bad_frame" if self.garbage else "timeout"
+                last = _NoAnswer(kind, f"{kind}: no answer within {self.spec.timeout_ms} ms")
+                on_error(kind)
+                continue
+            finally:
+                self._waiter = None
+                self.last_end = self.clock()
+            assert answer is not None
+            got_unit, reply = answer
+            if got_unit != unit:
+                last = _NoAnswer("wrong_unit", f"answer from unit {got_unit}, asked {unit}")
+                on_error("wrong_unit")
+                continue
+            code = exception_code(reply)
+            if code is not None:
+                on_error("exception")
+                raise _DeviceRefused(code)
+            return reply, self.last_end - t0
+        raise last
+
 
 # ---------------------------------------------------------------- the bus
 
@@ -324,6 +679,12 @@ class _Device:
     stats: DeviceStats
     values: dict[str, Value] = field(default_factory=dict)
     gap_s: float = 0.0
+    replies: dict[int, bytes] = field(default_factory=dict)  # id(block) -> its last reply, decoded already
+    problems: dict[str, str] = field(default_factory=dict)  # point -> why it is not what the profile expects
+    checked: bool = False  # a DeviceCheck was reported at least once
+
+    def count_error(self, kind: str) -> None:
+        self.stats.errors[kind] = self.stats.errors.get(kind, 0) + 1
 
 
 @dataclass(slots=True)
@@ -380,7 +741,21 @@ class ModbusBus:
             )
         self._by_name = {d.spec.name: d for d in self._devices}
         gap_s = max([spec.gap_ms / 1000] + [d.gap_s for d in self._devices])
-        self._link = _Link(spec, clock, gap_s)
+        self._link: _Link | _TcpLink = (_TcpLink if spec.kind == "modbus-tcp" else _Link)(spec, clock, gap_s)
+        # Polls due within this much of each other are taken in one wake-up.
+        self._slack = min([g.interval_s for d in self._devices for g in d.plan.groups] or [0.0]) / 10
+        # Modbus TCP without a silence between frames: the polls taken in one wake-up are sent one after the other
+        # from the answers' callback (:meth:`_poll_many`), pipelined when max_in_flight is above 1. Where a device
+        # needs a silence before each request (its profile's inter_frame_ms), one request at a time from the task.
+        self._chain = isinstance(self._link, _TcpLink) and not gap_s
+        self._pipeline = spec.max_in_flight if self._chain else 1
+        if spec.max_in_flight > 1 and self._pipeline == 1:
+            log.warning(
+                "bus %s: max_in_flight %d ignored: a device on it needs %d ms between requests",
+                spec.name,
+                spec.max_in_flight,
+                round(gap_s * 1000),
+            )
         self._stats = BusStats(
             spec.name, spec.kind, spec.endpoint(), devices={d.spec.name: d.stats for d in self._devices}
         )
@@ -388,7 +763,7 @@ class ModbusBus:
         self._writes: deque[_WriteJob] = deque()
         self._timed: list[tuple[float, int, _WriteJob]] = []
         self._seq = itertools.count()
-        self._wake = asyncio.Event()
+        self._idle_waiter: asyncio.Future[None] | None = None
         self._running = False
         self._was_up = False
         self._down_reason = "not started"
@@ -396,12 +771,14 @@ class ModbusBus:
         self._next_connect = 0.0
         self._tg: asyncio.TaskGroup | None = None
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._current: _WriteJob | None = None
         self._refusals_logged: set[tuple[str, int, int, int]] = set()
 
     # -- lifecycle
 
     async def __aenter__(self) -> ModbusBus:
+        self._loop = asyncio.get_running_loop()
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         self._running = True
@@ -431,6 +808,10 @@ class ModbusBus:
     def device_names(self) -> list[str]:
         return [d.spec.name for d in self._devices]
 
+    @property
+    def device_specs(self) -> list[DeviceSpec]:
+        return [d.spec for d in self._devices]
+
     async def write(self, cmd: WritePoint) -> WriteResult:
         """Write a point ahead of every queued poll. ``cmd.pulse_ms`` asks for a timed pulse: the
         profile's own flash command where it has one, else set now and reset after ``pulse_ms`` (the
@@ -453,6 +834,15 @@ class ModbusBus:
                 problem = f"point {cmd.point!r} of {cmd.device!r} is not writable"
             elif cmd.pulse_ms is not None and (point.table != "coil" or not 1 <= cmd.pulse_ms <= MAX_PULSE_MS):
                 problem = f"a pulse needs a coil and 1-{MAX_PULSE_MS} ms (point {cmd.point!r}, {cmd.pulse_ms} ms)"
+            elif (
+                cmd.pulse_ms is not None
+                and (limit := dev.spec.profile.pulse_limit_ms()) is not None
+                and cmd.pulse_ms > limit
+            ):
+                problem = (
+                    f"a pulse of {cmd.pulse_ms} ms is longer than {dev.spec.profile.name}'s flash command "
+                    f"allows ({limit} ms)"
+                )
             else:
                 try:
                     encoded = encode_point(point, cmd.value)
@@ -460,7 +850,9 @@ class ModbusBus:
                     problem = str(e)
         if problem is not None or dev is None or point is None:
             self._stats.rejected_writes += 1
-            result = WriteResult(cmd.device, cmd.point, cmd.token, False, self._clock(), problem or "rejected")
+            result = WriteResult(
+                cmd.device, cmd.point, cmd.token, False, self._clock(), problem or "rejected", failure="rejected"
+            )
             self._emit(result)
             return result
         if not self._running:
@@ -469,7 +861,7 @@ class ModbusBus:
             raise BusDown(f"bus {self.spec.name!r} is down: {self._down_reason}")
         fut: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
         self._writes.append(_WriteJob(cmd, dev, point, encoded, fut))
-        self._wake.set()
+        self._poke()
         return await fut
 
     def stats(self) -> BusStats:
@@ -499,7 +891,7 @@ class ModbusBus:
                 if cur is not None and cur.future is not None and not cur.future.done():
                     cur.future.set_exception(BusDown(f"bus {self.spec.name!r}: internal error"))
                 self._drop_link("poll loop restarted")
-                await asyncio.sleep(min(5.0, 0.1 * 2**min(restarts, 6)))
+                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(restarts, 6)))
 
     async def _run(self) -> None:
         clock = self._clock
@@ -509,6 +901,8 @@ class ModbusBus:
                 now=clock(),
                 offline_after=self.spec.offline_after_misses,
                 offline_retry_s=self.spec.offline_poll_ms / 1000,
+                stagger=self._pipeline == 1,  # a pipelining bus asks its devices together, in one write
+                align=True,  # buses with the same intervals wake together (one loop turn for all of them)
             )
         sched = self._sched
         # pymodbus waits with asyncio.wait_for, which on 3.11 can swallow a cancellation that lands
@@ -522,32 +916,55 @@ class ModbusBus:
                 await self._connect()
                 continue
             if up and self._timed and self._timed[0][0] <= now:
-                _, _, job = heapq.heappop(self._timed)
-                await self._do_write(job)
+                _, _, timed = heapq.heappop(self._timed)
+                await self._do_write(timed)
                 continue
             if up and self._writes:
                 await self._do_write(self._writes.popleft())
                 continue
-            job = sched.next_job()
-            if job is not None and job.due <= now:
-                if up:
-                    await self._poll(job)
-                else:
-                    self._missed(job, f"link down: {self._down_reason}")
+            jobs = sched.take_due(now, self._slack)
+            if jobs:
+                if self._chain:
+                    await self._poll_many(jobs)
+                    continue
+                for job in jobs:  # polls that fell due together: one wake-up, writes still go first
+                    if self._link.up:
+                        if self._writes or (self._timed and self._timed[0][0] <= clock()):
+                            await self._serve_writes()
+                        await self._poll(job)
+                    else:
+                        self._missed(job, f"link down: {self._down_reason}")
                 continue
-            wake = [job.due] if job is not None else []
+            upcoming = sched.next_job()
+            wake = [upcoming.due] if upcoming is not None else []
             if self._timed and up:
                 wake.append(self._timed[0][0])
             if not up:
                 wake.append(self._next_connect)
-            timeout = max(0.0, min(wake) - now) if wake else None
-            self._wake.clear()
             if self._writes:
                 continue
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can turn a cancellation into a timeout.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
+            await self._idle(max(0.0, min(wake) - now) if wake else None)
+
+    def _poke(self) -> None:
+        """Wake the owner task if it is idle (a write was queued, a reset scheduled)."""
+        w = self._idle_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _idle(self, wait_s: float | None) -> None:
+        """Wait until :meth:`_poke` or ``wait_s`` have passed: one future and one timer handle, no exception on timeout
+        (``asyncio.timeout`` around ``Event.wait`` raised and caught one per wake-up)."""
+        loop = self._loop  # not asyncio.get_running_loop(): each call of that is a getpid() system call
+        assert loop is not None
+        fut: asyncio.Future[None] = loop.create_future()
+        self._idle_waiter = fut
+        timer = loop.call_later(wait_s, _release, fut) if wait_s is not None else None
+        try:
+            await fut
+        finally:
+            self._idle_waiter = None
+            if timer is not None:
+                timer.cancel()
 
     async def _connect(self) -> None:
         self._stats.connects += 1
@@ -560,7 +977,10 @@ class ModbusBus:
             return
         self._stats.connect_failures += 1
         delay = backoff_delay(
-            self._connect_failures, self.spec.reconnect_min_ms / 1000, self.spec.reconnect_max_ms / 1000, self._rng
+            self._connect_failures,
+            self.spec.reconnect_min_ms / 1000,
+            self.spec.reconnect_max_ms / 1000,
+            self._rng.random,
         )
         self._connect_failures += 1
         self._next_connect = self._clock() + delay
@@ -577,8 +997,10 @@ class ModbusBus:
             self._stats.link_drops += 1
             log.warning("bus %s: link down (%s)", self.spec.name, reason)
             delay = backoff_delay(
-                self._connect_failures, self.spec.reconnect_min_ms / 1000, self.spec.reconnect_max_ms / 1000,
-                self._rng,
+                self._connect_failures,
+                self.spec.reconnect_min_ms / 1000,
+                self.spec.reconnect_max_ms / 1000,
+                self._rng.random,
             )
             self._connect_failures += 1
             self._next_connect = self._clock() + delay
@@ -591,8 +1013,13 @@ class ModbusBus:
                 job.future.set_exception(BusDown(f"bus {self.spec.name!r}: {reason}"))
         if include_timed:
             for _, _, job in self._timed:
-                log.warning("bus %s: pulse reset of %s.%s not sent (%s)", self.spec.name, job.device.spec.name,
-                            job.point.name, reason)
+                log.warning(
+                    "bus %s: pulse reset of %s.%s not sent (%s)",
+                    self.spec.name,
+                    job.device.spec.name,
+                    job.point.name,
+                    reason,
+                )
             self._timed.clear()
 
     def _on_success(self, dev: _Device, latency: float) -> None:
@@ -601,11 +1028,9 @@ class ModbusBus:
         dev.stats.last_ok_mono = self._clock()
         self._connect_failures = 0  # the link demonstrably works: backoff starts again from the bottom
 
-    def _counter(self, dev: _Device) -> Callable[[str], None]:
-        def count(kind: str) -> None:
-            dev.stats.errors[kind] = dev.stats.errors.get(kind, 0) + 1
-
-        return count
+    @staticmethod
+    def _counter(dev: _Device) -> Callable[[str], None]:
+        return dev.count_error
 
     async def _poll(self, job: PollJob) -> None:
         dev = self._devices[job.device]
@@ -620,9 +1045,7 @@ class ModbusBus:
                 if not self._link.up:
                     break
             try:
-                resp, latency = await self._link.exchange(
-                    dev.spec.unit, _reader(block, dev.spec.unit), retries, self._counter(dev)
-                )
+                reply, latency = await self._link.request(dev.spec.unit, block.request, retries, self._counter(dev))
             except _DeviceRefused as e:
                 answered = True
                 self._log_refusal(dev, block, e.code)
@@ -634,21 +1057,148 @@ class ModbusBus:
                 self._drop_link(str(e))
                 failure = f"link down: {e}"
                 break
-            raw = resp.bits if block.table in ("coil", "discrete") else resp.registers
-            try:
-                values = block.decode(raw)
-            except ValueError as e:
-                self._counter(dev)("bad_answer")
-                failure = str(e)
-                continue
+            key = id(block)
+            if dev.replies.get(key) != reply:  # the same bytes as last time decode to the same values
+                try:
+                    values = block.decode_reply(reply)
+                except ValueError as e:
+                    self._counter(dev)("bad_answer")
+                    failure = str(e)
+                    continue
+                self._apply(dev, values)
+                dev.replies[key] = reply
             answered = True
             self._on_success(dev, latency)
-            self._apply(dev, values)
         if answered:
             dev.stats.polls += 1
             self._availability(dev, self._sched.done(job, self._clock(), True), "")  # type: ignore[union-attr]
         else:
             self._missed(job, failure or "no answer")
+
+    async def _poll_many(self, jobs: list[PollJob]) -> None:
+        """Polls due together on Modbus TCP without a gap between frames. Each next request is sent from the
+        callback that takes the answer before it (``max_in_flight`` outstanding at once: the default, one, is one
+        request at a time on the wire as :meth:`_poll` does, without a task switch or a wake-up per request), and
+        each answer is applied as it arrives. A request left unanswered gets the bus's retries at once, one at a
+        time, as :meth:`_poll` would, and a device that stays silent is not asked for its other blocks; a write
+        goes ahead of every request not yet sent."""
+        reqs: list[tuple[int, bytes]] = []
+        owners: list[tuple[int, _Device, Block]] = []  # per request: (index of its job, device, block)
+        for k, job in enumerate(jobs):
+            dev = self._devices[job.device]
+            blocks = dev.plan.groups[job.group].blocks
+            for block in blocks[:1] if job.probe else blocks:
+                reqs.append((dev.spec.unit, block.request))
+                owners.append((k, dev, block))
+        answered = [False] * len(jobs)
+        failure = [""] * len(jobs)
+        dead = [False] * len(jobs)  # silent after its retries: its other blocks are not asked
+        unanswered: list[int] = []
+        clock = self._clock
+        start = 0
+        mark = clock()  # when the request just answered went out (the answer before it came)
+
+        def on_reply(i: int, unit: int, reply: bytes) -> None:
+            nonlocal mark
+            k, dev, block = owners[start + i]
+            now = clock()
+            latency, mark = now - mark, now
+            if unit != dev.spec.unit:
+                dev.count_error("wrong_unit")
+                unanswered.append(start + i)
+                return
+            if reply[0] & 0x80:
+                dev.count_error("exception")
+                answered[k] = True
+                self._log_refusal(dev, block, exception_code(reply) or 0)
+                return
+            if self._take_reply(dev, block, reply):
+                answered[k] = True
+                self._on_success(dev, latency)
+            else:
+                failure[k] = "bad answer"
+
+        def proceed() -> bool:
+            return not self._writes and not (self._timed and self._timed[0][0] <= clock())
+
+        link = self._link
+        assert isinstance(link, _TcpLink)
+        window = self._pipeline
+        lost = ""
+        while start < len(reqs):
+            if dead[owners[start][0]]:
+                start += 1
+                continue
+            if not proceed():
+                await self._serve_writes()
+            if not link.up:
+                lost = f"link down: {self._down_reason}"
+                break
+            mark = clock()
+            try:
+                got, sent = await link.request_many(reqs[start:] if start else reqs, on_reply, window, proceed)
+            except _LinkLost as e:
+                self._drop_link(str(e))
+                lost = f"link down: {e}"
+                break
+            missing = [start + i for i in range(sent) if got[i] is None]
+            if missing:
+                kind = "bad_frame" if link.garbage else "timeout"
+                for n in missing:
+                    owners[n][1].count_error(kind)
+                unanswered += missing
+            start += sent
+            for n in unanswered:  # the first try is spent: the retries left, one request at a time
+                k, dev, block = owners[n]
+                job = jobs[k]
+                if job.probe or not self.spec.retries or not link.up:
+                    failure[k] = failure[k] or "no answer"
+                    dead[k] = True
+                    continue
+                try:
+                    reply, latency = await link.request(
+                        dev.spec.unit, block.request, self.spec.retries - 1, dev.count_error
+                    )
+                except _DeviceRefused as e:
+                    answered[k] = True
+                    self._log_refusal(dev, block, e.code)
+                    continue
+                except _NoAnswer as e:
+                    failure[k] = str(e)
+                    dead[k] = True
+                    continue
+                except _LinkLost as e:
+                    self._drop_link(str(e))
+                    lost = f"link down: {e}"
+                    break
+                if self._take_reply(dev, block, reply):
+                    answered[k] = True
+                    self._on_success(dev, latency)
+            unanswered.clear()
+            if lost:
+                break
+        now = clock()
+        for k, job in enumerate(jobs):
+            if answered[k]:
+                dev = self._devices[job.device]
+                dev.stats.polls += 1
+                self._availability(dev, self._sched.done(job, now, True), "")  # type: ignore[union-attr]
+            else:
+                self._missed(job, failure[k] or lost or "no answer")
+
+    def _take_reply(self, dev: _Device, block: Block, reply: bytes) -> bool:
+        """Apply a read's reply (not decoded when it equals the block's last one). False: it did not fit."""
+        key = id(block)
+        if dev.replies.get(key) == reply:
+            return True
+        try:
+            values = block.decode_reply(reply)
+        except ValueError:
+            dev.count_error("bad_answer")
+            return False
+        self._apply(dev, values)
+        dev.replies[key] = reply
+        return True
 
     def _missed(self, job: PollJob, reason: str) -> None:
         dev = self._devices[job.device]
@@ -665,8 +1215,7 @@ class ModbusBus:
             return
         dev.stats.state = change  # type: ignore[assignment]
         if change == "offline":
-            log.warning("bus %s: device %s (unit %d) offline: %s", self.spec.name, dev.spec.name, dev.spec.unit,
-                        reason)
+            log.warning("bus %s: device %s (unit %d) offline: %s", self.spec.name, dev.spec.name, dev.spec.unit, reason)
         else:
             log.info("bus %s: device %s (unit %d) online", self.spec.name, dev.spec.name, dev.spec.unit)
         self._emit(Availability(dev.spec.name, change, self._clock(), reason))  # type: ignore[arg-type]
@@ -675,12 +1224,20 @@ class ModbusBus:
         key = (dev.spec.name, block.function, block.address, code)
         if key not in self._refusals_logged:
             self._refusals_logged.add(key)
-            log.warning("bus %s: device %s refuses function %d at %d (+%d): Modbus exception %d", self.spec.name,
-                        dev.spec.name, block.function, block.address, block.count, code)
+            log.warning(
+                "bus %s: device %s refuses function %d at %d (+%d): Modbus exception %d",
+                self.spec.name,
+                dev.spec.name,
+                block.function,
+                block.address,
+                block.count,
+                code,
+            )
 
     def _apply(self, dev: _Device, values: Iterable[tuple[PointSpec, Value]]) -> None:
         mono = self._clock()
         cache = dev.values
+        checked = False
         for p, v in values:
             old = cache.get(p.name, _MISSING)
             if old is _MISSING:
@@ -689,6 +1246,27 @@ class ModbusBus:
             elif old != v or type(old) is not type(v):
                 cache[p.name] = v
                 self._emit(PointChanged(dev.spec.name, p.name, v, mono))
+            if p.expect is not None:
+                checked = True
+                why = p.check(v)
+                if why != dev.problems.get(p.name):
+                    dev.checked = False  # the list of problems changed: report it
+                    if why is None:
+                        dev.problems.pop(p.name)
+                    else:
+                        dev.problems[p.name] = why
+        if checked and not dev.checked:
+            dev.checked = True
+            problems = tuple(dev.problems[k] for k in sorted(dev.problems))
+            if problems:
+                log.warning(
+                    "bus %s: device %s is not set up as its profile %s expects: %s",
+                    self.spec.name,
+                    dev.spec.name,
+                    dev.spec.profile.name,
+                    "; ".join(problems),
+                )
+            self._emit(DeviceCheck(dev.spec.name, problems, mono))
 
     def _emit(self, ev: DeviceEvent) -> None:
         try:
@@ -711,38 +1289,36 @@ class ModbusBus:
         unit = dev.spec.unit
         pulse = dev.spec.profile.pulse
         use_flash = cmd.pulse_ms is not None and not job.is_reset and pulse is not None and p.table == pulse.table
-        send: Callable[[Any], Awaitable[ModbusPDU]]
         if use_flash:
             assert pulse is not None and cmd.pulse_ms is not None
-            units = min(pulse.max_units, max(1, math.ceil(cmd.pulse_ms / pulse.unit_ms)))
-            address = (pulse.on_base if job.encoded else pulse.off_base) + p.address
-
-            def send(c: Any) -> Awaitable[ModbusPDU]:
-                return c.execute(False, _FlashRequest(address, units, unit))
+            units = max(1, math.ceil(cmd.pulse_ms / pulse.unit_ms))  # within max_units: checked by write()
+            request = write_coil_raw_request((pulse.on_base if job.encoded else pulse.off_base) + p.address, units)
         elif p.table == "coil":
-            value = bool(job.encoded)
-
-            def send(c: Any) -> Awaitable[ModbusPDU]:
-                return c.write_coil(p.address, value, device_id=unit)
+            request = write_coil_request(p.address, bool(job.encoded))
         else:
-            regs = list(job.encoded)  # type: ignore[arg-type]
+            request = write_registers_request(p.address, job.encoded)  # type: ignore[arg-type]
 
-            def send(c: Any) -> Awaitable[ModbusPDU]:
-                if len(regs) == 1:
-                    return c.write_register(p.address, regs[0], device_id=unit)
-                return c.write_registers(p.address, regs, device_id=unit)
-
-        ok, detail = False, ""
+        ok, answered, detail, failure = False, False, "", ""
+        confirmed: bool | None = None
+        sent = self._clock()
         try:
-            _, latency = await self._link.exchange(unit, send, self.spec.retries, self._counter(dev))
-            ok = True
+            reply, latency = await self._link.request(unit, request, self.spec.retries, self._counter(dev))
+            answered = True
+            check_write_reply(request, reply)
             self._on_success(dev, latency)
+            ends = None if cmd.pulse_ms is None or job.is_reset else sent + cmd.pulse_ms / 1000
+            confirmed, detail = await self._read_back(dev, p, job.encoded, ends)
+            ok = bool(confirmed)
+            failure = "" if ok else "unconfirmed" if confirmed is None else "not_moved"
         except _DeviceRefused as e:
-            detail = f"refused: Modbus exception {e.code}"
+            detail, failure = f"refused: Modbus exception {e.code}", "unconfirmed" if answered else "refused"
         except _NoAnswer as e:
-            detail = str(e)
+            detail, failure = str(e), "no_answer"
+        except ModbusReplyError as e:
+            self._counter(dev)("bad_answer")
+            detail, failure = str(e), "unconfirmed"
         except _LinkLost as e:
-            detail = f"link down: {e}"
+            detail, failure = f"link down: {e}", "unconfirmed" if answered else "link_down"
             self._drop_link(str(e))
         finally:
             self._current = None
@@ -750,9 +1326,9 @@ class ModbusBus:
         if not ok:
             dev.stats.write_errors += 1
         token = f"{cmd.token}:reset" if job.is_reset else cmd.token
-        result = WriteResult(dev.spec.name, p.name, token, ok, self._clock(), detail)
-        if ok and cmd.pulse_ms is not None and not use_flash and not job.is_reset:
-            self._schedule_reset(job)
+        result = WriteResult(dev.spec.name, p.name, token, ok, self._clock(), detail, confirmed, failure)
+        if answered and cmd.pulse_ms is not None and not use_flash and not job.is_reset:
+            self._schedule_reset(job)  # even unconfirmed: whatever the relay did, it must not stay on
         if job.is_reset and not ok:
             self._retry_reset(job)
         gi = dev.group_of.get(p.group)
@@ -762,6 +1338,44 @@ class ModbusBus:
         if job.future is not None and not job.future.done():
             job.future.set_result(result)
 
+    async def _read_back(
+        self, dev: _Device, p: PointSpec, written: bool | list[int], pulse_ends: float | None = None
+    ) -> tuple[bool | None, str]:
+        """Read ``p`` back right after its write (ahead of every poll): (True, "") when the device holds what
+        was written, (False, why) when it does not, (None, why) when the read-back got no usable answer. A mismatch
+        is read once more before it counts (a board may answer the read before it has switched). For a pulse
+        (``pulse_ends``: when it would end, counted from before the write was sent), a mismatch read after that
+        proves nothing: (None, why)."""
+        block = Block(p.table, p.address, p.count, ((p, 0),))
+        want = bool(written) if p.table == "coil" else [int(r) & 0xFFFF for r in written]  # type: ignore[union-attr]
+        got: object = None
+        for _ in range(2):
+            try:
+                reply, latency = await self._link.request(
+                    dev.spec.unit, block.request, self.spec.retries, self._counter(dev)
+                )
+                raw = read_values(block.request, reply)
+            except _DeviceRefused as e:
+                return None, f"the write was answered, its read-back refused (Modbus exception {e.code})"
+            except _NoAnswer as e:
+                return None, f"the write was answered, its read-back was not ({e})"
+            except ModbusReplyError as e:
+                self._counter(dev)("bad_answer")
+                return None, f"the write was answered, its read-back was not understood ({e})"
+            self._on_success(dev, latency)
+            got = bool(raw[0]) if p.table == "coil" else [int(r) for r in raw[: p.count]]
+            if len(raw) >= p.count:
+                self._apply(dev, block.decode(raw))
+            if got == want:
+                return True, ""
+            if pulse_ends is not None and self._clock() >= pulse_ends:
+                return None, f"read-back: {p.name}'s pulse was over before it could be read back"
+        shown = ("on" if got else "off") if p.table == "coil" else got
+        return False, (
+            f"read-back: {p.name} reads {shown} after the write was answered "
+            f"({'the relay did not move' if p.table == 'coil' else 'the value did not take'})"
+        )
+
     def _schedule_reset(self, job: _WriteJob) -> None:
         cmd = job.cmd
         assert cmd.pulse_ms is not None
@@ -770,29 +1384,41 @@ class ModbusBus:
         heapq.heapify(self._timed)
         reset = _WriteJob(cmd, job.device, job.point, not bool(job.encoded), None, is_reset=True)
         heapq.heappush(self._timed, (self._clock() + cmd.pulse_ms / 1000, next(self._seq), reset))
-        self._wake.set()
+        self._poke()
 
     def _retry_reset(self, job: _WriteJob) -> None:
         job.attempts += 1
         if job.attempts > 20:
-            log.error("bus %s: giving up resetting %s.%s after a pulse", self.spec.name, job.device.spec.name,
-                      job.point.name)
+            log.error(
+                "bus %s: giving up resetting %s.%s after a pulse", self.spec.name, job.device.spec.name, job.point.name
+            )
             return
-        delay = backoff_delay(job.attempts, 0.2, 5.0, self._rng)
-        log.warning("bus %s: pulse reset of %s.%s failed; retrying", self.spec.name, job.device.spec.name,
-                    job.point.name)
+        delay = backoff_delay(job.attempts, 0.2, 5.0, self._rng.random)
+        log.warning(
+            "bus %s: pulse reset of %s.%s failed; retrying", self.spec.name, job.device.spec.name, job.point.name
+        )
         heapq.heappush(self._timed, (self._clock() + delay, next(self._seq), job))
 
 
 _MISSING = object()
 
 
+def _release(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 def _reader(block: Block, unit: int) -> Callable[[Any], Awaitable[ModbusPDU]]:
-    fn = {"coil": "read_coils", "discrete": "read_discrete_inputs", "holding": "read_holding_registers",
-          "input": "read_input_registers"}[block.table]
+    fn = {
+        "coil": "read_coils",
+        "discrete": "read_discrete_inputs",
+        "holding": "read_holding_registers",
+        "input": "read_input_registers",
+    }[block.table]
 
     def send(client: Any) -> Awaitable[ModbusPDU]:
-        return getattr(client, fn)(block.address, count=block.count, device_id=unit)
+        read: Callable[..., Awaitable[ModbusPDU]] = getattr(client, fn)
+        return read(block.address, count=block.count, device_id=unit)
 
     return send
 
@@ -802,70 +1428,3 @@ def _quiet_pymodbus() -> None:
     lg = logging.getLogger("pymodbus")
     if lg.level == logging.NOTSET:
         lg.setLevel(logging.CRITICAL)
-
-
-# ---------------------------------------------------------------- bus scan
-
-
-@dataclass(frozen=True, slots=True)
-class ScanHit:
-    """A unit id that answered a scan, and the profile it looks like (None: answered, no profile fits)."""
-
-    unit: int
-    profile: str | None
-    registers: tuple[int, ...] = ()
-    detail: str = ""
-
-
-async def scan_bus(
-    spec: BusSpec,
-    units: Iterable[int],
-    profiles: Sequence[Profile],
-    *,
-    clock: Callable[[], float] = time.monotonic,
-) -> list[ScanHit]:
-    """Ask each unit id for each profile's identification registers (one try each, the bus's timeout
-    and pacing). Not for a bus that a :class:`ModbusBus` is running on. Raises BusDown if the link
-    cannot be opened."""
-    _quiet_pymodbus()
-    link = _Link(spec, clock, spec.gap_ms / 1000)
-    why = await link.connect()
-    if why is not None:
-        raise BusDown(f"bus {spec.name!r}: {why}")
-    hits: list[ScanHit] = []
-    candidates = [p for p in profiles if p.identify is not None]
-    try:
-        for unit in units:
-            answered: ScanHit | None = None
-            for prof in candidates:
-                ident = prof.identify
-                assert ident is not None
-                block = Block(ident.table, ident.address, ident.count, ())
-                try:
-                    resp, _ = await link.exchange(unit, _reader(block, unit), 0, lambda _k: None)
-                except _DeviceRefused as e:
-                    answered = answered or ScanHit(unit, None, (), f"Modbus exception {e.code}")
-                    continue
-                except _NoAnswer as e:
-                    if not link.up:
-                        raise BusDown(f"bus {spec.name!r}: link lost during the scan") from None
-                    if e.kind == "timeout" and answered is None:
-                        break  # nothing there: do not spend a timeout per profile on it
-                    continue
-                except _LinkLost as e:
-                    raise BusDown(f"bus {spec.name!r}: {e}") from None
-                raw = resp.bits if ident.table in ("coil", "discrete") else resp.registers
-                regs = tuple(int(v) for v in raw[: ident.count])
-                expect = ident.expect or ()
-                fits = all(e is None or e == r for e, r in zip(expect, regs, strict=False))
-                if ident.unit_at is not None and (len(regs) <= ident.unit_at or regs[ident.unit_at] != unit):
-                    fits = False
-                if fits:
-                    answered = ScanHit(unit, prof.name, regs)
-                    break
-                answered = answered or ScanHit(unit, None, regs, "answered, no profile matches")
-            if answered is not None:
-                hits.append(answered)
-    finally:
-        link.close()
-    return hits

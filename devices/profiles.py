@@ -86,11 +86,28 @@ class PointSpec:
     kind: Kind = "input"
     group: str = DEFAULT_GROUP
     description: str = ""
+    #: Names of the raw values the maker documents (a mode register: 0 normal, 1 linkage ...).
+    values: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
+    #: The values the device must hold for the gateway to work (None: anything). A device that reads
+    #: otherwise is misconfigured: a device fault at start-up and in ``device test``.
+    expect: tuple[int, ...] | None = None
 
     @property
     def end(self) -> int:
         """One past the last address the point occupies."""
         return self.address + self.count
+
+    def label(self, value: object) -> str:
+        """``value`` with its documented name: ``1 (linkage)``."""
+        name = self.values.get(int(value)) if isinstance(value, int | bool) else None
+        return f"{value} ({name})" if name else str(value)
+
+    def check(self, value: object) -> str | None:
+        """Why ``value`` is not what the profile expects, or None."""
+        if self.expect is None or (isinstance(value, int | bool) and int(value) in self.expect):
+            return None
+        wanted = " or ".join(self.label(v) for v in self.expect)
+        return f"{self.name} = {self.label(value)}, expected {wanted}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,15 +133,36 @@ class PulseSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ProbeSpec:
+    """A read the maker documents for the model, and its answer: ``expect`` values (None = any value), or
+    ``refused`` (the model answers this read with a Modbus exception). A bus scan runs the probes of the
+    models that identify alike, to tell them apart."""
+
+    table: Table
+    address: int
+    count: int
+    expect: tuple[int | None, ...] | None = None
+    refused: bool = False
+
+    def describe(self) -> str:
+        fc = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}[self.table]
+        return f"function {fc:02d} at 0x{self.address:04X} x{self.count}"
+
+
+@dataclass(frozen=True, slots=True)
 class IdentifySpec:
     """How a bus scan recognises the model: read ``count`` registers at ``address`` and compare with
-    ``expect`` (None = any answer); ``unit_at`` is an offset in the answer that holds the unit id."""
+    ``expect`` (None = any answer); ``unit_at`` is an offset in the answer that holds the unit id.
+    ``probes`` tell it apart from other models that answer the same; ``hint`` says how an installer tells
+    it apart by eye when no read the makers document can."""
 
     table: Table
     address: int
     count: int
     expect: tuple[int | None, ...] | None = None
     unit_at: int | None = None
+    probes: tuple[ProbeSpec, ...] = ()
+    hint: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +210,10 @@ class Profile:
         """Groups that are polled and have at least one point, in file order."""
         used = {p.group for p in self.points.values()}
         return [g for g in self.groups.values() if g.poll and g.name in used]
+
+    def pulse_limit_ms(self) -> int | None:
+        """The longest timed pulse the device's own flash command can make (None: no flash command)."""
+        return None if self.pulse is None else self.pulse.max_units * self.pulse.unit_ms
 
 
 # ---------------------------------------------------------------- finding and caching
@@ -250,13 +292,16 @@ _POINT_KEYS = {
     "kind",
     "group",
     "description",
+    "values",
+    "expect",
 }
 _SERIES_KEYS = _POINT_KEYS | {"name", "repeat", "first", "step"}
 _GROUP_KEYS = {"poll_ms", "poll"}
 _BLOCK_KEYS = {"max_bits", "max_registers", "max_gap_bits", "max_gap_registers"}
 _TIMING_KEYS = {"inter_frame_ms", "response_ms"}
 _PULSE_KEYS = {"method", "table", "on_base", "off_base", "unit_ms", "max_units"}
-_IDENTIFY_KEYS = {"table", "address", "count", "expect", "unit_at"}
+_IDENTIFY_KEYS = {"table", "address", "count", "expect", "unit_at", "probes", "hint"}
+_PROBE_KEYS = {"table", "address", "count", "expect", "refused"}
 
 
 class _Loader:
@@ -465,28 +510,50 @@ class _Loader:
         count = self.integer(i, "count", what, 1, MODBUS_MAX_REGISTERS, 1)
         if address + count > 0x10000:
             raise self.error(f"{what}: address {address} + count {count} runs past 65535", i, "count")
-        expect: tuple[int | None, ...] | None = None
-        if "expect" in i:
-            raw = i["expect"]
-            if not isinstance(raw, list) or len(raw) != count:
-                raise self.error(f"{what}: 'expect' must be a list of {count} values (null = any)", i, "expect")
-            vals: list[int | None] = []
-            for v in raw:
-                if v is None:
-                    vals.append(None)
-                elif (isinstance(v, bool) and table in BIT_TABLES) or (
-                    isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0xFFFF
-                ):
-                    vals.append(int(v))
-                else:
-                    raise self.error(f"{what}: 'expect' value {v!r} is not a register value", i, "expect")
-            expect = tuple(vals)
+        expect = self._answer(i, what, table, count)
         unit_at: int | None = None
         if "unit_at" in i:
             unit_at = self.integer(i, "unit_at", what, 0, count - 1)
             if table in BIT_TABLES:
                 raise self.error(f"{what}: 'unit_at' needs a register table", i, "unit_at")
-        return IdentifySpec(table, address, count, expect, unit_at)  # type: ignore[arg-type]
+        probes: list[ProbeSpec] = []
+        raw_probes = i.get("probes", [])
+        if not isinstance(raw_probes, list):
+            raise self.error(f"{what}: 'probes' must be a list", i, "probes")
+        for n, node in enumerate(raw_probes):
+            pwhat = f"{what} probes[{n}]"
+            pr = self.mapping(node, pwhat, _PROBE_KEYS, raw_probes, n)
+            ptable = self.choice(pr, "table", pwhat, TABLES)
+            paddress = self.integer(pr, "address", pwhat, 0, 0xFFFF)
+            pcount = self.integer(pr, "count", pwhat, 1, MODBUS_MAX_REGISTERS, 1)
+            if paddress + pcount > 0x10000:
+                raise self.error(f"{pwhat}: address {paddress} + count {pcount} runs past 65535", pr, "count")
+            refused = self.boolean(pr, "refused", pwhat, False)
+            pexpect = self._answer(pr, pwhat, ptable, pcount)
+            if refused and pexpect is not None:
+                raise self.error(f"{pwhat}: 'refused' and 'expect' exclude each other", pr, "refused")
+            probes.append(ProbeSpec(ptable, paddress, pcount, pexpect, refused))  # type: ignore[arg-type]
+        hint = self.string(i, "hint", what, "")
+        return IdentifySpec(table, address, count, expect, unit_at, tuple(probes), hint)  # type: ignore[arg-type]
+
+    def _answer(self, node: Any, what: str, table: str, count: int) -> tuple[int | None, ...] | None:
+        """An ``expect`` list of ``count`` register (or bit) values, null for any."""
+        if "expect" not in node:
+            return None
+        raw = node["expect"]
+        if not isinstance(raw, list) or len(raw) != count:
+            raise self.error(f"{what}: 'expect' must be a list of {count} values (null = any)", node, "expect")
+        vals: list[int | None] = []
+        for v in raw:
+            if v is None:
+                vals.append(None)
+            elif (isinstance(v, bool) and table in BIT_TABLES) or (
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0xFFFF
+            ):
+                vals.append(int(v))
+            else:
+                raise self.error(f"{what}: 'expect' value {v!r} is not a register value", node, "expect")
+        return tuple(vals)
 
     def _points(self, top: CommentedMap, groups: dict[str, GroupSpec]) -> dict[str, PointSpec]:
         points: dict[str, PointSpec] = {}
@@ -574,12 +641,25 @@ class _Loader:
         if writable and table not in WRITABLE_TABLES:
             raise self.error(f"{what}: a {table} cannot be written (only coil and holding)", body, "writable")
         if writable and dtype == "bit":
-            raise self.error(f"{what}: one bit of a register cannot be written safely; map the whole register",
-                             body, "writable")
+            raise self.error(
+                f"{what}: one bit of a register cannot be written safely; map the whole register", body, "writable"
+            )
         kind = self.choice(body, "kind", what, KINDS, "input")
         group = self.string(body, "group", what, DEFAULT_GROUP)
         if group not in groups:
             raise self.error(f"{what}: group {group!r} is not defined under 'groups'", body, "group")
+        values = self._value_names(body, what, dtype, scale)
+        expect: tuple[int, ...] | None = None
+        if "expect" in body:
+            raw = body["expect"]
+            items = raw if isinstance(raw, list) else [raw]
+            if dtype == "float32" or scale != 1.0:
+                raise self.error(f"{what}: 'expect' needs a whole-number point (no scale, no float)", body, "expect")
+            if not items or not all(isinstance(v, int) for v in items):
+                raise self.error(
+                    f"{what}: 'expect' must be a value or a list of values the point may hold", body, "expect"
+                )
+            expect = tuple(int(v) for v in items)
         return PointSpec(
             name=name,
             table=table,  # type: ignore[arg-type]
@@ -593,7 +673,24 @@ class _Loader:
             kind=kind,  # type: ignore[arg-type]
             group=group,
             description=self.string(body, "description", what, ""),
+            values=MappingProxyType(values),
+            expect=expect,
         )
+
+    def _value_names(self, body: Any, what: str, dtype: str, scale: float) -> dict[int, str]:
+        if "values" not in body:
+            return {}
+        raw = body["values"]
+        if dtype == "float32" or scale != 1.0:
+            raise self.error(f"{what}: 'values' names whole-number raw values (no scale, no float)", body, "values")
+        if not isinstance(raw, dict) or not raw:
+            raise self.error(f"{what}: 'values' must map raw values to names", body, "values")
+        out: dict[int, str] = {}
+        for k, v in raw.items():
+            if isinstance(k, bool) or not isinstance(k, int) or not isinstance(v, str) or not v:
+                raise self.error(f"{what}: 'values' maps whole numbers to names, not {k!r}: {v!r}", raw, k)
+            out[int(k)] = str(v)
+        return out
 
     def _check_overlaps(self, points: dict[str, PointSpec], top: CommentedMap) -> None:
         by_table: dict[str, list[PointSpec]] = {}
@@ -652,9 +749,9 @@ def _scaled(value: int | float, scale: float) -> float:
     return value * scale
 
 
-def encode_point(p: PointSpec, value: Value) -> bool | list[int]:
+def encode_point(p: PointSpec, value: Value | str) -> bool | list[int]:
     """The raw bits or registers that write ``value`` to ``p``. Raises ValueError for a value that does
-    not fit the point."""
+    not fit the point (a command's text value is one)."""
     if p.table == "coil":
         if not isinstance(value, (bool, int)) or (isinstance(value, int) and value not in (0, 1)):
             raise ValueError(f"point {p.name!r} is a coil: the value must be true or false, not {value!r}")

@@ -235,10 +235,19 @@ class QrReaderLine(LineDriver[Line | Refused]):
         self._by_address = {r.spec.address: r for r in self._readers}
         self._label = f"qr[{name}]"
         self._framer = LineFramer()
-        super().__init__(SerialLine(
-            url, self._framer, self._handle, label=self._label, on_state=self._port_state, baudrate=baudrate,
-            reconnect_min=reconnect_min, reconnect_max=reconnect_max,
-        ), STAT_KEYS)
+        super().__init__(
+            SerialLine(
+                url,
+                self._framer,
+                self._handle,
+                label=self._label,
+                on_state=self._port_state,
+                baudrate=baudrate,
+                reconnect_min=reconnect_min,
+                reconnect_max=reconnect_max,
+            ),
+            STAT_KEYS,
+        )
         self._warned: dict[str, float] = {}
 
     # ------------------------------------------------------------ state
@@ -285,8 +294,9 @@ class QrReaderLine(LineDriver[Line | Refused]):
         if r.state == state:
             return
         r.state = state
-        (log.info if state == "online" else log.warning)("%s: reader %s %s (%s)", self._label, r.spec.name, state,
-                                                         reason)
+        (log.info if state == "online" else log.warning)(
+            "%s: reader %s %s (%s)", self._label, r.spec.name, state, reason
+        )
         self._emit(Availability(r.spec.name, state, self._clock(), reason))
 
     def _port_state(self, is_open: bool, detail: str) -> None:

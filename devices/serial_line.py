@@ -15,12 +15,14 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Generic, Protocol, Self, TypeVar
 
 import serial
 import serial_asyncio_fast
+
+from common.backoff import backoff_delay
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ T = TypeVar("T")
 class Framer(Protocol[T_co]):
     """Turns a byte stream into frames. ``reset`` drops a partial frame (the port was reopened)."""
 
-    def feed(self, data: bytes) -> list[T_co]: ...
+    def feed(self, data: bytes) -> Sequence[T_co]: ...
 
     def reset(self) -> None: ...
 
@@ -165,7 +167,7 @@ class SerialLine(Generic[T]):
             except (serial.SerialException, OSError, ValueError) as e:
                 self._counts["open_failures"] += 1
                 self._set_state(False, f"cannot be opened: {e}")
-                delay = self._jitter() * min(self._max, self._min * 2**attempt)
+                delay = backoff_delay(attempt, self._min, self._max, self._jitter)
                 attempt = min(attempt + 1, 30)
                 await asyncio.sleep(delay)
                 continue
@@ -190,7 +192,7 @@ class SerialLine(Generic[T]):
             self._set_state(False, f"lost: {exc or 'closed'}")
             if loop.time() - opened_at >= self._stable_after:
                 attempt = 0
-            delay = self._jitter() * min(self._max, self._min * 2**attempt)
+            delay = backoff_delay(attempt, self._min, self._max, self._jitter)
             attempt = min(attempt + 1, 30)
             await asyncio.sleep(delay)
 

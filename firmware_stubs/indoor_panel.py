@@ -36,12 +36,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import random
 import re
 import signal
 import tty
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -408,6 +410,22 @@ def _qualifier(v: Any) -> str:
     raise BadRequest("qualifier must be new, restore or status (or 1, 3, 6)")
 
 
+def _json_answer(
+    handler: Callable[[web.Request], Awaitable[dict[str, Any]]],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A handler's answer as ``{"ok": true, ...}``; a :class:`BadRequest` as ``{"ok": false, "error": ...}``, 400."""
+
+    @functools.wraps(handler)
+    async def answer(request: web.Request) -> web.StreamResponse:
+        try:
+            result = await handler(request)
+        except BadRequest as e:
+            return web.json_response({"ok": False, "error": str(e)}, status=400)
+        return web.json_response({"ok": True, **result})
+
+    return answer
+
+
 def build_app(panel: Panel) -> web.Application:
     routes = web.RouteTableDef()
 
@@ -432,6 +450,7 @@ def build_app(panel: Panel) -> web.Application:
         )
 
     @routes.post("/event")
+    @_json_answer
     async def post_event(request: web.Request) -> dict[str, Any]:
         body = await body_of(request)
         if "code" not in body:
@@ -440,6 +459,7 @@ def build_app(panel: Panel) -> web.Application:
         return {}
 
     @routes.post("/zone/{zone}/{action}")
+    @_json_answer
     async def post_zone(request: web.Request) -> dict[str, Any]:
         body = await body_of(request)
         action = request.match_info["action"]
@@ -451,6 +471,7 @@ def build_app(panel: Panel) -> web.Application:
         return {}
 
     @routes.post("/alarm/{kind}")
+    @_json_answer
     async def post_alarm(request: web.Request) -> dict[str, Any]:
         kind = request.match_info["kind"]
         if kind not in ALARM_CODES:
@@ -463,6 +484,7 @@ def build_app(panel: Panel) -> web.Application:
         return {}
 
     @routes.post("/user/{user}/{action}")
+    @_json_answer
     async def post_user(request: web.Request) -> dict[str, Any]:
         action = request.match_info["action"]
         if action not in ("open", "close"):
@@ -472,6 +494,7 @@ def build_app(panel: Panel) -> web.Application:
         return {}
 
     @routes.post("/silent")
+    @_json_answer
     async def post_silent(request: web.Request) -> dict[str, Any]:
         panel.silent = _bool(await body_of(request), "on", True)
         if panel.silent:
@@ -481,6 +504,7 @@ def build_app(panel: Panel) -> web.Application:
         return {"silent": panel.silent}
 
     @routes.post("/garbage")
+    @_json_answer
     async def post_garbage(request: web.Request) -> dict[str, Any]:
         body = await body_of(request)
         n = _int(body, "bytes", 64, 1, 16 * 1024 * 1024)
@@ -491,6 +515,7 @@ def build_app(panel: Panel) -> web.Application:
         return {"seed": seed}
 
     @routes.post("/bad-checksum")
+    @_json_answer
     async def post_bad(request: web.Request) -> dict[str, Any]:
         body = await body_of(request)
         count = _int(body, "count", 1, 1, 1000)
@@ -502,35 +527,29 @@ def build_app(panel: Panel) -> web.Application:
         return {}
 
     @routes.post("/corrupt-next")
+    @_json_answer
     async def post_corrupt(request: web.Request) -> dict[str, Any]:
         panel.corrupt_next = _int(await body_of(request), "count", 1, 0, 1000)
         return {}
 
     @routes.post("/ignore-acks")
+    @_json_answer
     async def post_ignore(request: web.Request) -> dict[str, Any]:
         panel.ignore_acks = _int(await body_of(request), "count", 1, 0, 1000)
         return {}
 
     @routes.post("/fragment")
+    @_json_answer
     async def post_fragment(request: web.Request) -> dict[str, Any]:
         panel.fragment = _bool(await body_of(request), "on", True)
         return {}
 
     @routes.get("/state")
+    @_json_answer
     async def get_state(request: web.Request) -> dict[str, Any]:
         return panel.state()
 
-    @web.middleware
-    async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-        try:
-            result = await handler(request)
-        except BadRequest as e:
-            return web.json_response({"ok": False, "error": str(e)}, status=400)
-        if isinstance(result, web.StreamResponse):
-            return result
-        return web.json_response({"ok": True, **result})
-
-    app = web.Application(middlewares=[json_errors])
+    app = web.Application()
     app.add_routes(routes)
     return app
 

@@ -38,6 +38,9 @@ Control API: JSON over HTTP on loopback. Every POST body is optional; ``panel`` 
 ``POST /garbage``                           ``{"on": true, "unit": 1}`` answer with a frame that fails
                                             its checksum (RTU) or a mangled MBAP frame (TCP)
 ``POST /delay``                             ``{"ms": 150}`` answer every request this late
+``POST /mangle``                            ``{"mode": "wrong-tid", "unit": 2, "count": 1}`` (Modbus TCP)
+                                            spoil the unit's next answers: wrong-tid, truncate,
+                                            exception, garbage, close (half a frame, then hang up)
 ``POST /reset-counters``                    zero the request counters
 ==========================================  ===========================================================
 """
@@ -165,8 +168,12 @@ class Panel:
 
 
 def build(argv: Sequence[str] | None = None) -> tuple[StubApp, argparse.Namespace]:
-    args = stub_args(argv, "python -m firmware_stubs.perimeter_panel", "Perimeter alarm panel firmware stub (Modbus)",
-                     lambda ap: ap.add_argument("--zones", type=int, choices=(8, 16), default=8))
+    args = stub_args(
+        argv,
+        "python -m firmware_stubs.perimeter_panel",
+        "Perimeter alarm panel firmware stub (Modbus)",
+        lambda ap: ap.add_argument("--zones", type=int, choices=(8, 16), default=8),
+    )
     stub = StubApp(endpoints_from_args(args, lambda u: Panel(u, args.zones)))
 
     def panel(body: dict[str, Any]) -> Panel:

@@ -65,8 +65,13 @@ class _Reader:
         return b"" if self.address is None else b"@%d:" % self.address
 
     def state(self) -> dict[str, Any]:
-        return {"address": self.address, "offline": self.offline, "scans": self.scans, "polls": self.polls,
-                "answers": self.answers}
+        return {
+            "address": self.address,
+            "offline": self.offline,
+            "scans": self.scans,
+            "polls": self.polls,
+            "answers": self.answers,
+        }
 
 
 class ReaderLine(asyncio.Protocol):
@@ -173,8 +178,13 @@ class ReaderLine(asyncio.Protocol):
         return self._write(r.prefix() + bytes(junk))
 
     def state(self) -> dict[str, Any]:
-        return {"serial": self.serial_path, "readers": [r.state() for r in self.readers.values()],
-                "bytes_out": self.bytes_out, "lines_out": self.lines_out, "unknown_in": self.unknown_in}
+        return {
+            "serial": self.serial_path,
+            "readers": [r.state() for r in self.readers.values()],
+            "bytes_out": self.bytes_out,
+            "lines_out": self.lines_out,
+            "unknown_in": self.unknown_in,
+        }
 
 
 def _int(body: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
@@ -300,8 +310,13 @@ async def run(addresses: Sequence[int | None], terminator: bytes, control: tuple
         await runner.setup()
         await web.SockSite(runner, sock).start()
         host, port = sock.getsockname()[:2]
-        ready = {"ready": True, "serial": path, "control": f"http://{host}:{port}", "pid": os.getpid(),
-                 "readers": list(addresses)}
+        ready = {
+            "ready": True,
+            "serial": path,
+            "control": f"http://{host}:{port}",
+            "pid": os.getpid(),
+            "readers": list(addresses),
+        }
         sys.stdout.write(json.dumps(ready) + "\n")
         sys.stdout.flush()
         await stop.wait()
@@ -313,10 +328,15 @@ async def run(addresses: Sequence[int | None], terminator: bytes, control: tuple
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m firmware_stubs.qr_reader", description="QR reader firmware stub")
-    ap.add_argument("--pty", action="store_true", required=True,
-                    help="serve on a new pseudo-terminal (the only transport)")
-    ap.add_argument("--addresses", type=_addresses, default=None,
-                    help="addressed readers on one RS-485 line, e.g. 1,2 (default: one unaddressed reader)")
+    ap.add_argument(
+        "--pty", action="store_true", required=True, help="serve on a new pseudo-terminal (the only transport)"
+    )
+    ap.add_argument(
+        "--addresses",
+        type=_addresses,
+        default=None,
+        help="addressed readers on one RS-485 line, e.g. 1,2 (default: one unaddressed reader)",
+    )
     ap.add_argument("--terminator", choices=sorted(TERMINATORS), default="cr", help="line ending (default cr)")
     ap.add_argument("--control", type=parse_hostport, default=("127.0.0.1", 0), metavar="HOST:PORT")
     args = ap.parse_args(argv)
