@@ -13,6 +13,8 @@ bad-signature   the signature does not match
 wrong-door      a pass for another site, or one whose rights do not cover this door
 blocked         the subject is on the list of blocked people
 revoked         the pass, or every pass of its subject, has been revoked
+stale-list      a visitor pass, and the revocation list is missing or older than
+                ``revocation_max_age_s`` (see *Stale list*)
 expired         outside its validity window (± ``skew_s``), not yet valid, outside its schedule,
                 or older than the replay record remembers (see *Replay*)
 replayed        already used as often as it allows
@@ -20,17 +22,38 @@ granted         none of the above; the use is recorded durably before the answer
 ==============  ==============================================================================
 
 Order of the checks (the first that fails gives the reason): format, key, signature, site,
-blocked, revoked, validity window, door rights, schedule, replay. Blocked and revoked come before
-the window so that guards learn of a blocked person even when the pass is also stale.
+blocked, revoked, stale list, validity window, door rights, schedule, replay. Blocked and revoked
+come before the window so that guards learn of a blocked person even when the pass is also stale.
+
+Stale list: a revocation that never reaches the gateway must not leave a long-lived pass working
+for ever. The portal re-signs its list every few hours and sends it within seconds of a change, so a
+list older than ``access.revocation_max_age_s`` (default 24 h), or none at all (a new gateway, a
+replaced SD card), means the gateway cannot know what was revoked since. Then **visitor passes are
+refused** (``stale-list``: they live up to 7 days and are what guards revoke), and the door engine
+raises a ``credentials.stale`` fault on the console until a fresh list arrives. **Residents' passes
+keep opening**: they live a minute and the portal issues one only to a resident whose residency is
+active at that moment, so the portal itself is their revocation check, and residents must get home
+with the portal or the network down. Blocked people and revoked passes on the old list stay refused.
+With an unsynchronised clock the list's age is judged from the time floor (below), a lower bound:
+after a reboot without a clock the age counts at least from the gateway's last prune before it.
 
 Rights: a door whose place is building B, unit U opens for a pass listing ``B/U`` in ``units``; a
 door with ``gate: true`` opens for a pass with ``gates``; any door opens for a pass naming it in
 ``doors``. A pass naming a ``schedule`` opens only inside that schedule's weekly windows (local
 time in ``access.timezone``); an unknown schedule name opens nothing.
 
-Replay: a resident pass opens each door at most ``uses`` times (normally once) during its life; a
-visitor pass opens ``uses`` times in all. Each opening is a row in the used-pass record, written
-before the decision is returned. Rows are pruned once their pass has expired; the prune point is
+Replay: a resident pass opens each door at most ``uses`` times (normally once) during its life.
+
+Visits: a visitor pass's ``uses`` are *visits*, not door openings. Its path is the doors it names (the
+site gates and its house's unit entrance: ``gates`` and ``units``). A visit starts with an opening that
+spends a use and lasts ``visit_window_s`` (default 30 minutes); during it, each door of this gateway on
+the path opens once more without spending anything (gate, then building entrance). A second opening of
+the same door within the visit, or any opening after it, starts a new visit. Each gateway counts the
+visits to its own doors from its own record, so the count needs no network: a visit that crosses two
+gateways (the gate on one, the building on another) spends one use on each, and neither lets the pass
+in more than ``uses`` times; doors on one gateway (several gates) share one count. A door that has a
+reader on both sides counts leaving as an opening too. Each opening is a row in the used-pass record,
+written before the decision is returned. Rows are pruned once their pass has expired; the prune point is
 kept (:meth:`UsedPasses.horizon`) and a pass expiring before it is refused as expired whatever the
 clock says, so forgetting a pass never lets it open again. With the file in WAL mode and
 synchronous=NORMAL a crash of the process loses nothing; a power cut may lose the last openings.
@@ -87,7 +110,16 @@ from gateway.wire.passes import Pass, PassError, load_public_keys, parse_pass, p
 log = logging.getLogger(__name__)
 
 Reason = Literal[
-    "granted", "expired", "wrong-door", "revoked", "blocked", "bad-signature", "unknown-key", "replayed", "malformed"
+    "granted",
+    "expired",
+    "wrong-door",
+    "revoked",
+    "blocked",
+    "bad-signature",
+    "unknown-key",
+    "replayed",
+    "malformed",
+    "stale-list",
 ]
 _PRUNE_EVERY_S = 60.0
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -118,6 +150,19 @@ class Decision:
         if self.burst:
             out["burst"] = True
         return out
+
+
+def count_visits(openings: Sequence[tuple[str, float]], window_s: float) -> tuple[int, float | None, set[str]]:
+    """(visits, the current visit's start, its doors) from a visitor pass's openings (door, wall time) in the
+    order they were granted: an opening starts a visit unless it falls within ``window_s`` of the current
+    visit's start at a door not yet opened in it (see *Visits*)."""
+    visits, start, doors = 0, None, set()
+    for door, ts in openings:
+        if start is not None and door not in doors and 0 <= ts - start < window_s:
+            doors.add(door)
+        else:
+            visits, start, doors = visits + 1, ts, {door}
+    return visits, start, doors
 
 
 class ScanBurst:
@@ -226,7 +271,7 @@ class AccessDecider:
         self._burst = ScanBurst(s.burst_count, s.burst_window_s, mono)
         #: Set False while the wall clock is known not to be synchronised (NTP lost, no RTC).
         self.clock_synced = True
-        self._unsaved: dict[bytes, tuple[int, list[str]]] = {}  # openings the record failed to keep
+        self._unsaved: dict[bytes, tuple[int, list[tuple[str, float]]]] = {}  # openings the record failed to keep
         self.record_failures = 0
         self._floor = 0.0
         self._floor_mono = mono()
@@ -344,6 +389,17 @@ class AccessDecider:
             return self._refuse(d, "revoked", p, "pass revoked")
         if p.subject in rev.subjects:
             return self._refuse(d, "revoked", p, "subject's passes revoked")
+        if p.kind == "visitor" and self.revocations_stale():
+            age = self.list_age_s()
+            return self._refuse(
+                d,
+                "stale-list",
+                p,
+                "no revocation list received yet"
+                if age is None
+                else f"revocation list v{rev.version} is {age / 3600:.1f} h old (at most "
+                f"{self._s.revocation_max_age_s / 3600:g} h)",
+            )
         wall = self._wall()
         problem = self._time_problem(p, wall)
         if problem:
@@ -358,31 +414,39 @@ class AccessDecider:
                 return self._refuse(d, "expired", p, "schedule cannot be judged: clock unsynchronised")
             if not sched.contains(datetime.fromtimestamp(wall, self._tz)):
                 return self._refuse(d, "expired", p, f"outside schedule {p.schedule!r}")
-        per_door = p.kind == "resident"
         try:
-            used = self._used.count(p.pass_id, door if per_door else None)
+            openings = self._used.openings(p.pass_id)
             degraded = ""
         except sqlite3.Error as e:
-            used, degraded = 0, f"replay record unreadable: {e}"
+            openings, degraded = [], f"replay record unreadable: {e}"
         unsaved = self._unsaved.get(p.pass_id)
         if unsaved is not None:
-            used += sum(1 for x in unsaved[1] if x == door) if per_door else len(unsaved[1])
-        if used >= p.uses:
-            return self._refuse(d, "replayed", p, f"used {used} of {p.uses}")
+            openings = [*openings, *unsaved[1]]
+        if p.kind == "resident":
+            used = sum(1 for x, _ in openings if x == door)
+            if used >= p.uses:
+                return self._refuse(d, "replayed", p, f"used {used} of {p.uses}")
+            left = p.uses - used - 1
+        else:
+            visits, start, doors_in_visit = count_visits(openings, self._s.visit_window_s)
+            if start is not None and door not in doors_in_visit and 0 <= wall - start < self._s.visit_window_s:
+                left = p.uses - visits  # on the way: the same visit
+            elif visits >= p.uses:
+                return self._refuse(d, "replayed", p, f"{visits} of {p.uses} visits made")
+            else:
+                left = p.uses - visits - 1
         try:
             self._used.record(p.pass_id, door, wall, not_before=p.not_before, expires=p.not_after)
         except sqlite3.Error as e:
             self.record_failures += 1
-            self._unsaved.setdefault(p.pass_id, (p.not_after, []))[1].append(door)
+            self._unsaved.setdefault(p.pass_id, (p.not_after, []))[1].append((door, wall))
             degraded = f"use not persisted: {e}"
             log.error("access: could not record the use of pass %s at %s: %s", p.pass_id_hex, door, e)
         if p.kind == "resident":  # issued with not-before = the portal's now, so the true time is past it
             self._evidence(p.not_before - self._s.skew_s)
         if self._mono() - self._last_prune >= _PRUNE_EVERY_S:
             self.prune()
-        return Decision(
-            True, "granted", door, p.pass_id_hex, p.kind, p.subject, p.house, p.uses - used - 1, degraded
-        )
+        return Decision(True, "granted", door, p.pass_id_hex, p.kind, p.subject, p.house, left, degraded)
 
     def _refuse(self, d: _Door, reason: Reason, p: Pass | None, detail: str = "") -> Decision:
         burst = self._burst.refused(d.name)
@@ -421,6 +485,10 @@ class AccessDecider:
         return applied
 
     @property
+    def revocation_max_age_s(self) -> int:
+        return self._s.revocation_max_age_s
+
+    @property
     def revocation_version(self) -> int:
         return self._revocations.current.version
 
@@ -433,6 +501,7 @@ class AccessDecider:
         return max(0.0, now - cur.issued_at)
 
     def revocations_stale(self) -> bool:
-        """True when there is no list or it is older than ``revocation_max_age_s``: warn the guards."""
+        """True when there is no list or it is older than ``revocation_max_age_s``: visitor passes are refused and
+        the guards are warned."""
         age = self.list_age_s()
         return age is None or age > self._s.revocation_max_age_s

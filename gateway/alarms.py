@@ -16,12 +16,27 @@ Model
   meanwhile follow the delay, otherwise they are instant ("stay" mode ignores them). An entry or
   interior zone still open when the exit delay ends starts the entry delay too.
 * 24-hour types (panic, medical, fire, gas, tamper, fault) and the tamper/fault/cut/short aux points
-  ignore arming. ``bypass`` silences a zone's own point and fence touch, not its tamper or fault.
+  ignore arming. ``bypass`` silences a zone's own point and fence touch, not its tamper or fault, and
+  is refused for a 24-hour zone (one bypassed in a state saved by an older gateway still alarms).
 * An **incident** pairs an opening event and its closing event by ``data.incident`` (an id made here,
   since the store assigns event ids later). Activations while it is open are counted on it; at most
   one ``*_repeat`` per ``alarm.repeat_interval_s`` carries the running count; the close carries the
   final count. A zone incident closes once its point has been quiet for ``restore_ms``; a Contact ID
   incident on the panel's restore; ``clear`` closes any incident by hand.
+
+Nothing the field says is swallowed (docs/events.md, "From the field to the console"): a report from a
+Contact ID account no panel has is handled like a known panel's (place: the site; data
+``unknown_account``), and the account itself is a ``panel.unknown_account`` fault incident counting its
+reports; a line's unreadable messages are a ``line.unreadable`` fault; an alarm-class point of a device
+that no zone uses (``unmapped`` points, from the profiles) is a ``device.unmapped_input`` incident; a
+device whose settings differ from its profile's is ``device.misconfigured``. A report the line saw twice
+in its duplicate window (``repeat``) folds into the open incident, or opens one if none is open.
+
+Persistence: :meth:`AlarmEngine.delta` gives what changed since the last call as rows (``{row: value, or
+None to delete}``), so a commit writes the incident that changed, not every open incident; the rows hold
+times on the engine's clock and a ``clock`` row says where that clock stood, so :func:`rows_to_snapshot`
+turns them back into a :meth:`AlarmEngine.snapshot` for a restart. :meth:`AlarmEngine.full_rows` writes
+everything once (at start-up, in a new clock's terms).
 
 Time: all timers run on the monotonic clock in whole milliseconds, and the snapshot holds their
 *remaining* time, so a restart resumes a running delay with what it had left. Device events are
@@ -37,13 +52,12 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from zoneinfo import ZoneInfo
 
 import msgspec
-from ulid import ULID
 
-from devices.events import Availability, DeviceEvent, PanelReport, PointChanged
+from devices.events import Availability, DeviceCheck, DeviceEvent, PanelReport, PointChanged, Unreadable
 from gateway import wire
 from gateway.alarm_schedule import due as schedules_due
 from gateway.alarm_schedule import next_after
@@ -65,6 +79,10 @@ INCIDENT_TYPES: dict[str, tuple[str, str, str]] = {
     "panel.trouble": ("panel.trouble", "panel.trouble_repeat", "panel.trouble_restore"),
     "device.offline": ("device.offline", "device.offline_repeat", "device.online"),
     "panel.test_missed": ("panel.test_missed", "panel.test_missed_repeat", "panel.test_restore"),
+    "panel.unknown_account": ("panel.unknown_account", "panel.unknown_account_repeat", "panel.unknown_account_restore"),
+    "line.unreadable": ("line.unreadable", "line.unreadable_repeat", "line.unreadable_restore"),
+    "device.unmapped_input": ("device.unmapped_input", "device.unmapped_input_repeat", "device.unmapped_input_restore"),
+    "device.misconfigured": ("device.misconfigured", "device.misconfigured_repeat", "device.misconfigured_restore"),
 }
 
 #: Zone types that ignore arming.
@@ -91,6 +109,20 @@ _AUX = {  # role: (family, priority)
     "fault": ("fault", _P.FAULT),
 }
 _TIMER_RANK = {"debounce": 0, "entry": 1, "exit": 2, "restore": 3, "repeat": 4, "test": 5}
+#: Profile point kinds that say "alarm" on their own: active on a point no zone uses, they are an incident.
+UNMAPPED_KINDS = {  # kind: priority
+    "zone_alarm": _P.FAULT,
+    "zone_fault": _P.FAULT,
+    "fence_touch": _P.FAULT,
+    "zone_tamper": _P.TAMPER,
+    "fence_cut": _P.TAMPER,
+    "fence_short": _P.TAMPER,
+    "panel_tamper": _P.TAMPER,
+}
+#: Fault incidents with no restore of their own close after this long without a new occurrence, so the next
+#: one opens a new incident (and rings) rather than folding into one a guard has closed.
+QUIET_CLOSE_MS = {"line.unreadable": 600_000, "panel.unknown_account": 3_600_000}
+MAX_UNKNOWN_ACCOUNTS = 256  # distinct unknown-account fault incidents; more fold into one for "*"
 _SCHEDULE_POLL_MS = 60_000  # look at the wall clock at least this often while schedules exist
 _BACKSTEP_RESET = timedelta(days=1)  # a wall clock set back further than this was wrong before
 _INACTIVE_WORDS = frozenset({"", "0", "false", "off", "no", "normal", "closed", "ok", "inactive"})
@@ -115,7 +147,7 @@ def is_active(value: object) -> bool:
 
 
 def _ulid() -> str:
-    return str(ULID())
+    return wire.new_id()
 
 
 class _BadArgs(Exception):
@@ -156,8 +188,10 @@ class _Panel:
     house: dict[str, Any] | None = None  # the house's arm state as the panel last reported it
 
 
-@dataclass(slots=True)
-class _Incident:
+class _Incident(msgspec.Struct, forbid_unknown_fields=True):
+    """An open incident, and as it is its saved row (``i/<key>``). A snapshot holds each the same but for
+    ``last_emit`` and ``n`` (see :func:`_aged` and :meth:`AlarmEngine._restore`)."""
+
     key: str
     id: str
     family: str
@@ -168,8 +202,9 @@ class _Incident:
     data: dict[str, Any]
     count: int = 1
     sent: int = 1  # the count the last opening/repeat event carried
-    last_emit: int = 0
+    last_emit: int = 0  # mono ms of the last opening/repeat event; a snapshot has its age instead, emit_age_ms
     acked: bool = False
+    n: int = 0  # opening order, kept across restarts in the saved rows (a snapshot's is its list order)
 
     def draft(self, which: int, **extra: Any) -> Draft:
         data = {**self.data, "incident": self.id, "count": self.count, **extra}
@@ -181,6 +216,13 @@ class _Incident:
             priority=self.priority,
             data=data,
         )
+
+
+def _unknown_account(inc: _Incident) -> str | None:
+    """The account a ``panel.unknown_account`` incident counts the reports of ("*": every one past the limit);
+    None for any other incident."""
+    account = inc.data.get("account") if inc.family == "panel.unknown_account" else None
+    return account if isinstance(account, str) else None
 
 
 # ---------------------------------------------------------------- saved state (JSON)
@@ -208,19 +250,23 @@ class _SPanel(_S):
     house: dict[str, Any] | None = None
 
 
-class _SIncident(_S):
-    key: str
-    id: str
-    family: str
-    priority: int
-    device: str
-    place: wire.Place
-    point: str | None
-    data: dict[str, Any]
-    count: int
-    sent: int
-    emit_age_ms: int
-    acked: bool = False
+def _aged(row: dict[str, Any], now: int) -> dict[str, Any]:
+    """An incident's saved row as a snapshot has it: the age of its last event rather than the time, no ``n``."""
+    return {
+        ("emit_age_ms" if k == "last_emit" else k): now - v if k == "last_emit" else v
+        for k, v in row.items()
+        if k != "n"
+    }
+
+
+def _unaged(snap: Mapping[str, Any], now: int, n: int) -> dict[str, Any]:
+    """The reverse of :func:`_aged`: the row of a snapshot's incident, opened ``n``-th. Raises AlarmStateError."""
+    age = snap.get("emit_age_ms")
+    if type(age) is not int or "last_emit" in snap or "n" in snap:
+        raise AlarmStateError("bad alarm state: an incident needs emit_age_ms (an integer) and no last_emit or n")
+    return {
+        ("last_emit" if k == "emit_age_ms" else k): now - v if k == "emit_age_ms" else v for k, v in snap.items()
+    } | {"n": n}
 
 
 class _SState(_S):
@@ -228,12 +274,97 @@ class _SState(_S):
     groups: dict[str, _SGroup] = {}
     bypassed: list[str] = []
     channels: dict[str, _SChannel] = {}
-    incidents: list[_SIncident] = []
+    incidents: list[dict[str, Any]] = []  # each an _Incident's row, _aged
     panels: dict[str, _SPanel] = {}
     timers: list[tuple[str, str, int]] = []  # (kind, key, remaining ms; negative when overdue)
     schedule_mark: str | None = None  # UTC ISO wall time up to which schedules were applied
     schedule_mark_age_ms: int = 0  # how long ago (monotonic) that was
-    unknown_accounts: list[str] = []
+    unknown_accounts: list[str] = []  # no longer used (an incident per account now); kept so older states load
+
+
+# ---------------------------------------------------------------- saved rows (incremental)
+
+_enc = msgspec.json.Encoder()
+
+
+class _Row(NamedTuple):
+    """A saved row, by what it saves: a channel's or an incident's (by its key), or a timer's (kind and key)."""
+
+    kind: Literal["c", "i", "t"]
+    key: str
+    timer: str = ""  # a timer's kind
+
+    @property
+    def name(self) -> str:
+        return f"t/{self.timer}/{self.key}" if self.kind == "t" else f"{self.kind}/{self.key}"
+
+
+class _Tracked(dict):  # type: ignore[type-arg]
+    """A dict that notes the saved row of every key set or removed (timers, incidents)."""
+
+    def __init__(self, dirty: set[_Row], row: Callable[[Any], _Row]) -> None:
+        super().__init__()
+        self._dirty = dirty
+        self._row = row
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._dirty.add(self._row(key))
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self._dirty.add(self._row(key))
+        super().__delitem__(key)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        if key in self:
+            self._dirty.add(self._row(key))
+        return super().pop(key, *default)
+
+
+def _timer_row(key: tuple[str, str]) -> _Row:
+    return _Row("t", key[1], key[0])
+
+
+def _incident_row(key: str) -> _Row:
+    return _Row("i", key)
+
+
+def rows_to_snapshot(rows: Mapping[str, Any]) -> dict[str, Any]:
+    """A :meth:`AlarmEngine.snapshot` from the rows :meth:`AlarmEngine.full_rows` and later
+    :meth:`AlarmEngine.delta` calls left (row names without the caller's prefix). Raises AlarmStateError."""
+    clock, meta = rows.get("clock"), rows.get("meta")
+    if not isinstance(clock, int) or not isinstance(meta, dict):
+        raise AlarmStateError("alarm state rows: no clock or meta row")
+    try:
+        snap: dict[str, Any] = {
+            "v": meta["v"],
+            "groups": meta["groups"],
+            "bypassed": meta["bypassed"],
+            "schedule_mark": meta["schedule_mark"],
+            "schedule_mark_age_ms": clock - meta["schedule_mark_t"],
+            "channels": {},
+            "incidents": [],
+            "panels": {},
+            "timers": [],
+        }
+        incidents = []
+        for name, v in rows.items():
+            kind, _, rest = name.partition("/")
+            if kind == "c":
+                since = v["inactive_since"]
+                snap["channels"][rest] = {"raw": v["raw"], "inactive_ms": None if since is None else clock - since}
+            elif kind == "i":
+                incidents.append((v["n"], _aged(v, clock)))
+            elif kind == "p":
+                snap["panels"][rest] = v
+            elif kind == "t":
+                tkind, _, tkey = rest.partition("/")
+                snap["timers"].append([tkind, tkey, v - clock])
+    except (KeyError, TypeError, AttributeError) as e:
+        raise AlarmStateError(f"alarm state rows: {type(e).__name__}: {e}") from None
+    snap["incidents"] = [inc for _, inc in sorted(incidents, key=lambda x: x[0])]
+    snap["timers"].sort()
+    return snap
 
 
 # ---------------------------------------------------------------- the engine
@@ -244,7 +375,8 @@ class AlarmEngine:
 
     ``mono`` is ``time.monotonic``; ``wall`` returns an aware datetime (naive is taken as UTC);
     ``state`` is a former :meth:`snapshot` (raises :class:`AlarmStateError` if unusable);
-    ``new_id`` makes incident ids (ULIDs by default).
+    ``new_id`` makes incident ids (ULIDs by default); ``unmapped`` maps (device, point) to the profile kind of
+    each alarm-class point that no zone or door uses (see :data:`UNMAPPED_KINDS`).
     """
 
     def __init__(
@@ -255,6 +387,7 @@ class AlarmEngine:
         wall: Callable[[], datetime],
         state: Mapping[str, Any] | None = None,
         new_id: Callable[[], str] | None = None,
+        unmapped: Mapping[tuple[str, str], str] | None = None,
     ) -> None:
         self._cfg = cfg
         self._mono = mono
@@ -263,7 +396,7 @@ class AlarmEngine:
         self._tz = ZoneInfo(cfg.alarm.timezone)
         self._repeat_ms = cfg.alarm.repeat_interval_s * 1000
         #: Counted rejections and oddities: unknown_account, unknown_code, bad_report, orphan_restore,
-        #: state_dropped, clock_backstep_reset, schedule_skipped.
+        #: repeat_folded, unreadable, state_dropped, clock_backstep_reset, schedule_skipped.
         self.stats: Counter[str] = Counter()
         self._t = 0
         self._t = self._now()
@@ -300,10 +433,13 @@ class AlarmEngine:
             self._panels[p.name] = panel
             self._by_account[p.account.upper()] = panel
 
+        self._unmapped = {k: v for k, v in (unmapped or {}).items() if v in UNMAPPED_KINDS and k not in self._by_point}
         self._bypassed: set[str] = set()
-        self._incidents: dict[str, _Incident] = {}
-        self._timers: dict[tuple[str, str], int] = {}
-        self._unknown_accounts: set[str] = set()
+        self._dirty: set[_Row] = set()  # saved rows changed since the last delta()
+        self._saved: dict[str, bytes] = {}  # the small rows (meta, panels) as last saved, to compare
+        self._opened = 0
+        self._incidents: dict[str, _Incident] = _Tracked(self._dirty, _incident_row)
+        self._timers: dict[tuple[str, str], int] = _Tracked(self._dirty, _timer_row)
         self._mark = self._wall_utc()
         self._mark_t = self._t  # mono ms when the mark was last moved
         if state is not None:
@@ -324,11 +460,15 @@ class AlarmEngine:
         now = self._now()
         self._run(now, out)
         if isinstance(ev, PointChanged):
-            self._on_point(ev, now)
+            self._on_point(ev, now, out)
         elif isinstance(ev, Availability):
             self._on_availability(ev, now, out)
         elif isinstance(ev, PanelReport):
             self._on_report(ev, now, out)
+        elif isinstance(ev, Unreadable):
+            self._on_unreadable(ev, now, out)
+        elif isinstance(ev, DeviceCheck):
+            self._on_check(ev, now, out)
         self._run(now, out)
         return out
 
@@ -386,23 +526,7 @@ class AlarmEngine:
                 for k, c in self._channels.items()
                 if c.raw or c.inactive_since is not None
             },
-            incidents=[
-                _SIncident(
-                    i.key,
-                    i.id,
-                    i.family,
-                    i.priority,
-                    i.device,
-                    i.place,
-                    i.point,
-                    dict(i.data),
-                    i.count,
-                    i.sent,
-                    now - i.last_emit,
-                    i.acked,
-                )
-                for i in self._incidents.values()
-            ],
+            incidents=[_aged(msgspec.to_builtins(i), now) for i in self._incidents.values()],
             panels={
                 n: _SPanel(p.last_test, dict(p.house) if p.house else None)
                 for n, p in self._panels.items()
@@ -411,11 +535,75 @@ class AlarmEngine:
             timers=sorted((kind, key, at - now) for (kind, key), at in self._timers.items()),
             schedule_mark=self._mark.isoformat(),
             schedule_mark_age_ms=now - self._mark_t,
-            unknown_accounts=sorted(self._unknown_accounts),
         )
         out: dict[str, Any] = msgspec.to_builtins(st)
         out["timers"] = [list(t) for t in out["timers"]]  # JSON has no tuples: same shape after a round trip
         return out
+
+    def delta(self) -> dict[str, Any]:
+        """The rows changed since the last :meth:`delta` or :meth:`full_rows` (None: delete the row), and the
+        ``clock`` row. Store them with the drafts; their size follows the change, not the open incidents."""
+        out: dict[str, Any] = {}
+        for row in self._dirty:
+            out[row.name] = self._row(row)
+        self._dirty.clear()
+        for name, value in self._small_rows().items():
+            enc = _enc.encode(value)
+            if self._saved.get(name) != enc:
+                self._saved[name] = enc
+                out[name] = value
+        out["clock"] = self._now()
+        return out
+
+    def full_rows(self) -> dict[str, Any]:
+        """Every row (to replace whatever was saved before, e.g. after a restart)."""
+        self._dirty.clear()
+        rows = self._small_rows()
+        self._saved = {row: _enc.encode(v) for row, v in rows.items()}
+        for key, ch in self._channels.items():
+            if ch.raw or ch.inactive_since is not None:
+                rows[f"c/{key}"] = self._row(_Row("c", key))
+        for key in self._incidents:
+            rows[f"i/{key}"] = self._row(_incident_row(key))
+        for timer, due in self._timers.items():
+            rows[_timer_row(timer).name] = due
+        rows["clock"] = self._now()
+        return rows
+
+    def _row(self, row: _Row) -> Any:
+        if row.kind == "t":
+            return self._timers.get((row.timer, row.key))
+        if row.kind == "i":
+            i = self._incidents.get(row.key)
+            return None if i is None else msgspec.to_builtins(i)
+        ch = self._channels.get(row.key)
+        if ch is None or not (ch.raw or ch.inactive_since is not None):
+            return None
+        return {"raw": ch.raw, "inactive_since": ch.inactive_since}
+
+    def _small_rows(self) -> dict[str, Any]:
+        rows: dict[str, Any] = {
+            "meta": {
+                "v": STATE_VERSION,
+                "groups": {
+                    n: {
+                        "state": g.state,
+                        "mode": g.mode,
+                        "by": g.by,
+                        "source": g.source,
+                        "entry_zones": list(g.entry_zones),
+                    }
+                    for n, g in self._groups.items()
+                },
+                "bypassed": sorted(self._bypassed),
+                "schedule_mark": self._mark.isoformat(),
+                "schedule_mark_t": self._mark_t,
+            }
+        }
+        for n, p in self._panels.items():
+            if p.last_test is not None or p.house is not None:
+                rows[f"p/{n}"] = {"last_test": p.last_test, "house": dict(p.house) if p.house else None}
+        return rows
 
     def group_states(self) -> dict[str, dict[str, str]]:
         """``{group: {"state": "disarmed"|"exit"|"armed", "mode": "away"|"stay"}}``."""
@@ -539,14 +727,18 @@ class AlarmEngine:
             return wire.Place(site=self._cfg.site, zone=zone)
         return wire.Place(site=self._cfg.site, building=p.building, unit=p.unit, house=p.house, zone=zone)
 
-    def _on_point(self, ev: PointChanged, now: int) -> None:
+    def _on_point(self, ev: PointChanged, now: int, out: list[Draft]) -> None:
         ch = self._by_point.get((ev.device, ev.point))
         if ch is None:
+            kind = self._unmapped.get((ev.device, ev.point))
+            if kind is not None:
+                self._on_unmapped(ev, kind, now, out)
             return
         active = is_active(ev.value) != ch.zone.invert
         if active == ch.raw:
             return
         ch.raw = active
+        self._dirty.add(_Row("c", ch.key))
         if active:
             ch.inactive_since = None
             self._timers.pop(("restore", ch.key), None)
@@ -561,14 +753,13 @@ class AlarmEngine:
         """The channel has been active for its debounce time: decide whether it raises anything."""
         z = ch.zone
         bypassed = z.name in self._bypassed
-        if ch.family != "alarm":  # tamper and fault: always, except a bypassed zone's own point
-            if not (bypassed and ch.role == "main"):
-                self._raise_zone(ch, t, out, "24h")
+        if ch.family != "alarm":  # tamper and fault points (and zones of those types, which are 24-hour): always
+            self._raise_zone(ch, t, out, "24h")
+            return
+        if z.type in ZONE_24H:  # never silenced by a bypass (refused for these; one from an older state)
+            self._raise_zone(ch, t, out, "24h")
             return
         if bypassed:
-            return
-        if z.type in ZONE_24H:
-            self._raise_zone(ch, t, out, "24h")
             return
         g = self._groups[z.group]
         if g.state == "disarmed":
@@ -660,11 +851,14 @@ class AlarmEngine:
         if inc is None:
             inc = make()
             inc.last_emit = t
+            self._opened += 1
+            inc.n = self._opened
             self._incidents[key] = inc
             out.append(inc.draft(0))
             return True
         if count:
             inc.count += 1
+            self._dirty.add(_incident_row(key))
             if not inc.acked and ("repeat", key) not in self._timers:
                 if t - inc.last_emit >= self._repeat_ms:
                     self._emit_repeat(inc, t, out)
@@ -676,6 +870,7 @@ class AlarmEngine:
         out.append(inc.draft(1))
         inc.sent = inc.count
         inc.last_emit = t
+        self._dirty.add(_incident_row(inc.key))
 
     def _close(self, key: str, out: list[Draft], how: str, **extra: Any) -> bool:
         inc = self._incidents.pop(key, None)
@@ -737,6 +932,12 @@ class AlarmEngine:
             if not isinstance(zone, str) or zone not in self._zones:
                 raise _BadArgs(f"no such zone: {str(zone)[:64]!r}")
             on = kind == "bypass"
+            if on and self._zones[zone].type in ZONE_24H:
+                return CommandOutcome(
+                    False,
+                    f"zone {zone} is a 24-hour {self._zones[zone].type} zone and cannot be "
+                    "bypassed; acknowledge its incident to stop the repeats",
+                )
             if (zone in self._bypassed) == on:
                 return CommandOutcome(True, f"zone {zone} already {'bypassed' if on else 'not bypassed'}")
             (self._bypassed.add if on else self._bypassed.discard)(zone)
@@ -754,12 +955,13 @@ class AlarmEngine:
         if kind == "ack":
             inc = self._find_incident(args)
             inc.acked = True
+            self._dirty.add(_incident_row(inc.key))
             self._timers.pop(("repeat", inc.key), None)
             return CommandOutcome(True, "acknowledged", {"incident": inc.id})
         if kind == "clear":
             inc = self._find_incident(args)
             self._close(inc.key, out, "cleared", by=by)
-            panel = self._panels.get(inc.key[2:]) if inc.key.startswith("t:") else None
+            panel = self._panels.get(inc.device) if inc.family == "panel.test_missed" else None
             if panel is not None and panel.cfg.test_interval_s is not None:  # supervise it afresh
                 self._timers[("test", panel.cfg.name)] = now + self._test_ms(panel)
             return CommandOutcome(True, "cleared", {"incident": inc.id})
@@ -872,22 +1074,7 @@ class AlarmEngine:
         self._raise(f"t:{name}", t, out, make, count=False)
 
     def _on_report(self, ev: PanelReport, now: int, out: list[Draft]) -> None:
-        account = str(ev.account).upper()
-        panel = self._by_account.get(account)
-        if panel is None:
-            self.stats["unknown_account"] += 1
-            if account not in self._unknown_accounts and len(self._unknown_accounts) < 256:
-                self._unknown_accounts.add(account)
-                out.append(
-                    Draft(
-                        type="panel.unknown_account",
-                        device=ev.device,
-                        place=wire.Place(site=self._cfg.site),
-                        priority=int(_P.FAULT),
-                        data={"account": account[:16], "code": ev.code, "qualifier": ev.qualifier},
-                    )
-                )
-            return
+        account = str(ev.account).upper()[:16]
         if (
             not isinstance(ev.code, int)
             or not 0 <= ev.code <= 999
@@ -897,14 +1084,21 @@ class AlarmEngine:
         ):
             self.stats["bad_report"] += 1
             return
+        panel = self._by_account.get(account)
+        if panel is None:
+            # Not a filter: the report is handled like a known panel's below, and the account is a fault to fix.
+            self.stats["unknown_account"] += 1
+            self._unknown_account(account, ev, now, out)
         info = describe(ev.code)
         if not info.known:
             self.stats["unknown_code"] += 1
-        name = panel.cfg.name
+        # An unknown account's incidents are keyed by "?ACCOUNT" (no panel name has a "?") at the site's place.
+        name = panel.cfg.name if panel is not None else f"?{account}"
+        place = panel.place if panel is not None else wire.Place(site=self._cfg.site)
         data: dict[str, Any] = {
-            "panel": name,
+            "panel": panel.cfg.name if panel is not None else None,
             "account": account,
-            "label": panel.cfg.label,
+            "label": panel.cfg.label if panel is not None else "",
             "code": ev.code,
             "qualifier": ev.qualifier,
             "partition": ev.partition,
@@ -913,20 +1107,28 @@ class AlarmEngine:
             "name_en": info.en,
             "name_zh": info.zh,
         }
+        if panel is None:
+            data["unknown_account"] = True
         if info.family in ("alarm", "tamper", "trouble"):
             key = f"c:{name}:{ev.code}:{ev.partition}:{ev.zone_or_user}"
             if ev.qualifier == "restore":
                 if not self._close(key, out, "restored"):
                     self.stats["orphan_restore"] += 1
                 return
+            if ev.repeat and key in self._incidents:
+                self.stats["repeat_folded"] += 1  # most likely the sender's resend: not a new activation
+                return
 
             def make() -> _Incident:
-                return _Incident(
-                    key, self._new_id(), f"panel.{info.family}", info.priority, ev.device, panel.place, None, data
-                )
+                fam = f"panel.{info.family}"
+                return _Incident(key, self._new_id(), fam, info.priority, ev.device, place, None, data)
 
             # "status" (condition still present) opens a missing incident but is not a new activation.
             self._raise(key, now, out, make, count=ev.qualifier == "new")
+        elif ev.repeat:
+            self.stats["repeat_folded"] += 1
+        elif panel is None:  # arming, tests, other events of an account no panel has: in the log, with the account
+            out.append(Draft(type="panel.event", device=ev.device, place=place, priority=info.priority, data=data))
         elif info.family == "openclose" and ev.qualifier != "status":
             armed = ev.qualifier == "restore"  # Contact ID: closing = arm, opening = disarm
             state = {"state": "armed" if armed else "disarmed", "mode": info.kind if armed else None}
@@ -948,6 +1150,99 @@ class AlarmEngine:
             out.append(
                 Draft(type="panel.event", device=ev.device, place=panel.place, priority=info.priority, data=data)
             )
+
+    def _unknown_account(self, account: str, ev: PanelReport, now: int, out: list[Draft]) -> None:
+        """Count the report on the account's ``panel.unknown_account`` fault incident (closed after a quiet hour,
+        so the next report rings again)."""
+        known_faults = sum(1 for i in self._incidents.values() if _unknown_account(i) not in (None, "*"))
+        key = f"u:{account}"
+        if key not in self._incidents and known_faults >= MAX_UNKNOWN_ACCOUNTS:
+            key = "u:*"  # a flood of accounts: one more incident for the rest, still counting every report
+        place = wire.Place(site=self._cfg.site)
+
+        def make() -> _Incident:
+            data = {
+                "account": account if key != "u:*" else "*",
+                "unknown_account": True,
+                "line": ev.device,
+                "code": ev.code,
+                "qualifier": ev.qualifier,
+            }
+            return _Incident(key, self._new_id(), "panel.unknown_account", int(_P.FAULT), ev.device, place, None, data)
+
+        if not ev.repeat or key not in self._incidents:
+            self._raise(key, now, out, make)
+        self._timers[("restore", key)] = now + QUIET_CLOSE_MS["panel.unknown_account"]
+
+    def _on_unreadable(self, ev: Unreadable, now: int, out: list[Draft]) -> None:
+        """A message a line could not use: one fault incident per line, counting them, closed after a quiet spell."""
+        self.stats["unreadable"] += 1
+        key = f"r:{ev.device}"
+
+        def make() -> _Incident:
+            data = {"line": ev.device, "reason": str(ev.reason)[:20], "sample": str(ev.sample)[:64]}
+            return _Incident(
+                key,
+                self._new_id(),
+                "line.unreadable",
+                int(_P.FAULT),
+                ev.device,
+                wire.Place(site=self._cfg.site),
+                None,
+                data,
+            )
+
+        if not self._raise(key, now, out, make):
+            inc = self._incidents[key]
+            inc.data["reason"], inc.data["sample"] = str(ev.reason)[:20], str(ev.sample)[:64]
+            self._dirty.add(_incident_row(key))
+        self._timers[("restore", key)] = now + QUIET_CLOSE_MS["line.unreadable"]
+
+    def _on_unmapped(self, ev: PointChanged, kind: str, now: int, out: list[Draft]) -> None:
+        """An alarm-class point no zone uses: an incident while it is active."""
+        key = f"x:{ev.device}:{ev.point}"
+        if not is_active(ev.value):
+            self._close(key, out, "restored")
+            return
+
+        def make() -> _Incident:
+            data = {"point": ev.point, "kind": kind}
+            return _Incident(
+                key,
+                self._new_id(),
+                "device.unmapped_input",
+                int(UNMAPPED_KINDS[kind]),
+                ev.device,
+                wire.Place(site=self._cfg.site),
+                ev.point,
+                data,
+            )
+
+        self._raise(key, now, out, make)
+
+    def _on_check(self, ev: DeviceCheck, now: int, out: list[Draft]) -> None:
+        """A device's settings against its profile: ``device.misconfigured`` while they differ."""
+        key = f"m:{ev.device}"
+        problems = [str(p)[:200] for p in ev.problems[:16]]
+        if not problems:
+            self._close(key, out, "restored")
+            return
+
+        def make() -> _Incident:
+            return _Incident(
+                key,
+                self._new_id(),
+                "device.misconfigured",
+                int(_P.FAULT),
+                ev.device,
+                wire.Place(site=self._cfg.site),
+                None,
+                {"problems": problems},
+            )
+
+        if not self._raise(key, now, out, make):
+            self._incidents[key].data["problems"] = problems
+            self._dirty.add(_incident_row(key))
 
     # ------------------------------------------------------------ restore
 
@@ -978,24 +1273,15 @@ class AlarmEngine:
                 continue
             ch.raw = sc.raw
             ch.inactive_since = None if sc.inactive_ms is None else now - sc.inactive_ms
-        for si in st.incidents:
-            if si.family not in INCIDENT_TYPES:
+        for saved in st.incidents:
+            try:
+                inc = msgspec.convert(_unaged(saved, now, len(self._incidents) + 1), _Incident)
+            except msgspec.ValidationError as e:
+                raise AlarmStateError(f"bad alarm state: {e}") from None
+            if inc.family not in INCIDENT_TYPES:
                 dropped += 1
                 continue
-            self._incidents[si.key] = _Incident(
-                si.key,
-                si.id,
-                si.family,
-                si.priority,
-                si.device,
-                si.place,
-                si.point,
-                dict(si.data),
-                si.count,
-                si.sent,
-                now - si.emit_age_ms,
-                si.acked,
-            )
+            self._incidents[inc.key] = inc
         for name, sp in st.panels.items():
             panel = self._panels.get(name)
             if panel is None:
@@ -1031,6 +1317,8 @@ class AlarmEngine:
                 raise AlarmStateError(f"bad schedule_mark {st.schedule_mark[:40]!r}") from None
             self._mark = mark.replace(tzinfo=UTC) if mark.tzinfo is None else mark.astimezone(UTC)
             self._mark_t = now - st.schedule_mark_age_ms
-        self._unknown_accounts = set(st.unknown_accounts[:256])
+        for key in [k for k, i in self._incidents.items() if _unknown_account(i) in self._by_account]:
+            self._timers[("restore", key)] = now  # the account was added to the config meanwhile: close it
+        self._opened = len(self._incidents)
         if dropped:
             self.stats["state_dropped"] += dropped

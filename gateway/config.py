@@ -8,12 +8,13 @@ Nothing here touches hardware.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
 
-from common.configfile import ConfigError, convert_strict, line_of, read_yaml
+from common.configfile import ConfigError, Remap, convert_all, did_you_mean, echoes, line_of, read_yaml
 from gateway.wire import NAME_RE
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_RE.pattern)]
@@ -45,6 +46,8 @@ class MqttConfig(_Strict):
 class StoreConfig(_Strict):
     path: str = "gateway.db"  # relative to data_dir
     batch_max: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 500
+    # Events held in memory while the disk cannot take them (a full SD card); past it, routine ones are refused.
+    ring_max: Annotated[int, msgspec.Meta(ge=100, le=1_000_000)] = 100_000
     # Acknowledged events are deleted past either bound (null: no bound); unacknowledged ones never are.
     # 250,000 events are ~150 MB on the SD card; the portal keeps the estate's history.
     retention_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] | None = 90
@@ -71,6 +74,8 @@ class BusConfig(_Strict):
     retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 1
     offline_after_misses: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
     inter_frame_ms: Annotated[int, msgspec.Meta(ge=0, le=1000)] | None = None  # default: RTU 30, TCP 0
+    # modbus-tcp: requests sent before the earlier ones are answered (paired by transaction id); 1 = one at a time
+    max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=255)] = 1
 
 
 class DeviceConfig(_Strict):
@@ -104,9 +109,7 @@ class ZoneConfig(_Strict):
     point: str
     # perimeter: instant once its group is armed; entry: entry delay; interior: instant, but follows a
     # running entry delay and is off in "stay" mode; the rest are 24-hour types that ignore arming.
-    type: Literal["perimeter", "entry", "interior", "panic", "medical", "fire", "gas", "tamper", "fault"] = (
-        "perimeter"
-    )
+    type: Literal["perimeter", "entry", "interior", "panic", "medical", "fire", "gas", "tamper", "fault"] = "perimeter"
     label: str = ""
     place: PlaceConfig | None = None
     group: Name = "default"  # zone group it is armed with (see zone_groups; "default" needs no entry)
@@ -131,7 +134,9 @@ class DoorConfig(_Strict):
     tamper: str | None = None  # its input point for the controller's tamper switch (active = tampered)
     # Points that read false when active (a contact that closes an input while the door is shut).
     invert: list[Literal["contact", "exit_button", "lock_feedback", "tamper"]] = []
-    unlock_ms: PositiveMs = 5000
+    # At least half a second: the relay is read back after the unlock write, and a pulse over before that read
+    # cannot be confirmed (a door strike needs longer anyway). At most what the controller's flash command times.
+    unlock_ms: Annotated[int, msgspec.Meta(ge=500, le=3_600_000)] = 5000
     # The door may open this long after the unlock time (or an exit-button press) ended without being forced.
     open_grace_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 2000
     held_open_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 60  # door open longer: door.held
@@ -175,7 +180,10 @@ class AccessConfig(_Strict):
     public_keys: list[str] = []  # PEM files of the portal's pass-signing public keys (several while rotating)
     db: str = "access.db"  # relative to data_dir: used passes and the revocation list
     skew_s: Annotated[int, msgspec.Meta(ge=0, le=600)] = 30
+    # A revocation list older than this (or none yet): visitor passes refused, credentials.stale on the console.
     revocation_max_age_s: Annotated[int, msgspec.Meta(ge=60)] = 86_400
+    # A visitor pass's visit: from the opening that spends a use, the other doors of its path open once each.
+    visit_window_s: Annotated[int, msgspec.Meta(ge=60, le=86_400)] = 1800
     # While the clock is known to be unsynchronised (see gateway.access):
     unsynced_max_life_s: Annotated[int, msgspec.Meta(ge=10, le=3600)] = 300
     unsynced_skew_s: Annotated[int, msgspec.Meta(ge=0, le=86_400)] = 600
@@ -241,6 +249,13 @@ class LocalApiConfig(_Strict):
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 9880
 
 
+class PointEventsConfig(_Strict):
+    """``point.changed`` events for device points that no zone or door uses (see gateway/point_events.py)."""
+
+    enabled: bool = False
+    devices: list[Name] = []  # only these devices; empty: every device
+
+
 class LoadgenConfig(_Strict):
     """A synthetic event source for durability tests and benchmarks: ``count`` events at ``rate``/s,
     resuming after a restart from the last one stored, so each number is produced exactly once."""
@@ -254,6 +269,7 @@ class LoadgenConfig(_Strict):
 class GatewayConfig(_Strict):
     site: Name
     gateway: Name
+    site_name: Annotated[str, msgspec.Meta(max_length=120)] = ""  # the estate as people say it (阳光花园): reports
     data_dir: str = "."
     mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
@@ -270,6 +286,7 @@ class GatewayConfig(_Strict):
     doors: list[DoorConfig] = []
     readers: list[ReaderConfig] = []
     access: AccessConfig = msgspec.field(default_factory=AccessConfig)
+    point_events: PointEventsConfig = msgspec.field(default_factory=PointEventsConfig)
     loadgen: LoadgenConfig | None = None
     local_api: LocalApiConfig = msgspec.field(default_factory=LocalApiConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -285,10 +302,13 @@ class GatewayConfig(_Strict):
 
 
 def load(path: str | os.PathLike[str], *, check_profiles: bool = True) -> GatewayConfig:
-    """Read, validate and cross-check a gateway config. Raises :class:`ConfigError`."""
+    """Read, validate and cross-check a gateway config. Raises :class:`ConfigError` with every problem found,
+    in the order of their lines."""
     p = Path(path)
     data, tree = read_yaml(p)
-    cfg = convert_strict(p, GatewayConfig, data, tree)
+    cfg, problems, remap = convert_all(p, GatewayConfig, data, tree)
+    if cfg is None:
+        raise ConfigError(_by_line(problems))
     base = p.resolve().parent
     cfg = msgspec.structs.replace(
         cfg,
@@ -300,10 +320,21 @@ def load(path: str | os.PathLike[str], *, check_profiles: bool = True) -> Gatewa
             cfg.access, public_keys=[str((base / k).resolve()) for k in cfg.access.public_keys]
         ),
     )
-    problems = cross_check(cfg, tree, check_profiles=check_profiles)
+    # Each problem once: not again as "not defined" for an entry dropped for its own error, nor as a missing key.
+    problems += [
+        c for c in cross_check(cfg, tree, check_profiles=check_profiles, remap=remap) if not echoes(c, data, remap)
+    ]
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(_by_line(problems))
     return cfg
+
+
+def _by_line(problems: list[str]) -> list[str]:
+    def line(p: str) -> int:
+        m = re.match(r"[^\n]*?:(\d+): ", p)
+        return int(m.group(1)) if m else 0
+
+    return sorted(problems, key=line)
 
 
 def _resolve_mqtt(m: MqttConfig, base: Path) -> MqttConfig:
@@ -328,12 +359,19 @@ def _unique(kind: str, names: list[str], where: Any, problems: list[str], what: 
     return seen
 
 
-def cross_check(cfg: GatewayConfig, tree: Any, *, check_profiles: bool) -> list[str]:
-    """Rules that span entries. Each problem names the file, line and entity."""
+def cross_check(cfg: GatewayConfig, tree: Any, *, check_profiles: bool, remap: Remap | None = None) -> list[str]:
+    """Rules that span entries. Each problem names the file, line and entity (``remap``: where the entries of a
+    config repaired by :func:`common.configfile.convert_all` were in the file)."""
     src = cfg.source
     problems: list[str] = []
 
+    def names_of(kind: str, names: set[str]) -> set[str]:
+        """``names``, and those of the entries dropped for their own errors (for a "did you mean")."""
+        return names | remap.dropped_names(kind) if remap is not None else names
+
     def where(jp: str, name: str) -> str:
+        if remap is not None:
+            jp, name = remap.jsonpath(jp), remap.name(jp, name)
         line = line_of(tree, jp)
         return f"{src}:{line}: {name}" if line else f"{src}: {name}"
 
@@ -354,33 +392,51 @@ def cross_check(cfg: GatewayConfig, tree: Any, *, check_profiles: bool) -> list[
                 problems.append(f"{tag}: a {b.kind} bus needs 'host' and 'port'")
             if b.serial:
                 problems.append(f"{tag}: a {b.kind} bus takes 'host'/'port', not 'serial'")
+        if b.max_in_flight > 1 and b.kind != "modbus-tcp":
+            problems.append(
+                f"{tag}: max_in_flight above 1 needs a modbus-tcp bus (an RTU line answers one request at a time)"
+            )
 
     seen_units: dict[tuple[str, int], str] = {}
     profiles: dict[str, Any] = {}
     for i, d in enumerate(cfg.devices):
         tag = where(f"$.devices[{i}]", f"devices[{i}] ({d.name})")
         if d.bus not in buses:
-            problems.append(f"{tag}: bus {d.bus!r} is not defined under 'buses'")
+            problems.append(
+                f"{tag}: bus {d.bus!r} is not defined under 'buses'{did_you_mean(d.bus, names_of('buses', buses))}"
+            )
         key = (d.bus, d.unit)
         if key in seen_units:
             problems.append(f"{tag}: unit id {d.unit} on bus {d.bus!r} is already used by {seen_units[key]!r}")
         seen_units[key] = d.name
         if check_profiles:
-            from devices.profiles import ProfileError, find_profile
+            from devices.profiles import ProfileError, find_profile, list_profiles
 
             try:
                 profiles[d.name] = find_profile(d.profile, extra_dir=cfg.profiles_dir)
             except ProfileError as e:
-                problems.append(f"{tag}: {e}")
+                problems.append(f"{tag}: {e}{did_you_mean(d.profile, list_profiles(cfg.profiles_dir))}")
 
     devices = {d.name for d in cfg.devices}
+    for i, name in enumerate(cfg.point_events.devices):
+        if name not in devices:
+            problems.append(
+                f"{where(f'$.point_events.devices[{i}]', 'point_events')}: device {name!r} is not "
+                f"defined under 'devices'{did_you_mean(name, names_of('devices', devices))}"
+            )
     for i, z in enumerate(cfg.zones):
         tag = where(f"$.zones[{i}]", f"zones[{i}] ({z.name})")
         if z.device not in devices:
-            problems.append(f"{tag}: device {z.device!r} is not defined under 'devices'")
+            problems.append(
+                f"{tag}: device {z.device!r} is not defined under 'devices'"
+                f"{did_you_mean(z.device, names_of('devices', devices))}"
+            )
         elif z.device in profiles and z.point not in profiles[z.device].points:
             known = ", ".join(sorted(profiles[z.device].points)[:12])
-            problems.append(f"{tag}: device {z.device!r} has no point {z.point!r} (it has: {known})")
+            problems.append(
+                f"{tag}: device {z.device!r} has no point {z.point!r} (it has: {known})"
+                f"{did_you_mean(z.point, profiles[z.device].points)}"
+            )
     if cfg.mqtt.password_file and not cfg.mqtt.username:
         problems.append(f"{where('$.mqtt', 'mqtt')}: password_file given without username")
     problems.extend(_cross_check_access(cfg, where, profiles))
@@ -400,18 +456,31 @@ def _cross_check_access(cfg: GatewayConfig, where: Any, profiles: dict[str, Any]
     for i, d in enumerate(cfg.doors):
         tag = where(f"$.doors[{i}]", f"doors[{i}] ({d.name})")
         if d.device not in devices:
-            problems.append(f"{tag}: device {d.device!r} is not defined under 'devices'")
+            problems.append(
+                f"{tag}: device {d.device!r} is not defined under 'devices'{did_you_mean(d.device, devices)}"
+            )
         elif d.device in profiles:
             for field in ("relay", "contact", "exit_button", "lock_feedback", "tamper"):
                 point = getattr(d, field)
                 if point is not None and point not in profiles[d.device].points:
-                    problems.append(f"{tag}: {field}: device {d.device!r} has no point {point!r}")
+                    problems.append(
+                        f"{tag}: {field}: device {d.device!r} has no point {point!r}"
+                        f"{did_you_mean(point, profiles[d.device].points)}"
+                    )
             relay = profiles[d.device].points.get(d.relay)
             if relay is not None and not relay.writable:
                 problems.append(f"{tag}: relay: point {d.relay!r} of device {d.device!r} is not writable")
             elif relay is not None and relay.table != "coil":
-                problems.append(f"{tag}: relay: point {d.relay!r} of device {d.device!r} is not a coil "
-                                "(the unlock is a timed pulse on a coil)")
+                problems.append(
+                    f"{tag}: relay: point {d.relay!r} of device {d.device!r} is not a coil "
+                    "(the unlock is a timed pulse on a coil)"
+                )
+            limit = profiles[d.device].pulse_limit_ms()
+            if relay is not None and limit is not None and d.unlock_ms > limit:
+                problems.append(
+                    f"{tag}: unlock_ms {d.unlock_ms} is longer than the flash (timed pulse) command of "
+                    f"{profiles[d.device].name} allows: at most {limit} ms"
+                )
         for field in d.invert:
             if getattr(d, field) is None:
                 problems.append(f"{tag}: invert: the door has no {field} point")
@@ -422,13 +491,18 @@ def _cross_check_access(cfg: GatewayConfig, where: Any, profiles: dict[str, Any]
     lines: dict[str, list[tuple[int, ReaderConfig]]] = {}
     for i, r in enumerate(cfg.readers):
         if r.door not in doors:
-            problems.append(f"{where(f'$.readers[{i}]', f'readers[{i}] ({r.name})')}: door {r.door!r} is not defined")
+            problems.append(
+                f"{where(f'$.readers[{i}]', f'readers[{i}] ({r.name})')}: door {r.door!r} is not defined"
+                f"{did_you_mean(r.door, doors)}"
+            )
         lines.setdefault(r.serial, []).append((i, r))
     for serial, readers in lines.items():
         if len({r.baudrate for _, r in readers}) > 1:
             i, r = readers[1]
-            problems.append(f"{where(f'$.readers[{i}]', f'readers[{i}] ({r.name})')}: readers sharing {serial!r} "
-                            "need the same baudrate")
+            problems.append(
+                f"{where(f'$.readers[{i}]', f'readers[{i}] ({r.name})')}: readers sharing {serial!r} "
+                "need the same baudrate"
+            )
         addresses = [r.address for _, r in readers]
         if len(readers) > 1 and (None in addresses or len(set(addresses)) != len(addresses)):
             i, r = readers[1]
@@ -474,13 +548,18 @@ def _cross_check_alarms(cfg: GatewayConfig, where: Any, profiles: dict[str, Any]
     for i, z in enumerate(cfg.zones):
         tag = where(f"$.zones[{i}]", f"zones[{i}] ({z.name})")
         if z.group not in groups:
-            problems.append(f"{tag}: group {z.group!r} is not defined under 'zone_groups'")
+            problems.append(
+                f"{tag}: group {z.group!r} is not defined under 'zone_groups'{did_you_mean(z.group, groups)}"
+            )
         points = [("point", z.point)]
         if z.aux is not None:
             points += [(f"aux.{k}", v) for k, v in msgspec.structs.asdict(z.aux).items() if v is not None]
         for field, point in points:
             if field != "point" and z.device in profiles and point not in profiles[z.device].points:
-                problems.append(f"{tag}: {field}: device {z.device!r} has no point {point!r}")
+                problems.append(
+                    f"{tag}: {field}: device {z.device!r} has no point {point!r}"
+                    f"{did_you_mean(point, profiles[z.device].points)}"
+                )
             other = used.get((z.device, point))
             if other is not None:
                 problems.append(f"{tag}: {field}: point {point!r} of {z.device!r} is already used by {other}")
@@ -493,7 +572,7 @@ def _cross_check_alarms(cfg: GatewayConfig, where: Any, profiles: dict[str, Any]
         tag = where(f"$.alarm_schedules[{i}]", f"alarm_schedules[{i}] ({s.name})")
         for g in s.groups:
             if g not in groups:
-                problems.append(f"{tag}: group {g!r} is not defined under 'zone_groups'")
+                problems.append(f"{tag}: group {g!r} is not defined under 'zone_groups'{did_you_mean(g, groups)}")
         for j, w in enumerate(s.windows):
             if w.start == w.end or w.start == "24:00":
                 problems.append(f"{tag}: windows[{j}]: an empty window (start == end, or start 24:00)")

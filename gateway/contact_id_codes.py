@@ -270,6 +270,10 @@ _ROWS: tuple[tuple[int, Family, str, int, str, str], ...] = (
     (630, "event", "schedule", _P.ROUTINE, "Schedule change", "时间表更改"),
     (631, "event", "schedule", _P.ROUTINE, "Exception schedule change", "例外时间表更改"),
     (632, "event", "schedule", _P.ROUTINE, "Access schedule change", "门禁时间表更改"),
+    # 64x supervision of people: an in-flat inactivity timer ("senior watch") and a child not home in time; the
+    # portal's care watch (portal/care) raises a care alert for a household it watches
+    (641, "event", "senior_watch", _P.ROUTINE, "Senior watch trouble", "长时间无活动（老人看护）"),
+    (642, "event", "latch_key", _P.ROUTINE, "Latch-key supervision", "儿童未按时到家"),
 )
 
 #: Codes whose zone_or_user field is a user number.

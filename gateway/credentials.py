@@ -14,13 +14,13 @@ Tables (created if missing):
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import sqlite_utils
 
+from common import sqlite
 from gateway.wire.passes import (
     PassError,
     RevocationList,
@@ -32,8 +32,8 @@ from gateway.wire.passes import (
 class UsedPasses(Protocol):
     """Where door openings by pass are remembered. The gateway's main store may implement this too."""
 
-    def count(self, pass_id: bytes, door: str | None = None) -> int:
-        """Openings recorded for the pass, at ``door`` or (None) at every door."""
+    def openings(self, pass_id: bytes) -> list[tuple[str, float]]:
+        """The pass's recorded openings, (door, wall time), in the order they were recorded."""
         ...
 
     def record(self, pass_id: bytes, door: str, ts: float, *, not_before: int, expires: int) -> None:
@@ -68,14 +68,11 @@ class SqliteUsedPasses:
         row = db.execute("SELECT before FROM access_used_horizon WHERE id = 1").fetchone()
         self._horizon = float(row[0]) if row else 0.0
 
-    def count(self, pass_id: bytes, door: str | None = None) -> int:
-        if door is None:
-            row = self._db.execute("SELECT count(*) FROM access_used_passes WHERE pass_id = ?", (pass_id,))
-        else:
-            row = self._db.execute(
-                "SELECT count(*) FROM access_used_passes WHERE pass_id = ? AND door = ?", (pass_id, door)
-            )
-        return int(row.fetchone()[0])
+    def openings(self, pass_id: bytes) -> list[tuple[str, float]]:
+        rows = self._db.execute(
+            "SELECT door, ts FROM access_used_passes WHERE pass_id = ? ORDER BY rowid", (pass_id,)
+        ).fetchall()
+        return [(str(door), float(ts)) for door, ts in rows]
 
     def record(self, pass_id: bytes, door: str, ts: float, *, not_before: int, expires: int) -> None:
         self._db.execute(
@@ -177,8 +174,4 @@ def open_access_db(path: str | Path) -> sqlite_utils.Database:
     WAL with synchronous=NORMAL: a commit survives a crash of the process; a power cut may lose the
     last few openings (see the note in :mod:`gateway.access`).
     """
-    conn = sqlite3.connect(str(path), isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=2000")
-    return sqlite_utils.Database(conn)
+    return sqlite_utils.Database(sqlite.connect(path, synchronous="NORMAL", busy_timeout_ms=2000))

@@ -10,10 +10,13 @@ Nothing here touches MQTT: doors keep working with the portal and the broker awa
 
 Access flow: a :class:`~devices.events.Scan` from a reader → the reader's door → ``decide`` → if
 granted, a :class:`~devices.events.WritePoint` pulsing the door's relay for ``unlock_ms`` (the bus puts
-it ahead of every poll) → ``access.granted``; else ``access.denied`` (TAMPER when the person is
-blocked) and, when the refusal completes a burst at that door, ``door.scan_burst``. A code equal to
-the reader's previous one within ``repeat_ignore_ms`` is ignored (scan engines resend a code held in
-front of them). If the write fails, ``door.unlock_failed`` (FAULT) follows.
+it ahead of every poll and reads the relay back at once) → ``access.granted`` once the read-back
+confirms the relay moved; else ``access.denied`` (TAMPER when the person is blocked) and, when the
+refusal completes a burst at that door, ``door.scan_burst``. A code equal to the reader's previous one
+within ``repeat_ignore_ms`` is ignored (scan engines resend a code held in front of them). If the write
+fails or is not confirmed, ``door.unlock_failed`` (FAULT, with the pass and a ``reason``) follows instead
+of ``access.granted``, and a relay that was answered but did not move is a ``device.relay_fault`` incident
+on its controller until a later write to it is confirmed. A door is never reported unlocked on an echo.
 
 Door state (``door.state``, on every change): ``offline`` while the controller is offline; with the
 door open: ``forced`` while a forced-open incident is open, ``held`` while a held-open one is,
@@ -31,6 +34,9 @@ engine's, closed with ``how: "restored"``:
   of a forced incident); restored when the door shuts.
 * ``door.tamper`` / ``door.tamper_restore`` (TAMPER): the controller's tamper point.
 * ``reader.offline`` / ``reader.online`` (FAULT): from the reader driver's supervision.
+* ``device.relay_fault`` / ``device.relay_fault_restore`` (FAULT): a door's relay was commanded, the
+  controller answered, and the read-back shows it did not move (a Waveshare board in linkage mode);
+  restored by the next confirmed write to it.
 
 A contact already open at the first reading (the gateway started) is not forced. Open incidents
 survive a restart in the snapshot and are closed once the first readings show the condition gone.
@@ -75,6 +81,19 @@ INCIDENTS: dict[str, tuple[str, str, int]] = {
     "held": ("door.held", "door.held_restore", int(_P.TAMPER)),
     "tamper": ("door.tamper", "door.tamper_restore", int(_P.TAMPER)),
     "reader": ("reader.offline", "reader.online", int(_P.FAULT)),
+    "relay": ("device.relay_fault", "device.relay_fault_restore", int(_P.FAULT)),
+    "stale": ("credentials.stale", "credentials.stale_restore", int(_P.FAULT)),
+}
+STALE_KEY = "stale:revocations"
+#: Why an unlock failed (:data:`gateway.wire.UNLOCK_FAILURES`), from the bus's
+#: :attr:`devices.events.WriteResult.failure`.
+_FAILURE_OF_WRITE = {
+    "not_moved": "relay_not_moved",
+    "unconfirmed": "unconfirmed",
+    "no_answer": "no_answer",
+    "link_down": "bus_down",
+    "refused": "refused",
+    "rejected": "rejected",
 }
 DoorStateName = Literal["closed", "open", "unlocked", "forced", "held", "offline"]
 
@@ -95,11 +114,23 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class Unlock:
-    """A granted scan's unlock: write ``write`` now, then tell the engine (:meth:`DoorEngine.write_done`)."""
+    """A granted scan's unlock: write ``write`` now, then tell the engine (:meth:`DoorEngine.write_done`),
+    which reports ``granted`` (the ``access.granted`` draft) only if the relay is confirmed to have moved."""
 
     door: str
     reader: str
     write: WritePoint
+    granted: Draft | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteOutcome:
+    """How an unlock write went: ``ok`` only when the relay read back as moved; ``reason`` (one of
+    :data:`gateway.wire.UNLOCK_FAILURES`) and ``detail`` say why not."""
+
+    ok: bool
+    reason: str = ""
+    detail: str = ""
 
 
 @dataclass(slots=True)
@@ -149,14 +180,30 @@ class _Incident:
         data = {**self.data, "incident": self.id, "count": self.count}
         if closing:
             data["how"] = "restored"
-        return Draft(type=close if closing else opening, device=self.device, place=self.place, point=self.point,
-                     priority=priority, data=data)
+        return Draft(
+            type=close if closing else opening,
+            device=self.device,
+            place=self.place,
+            point=self.point,
+            priority=priority,
+            data=data,
+        )
 
     def saved(self) -> dict[str, Any]:
-        return {"key": self.key, "id": self.id, "family": self.family, "device": self.device,
-                "place": {k: v for k, v in (("building", self.place.building), ("unit", self.place.unit),
-                                            ("door", self.place.door)) if v is not None},
-                "point": self.point, "data": self.data, "count": self.count}
+        return {
+            "key": self.key,
+            "id": self.id,
+            "family": self.family,
+            "device": self.device,
+            "place": {
+                k: v
+                for k, v in (("building", self.place.building), ("unit", self.place.unit), ("door", self.place.door))
+                if v is not None
+            },
+            "point": self.point,
+            "data": self.data,
+            "count": self.count,
+        }
 
 
 class DoorEngine:
@@ -184,8 +231,9 @@ class DoorEngine:
         self._devices: dict[str, list[_Door]] = {}
         for d in cfg.doors:
             p = d.place
-            place = wire.Place(site=cfg.site, building=p.building if p else None, unit=p.unit if p else None,
-                               door=d.name)
+            place = wire.Place(
+                site=cfg.site, building=p.building if p else None, unit=p.unit if p else None, door=d.name
+            )
             door = _Door(d, place)
             self._doors[d.name] = door
             self._devices.setdefault(d.device, []).append(door)
@@ -197,7 +245,6 @@ class DoorEngine:
         self._incidents: dict[str, _Incident] = {}
         self._tokens = itertools.count(1)
         self._burst = (cfg.access.burst_count, cfg.access.burst_window_s)
-        self._stale_warned = False
         self._next_stale_check = mono()
         #: Counted oddities: scans, repeats_ignored, unknown_reader, granted, denied, unlock_failed,
         #: remote_unlocks, state_dropped.
@@ -228,23 +275,56 @@ class DoorEngine:
             return self._reader_availability(ev), None
         return self._on_scan(ev)
 
-    def write_done(self, door_name: str, token: str, ok: bool, detail: str, reader: str | None = None) -> list[Draft]:
-        """The unlock write for ``door_name`` finished (``ok``) or failed (``detail`` says why)."""
+    def write_done(
+        self, door_name: str, token: str, result: WriteOutcome, reader: str | None = None, granted: Draft | None = None
+    ) -> list[Draft]:
+        """The unlock write for ``door_name`` is confirmed (``result.ok``: ``granted`` is reported now) or it
+        failed (``door.unlock_failed`` with the pass's details instead, and a relay fault if it did not move)."""
         out: list[Draft] = []
         door = self._doors.get(door_name)
         if door is None:
             return out
         now = self._mono()
-        if ok:
+        relay_key = f"relay:{door.cfg.device}:{door.cfg.relay}"
+        if result.ok:
             door.unlock_until = now + door.cfg.unlock_ms / 1000
             door.grant_until = max(door.grant_until, now + door.window_s())
+            if granted is not None:
+                out.append(granted)
+            self._close_incident(relay_key, out)
         else:
             self.stats["unlock_failed"] += 1
             door.grant_until = -math.inf
-            log.warning("door %s: unlock failed: %s", door.name, detail)
-            out.append(Draft(type="door.unlock_failed", device=door.cfg.device, place=door.place, point=door.cfg.relay,
-                             priority=_P.FAULT, data={"door": door.name, "reader": reader, "detail": detail[:300],
-                                                      "token": token}))
+            log.warning("door %s: unlock failed (%s): %s", door.name, result.reason, result.detail)
+            data: dict[str, Any] = {
+                "door": door.name,
+                "reader": reader,
+                "reason": result.reason,
+                "detail": result.detail[:300],
+                "token": token,
+            }
+            if granted is not None:  # who was let in on paper: the access log keeps the attempt
+                data.update({k: granted.data.get(k) for k in ("pass_id", "kind", "subject", "house")})
+            out.append(
+                Draft(
+                    type="door.unlock_failed",
+                    device=door.cfg.device,
+                    place=door.place,
+                    point=door.cfg.relay,
+                    priority=_P.FAULT,
+                    data=data,
+                )
+            )
+            if result.reason == "relay_not_moved":
+                self._open_incident(
+                    relay_key,
+                    "relay",
+                    door.cfg.device,
+                    door.place,
+                    door.cfg.relay,
+                    {"door": door.name, "relay": door.cfg.relay, "detail": result.detail[:300]},
+                    out,
+                )
         self._update_state(door, now, out)
         return out
 
@@ -253,11 +333,22 @@ class DoorEngine:
         out: list[Draft] = []
         now = self._mono()
         for door in self._doors.values():
-            if (door.contact and door.online is not False and door.opened_at is not None
-                    and now >= door.opened_at + door.cfg.held_open_s
-                    and f"forced:{door.name}" not in self._incidents):
-                self._open_incident(f"held:{door.name}", "held", door.cfg.device, door.place, door.cfg.contact,
-                                    {"door": door.name, "held_open_s": door.cfg.held_open_s}, out)
+            if (
+                door.contact
+                and door.online is not False
+                and door.opened_at is not None
+                and now >= door.opened_at + door.cfg.held_open_s
+                and f"forced:{door.name}" not in self._incidents
+            ):
+                self._open_incident(
+                    f"held:{door.name}",
+                    "held",
+                    door.cfg.device,
+                    door.place,
+                    door.cfg.contact,
+                    {"door": door.name, "held_open_s": door.cfg.held_open_s},
+                    out,
+                )
             self._update_state(door, now, out)
         if now >= self._next_stale_check:
             self._next_stale_check = now + STALE_CHECK_S
@@ -271,27 +362,47 @@ class DoorEngine:
         for door in self._doors.values():
             if door.unlock_until > now:
                 deadlines.append(door.unlock_until)
-            if (door.contact and door.opened_at is not None and f"held:{door.name}" not in self._incidents
-                    and f"forced:{door.name}" not in self._incidents):
+            if (
+                door.contact
+                and door.opened_at is not None
+                and f"held:{door.name}" not in self._incidents
+                and f"forced:{door.name}" not in self._incidents
+            ):
                 deadlines.append(door.opened_at + door.cfg.held_open_s)
         return min(deadlines)
 
     def check_stale(self) -> list[Draft]:
-        """``credentials.stale`` (FAULT) once when the revocation list is missing or older than allowed (only
-        where readers judge passes)."""
-        if not self._readers or not self._decider.revocations_stale():
-            self._stale_warned = False
-            return []
-        if self._stale_warned:
-            return []
-        self._stale_warned = True
-        age = self._decider.list_age_s()
-        log.warning("the revocation list is stale (version %d, age %s s)", self._decider.revocation_version,
-                    "unknown" if age is None else f"{age:.0f}")
-        return [Draft(type="credentials.stale", device="gateway", place=wire.Place(site=self._site),
-                      priority=_P.FAULT,
-                      data={"version": self._decider.revocation_version,
-                            "age_s": None if age is None else round(age)})]
+        """``credentials.stale`` (FAULT, a paired incident: the console shows it until it is restored) while the
+        revocation list is missing or older than ``access.revocation_max_age_s``, when visitor passes are refused;
+        ``credentials.stale_restore`` once a fresh list is in force. Only where readers judge passes."""
+        out: list[Draft] = []
+        version = self._decider.revocation_version
+        if self._readers and self._decider.revocations_stale():
+            if STALE_KEY not in self._incidents:
+                age = self._decider.list_age_s()
+                log.warning(
+                    "the revocation list is stale (version %d, age %s s): visitor passes are refused",
+                    version,
+                    "unknown" if age is None else f"{age:.0f}",
+                )
+                self._open_incident(
+                    STALE_KEY,
+                    "stale",
+                    "gateway",
+                    wire.Place(site=self._site),
+                    None,
+                    {
+                        "version": version,
+                        "age_s": None if age is None else round(age),
+                        "max_age_s": self._decider.revocation_max_age_s,
+                    },
+                    out,
+                )
+        elif STALE_KEY in self._incidents:
+            log.info("the revocation list is fresh again (version %d)", version)
+            self._incidents[STALE_KEY].data["version"] = version
+            self._close_incident(STALE_KEY, out)
+        return out
 
     # ------------------------------------------------------------ commands
 
@@ -308,17 +419,29 @@ class DoorEngine:
         door.grant_until = max(door.grant_until, self._mono() + door.window_s())
         return door_name, self._unlock_write(door, "remote")
 
-    def unlock_done(self, door_name: str, by: str, reason: str, token: str, ok: bool, detail: str) -> list[Draft]:
-        """A remote unlock's write finished: ``access.granted`` (kind remote) if it worked."""
-        out: list[Draft] = []
+    def unlock_done(self, door_name: str, by: str, reason: str, token: str, result: WriteOutcome) -> list[Draft]:
+        """A remote unlock's write finished: ``access.granted`` (kind remote) if the relay is confirmed to have
+        moved, ``door.unlock_failed`` if not."""
         door = self._doors[door_name]
-        if ok:
+        if result.ok:
             self.stats["remote_unlocks"] += 1
-            out.append(Draft(type="access.granted", device="gateway", place=door.place,
-                             data={"door": door.name, "reader": None, "pass_id": None, "kind": "remote",
-                                   "subject": by, "house": None, "uses_left": None, "by": by,
-                                   "reason": reason.strip()}))
-        return out + self.write_done(door_name, token, ok, detail)
+        granted = Draft(
+            type="access.granted",
+            device="gateway",
+            place=door.place,
+            data={
+                "door": door.name,
+                "reader": None,
+                "pass_id": None,
+                "kind": "remote",
+                "subject": by,
+                "house": None,
+                "uses_left": None,
+                "by": by,
+                "reason": reason.strip(),
+            },
+        )
+        return self.write_done(door_name, token, result, granted=granted)
 
     def sync_revocations(self, args: Mapping[str, Any]) -> Outcome:
         """``credentials.sync {revocations}``: verify and install the signed list."""
@@ -331,8 +454,12 @@ class DoorEngine:
             return Outcome(False, str(e)[:300], {"version": self._decider.revocation_version})
         version = self._decider.revocation_version
         drafts = self.check_stale()
-        return Outcome(True, f"applied version {version}" if applied else f"version {version} already held",
-                       {"version": version}, drafts)
+        return Outcome(
+            True,
+            f"applied version {version}" if applied else f"version {version} already held",
+            {"version": version},
+            drafts,
+        )
 
     # ------------------------------------------------------------ state
 
@@ -343,8 +470,7 @@ class DoorEngine:
         return [i.saved() for i in self._incidents.values()]
 
     def snapshot(self) -> dict[str, Any]:
-        return {"v": STATE_VERSION, "incidents": self.open_incidents(), "states": self.states(),
-                "stale_warned": self._stale_warned}
+        return {"v": STATE_VERSION, "incidents": self.open_incidents(), "states": self.states()}
 
     def _restore(self, state: Mapping[str, Any]) -> None:
         try:
@@ -353,16 +479,27 @@ class DoorEngine:
             for s in state.get("incidents", []):
                 family, key = str(s["family"]), str(s["key"])
                 kind, _, name = key.partition(":")
-                if family not in INCIDENTS or (name not in (self._readers if kind == "reader" else self._doors)):
+                if kind == "stale":
+                    known_here = bool(self._readers) and key == STALE_KEY
+                else:
+                    known = (
+                        {f"{d.device}:{d.relay}" for d in (x.cfg for x in self._doors.values())}
+                        if kind == "relay"
+                        else self._readers
+                        if kind == "reader"
+                        else self._doors
+                    )
+                    known_here = name in known
+                if family not in INCIDENTS or not known_here:
                     self.stats["state_dropped"] += 1
                     continue
                 place = wire.Place(site=self._site, **{k: str(v) for k, v in dict(s["place"]).items()})
-                self._incidents[key] = _Incident(key, str(s["id"]), family, str(s["device"]), place,
-                                                 s.get("point"), dict(s["data"]), int(s["count"]))
+                self._incidents[key] = _Incident(
+                    key, str(s["id"]), family, str(s["device"]), place, s.get("point"), dict(s["data"]), int(s["count"])
+                )
             for name, st in dict(state.get("states", {})).items():
                 if name in self._doors and st is not None:
                     self._doors[name].state = str(st)
-            self._stale_warned = bool(state.get("stale_warned", False))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             log.error("door state not restored: %s", e)
             self.stats["state_dropped"] += 1
@@ -378,8 +515,15 @@ class DoorEngine:
             if active and was is False and not initial:
                 door.opened_at = now
                 if not self._authorised(door, now):
-                    self._open_incident(f"forced:{door.name}", "forced", door.cfg.device, door.place, door.cfg.contact,
-                                        {"door": door.name}, out)
+                    self._open_incident(
+                        f"forced:{door.name}",
+                        "forced",
+                        door.cfg.device,
+                        door.place,
+                        door.cfg.contact,
+                        {"door": door.name},
+                        out,
+                    )
             elif active and was is None:
                 door.opened_at = now  # open at the first reading: not judged, but timed for held-open
             elif not active:
@@ -397,8 +541,15 @@ class DoorEngine:
         elif role == "tamper":
             door.tamper = active
             if active:
-                self._open_incident(f"tamper:{door.name}", "tamper", door.cfg.device, door.place, door.cfg.tamper,
-                                    {"door": door.name}, out)
+                self._open_incident(
+                    f"tamper:{door.name}",
+                    "tamper",
+                    door.cfg.device,
+                    door.place,
+                    door.cfg.tamper,
+                    {"door": door.name},
+                    out,
+                )
             else:
                 self._close_incident(f"tamper:{door.name}", out)
 
@@ -432,11 +583,26 @@ class DoorEngine:
         if state is None or state == door.state:
             return
         door.state = state
-        out.append(Draft(type="door.state", device=door.cfg.device, place=door.place, point=door.cfg.contact,
-                         data={"door": door.name, "state": state}))
+        out.append(
+            Draft(
+                type="door.state",
+                device=door.cfg.device,
+                place=door.place,
+                point=door.cfg.contact,
+                data={"door": door.name, "state": state},
+            )
+        )
 
-    def _open_incident(self, key: str, family: str, device: str, place: wire.Place, point: str | None,
-                       data: dict[str, Any], out: list[Draft]) -> None:
+    def _open_incident(
+        self,
+        key: str,
+        family: str,
+        device: str,
+        place: wire.Place,
+        point: str | None,
+        data: dict[str, Any],
+        out: list[Draft],
+    ) -> None:
         if key in self._incidents:
             return
         inc = _Incident(key, self._new_id(), family, device, place, point, data)
@@ -456,15 +622,27 @@ class DoorEngine:
         door = self._doors[reader.cfg.door]
         key = f"reader:{reader.cfg.name}"
         if ev.state == "offline":
-            self._open_incident(key, "reader", reader.cfg.name, door.place, None,
-                                {"reader": reader.cfg.name, "door": door.name, "reason": ev.reason[:200]}, out)
+            self._open_incident(
+                key,
+                "reader",
+                reader.cfg.name,
+                door.place,
+                None,
+                {"reader": reader.cfg.name, "door": door.name, "reason": ev.reason[:200]},
+                out,
+            )
         else:
             self._close_incident(key, out)
         return out
 
     def _unlock_write(self, door: _Door, why: str) -> WritePoint:
-        return WritePoint(door.cfg.device, door.cfg.relay, True, token=f"{why}:{door.name}:{next(self._tokens)}",
-                          pulse_ms=door.cfg.unlock_ms)
+        return WritePoint(
+            door.cfg.device,
+            door.cfg.relay,
+            True,
+            token=f"{why}:{door.name}:{next(self._tokens)}",
+            pulse_ms=door.cfg.unlock_ms,
+        )
 
     def _on_scan(self, scan: Scan) -> tuple[list[Draft], Unlock | None]:
         out: list[Draft] = []
@@ -474,8 +652,11 @@ class DoorEngine:
             self.stats["unknown_reader"] += 1
             return out, None
         now = self._mono()
-        if (scan.text == reader.last_text and reader.cfg.repeat_ignore_ms
-                and now - reader.last_at < reader.cfg.repeat_ignore_ms / 1000):
+        if (
+            scan.text == reader.last_text
+            and reader.cfg.repeat_ignore_ms
+            and now - reader.last_at < reader.cfg.repeat_ignore_ms / 1000
+        ):
             reader.last_at = now
             self.stats["repeats_ignored"] += 1
             return out, None
@@ -486,11 +667,21 @@ class DoorEngine:
             self.stats["granted"] += 1
             door.grant_until = max(door.grant_until, now + door.window_s())
             write = self._unlock_write(door, "grant")
-            out.append(Draft(type="access.granted", device=reader.cfg.name, place=door.place,
-                             data={"door": door.name, "reader": reader.cfg.name, "pass_id": dec.pass_id,
-                                   "kind": dec.kind, "subject": dec.subject, "house": dec.house,
-                                   "uses_left": dec.uses_left}))
-            return out, Unlock(door.name, reader.cfg.name, write)
+            granted = Draft(
+                type="access.granted",
+                device=reader.cfg.name,
+                place=door.place,
+                data={
+                    "door": door.name,
+                    "reader": reader.cfg.name,
+                    "pass_id": dec.pass_id,
+                    "kind": dec.kind,
+                    "subject": dec.subject,
+                    "house": dec.house,
+                    "uses_left": dec.uses_left,
+                },
+            )
+            return out, Unlock(door.name, reader.cfg.name, write, granted)
         self.stats["denied"] += 1
         data: dict[str, Any] = {"door": door.name, "reader": reader.cfg.name, "reason": dec.reason}
         for k in ("pass_id", "subject", "house"):
@@ -498,11 +689,25 @@ class DoorEngine:
             if v is not None:
                 data[k] = v
         data["detail"] = dec.detail
-        out.append(Draft(type="access.denied", device=reader.cfg.name, place=door.place,
-                         priority=_P.TAMPER if dec.reason == "blocked" else _P.ROUTINE, data=data))
+        out.append(
+            Draft(
+                type="access.denied",
+                device=reader.cfg.name,
+                place=door.place,
+                priority=_P.TAMPER if dec.reason == "blocked" else _P.ROUTINE,
+                data=data,
+            )
+        )
         if dec.burst:
-            out.append(Draft(type="door.scan_burst", device=reader.cfg.name, place=door.place, priority=_P.TAMPER,
-                             data={"door": door.name, "count": self._burst[0], "window_s": self._burst[1]}))
+            out.append(
+                Draft(
+                    type="door.scan_burst",
+                    device=reader.cfg.name,
+                    place=door.place,
+                    priority=_P.TAMPER,
+                    data={"door": door.name, "count": self._burst[0], "window_s": self._burst[1]},
+                )
+            )
         return out, None
 
 
@@ -552,10 +757,12 @@ class DoorService:
             if isinstance(prep, str):
                 return Outcome(False, prep, {"door": door_arg if isinstance(door_arg, str) else None})
             door, write = prep
-            ok, detail = await self._do_write(write)
-            drafts = self.engine.unlock_done(door, cmd.by, str(cmd.args["reason"]), write.token, ok, detail)
+            res = await self._do_write(write)
+            drafts = self.engine.unlock_done(door, cmd.by, str(cmd.args["reason"]), write.token, res)
             self._wake.set()
-            return Outcome(ok, "unlocked" if ok else f"unlock failed: {detail}", {"door": door}, drafts)
+            if res.ok:
+                return Outcome(True, "unlocked", {"door": door}, drafts)
+            return Outcome(False, f"unlock failed: {res.detail}", {"door": door, "reason": res.reason}, drafts)
         if cmd.type == "credentials.sync":
             return self.engine.sync_revocations(cmd.args)
         return Outcome(False, f"not a door command: {cmd.type!r}")
@@ -590,21 +797,23 @@ class DoorService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _do_write(self, write: WritePoint) -> tuple[bool, str]:
+    async def _do_write(self, write: WritePoint) -> WriteOutcome:
         try:
             async with asyncio.timeout(self._write_timeout_s):
                 result = await self._write(write)
         except TimeoutError:
-            return False, f"no answer within {self._write_timeout_s:.0f} s"
+            return WriteOutcome(False, "no_answer", f"no answer within {self._write_timeout_s:.0f} s")
         except asyncio.CancelledError:
             raise
         except Exception as e:  # BusDown, and anything else a bus may raise: the door must not take the loop down
-            return False, str(e) or type(e).__name__
-        return result.ok, result.detail
+            return WriteOutcome(False, "bus_down", str(e) or type(e).__name__)
+        if result.ok:
+            return WriteOutcome(True)
+        return WriteOutcome(False, _FAILURE_OF_WRITE.get(result.failure, "no_answer"), result.detail)
 
     async def _unlock(self, u: Unlock) -> None:
-        ok, detail = await self._do_write(u.write)
-        self._store(self.engine.write_done(u.door, u.write.token, ok, detail, u.reader))
+        res = await self._do_write(u.write)
+        self._store(self.engine.write_done(u.door, u.write.token, res, u.reader, u.granted))
 
     def _store(self, drafts: list[Draft]) -> None:
         if drafts:

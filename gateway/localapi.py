@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import re
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -36,9 +37,9 @@ from datetime import datetime
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Protocol
 
-from devices.cid_receiver import ContactIdLine
 from devices.modbus import BusStats, ModbusBus
 from gateway import __version__, wire
+from gateway.commands import CommandGuard
 from gateway.config import GatewayConfig
 from gateway.store import Store
 from gateway.uplink import Uplink
@@ -91,8 +92,12 @@ class EventLatency:
         from prometheus_client.utils import floatToGoString
 
         name = "gatehouse_event_latency_seconds"
-        fam = HistogramMetricFamily(name, "Event latency by stage (stored: input seen to event committed; "
-                                    "acked: event sent to acknowledged by the portal)", labels=["stage"])
+        fam = HistogramMetricFamily(
+            name,
+            "Event latency by stage (stored: input seen to event committed; "
+            "acked: event sent to acknowledged by the portal)",
+            labels=["stage"],
+        )
         bounds = [floatToGoString(b) for b in (*LATENCY_BUCKETS, math.inf)]
         for stage in self.STAGES:
             fam.add_metric([stage], list(zip(bounds, self.cumulative(stage), strict=True)), self._sums[stage])
@@ -106,9 +111,12 @@ class GatewayView(Protocol):
     cfg: GatewayConfig
     store: Store
     uplink: Uplink
+    commands: CommandGuard
     started: float
     ready: asyncio.Event
-    drivers: Mapping[str, Any]
+
+    @property
+    def drivers(self) -> Mapping[str, Any]: ...  # read only here: a property, so a dict satisfies it
 
 
 class PollRates:
@@ -141,8 +149,14 @@ class PollRates:
 class LocalApi:
     """The handlers; :func:`serve_local_api` puts them on a loopback port."""
 
-    def __init__(self, gw: GatewayView, *, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], datetime] = wire.utcnow, sample_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        gw: GatewayView,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], datetime] = wire.utcnow,
+        sample_s: float = 5.0,
+    ) -> None:
         self.gw = gw
         self._clock = clock
         self._wall = wall
@@ -167,9 +181,12 @@ class LocalApi:
         return out
 
     def line_stats(self) -> list[dict[str, Any]]:
-        out = []
+        out: list[dict[str, Any]] = []
+        cid = sys.modules.get("devices.cid_receiver")  # loaded by the gateway only where it runs Contact ID lines
+        if cid is None:
+            return out
         for name, drv in list(self.gw.drivers.items()):
-            if isinstance(drv, ContactIdLine):
+            if isinstance(drv, cid.ContactIdLine):
                 try:
                     out.append({"name": name, "mode": drv.mode, "state": drv.availability, "counts": drv.stats()})
                 except Exception:
@@ -197,17 +214,35 @@ class LocalApi:
                 counts[d.state] = counts.get(d.state, 0) + 1
                 dc = devices_cfg.get(d.device)
                 rate = self.rates.rate(s.bus, d.device, d.polls)
-                devs.append({
-                    "name": d.device, "unit": d.unit, "profile": dc.profile if dc else None,
-                    "poll_ms": dc.poll_ms if dc else None, "state": d.state, "polls": d.polls,
-                    "missed_polls": d.missed_polls, "errors": dict(d.errors), "writes": d.writes,
-                    "write_errors": d.write_errors, "poll_rate_hz": None if rate is None else round(rate, 2),
-                    "last_latency_ms": None if d.last_latency_ms is None else round(d.last_latency_ms, 1),
-                    "last_ok_s_ago": None if d.last_ok_mono is None else round(now - d.last_ok_mono, 1),
-                })
-            buses.append({"name": s.bus, "kind": s.kind, "endpoint": s.endpoint, "connected": s.connected,
-                          "connects": s.connects, "connect_failures": s.connect_failures,
-                          "link_drops": s.link_drops, "devices": devs})
+                devs.append(
+                    {
+                        "name": d.device,
+                        "unit": d.unit,
+                        "profile": dc.profile if dc else None,
+                        "poll_ms": dc.poll_ms if dc else None,
+                        "state": d.state,
+                        "polls": d.polls,
+                        "missed_polls": d.missed_polls,
+                        "errors": dict(d.errors),
+                        "writes": d.writes,
+                        "write_errors": d.write_errors,
+                        "poll_rate_hz": None if rate is None else round(rate, 2),
+                        "last_latency_ms": None if d.last_latency_ms is None else round(d.last_latency_ms, 1),
+                        "last_ok_s_ago": None if d.last_ok_mono is None else round(now - d.last_ok_mono, 1),
+                    }
+                )
+            buses.append(
+                {
+                    "name": s.bus,
+                    "kind": s.kind,
+                    "endpoint": s.endpoint,
+                    "connected": s.connected,
+                    "connects": s.connects,
+                    "connect_failures": s.connect_failures,
+                    "link_drops": s.link_drops,
+                    "devices": devs,
+                }
+            )
         lines = self.line_stats()
         for ln in lines:
             counts[ln["state"]] = counts.get(ln["state"], 0) + 1
@@ -228,20 +263,42 @@ class LocalApi:
                 evs = []
             if evs:
                 ev = evs[0]
-                last = {"seq": ev.seq, "id": ev.id, "ts": ev.ts.isoformat(), "type": ev.type, "device": ev.device,
-                        "point": ev.point, "age_s": round((self._wall() - ev.ts).total_seconds(), 1)}
+                last = {
+                    "seq": ev.seq,
+                    "id": ev.id,
+                    "ts": ev.ts.isoformat(),
+                    "type": ev.type,
+                    "device": ev.device,
+                    "point": ev.point,
+                    "age_s": round((self._wall() - ev.ts).total_seconds(), 1),
+                }
         return {
-            "site": cfg.site, "gateway": cfg.gateway, "version": __version__,
-            "ready": gw.ready.is_set(), "uptime_s": round(now - gw.started, 1),
+            "site": cfg.site,
+            "gateway": cfg.gateway,
+            "version": __version__,
+            "ready": gw.ready.is_set(),
+            "uptime_s": round(now - gw.started, 1),
             "broker": {
-                "host": cfg.mqtt.host, "port": cfg.mqtt.port, "connected": st.connected, "connects": st.connects,
-                "batches_sent": st.batches_sent, "events_sent": st.events_sent, "acks": st.acks,
-                "resends": st.resends, "commands": st.commands, "rejected": dict(st.rejected),
+                "host": cfg.mqtt.host,
+                "port": cfg.mqtt.port,
+                "connected": st.connected,
+                "connects": st.connects,
+                "batches_sent": st.batches_sent,
+                "events_sent": st.events_sent,
+                "acks": st.acks,
+                "resends": st.resends,
+                "commands": st.commands,
+                # messages that broke the wire contract, and commands refused (command:<reason>, gateway.commands)
+                "rejected": {**st.rejected, **{f"command:{k}": n for k, n in gw.commands.refused.items()}},
                 "last_ack_s_ago": None if st.last_ack_mono is None else round(now - st.last_ack_mono, 1),
             },
             "outbox_depth": depth,
-            "store": {"fault": store.fault, "pending": store.pending, "dropped": store.dropped,
-                      "last_seq": store.last_seq},
+            "store": {
+                "fault": store.fault,
+                "pending": store.pending,
+                "dropped": store.dropped,
+                "last_seq": store.last_seq,
+            },
             "devices": counts,
             "buses": buses,
             "lines": lines,
@@ -297,13 +354,16 @@ class _SnapshotCollector:
         info = GaugeMetricFamily("gatehouse_gateway_info", "This gateway", labels=["site", "gateway", "version"])
         info.add_metric([s["site"], s["gateway"], s["version"]], 1)
         out.append(info)
-        out.append(GaugeMetricFamily("gatehouse_gateway_ready", "1 once the gateway is serving",
-                                     value=1 if s["ready"] else 0))
-        out.append(GaugeMetricFamily("gatehouse_gateway_uptime_seconds", "Seconds since start",
-                                     value=s["uptime_s"]))
+        out.append(
+            GaugeMetricFamily("gatehouse_gateway_ready", "1 once the gateway is serving", value=1 if s["ready"] else 0)
+        )
+        out.append(GaugeMetricFamily("gatehouse_gateway_uptime_seconds", "Seconds since start", value=s["uptime_s"]))
         b = s["broker"]
-        out.append(GaugeMetricFamily("gatehouse_broker_connected", "1 while the MQTT link is up",
-                                     value=1 if b["connected"] else 0))
+        out.append(
+            GaugeMetricFamily(
+                "gatehouse_broker_connected", "1 while the MQTT link is up", value=1 if b["connected"] else 0
+            )
+        )
         for name, key, doc in (
             ("gatehouse_broker_connects", "connects", "MQTT connections made"),
             ("gatehouse_uplink_events_sent", "events_sent", "Events published (re-sends included)"),
@@ -318,30 +378,50 @@ class _SnapshotCollector:
             rej.add_metric([reason], n)
         out.append(rej)
         if s["outbox_depth"] is not None:
-            out.append(GaugeMetricFamily("gatehouse_outbox_depth", "Events stored but not yet acknowledged",
-                                         value=s["outbox_depth"]))
+            out.append(
+                GaugeMetricFamily(
+                    "gatehouse_outbox_depth", "Events stored but not yet acknowledged", value=s["outbox_depth"]
+                )
+            )
         st = s["store"]
-        out.append(GaugeMetricFamily("gatehouse_store_fault", "1 while the store cannot write (disk full, I/O)",
-                                     value=1 if st["fault"] else 0))
-        out.append(GaugeMetricFamily("gatehouse_store_pending", "Events waiting in memory to be written",
-                                     value=st["pending"]))
-        out.append(CounterMetricFamily("gatehouse_store_dropped", "Drafts refused with the backlog full",
-                                       value=st["dropped"]))
-        out.append(GaugeMetricFamily("gatehouse_last_event_seq", "Sequence number of the last stored event",
-                                     value=st["last_seq"]))
+        out.append(
+            GaugeMetricFamily(
+                "gatehouse_store_fault",
+                "1 while the store cannot write (disk full, I/O)",
+                value=1 if st["fault"] else 0,
+            )
+        )
+        out.append(
+            GaugeMetricFamily("gatehouse_store_pending", "Events waiting in memory to be written", value=st["pending"])
+        )
+        out.append(
+            CounterMetricFamily("gatehouse_store_dropped", "Drafts refused with the backlog full", value=st["dropped"])
+        )
+        out.append(
+            GaugeMetricFamily(
+                "gatehouse_last_event_seq", "Sequence number of the last stored event", value=st["last_seq"]
+            )
+        )
         if s["last_event"] is not None:
-            out.append(GaugeMetricFamily("gatehouse_last_event_age_seconds", "Age of the last stored event",
-                                         value=s["last_event"]["age_s"]))
+            out.append(
+                GaugeMetricFamily(
+                    "gatehouse_last_event_age_seconds", "Age of the last stored event", value=s["last_event"]["age_s"]
+                )
+            )
         bus_up = GaugeMetricFamily("gatehouse_bus_connected", "1 while the bus link is up", labels=["bus", "kind"])
-        state = GaugeMetricFamily("gatehouse_device_state", "1 for the device's current state",
-                                  labels=["bus", "device", "state"])
+        state = GaugeMetricFamily(
+            "gatehouse_device_state", "1 for the device's current state", labels=["bus", "device", "state"]
+        )
         polls = CounterMetricFamily("gatehouse_device_polls", "Group polls answered", labels=["bus", "device"])
-        missed = CounterMetricFamily("gatehouse_device_missed_polls", "Group polls not answered",
-                                     labels=["bus", "device"])
-        errors = CounterMetricFamily("gatehouse_device_errors", "Transaction errors by kind",
-                                     labels=["bus", "device", "kind"])
-        latency = GaugeMetricFamily("gatehouse_device_last_latency_seconds", "Latency of the last answer",
-                                    labels=["bus", "device"])
+        missed = CounterMetricFamily(
+            "gatehouse_device_missed_polls", "Group polls not answered", labels=["bus", "device"]
+        )
+        errors = CounterMetricFamily(
+            "gatehouse_device_errors", "Transaction errors by kind", labels=["bus", "device", "kind"]
+        )
+        latency = GaugeMetricFamily(
+            "gatehouse_device_last_latency_seconds", "Latency of the last answer", labels=["bus", "device"]
+        )
         for bus in s["buses"]:
             bus_up.add_metric([bus["name"], bus["kind"]], 1 if bus["connected"] else 0)
             for d in bus["devices"]:
@@ -354,17 +434,20 @@ class _SnapshotCollector:
                     errors.add_metric([*labels, kind], n)
                 if d["last_latency_ms"] is not None:
                     latency.add_metric(labels, d["last_latency_ms"] / 1000)
-        line_state = GaugeMetricFamily("gatehouse_line_state", "1 for the Contact ID line's current state",
-                                       labels=["line", "state"])
-        line_counts = CounterMetricFamily("gatehouse_line_messages", "Contact ID line counters",
-                                          labels=["line", "counter"])
+        line_state = GaugeMetricFamily(
+            "gatehouse_line_state", "1 for the Contact ID line's current state", labels=["line", "state"]
+        )
+        line_counts = CounterMetricFamily(
+            "gatehouse_line_messages", "Contact ID line counters", labels=["line", "counter"]
+        )
         for ln in s["lines"]:
             for st_name in ("online", "offline", "unknown"):
                 line_state.add_metric([ln["name"], st_name], 1 if ln["state"] == st_name else 0)
             for counter, n in sorted(ln["counts"].items()):
                 line_counts.add_metric([ln["name"], counter], n)
-        responses = CounterMetricFamily("gatehouse_local_api_responses", "Local API answers by HTTP status",
-                                        labels=["code"])
+        responses = CounterMetricFamily(
+            "gatehouse_local_api_responses", "Local API answers by HTTP status", labels=["code"]
+        )
         for code, n in sorted(self.api.http.responses.items()):
             responses.add_metric([str(code)], n)
         out += [bus_up, state, polls, missed, errors, latency, line_state, line_counts, responses]
@@ -383,6 +466,7 @@ HANDLER_TIMEOUT_S = 10.0
 WRITE_TIMEOUT_S = 10.0  # for a client that does not read its answer
 MAX_CONNECTIONS = 16  # at a time; more are answered 503 at once
 _CLOSE_S = 1.0
+_LINGER_S = 1.0  # after an error answer, how long the rest of a peer's request is read and dropped
 _TEXT = "text/plain; charset=utf-8"
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -469,8 +553,9 @@ def parse_head(lines: Sequence[bytes]) -> Request:
     return Request(method, path, query, version, headers)
 
 
-async def read_head(reader: asyncio.StreamReader, max_bytes: int = MAX_HEAD_BYTES,
-                    max_fields: int = MAX_HEADER_FIELDS) -> list[bytes] | None:
+async def read_head(
+    reader: asyncio.StreamReader, max_bytes: int = MAX_HEAD_BYTES, max_fields: int = MAX_HEADER_FIELDS
+) -> list[bytes] | None:
     """The request line and header lines up to the blank line, their line endings (CRLF or LF) removed;
     None if the peer closed without sending a byte. The reader's own limit must not exceed ``max_bytes``."""
     lines: list[bytes] = []
@@ -498,11 +583,18 @@ async def read_head(reader: asyncio.StreamReader, max_bytes: int = MAX_HEAD_BYTE
             raise HttpError(431, "too many header fields")
 
 
-def render_response(status: int, body: bytes, content_type: str, *, head_only: bool = False,
-                    headers: Mapping[str, str] | None = None) -> bytes:
-    fields = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Content-Type: {content_type}",
-              f"Content-Length: {len(body)}", "Connection: close", "Cache-Control: no-store",
-              "X-Content-Type-Options: nosniff", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+def render_response(
+    status: int, body: bytes, content_type: str, *, head_only: bool = False, headers: Mapping[str, str] | None = None
+) -> bytes:
+    fields = [
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        "Cache-Control: no-store",
+        "X-Content-Type-Options: nosniff",
+        *(f"{k}: {v}" for k, v in (headers or {}).items()),
+    ]
     head = ("\r\n".join(fields) + "\r\n\r\n").encode("latin-1")
     return head if head_only else head + body
 
@@ -528,9 +620,16 @@ class LocalHttpServer:
     request gets a 4xx answer and is counted in ``responses`` (by status) like every other answer; a
     client too slow to send its headers gets 408 after ``read_timeout_s``."""
 
-    def __init__(self, routes: Mapping[str, Route], *, name: str = "local_api",
-                 read_timeout_s: float = READ_TIMEOUT_S, handler_timeout_s: float = HANDLER_TIMEOUT_S,
-                 write_timeout_s: float = WRITE_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS) -> None:
+    def __init__(
+        self,
+        routes: Mapping[str, Route],
+        *,
+        name: str = "local_api",
+        read_timeout_s: float = READ_TIMEOUT_S,
+        handler_timeout_s: float = HANDLER_TIMEOUT_S,
+        write_timeout_s: float = WRITE_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.routes = dict(routes)
         self.name = name
         self.read_timeout_s = read_timeout_s
@@ -554,8 +653,7 @@ class LocalHttpServer:
 
     async def start(self, host: str, port: int) -> None:
         """Listen; raises OSError when the address is taken or cannot be bound."""
-        self._server = await asyncio.start_server(self._accept, host, port, limit=MAX_HEAD_BYTES,
-                                                  reuse_address=True)
+        self._server = await asyncio.start_server(self._accept, host, port, limit=MAX_HEAD_BYTES, reuse_address=True)
 
     async def close(self) -> None:
         """Stop listening, then end the connections still open."""
@@ -586,6 +684,8 @@ class LocalHttpServer:
                 if answer.status >= 400:
                     log.debug("local API: %s", answer.body.decode().strip())
                 await self._send(writer, answer)
+                if answer.status >= 400:
+                    await self._linger(reader, writer)
         except asyncio.CancelledError:
             writer.transport.abort()
             raise
@@ -628,10 +728,26 @@ class LocalHttpServer:
         return _Answer(200, body, content_type, head_only=head_only)
 
     async def _send(self, writer: asyncio.StreamWriter, answer: _Answer) -> None:
-        writer.write(render_response(answer.status, answer.body, answer.content_type, head_only=answer.head_only,
-                                     headers=answer.headers))
+        writer.write(
+            render_response(
+                answer.status, answer.body, answer.content_type, head_only=answer.head_only, headers=answer.headers
+            )
+        )
         async with asyncio.timeout(self.write_timeout_s):
             await writer.drain()
+
+    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """After an error answer the peer may still be sending (a head too long, a drip): closing with its bytes
+        unread makes the kernel reset the connection, and a reset can destroy the answer before the peer reads it.
+        Half-close instead, and drop what still comes for a moment (at most ``_LINGER_S``)."""
+        if writer.can_write_eof():
+            writer.write_eof()
+        try:
+            async with asyncio.timeout(_LINGER_S):
+                while await reader.read(65536):
+                    pass
+        except (TimeoutError, OSError):
+            pass
 
     async def _close(self, writer: asyncio.StreamWriter) -> None:
         writer.close()
@@ -657,8 +773,9 @@ def is_loopback(host: str) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def serve_local_api(gw: GatewayView, host: str = "127.0.0.1", port: int = 9880,
-                          *, sample_s: float = 5.0) -> AsyncIterator[LocalApi]:
+async def serve_local_api(
+    gw: GatewayView, host: str = "127.0.0.1", port: int = 9880, *, sample_s: float = 5.0
+) -> AsyncIterator[LocalApi]:
     """Serve ``/status`` and ``/metrics`` for ``gw`` while the block runs. A port already in use is
     logged and the gateway runs on without the endpoint (the endpoint is for people, not for safety)."""
     api = LocalApi(gw, sample_s=sample_s)

@@ -1,10 +1,13 @@
 """The uplink: the outbox drained to the portal over MQTT, commands taken in.
 
 The broker's PUBACK is not the end of an event's journey: an outbox row is forgotten only when the
-portal has stored the event and said so on the ``ack`` topic. Until then the event is re-sent: after
-``resend_after_s`` once something sent later was acknowledged, or once acks have stopped that long (a
-portal still acknowledging is working through a backlog), backing off while nothing is acknowledged,
-and from the start of the outbox after every reconnect; the portal's ingest is idempotent by event id.
+portal has stored the event and said so on the ``ack`` topic. Until then the event is re-sent: alone,
+``resend_after_s`` after its send once something sent later was acknowledged (the broker, which keeps
+order, dropped it: copies of what follows it would only queue behind the originals and push out, from a
+broker queue that is full, events that are not copies); everything unacknowledged once acks have
+stopped that long (a portal still acknowledging is working through a backlog), backing off while
+nothing is acknowledged; and from the start of the outbox after every reconnect. The portal's ingest is
+idempotent by event id, and the ack of an earlier copy of an event due to be sent again counts.
 
 At most ``window`` events are in flight unacknowledged, so a portal that is away does not make the
 gateway push its whole backlog into a broker that would drop it. Reconnects live here and only here,
@@ -13,6 +16,11 @@ with capped exponential backoff and full jitter, reset after a connection that w
 The outbox is read in two lanes, each in seq order with a cursor of its own: urgent events (alarms,
 tamper: priority ``store.URGENT_PRIORITY`` and up) take any room in the window first, so a burst of
 routine door events does not hold an alarm back; the portal sees a gap in the seqs meanwhile.
+
+Alarms do not wait for the disk: the store hands an urgent event over (:meth:`Uplink.send_now`) as soon as it is
+journaled, before its commit, and it is published at once and counted in flight; when its row then appears in the
+outbox it is not sent again. The portal's ack of it goes to the store's queue behind the event's own transaction,
+so the outbox row is deleted only after it was committed.
 
 The retained status says "online" and carries the store's fault (a full disk) while it lasts: the
 fault cannot wait in an outbox that cannot be written.
@@ -28,9 +36,11 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiomqtt
 
+from common.backoff import backoff_delays
 from common.configfile import read_secret
 from common.tasks import run_until_first_ends
 from gateway import __version__, wire
@@ -39,11 +49,15 @@ from gateway.store import Store
 
 log = logging.getLogger(__name__)
 
-CommandHandler = Callable[[wire.Command], Awaitable[None]]
+#: Called with each payload received on the command topic, unverified (gateway.commands verifies it).
+CommandHandler = Callable[[bytes], Awaitable[None]]
 
 #: Batches published and not yet PUBACKed at once. More would only queue inside paho while the broker
 #: is slow (or dropping for an absent portal), and a resend would then wait behind stale copies.
 MAX_PUBLISHES = 32
+
+#: Routine outbox rows read at once when looking past those still in flight.
+_SCAN = 200
 
 
 @dataclass
@@ -58,22 +72,46 @@ class UplinkStats:
     rejected: dict[str, int] = field(default_factory=dict)
     last_ack_mono: float | None = None
     urgent_sent: int = 0
+    fast_sent: int = 0  # urgent events published before their commit
+    lost_resent: int = 0  # events re-sent alone because something sent after them was acknowledged
+    late_acks: int = 0  # acks of an earlier copy of an event that was due to be sent again
+    ignored_acks: int = 0  # seqs acknowledged that were not sent on this connection (forged, or from before)
     command_errors: int = 0
 
 
-def backoff_delays(lo: float, hi: float, rng: random.Random | None = None) -> Callable[[int], float]:
-    """Capped exponential backoff with full jitter: attempt n waits uniform(0, min(hi, lo * 2**n))."""
-    r = rng or random.Random()
+class _PahoLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """paho's log, its socket errors at WARNING: a broker that went away (or stopped with us) is a lost connection
+    the uplink reports itself, once, as a WARNING, not an ERROR for someone to chase. Errors with a traceback (an
+    unexpected message id in aiomqtt) stay ERRORs."""
 
-    def delay(attempt: int) -> float:
-        return r.uniform(0, min(hi, lo * (2 ** min(attempt, 30))))
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level == logging.ERROR and not kwargs.get("exc_info"):
+            level = logging.WARNING
+        super().log(level, msg, *args, **kwargs)
 
-    return delay
+
+_MQTT_LOG = _PahoLog(logging.getLogger("gateway.mqtt"), {})
+
+
+def _take_disconnect_error(client: aiomqtt.Client) -> None:
+    """aiomqtt keeps a lost connection's error in a future that only its message iterator reads; when the uplink is
+    stopped before it did (the broker went down in the same moment), take it here, or asyncio logs it at ERROR as
+    "Future exception was never retrieved" when the future is collected."""
+    fut = getattr(client, "_disconnected", None)
+    if isinstance(fut, asyncio.Future) and fut.done() and not fut.cancelled():
+        fut.exception()
 
 
 class Uplink:
-    def __init__(self, cfg: GatewayConfig, store: Store, on_command: CommandHandler | None = None,
-                 *, clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        store: Store,
+        on_command: CommandHandler | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
         self.cfg = cfg
         self.store = store
         self.on_command = on_command
@@ -85,6 +123,9 @@ class Uplink:
         self._t_cmd = wire.topic(cfg.site, cfg.gateway, "cmd")
         self._t_status = wire.topic(cfg.site, cfg.gateway, "status")
         self._inflight: dict[int, tuple[float, bool]] = {}  # seq -> (monotonic time sent, urgent lane)
+        # Sent on this connection, unacknowledged, and due to be sent again (seq -> urgent lane): an earlier copy may
+        # still reach the portal, and its ack counts.
+        self._rewound: dict[int, bool] = {}
         self._acked_sent_last = float("-inf")  # the latest send time among the events acknowledged
         self._cursor = 0  # highest routine seq sent on this connection
         self._cursor_urgent = 0  # highest urgent seq sent on this connection
@@ -93,6 +134,13 @@ class Uplink:
         self._acked = asyncio.Event()
         self._logged_reasons: set[str] = set()
         self._client: aiomqtt.Client | None = None
+        self._serving = False  # connected, subscribed, and the outbox is being sent
+        self._acked_early: set[int] = set()  # urgent seqs the portal acknowledged before their commit
+        # The urgent lane must be read up to here: what was not handed over before its commit (the store's
+        # last_unhanded_seq), and everything after a reconnect or a re-send.
+        self._urgent_goal = 0
+        self._closing = False  # close() began: nothing more is published but the "offline" status
+        self._publishes: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ connection
 
@@ -108,11 +156,18 @@ class Uplink:
                 tls_context.check_hostname = False
         offline = wire.encode(wire.Status(v=wire.SCHEMA_VERSION, state="offline"))
         return aiomqtt.Client(
-            m.host, m.port, username=m.username, password=password,
-            identifier=f"gatehouse-{self.cfg.site}-{self.cfg.gateway}", clean_session=False,
+            m.host,
+            m.port,
+            username=m.username,
+            password=password,
+            identifier=f"gatehouse-{self.cfg.site}-{self.cfg.gateway}",
+            clean_session=False,
             will=aiomqtt.Will(self._t_status, offline, qos=1, retain=True),
-            keepalive=m.keepalive_s, tls_context=tls_context, timeout=10,
+            keepalive=m.keepalive_s,
+            tls_context=tls_context,
+            timeout=10,
             max_inflight_messages=MAX_PUBLISHES,
+            logger=_MQTT_LOG,  # type: ignore[arg-type]
         )
 
     async def run(self) -> None:
@@ -120,8 +175,9 @@ class Uplink:
         attempt = 0
         while True:
             started = self._clock()
+            mqtt_client = self._client_for()
             try:
-                async with self._client_for() as client:
+                async with mqtt_client as client:
                     self._client = client
                     self.stats.connected = True
                     self.stats.connects += 1
@@ -133,12 +189,15 @@ class Uplink:
             finally:
                 self._client = None
                 self.stats.connected = False
+                _take_disconnect_error(mqtt_client)
             # A connection that lived a while resets the backoff.
             attempt = 0 if self._clock() - started > 10 else attempt + 1
             await asyncio.sleep(self._delay(attempt))
 
     async def close(self) -> None:
-        """Say "offline" (retained) before a clean shutdown; the last will covers the unclean one."""
+        """Say "offline" (retained) before a clean shutdown; the last will covers the unclean one. Events are no
+        longer published from here on (they stay in the outbox for the next start)."""
+        self._closing = True
         client = self._client
         if client is not None:
             with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
@@ -153,8 +212,9 @@ class Uplink:
             self._status_changed.set()
 
     def _online(self) -> bytes:
-        return wire.encode(wire.Status(v=wire.SCHEMA_VERSION, state="online", ts=wire.utcnow(), version=__version__,
-                                       fault=self._fault))
+        return wire.encode(
+            wire.Status(v=wire.SCHEMA_VERSION, state="online", ts=wire.utcnow(), version=__version__, fault=self._fault)
+        )
 
     async def _status_loop(self, client: aiomqtt.Client) -> None:
         while True:
@@ -165,16 +225,52 @@ class Uplink:
     async def _serve(self, client: aiomqtt.Client) -> None:
         client.pending_calls_threshold = 2 * MAX_PUBLISHES  # aiomqtt warns past this; we never get there
         self._inflight.clear()
+        self._rewound.clear()
         self._cursor = self._cursor_urgent = 0
         await client.subscribe([(self._t_ack, 1), (self._t_cmd, 1)])
         self._status_changed.clear()
         await client.publish(self._t_status, self._online(), qos=1, retain=True)
+        self._acked_early.clear()
+        self._urgent_goal = self.store.last_urgent_seq
         self.store.committed.set()  # whatever is in the outbox goes out now
         name = f"gateway[{self.cfg.gateway}].uplink"
-        # A lost connection surfaces as the MqttError of one of them.
-        await run_until_first_ends(name, [asyncio.create_task(self._receive(client), name=f"{name}.receive"),
-                                          asyncio.create_task(self._send(client), name=f"{name}.send"),
-                                          asyncio.create_task(self._status_loop(client), name=f"{name}.status")])
+        self._serving = True
+        try:
+            # A lost connection surfaces as the MqttError of one of them.
+            await run_until_first_ends(
+                name,
+                [
+                    asyncio.create_task(self._receive(client), name=f"{name}.receive"),
+                    asyncio.create_task(self._send(client), name=f"{name}.send"),
+                    asyncio.create_task(self._status_loop(client), name=f"{name}.status"),
+                ],
+            )
+        finally:
+            self._serving = False
+            for t in list(self._publishes):
+                t.cancel()
+            await asyncio.gather(*self._publishes, return_exceptions=True)
+
+    def send_now(self, rows: list[tuple[int, bytes]]) -> bool:
+        """Publish urgent events (seq, encoded event) before their commit; True if they went out. While the link is
+        down they simply wait for the outbox. Never blocks."""
+        client = self._client
+        if client is None or not self._serving or self._closing or not rows:
+            return False
+        now = self._clock()
+        for seq, _ in rows:
+            self._inflight[seq] = (now, True)
+            self._rewound.pop(seq, None)
+        self.stats.urgent_sent += len(rows)
+        self.stats.fast_sent += len(rows)
+        self.stats.batches_sent += 1
+        self.stats.events_sent += len(rows)
+        task = asyncio.create_task(
+            self._publish_one(client, self._frame(rows)), name=f"gateway[{self.cfg.gateway}].uplink.publish-now"
+        )
+        self._publishes.add(task)
+        task.add_done_callback(self._publishes.discard)
+        return True
 
     # ------------------------------------------------------------ sending
 
@@ -187,7 +283,7 @@ class Uplink:
             while True:
                 await slots.acquire()
                 slots.release()  # only waited for a free slot; _publish takes it
-                room = up.window - len(self._inflight)
+                room = 0 if self._closing else up.window - len(self._inflight)
                 rows, urgent = await self._next_rows(min(up.batch_max, room)) if room > 0 else ([], False)
                 if rows:
                     await slots.acquire()
@@ -202,26 +298,38 @@ class Uplink:
                         continue
                 self._acked.clear()
                 timeout = self._resend_due(resend_after)
-                waiters = [asyncio.ensure_future(self.store.committed.wait()),
-                           asyncio.ensure_future(self._acked.wait())]
+                waiters = [
+                    asyncio.ensure_future(self.store.committed.wait()),
+                    asyncio.ensure_future(self._acked.wait()),
+                ]
                 try:
                     done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     for w in waiters:
                         w.cancel()
                 if not done and self._inflight:
-                    # Nothing acknowledged for a while: send everything unacknowledged again, and wait
-                    # longer next time while the portal stays silent.
-                    self.stats.resends += 1
-                    log.info("uplink: %d events unacknowledged for %.1f s, re-sending", len(self._inflight),
-                             resend_after)
-                    for seq, (_, lane_urgent) in self._inflight.items():
-                        if lane_urgent:
-                            self._cursor_urgent = min(self._cursor_urgent, seq - 1)
-                        else:
-                            self._cursor = min(self._cursor, seq - 1)
-                    self._inflight.clear()
-                    resend_after = min(resend_after * 2, up.resend_max_s)
+                    oldest = min(t for t, _ in self._inflight.values())
+                    if oldest < self._acked_sent_last:
+                        # Something sent after these was acknowledged: the broker dropped them. Send only them
+                        # again; what was sent after them is still on its way, and a copy would only queue
+                        # behind it (and push out, in a broker queue that is full, what is not a copy).
+                        lost = self._lost(resend_after)  # empty if the timer woke us a moment early
+                        if lost:
+                            self.stats.resends += 1
+                            self.stats.lost_resent += len(lost)
+                            log.debug("uplink: %d events dropped on the way, re-sending them", len(lost))
+                            self._rewind(lost)
+                    else:
+                        # Nothing acknowledged for a while: send everything unacknowledged again, and wait
+                        # longer next time while the portal stays silent.
+                        self.stats.resends += 1
+                        log.info(
+                            "uplink: %d events unacknowledged for %.1f s, re-sending",
+                            len(self._inflight),
+                            resend_after,
+                        )
+                        self._rewind(list(self._inflight))
+                        resend_after = min(resend_after * 2, up.resend_max_s)
                 elif self.stats.last_ack_mono is not None and self._clock() - self.stats.last_ack_mono < 1:
                     resend_after = up.resend_after_s
         finally:
@@ -230,23 +338,61 @@ class Uplink:
             await asyncio.gather(*publishes, return_exceptions=True)
 
     async def _next_rows(self, limit: int) -> tuple[list[tuple[int, bytes]], bool]:
-        """The next rows to send, urgent lane first; and whether they are urgent."""
-        last_urgent = self.store.last_urgent_seq
-        if last_urgent > self._cursor_urgent:
+        """The next rows to send, urgent lane first; and whether they are urgent. Urgent rows already sent before
+        their commit (in flight, or acknowledged already) are passed over."""
+        while (
+            last_urgent := min(self.store.last_urgent_seq, max(self._urgent_goal, self.store.last_unhanded_seq))
+        ) > self._cursor_urgent:
             rows = await self.store.outbox_after(self._cursor_urgent, limit, lane="urgent", upto=last_urgent)
-            if rows:
-                return rows, True
-            self._cursor_urgent = last_urgent  # nothing left in that range: the lane is empty up to there
-        return await self.store.outbox_after(self._cursor, limit, lane="routine"), False
+            if not rows:
+                self._cursor_urgent = last_urgent  # nothing left in that range: the lane is empty up to there
+                break
+            fresh = [r for r in rows if r[0] not in self._inflight and r[0] not in self._acked_early]
+            if fresh:
+                return fresh, True
+            self._cursor_urgent = rows[-1][0]
+            self._acked_early = {s for s in self._acked_early if s > self._cursor_urgent}
+        # Routine rows still in flight (sent after one the broker dropped, which is being sent again) are passed over.
+        n = limit
+        while self.store.last_routine_seq > self._cursor:
+            rows = await self.store.outbox_after(self._cursor, n, lane="routine")
+            fresh = [r for r in rows if r[0] not in self._inflight][:limit]
+            if fresh or not rows:
+                return fresh, False
+            self._cursor = rows[-1][0]
+            n = max(limit, _SCAN)
+        return [], False
 
-    def _publish(self, client: aiomqtt.Client, rows: list[tuple[int, bytes]], urgent: bool,
-                 publishes: set[asyncio.Task[None]], slots: asyncio.Semaphore) -> None:
-        # The stored bodies are already encoded wire.Events; frame them into a batch without re-encoding.
-        head = f'{{"v":{wire.SCHEMA_VERSION},"site":"{self.cfg.site}","gateway":"{self.cfg.gateway}","events":['
-        payload = head.encode() + b",".join(body for _, body in rows) + b"]}"
+    def _lost(self, resend_after: float) -> list[int]:
+        """The events in flight that something sent after them overtook (acknowledged), sent ``resend_after`` ago or
+        longer: the broker dropped them (it keeps order), or the portal's ack of them is very late."""
+        cut = min(self._acked_sent_last, self._clock() - resend_after)
+        return [seq for seq, (t, _) in self._inflight.items() if t < cut]
+
+    def _rewind(self, seqs: list[int]) -> None:
+        """Send these in-flight events again: each lane's cursor goes back to before the first of them."""
+        self._urgent_goal = self.store.last_urgent_seq
+        for seq in seqs:
+            _, lane_urgent = self._inflight.pop(seq)
+            self._rewound[seq] = lane_urgent
+            if lane_urgent:
+                self._cursor_urgent = min(self._cursor_urgent, seq - 1)
+            else:
+                self._cursor = min(self._cursor, seq - 1)
+
+    def _publish(
+        self,
+        client: aiomqtt.Client,
+        rows: list[tuple[int, bytes]],
+        urgent: bool,
+        publishes: set[asyncio.Task[None]],
+        slots: asyncio.Semaphore,
+    ) -> None:
+        payload = self._frame(rows)
         now = self._clock()
         for seq, _ in rows:
             self._inflight[seq] = (now, urgent)
+            self._rewound.pop(seq, None)
         if urgent:
             self._cursor_urgent = rows[-1][0]
             self.stats.urgent_sent += len(rows)
@@ -254,11 +400,16 @@ class Uplink:
             self._cursor = rows[-1][0]
         self.stats.batches_sent += 1
         self.stats.events_sent += len(rows)
-        task = asyncio.create_task(self._publish_one(client, payload),
-                                   name=f"gateway[{self.cfg.gateway}].uplink.publish")
+        task = asyncio.create_task(
+            self._publish_one(client, payload), name=f"gateway[{self.cfg.gateway}].uplink.publish"
+        )
         publishes.add(task)
         task.add_done_callback(publishes.discard)
         task.add_done_callback(lambda _: slots.release())
+
+    def _frame(self, rows: list[tuple[int, bytes]]) -> bytes:
+        """The stored bodies are already encoded wire.Events: frame them into a batch without re-encoding."""
+        return wire.encode_framed(self.cfg.site, self.cfg.gateway, [body for _, body in rows])
 
     async def _publish_one(self, client: aiomqtt.Client, payload: bytes) -> None:
         try:
@@ -277,7 +428,7 @@ class Uplink:
                 if topic == self._t_ack:
                     self._on_ack(wire.decode_ack(bytes(payload)))
                 elif topic == self._t_cmd:
-                    await self._on_command(wire.decode_command(bytes(payload)))
+                    await self._on_command(bytes(payload))
             except wire.WireError as e:
                 self._reject(topic, e.reason, str(e))
 
@@ -304,20 +455,35 @@ class Uplink:
         return max(0.0, since + resend_after - self._clock())
 
     def _on_ack(self, ack: wire.Ack) -> None:
+        """Forget what the portal says it stored, of what this gateway sent and awaits an ack for. An ack naming
+        events not sent (yet) forgets nothing: acks are not signed, and one naming every seq to come, published
+        by whoever holds the portal's broker password, would otherwise drop each new event, alarms included, from
+        the outbox as it is committed, before it ever left. (A late ack for a send before a reconnect is dropped
+        too; the event is sent again and the portal stores it once.)"""
+        acked = []
         for s in ack.seqs:
             sent = self._inflight.pop(s, None)
             if sent is not None:
                 self._acked_sent_last = max(self._acked_sent_last, sent[0])
-        self.store.acknowledge(ack.seqs)
-        self.stats.acks += len(ack.seqs)
+            elif s in self._rewound:  # an earlier copy arrived: which send it was is unknown
+                sent = (float("-inf"), self._rewound.pop(s))
+                self.stats.late_acks += 1
+            else:
+                self.stats.ignored_acks += 1
+            if sent is not None:
+                acked.append(s)
+                if sent[1] and s > self._cursor_urgent:
+                    self._acked_early.add(s)  # sent before its commit: when its row appears, do not send it again
+        self.store.acknowledge(acked)
+        self.stats.acks += len(acked)
         self.stats.last_ack_mono = self._clock()
         self._acked.set()
 
-    async def _on_command(self, cmd: wire.Command) -> None:
+    async def _on_command(self, payload: bytes) -> None:
         self.stats.commands += 1
         if self.on_command is not None:
             try:
-                await self.on_command(cmd)
+                await self.on_command(payload)
             except Exception:  # a failing command must not take the uplink (and the gateway) down with it
                 self.stats.command_errors += 1
-                log.exception("uplink: command %s (%s) failed", cmd.id, cmd.type)
+                log.exception("uplink: a command (%d bytes) failed", len(payload))

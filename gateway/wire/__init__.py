@@ -1,4 +1,4 @@
-"""The one contract between gateway and portal: MQTT topics and message schemas, version 1.
+"""The one contract between gateway and portal: MQTT topics and message schemas (topics v1; commands v2).
 
 Everything that crosses the broker is defined here and nowhere else. The portal imports this
 module and nothing else of the gateway.
@@ -10,12 +10,18 @@ suffix         direction  QoS/retain   payload
 =============  =========  ===========  ==================================================
 ``events``     gw → pt    1            :class:`EventBatch`: one or more events, seq order
 ``ack``        pt → gw    1            :class:`Ack`: the seqs the portal has *stored*
-``cmd``        pt → gw    1            :class:`Command`
+``cmd``        pt → gw    1            a :class:`Command` in a signed envelope (v2, wire.commands)
 ``status``     gw → all   1, retained  :class:`Status`; "offline" is the MQTT last will
 =============  =========  ===========  ==================================================
 
 A command is answered by an ordinary event of type ``command.result`` (so results are as durable
 as any event) whose ``data`` carries ``command_id``, ``ok`` and ``detail``.
+
+Versions: events, acks and status are v1 (:data:`SCHEMA_VERSION`). Commands are v2
+(:data:`COMMAND_VERSION`): a :class:`Command` travels inside a signed envelope
+(:mod:`gateway.wire.commands`) that names its target site and gateway, signed with the portal's
+key; a gateway refuses a bare v1 command as ``unsigned``. The broker password alone therefore
+commands nothing.
 
 Delivery is at-least-once end to end: the gateway keeps each event in its outbox until an
 :class:`Ack` names its seq, re-sending meanwhile; the portal stores by event id idempotently and
@@ -31,13 +37,21 @@ raise :class:`WireError` with a short reason, which receivers count and log once
 from __future__ import annotations
 
 import enum
+import os
 import re
+import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
 SCHEMA_VERSION = 1
+#: Commands only: a signed envelope around the command (gateway.wire.commands). v1 commands were unsigned.
+COMMAND_VERSION = 2
+#: The longest a command may stay valid (expires - ts); a gateway refuses a longer one. Gateways keep the ids
+#: of commands they ran at least this long, so a signed command can never be replayed while it is valid.
+MAX_COMMAND_LIFE_S = 3600
 TOPIC_ROOT = "gatehouse/v1"
 #: Largest payload a receiver will even try to decode. Mosquitto is configured with the same limit.
 MAX_PAYLOAD_BYTES = 256 * 1024
@@ -71,6 +85,14 @@ class Priority(enum.IntEnum):
     FIRE = 50
 
 
+#: Why a door did not open: ``data.reason`` of ``door.unlock_failed`` and of a failed ``unlock`` command's
+#: ``command.result``. ``relay_not_moved``: the controller answered, the relay read back unmoved (a board in
+#: another control mode); ``unconfirmed``: answered, but the read-back got no answer; ``no_answer``,
+#: ``bus_down``: the controller could not be reached; ``refused``: it answered with a Modbus exception;
+#: ``rejected``: the gateway's own configuration makes the write impossible.
+UNLOCK_FAILURES = ("relay_not_moved", "unconfirmed", "no_answer", "bus_down", "refused", "rejected")
+
+
 class Place(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
     """Where in the estate an event happened. Only the fields that apply are set."""
 
@@ -100,11 +122,20 @@ class Event(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, froz
     data: dict[str, Any] = {}
 
 
-class EventBatch(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+class _BatchHead(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     v: int
     site: str
     gateway: str
+
+
+class EventBatch(_BatchHead, frozen=True):
     events: list[Event]
+
+
+class _FramedBatch(_BatchHead, frozen=True):
+    """An :class:`EventBatch` whose events are already encoded (see :func:`encode_framed`)."""
+
+    events: msgspec.Raw  # a JSON array of encoded Events
 
 
 class Ack(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -115,15 +146,21 @@ class Ack(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class Command(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
-    """An order from the portal. ``expires`` bounds how late a gateway may still carry it out."""
+    """An order from the portal. ``expires`` bounds how late a gateway may still carry it out.
+
+    ``site`` and ``gateway`` name the one gateway it is for (v2; set by the portal when it signs), so a
+    command signed for one gateway is refused by every other. ``id`` is unique (a ULID) and is the nonce a
+    gateway remembers against replay."""
 
     v: int
-    id: str
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
     type: str  # "unlock", "arm", "disarm", "credentials.sync", ...
     ts: datetime
     expires: datetime
     by: str  # the portal user who gave it, for the audit trail
     args: dict[str, Any] = {}
+    site: str = ""
+    gateway: str = ""
 
 
 class Status(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
@@ -172,14 +209,22 @@ _encoder = msgspec.json.Encoder()
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 
 
-def encode(msg: EventBatch | Ack | Command | Status) -> bytes:
+def encode(msg: EventBatch | Event | Ack | Command | Status) -> bytes:
     return _encoder.encode(msg)
+
+
+def encode_framed(site: str, gateway: str, events: Iterable[bytes]) -> bytes:
+    """An event batch from events already encoded (the gateway's outbox keeps each as ``encode(event)``): the same
+    bytes as ``encode(batch_events(site, gateway, events))``, but each event is framed as it is, not decoded and
+    encoded again."""
+    array = msgspec.Raw(b"[" + b",".join(events) + b"]")
+    return _encoder.encode(_FramedBatch(v=SCHEMA_VERSION, site=site, gateway=gateway, events=array))
 
 
 T = TypeVar("T")
 
 
-def _decode(cls: type[T], payload: bytes | bytearray | memoryview) -> T:
+def _decode(cls: type[T], payload: bytes | bytearray | memoryview, *, version: int = SCHEMA_VERSION) -> T:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise WireError("too-large", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
     # A cheap look at the version first, so a v2 sender gets "bad-version", not a schema error.
@@ -193,9 +238,9 @@ def _decode(cls: type[T], payload: bytes | bytearray | memoryview) -> T:
         raise WireError("malformed", "nested too deeply") from None
     except UnicodeDecodeError:  # msgspec's answer to a string (even a key it skips) that is not UTF-8
         raise WireError("malformed", "a string is not UTF-8") from None
-    if head.v != SCHEMA_VERSION:
-        raise WireError("bad-version", f"v={head.v}, this side speaks v={SCHEMA_VERSION}")
-    dec = _decoders.get(cls)
+    if head.v != version:
+        raise WireError("bad-version", f"v={head.v}, this side speaks v={version}")
+    dec: msgspec.json.Decoder[T] | None = _decoders.get(cls)
     if dec is None:
         dec = _decoders[cls] = msgspec.json.Decoder(cls)
     try:
@@ -242,8 +287,9 @@ def decode_ack(payload: bytes) -> Ack:
     return ack
 
 
-def decode_command(payload: bytes) -> Command:
-    cmd = _decode(Command, payload)
+def decode_command_body(payload: bytes) -> Command:
+    """Decode the (already verified) body of a signed command; see :func:`gateway.wire.commands.open_command`."""
+    cmd = _decode(Command, payload, version=COMMAND_VERSION)
     if cmd.expires.tzinfo is None or cmd.ts.tzinfo is None:
         raise WireError("schema", "ts and expires must carry a timezone (UTC)")
     return cmd
@@ -251,6 +297,22 @@ def decode_command(payload: bytes) -> Command:
 
 def decode_status(payload: bytes) -> Status:
     return _decode(Status, payload)
+
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_last_id = [-1, 0]  # (ms, random part) of the last id made
+
+
+def new_id(at: datetime | None = None) -> str:
+    """A ULID (the ``id`` of events and incidents): 48 bits of Unix time in ms (``at``, or now), 80 random bits, in
+    Crockford's base 32; within one millisecond each id is the last one's plus one, so ids made in order sort in
+    order (as python-ulid's do). The daemon's own few lines rather than python-ulid, whose import pulls in
+    importlib.metadata and its dependencies (some 2 MB resident on the Pi); the same strings (see tests/test_wire)."""
+    ms = int((at.timestamp() if at is not None else time.time()) * 1000) & 0xFFFF_FFFF_FFFF
+    rnd = _last_id[1] + 1 if ms == _last_id[0] and _last_id[1] < 2**80 - 1 else int.from_bytes(os.urandom(10), "big")
+    _last_id[:] = [ms, rnd]
+    n = ms << 80 | rnd
+    return "".join(_CROCKFORD[(n >> shift) & 31] for shift in range(125, -5, -5))
 
 
 def utcnow() -> datetime:

@@ -309,9 +309,7 @@ def sign_pass(private_key: Ed25519PrivateKey, fields: PassFields) -> str:
     return PASS_PREFIX + _b32encode(signed + sig)
 
 
-def _verify(
-    prefix: str, raw: bytes, public_keys: Mapping[str, Ed25519PublicKey]
-) -> tuple[str, bytes]:
+def _verify(prefix: str, raw: bytes, public_keys: Mapping[str, Ed25519PublicKey]) -> tuple[str, bytes]:
     if len(raw) < _KID_BYTES + 1 + _SIG_BYTES:
         raise PassError("malformed", "too short")
     kid = raw[:_KID_BYTES].hex()

@@ -68,16 +68,29 @@ class MosquittoProcess:
     what it had saved, as a real deployment would.
     """
 
-    def __init__(self, folder: Path, port: int | None = None, *, host: str = "127.0.0.1",
-                 max_queued: int = 1000, extra_conf: str = "", password_file: Path | None = None,
-                 tls: tuple[Path, Path, Path] | None = None) -> None:
-        """``password_file`` turns anonymous access off; ``tls`` is (CA, certificate, key) for the listener."""
+    def __init__(
+        self,
+        folder: Path,
+        port: int | None = None,
+        *,
+        host: str = "127.0.0.1",
+        max_queued: int = 1000,
+        extra_conf: str = "",
+        password_file: Path | None = None,
+        acl_file: Path | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
+        """``password_file`` turns anonymous access off; ``acl_file`` (with it) is the ACL, as shipped in
+        systemd/gatehouse.acl; ``tls`` is (CA, certificate, key) for the listener."""
+        if acl_file is not None and password_file is None:
+            raise ValueError("an ACL keys on user names: give a password_file with it")
         self.folder = Path(folder)
         self.host = host
         self.port = port or free_port(host)
         self.max_queued = max_queued
         self.extra_conf = extra_conf
         self.password_file = password_file
+        self.acl_file = acl_file
         self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -115,6 +128,8 @@ log_type notice
             lines += [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
         if self.password_file is not None:
             lines += ["allow_anonymous false", f"password_file {self.password_file}"]
+        if self.acl_file is not None:
+            lines.append(f"acl_file {self.acl_file}")
         else:
             lines.append("allow_anonymous true")
         return "\n".join(lines)
@@ -128,7 +143,9 @@ log_type notice
             self._close()
             self.proc = subprocess.Popen(
                 [find_mosquitto(), "-c", str(self.conf_path)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
             )
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
