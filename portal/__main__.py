@@ -1,5 +1,6 @@
 """``python -m portal run --config FILE``, ``adduser ...``, ``check``, ``purge [--dry-run]``, and the registry commands
-``import-estate``, ``export-estate``, ``plates`` and ``audit-verify`` (:mod:`portal.registry_cli`)."""
+``import-estate``, ``export-estate``, ``plates``, ``visitor-pass``, ``audit-verify`` and ``audit-anchor``
+(:mod:`portal.estate.registry_cli`)."""
 
 from __future__ import annotations
 
@@ -10,35 +11,49 @@ import logging
 import sys
 from pathlib import Path
 
-from portal import registry_cli
 from portal.config import ConfigError, PortalConfig, load
+from portal.estate import registry_cli
+from portal.web import redact
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(redact.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))  # no plate codes
+    logging.basicConfig(level=level, handlers=[handler])
     logging.getLogger("portal.mqtt").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 def _run(cfg: PortalConfig) -> int:
     from portal.app import serve
     from portal.store import StoreError
+    from portal.store.storekey import StoreKeyError
 
     try:
         asyncio.run(serve(cfg, sys.stdout))
-    except (OSError, StoreError, ConfigError) as e:  # a port in use, an unreadable or too new store, ...
+    except (OSError, StoreError, StoreKeyError, ConfigError) as e:  # a port in use, a too new store, no key, ...
         logging.getLogger("portal").error("cannot run: %s", e)
         print(f"portal: cannot run: {e}", file=sys.stderr)
         return 1
     return 0
 
 
-def _adduser(cfg: PortalConfig, name: str, role: str, password_file: str, must_change: bool,
-             sites_arg: str | None = None) -> int:
+def _adduser(
+    cfg: PortalConfig, name: str, role: str, password_file: str, must_change: bool, sites_arg: str | None = None
+) -> int:
     from argon2 import PasswordHasher
 
-    from portal.auth import USER_NAME_RE, AuthError, check_new_password
-    from portal.store import ROLES, SitesError, StoreConflict, insert_user, open_db, parse_sites, registry_site_codes
+    from portal.store import (
+        ROLES,
+        SitesError,
+        StoreConflict,
+        StoreError,
+        insert_user,
+        open_db,
+        parse_sites,
+        registry_site_codes,
+    )
+    from portal.store.storekey import StoreKeyError
+    from portal.web.auth import USER_NAME_RE, AuthError, check_new_password
 
     if not USER_NAME_RE.match(name):
         print(f"adduser: bad user name {name!r}: letters, digits and . _ - only, at most 32", file=sys.stderr)
@@ -59,7 +74,11 @@ def _adduser(cfg: PortalConfig, name: str, role: str, password_file: str, must_c
     if sites_arg is not None and role == "admin":
         print("adduser: administrators see every site; --sites is for guards and installers", file=sys.stderr)
         return 2
-    conn = open_db(cfg.db_path)
+    try:
+        conn = open_db(cfg.store_target, cfg.store_key())
+    except (StoreError, StoreKeyError) as e:
+        print(f"adduser: {e}", file=sys.stderr)
+        return 1
     try:
         sites = None
         if sites_arg is not None:
@@ -67,8 +86,11 @@ def _adduser(cfg: PortalConfig, name: str, role: str, password_file: str, must_c
             try:
                 sites = parse_sites(sites_arg, known)
             except SitesError as e:
-                why = ("not a site id" if e.key == "users.bad_sites"
-                       else f"unknown site (the registry has: {', '.join(known)})")
+                why = (
+                    "not a site id"
+                    if e.key == "users.bad_sites"
+                    else f"unknown site (the registry has: {', '.join(known)})"
+                )
                 print(f"adduser: --sites: {why}: {', '.join(e.sites)}", file=sys.stderr)
                 return 2
             if sites is None:
@@ -80,8 +102,17 @@ def _adduser(cfg: PortalConfig, name: str, role: str, password_file: str, must_c
         return 1
     finally:
         conn.close()
-    print(json.dumps({"user": name, "role": role, "must_change": must_change,
-                      "sites": list(sites) if sites is not None else None}, ensure_ascii=False))
+    print(
+        json.dumps(
+            {
+                "user": name,
+                "role": role,
+                "must_change": must_change,
+                "sites": list(sites) if sites is not None else None,
+            },
+            ensure_ascii=False,
+        )
+    )
     return 0
 
 
@@ -116,12 +147,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         return _run(cfg)
     if args.command == "purge":
-        from portal import retention
+        from portal.estate import retention
 
         return retention.cli(cfg, dry_run=args.dry_run)
     if args.command == "adduser":
         return _adduser(cfg, args.user, args.role, args.password_file, args.must_change, args.sites)
-    print(json.dumps({"ok": True, "config": cfg.source}))
+    if cfg.grid.enabled:  # the grid link's key and certificates: readable, 0600, certificates that load
+        from portal.grid.link import load_secrets
+
+        try:
+            load_secrets(cfg.grid)
+        except ConfigError as e:
+            print("config error:\n" + "\n".join(e.problems), file=sys.stderr)
+            return 2
+    warnings = cfg.warnings()  # check: valid, but say what will surprise people
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(json.dumps({"ok": True, "config": cfg.source, "warnings": warnings}, ensure_ascii=False))
     return 0
 
 

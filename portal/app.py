@@ -1,7 +1,7 @@
 """The application factory and the process runner.
 
-Start-up order: store (migrations) → first admin → ingest. Shutdown runs the other way: stop the
-ingest (no new events), close the console sockets, then commit what is queued and close the store.
+Start-up order: store key → store (migrations) → scrape token → first admin → ingest. Shutdown runs the other way:
+stop the ingest (no new events), close the console sockets, then commit what is queued and close the store.
 """
 
 from __future__ import annotations
@@ -22,25 +22,32 @@ from typing import Any, TextIO
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage
 
 from common.sdnotify import Notifier
-from portal import api, board, doors, estate, limits, openapi, retention, views
-from portal.auth import Auth, middleware, wants_json
+from portal import alarms, care, centre, doors, estate, grid, openapi, patrol
 from portal.config import PortalConfig
-from portal.hub import Hub
-from portal.ingest import Ingest
-from portal.metrics import Metrics
-from portal.ratelimit import real_client
-from portal.services import SERVICES, Services
+from portal.estate import retention
+from portal.estate.passes_issue import load_or_create_key
 from portal.store import Store, shutdown_executor
+from portal.web import limits, scrape, views
+from portal.web import setup as web_setup
+from portal.web.auth import Auth, middleware, wants_json
+from portal.web.bodies import MalformedBody
+from portal.web.hub import Hub
+from portal.web.ingest import Ingest
+from portal.web.metrics import Metrics
+from portal.web.ratelimit import real_client
+from portal.web.services import SERVICES, Services
 
 log = logging.getLogger("portal")
 HERE = Path(__file__).parent
 HOUSEKEEPING_S = 600.0
 
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-       "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+HSTS_MAX_AGE_S = 365 * 86400
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
 
 
 @dataclass(frozen=True)
@@ -60,22 +67,35 @@ def create_app(cfg: PortalConfig, options: Options | None = None) -> web.Applica
     app = web.Application(
         client_max_size=cfg.max_body_bytes,
         # real_client first: every later step (sign-in limits, audit, phone pages) sees the client behind a proxy
-        middlewares=[real_client(cfg.trusted_proxies), _errors, limits.middleware(cfg),
-                     middleware(lambda r: r.app[SERVICES].auth, views.deny)],
+        middlewares=[
+            real_client(cfg.trusted_proxies),
+            _errors,
+            limits.middleware(cfg),
+            middleware(lambda r: r.app[SERVICES].auth, views.deny),
+            views.answers,  # innermost: a page a handler's helper raised (views.Answer) is its answer
+        ],
         handler_args={"debug": False},  # aiohttp's own 500 page carries a traceback in asyncio debug mode
     )
     app[CONFIG] = cfg
     app[OPTIONS] = options or Options()
-    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
-                         undefined=jinja2.StrictUndefined)
-    app.router.add_routes(views.routes)
-    app.router.add_routes(api.routes)
+    env = aiohttp_jinja2.setup(
+        app, loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, undefined=jinja2.StrictUndefined
+    )
+    env.filters["local"] = views.local_filter
+    env.filters["actor"] = views.actor_filter
+    env.filters["audit_action"] = views.audit_action_filter
+    env.filters["audit_target"] = views.audit_target_filter
+    web_setup(app, mono=app[OPTIONS].monotonic)  # sign-in, staff accounts, stations, the common API
     app.router.add_routes(openapi.routes)
     app.router.add_static("/static/", HERE / "static", name="static", append_version=True)
     app.cleanup_ctx.append(_lifecycle)
-    estate.setup(app, wall=app[OPTIONS].clock, mono=app[OPTIONS].monotonic)  # registry, plates, phone pages
-    doors.setup(app, wall=app[OPTIONS].clock)  # door list, remote unlock, visitors, access log
-    board.setup(app, wall=app[OPTIONS].clock, mono=app[OPTIONS].monotonic)  # alarm board, site map, reports
+    estate.setup(app, wall=app[OPTIONS].clock, mono=app[OPTIONS].monotonic)  # registry, plates, phone pages, plans
+    doors.setup(app, wall=app[OPTIONS].clock)  # door list, remote unlock, visitors, access log, revocations
+    alarms.setup(app, wall=app[OPTIONS].clock, mono=app[OPTIONS].monotonic)  # alarm board, site map, reports
+    care.setup(app, wall=app[OPTIONS].clock, mono=app[OPTIONS].monotonic)  # care for residents living alone
+    patrol.setup(app, wall=app[OPTIONS].clock, mono=app[OPTIONS].monotonic)  # guard patrols
+    grid.setup(app, wall=app[OPTIONS].clock, mono=app[OPTIONS].monotonic, rand=app[OPTIONS].rand)  # grid platform
+    centre.setup(app, wall=app[OPTIONS].clock)  # the estates at a glance; several instances (docs/centre.md)
     app.on_shutdown.append(_on_shutdown)
     app.on_response_prepare.append(_security_headers)
     return app
@@ -84,39 +104,75 @@ def create_app(cfg: PortalConfig, options: Options | None = None) -> web.Applica
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     cfg, opt = app[CONFIG], app[OPTIONS]
     metrics = Metrics()
-    store = Store(cfg.db_path, batch_max=cfg.store.batch_max, queue_max=cfg.store.queue_max,
-                  observe_commit=metrics.commit_seconds.observe)
-    hub = Hub(queue_max=cfg.ws_queue_max, metrics=metrics)
     cpu = ThreadPoolExecutor(2, thread_name_prefix="portal.cpu")
-    await store.start()
+    try:  # the store key (a missing or foreign one stops the start), the signing key, then the store
+        key = await asyncio.get_running_loop().run_in_executor(cpu, cfg.store_key)
+        # The portal's signing key (passes, revocation lists, commands), created 0600 on the first start.
+        signing_key = await asyncio.get_running_loop().run_in_executor(cpu, load_or_create_key, Path(cfg.data_dir))
+        store = Store(
+            cfg.store_target,
+            batch_max=cfg.store.batch_max,
+            queue_max=cfg.store.queue_max,
+            observe_commit=metrics.commit_seconds.observe,
+            key=key,
+        )
+        await store.start()
+    except BaseException:
+        await shutdown_executor(cpu)
+        raise
+    hub = Hub(queue_max=cfg.ws_queue_max, metrics=metrics)
 
     def on_events(events: list[dict[str, Any]]) -> None:
-        for e in events:
-            hub.broadcast({"kind": "event", "event": e})
+        for e in events:  # other instances hear of stored events with the commit itself (portal.centre.peers)
+            hub.broadcast({"kind": "event", "event": e}, relay=False)
 
     def on_status(site: str, gateway: str, status: str) -> None:
         hub.broadcast({"kind": "status", "gateway": f"{site}/{gateway}", "status": status})
 
-    ingest = Ingest(cfg, store, metrics, on_events=on_events, on_status=on_status, rand=opt.rand)
+    ingest = Ingest(
+        cfg, store, metrics, on_events=on_events, on_status=on_status, rand=opt.rand, signing_key=signing_key
+    )
     auth = Auth(cfg, store, cpu, clock=opt.clock, monotonic=opt.monotonic)
-    svc = Services(cfg=cfg, store=store, hub=hub, ingest=ingest, auth=auth, metrics=metrics, cpu=cpu, tz=cfg.tz)
+    svc = Services(
+        cfg=cfg,
+        store=store,
+        hub=hub,
+        ingest=ingest,
+        auth=auth,
+        metrics=metrics,
+        cpu=cpu,
+        tz=cfg.tz,
+        signing_key=signing_key,
+    )
     app[SERVICES] = svc
     housekeeping: asyncio.Task[None] | None = None
     purging: asyncio.Task[None] | None = None
+    beats: asyncio.Task[None] | None = None
     try:
-        svc.first_admin_password = await auth.ensure_admin()
+        app[scrape.TOKEN] = await asyncio.get_running_loop().run_in_executor(cpu, scrape.load_or_create_token, cfg)
+        svc.first_admin_file = await auth.ensure_admin()
+        await centre.start(app, svc)  # the other instances hear of everything this one stores from now on
         await ingest.start()
+        beats = asyncio.create_task(
+            hub.run_beats(cfg.console.heartbeat_s, auth.alive, opt.clock), name="portal.console.beats"
+        )
         housekeeping = asyncio.create_task(_housekeeping(auth), name="portal.housekeeping")
-        purging = asyncio.create_task(retention.daily(store, retention.Policy.from_config(cfg), wall=opt.clock,
-                                                      start_delay_s=cfg.retention.start_delay_s),
-                                      name="portal.retention")
+        purging = asyncio.create_task(
+            retention.daily(
+                store, retention.Policy.from_config(cfg), wall=opt.clock, start_delay_s=cfg.retention.start_delay_s
+            ),
+            name="portal.retention",
+        )
         yield
     finally:
         steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
-            ("ingest", ingest.stop), ("console sockets", hub.close), ("store", store.close),
+            ("ingest", ingest.stop),
+            ("console sockets", hub.close),
+            ("store", store.close),
+            ("centre", lambda: centre.stop(app)),  # after the store: its last commits still tell the others
             ("worker threads", lambda: shutdown_executor(cpu)),
         ]
-        for task in (housekeeping, purging):
+        for task in (beats, housekeeping, purging):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -158,13 +214,16 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
     h.setdefault("Referrer-Policy", "same-origin")
     h.setdefault("X-Frame-Options", "DENY")
     h.setdefault("Content-Security-Policy", CSP)
+    if request.app[CONFIG].cookie_secure:  # served over HTTPS (behind the proxy): browsers stay on HTTPS
+        h.setdefault("Strict-Transport-Security", f"max-age={HSTS_MAX_AGE_S}")
     if not request.path.startswith("/static/"):
         h.setdefault("Cache-Control", "no-store")
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                  ) -> web.StreamResponse:
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     """JSON errors for the API, plain pages for people, and never a stack trace."""
     try:
         return await handler(request)
@@ -182,16 +241,8 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
         raise
     except (asyncio.CancelledError, ConnectionError):
         raise
-    except ValueError as e:
-        if not _malformed_body(e):
-            log.exception("%s %s failed", request.method, request.path)
-            return _internal(request)
+    except MalformedBody as e:  # raised where the body is read (portal.web.bodies)
         log.info("%s %s: malformed request body: %s", request.method, request.path, e)
-        if wants_json(request):
-            return web.json_response({"error": "bad-request", "detail": "malformed body"}, status=400)
-        return web.Response(status=400, text="400 bad request: malformed body", content_type="text/plain")
-    except BadHttpMessage as e:  # e.g. a multipart part's header line aiohttp's parser refuses
-        log.info("%s %s: malformed request body: %s", request.method, request.path, e.message)
         if wants_json(request):
             return web.json_response({"error": "bad-request", "detail": "malformed body"}, status=400)
         return web.Response(status=400, text="400 bad request: malformed body", content_type="text/plain")
@@ -206,20 +257,6 @@ def _internal(request: web.Request) -> web.Response:
     return web.Response(status=500, text="500 internal server error", content_type="text/plain")
 
 
-_BODY_PARSERS = frozenset({"aiohttp.multipart", "aiohttp.web_request"})
-
-
-def _malformed_body(e: ValueError) -> bool:
-    """Text not in the encoding it claims, or an error aiohttp's own form/multipart parsing raised: the request
-    is malformed (a 400), not the portal broken."""
-    if isinstance(e, UnicodeDecodeError):
-        return True
-    tb, module = e.__traceback__, None
-    while tb is not None:
-        module, tb = tb.tb_frame.f_globals.get("__name__"), tb.tb_next
-    return module in _BODY_PARSERS
-
-
 # ---------------------------------------------------------------- the process
 
 
@@ -231,7 +268,8 @@ def ready_url(host: str, port: int) -> str:
 
 
 async def serve(cfg: PortalConfig, out: TextIO, *, stop: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM/SIGINT (or ``stop``). Prints the first-admin line (if any) and the ready line."""
+    """Run until SIGTERM/SIGINT (or ``stop``). Prints the first-admin line (if any: where the one-time password is)
+    and the ready line."""
     limits.require_c_parser()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -244,9 +282,13 @@ async def serve(cfg: PortalConfig, out: TextIO, *, stop: asyncio.Event | None = 
     try:
         await runner.setup()
         svc = app[SERVICES]
-        if svc.first_admin_password:  # before binding: a port in use must not swallow the only copy
-            out.write(json.dumps({"first_admin": {"user": "admin", "password": svc.first_admin_password,
-                                                  "must_change": True}}) + "\n")
+        if svc.first_admin_file:  # before binding: a port in use must not hide where the password is
+            out.write(
+                json.dumps(
+                    {"first_admin": {"user": "admin", "password_file": str(svc.first_admin_file), "must_change": True}}
+                )
+                + "\n"
+            )
             out.flush()
         site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port)
         await site.start()

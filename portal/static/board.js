@@ -1,23 +1,19 @@
-// The guard's alarm board (and the live site map page): incidents over the console WebSocket, the workflow
-// buttons, the checklist, a siren that loops while any alarm is unacknowledged, arm/disarm of zone groups.
+// The guard's alarm board (and the live site map page): incidents over the console shell's WebSocket
+// (console-shell.js, which also rings and shows the banner on every page), the workflow buttons, the checklist,
+// acknowledging a zone's or a kind's alarms together, the flat's numbers to call, arm/disarm of zone groups.
 // Every change arrives from the server as {"kind": "incident" | "group" | "arm_command" | "door", ...};
 // an incident carries a version, so an older copy never overwrites a newer one.
 (function () {
   "use strict";
   var cfgEl = document.getElementById("board-config");
-  if (!cfgEl) { return; }
+  if (!cfgEl || !window.GH) { return; }
+  var GH = window.GH;
   var cfg = JSON.parse(cfgEl.textContent);
   var T = cfg.t || {};
   var lang = cfg.lang;
-  var csrfMeta = document.querySelector('meta[name="csrf-token"]');
-  var csrf = csrfMeta ? csrfMeta.getAttribute("content") : "";
   var list = document.getElementById("incidents");
   var closedList = document.getElementById("closed");
-  var conn = document.getElementById("conn");
-  var banner = document.getElementById("banner");
-  var siren = document.getElementById("siren");
-  var soundEl = document.getElementById("sound");
-  var blockedEl = document.getElementById("sound-blocked");
+  var bulkEl = document.getElementById("bulk");
   var toastEl = document.getElementById("toast");
   var groupsEl = document.getElementById("groups");
   var commandsEl = document.getElementById("commands");
@@ -27,10 +23,9 @@
   var closed = {};     // recently closed, by id
   var groups = {};     // "site/gateway/group" -> group
   var commands = {};   // command id -> command
-  var soundState = "off";
-  var unlocked = false;
-  var delay = 500;
-  var failures = 0;
+  var required = {};   // kinds whose checklist must be complete before resolving
+  (cfg.required || []).forEach(function (k) { required[k] = true; });
+  var newest = 0;      // the newest incident id on this board (what a bulk acknowledgement covers)
 
   function t(key, kw) {
     var s = Object.prototype.hasOwnProperty.call(T, key) ? T[key] : key;
@@ -66,19 +61,11 @@
     toast.timer = window.setTimeout(function () { toastEl.hidden = true; }, 5000);
   }
 
-  function post(url, body) {
-    return fetch(url, {
-      method: "POST", credentials: "same-origin",
-      headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
-      body: JSON.stringify(body || {})
-    }).then(function (r) {
-      return r.json().then(function (j) { return { status: r.status, body: j }; },
-        function () { return { status: r.status, body: {} }; });
-    });
-  }
+  function post(url, body) { return GH.post(url, body); }
 
   function signedOut(status) {
-    if (status === 401 || status === 403) {
+    if (status === 401) { GH.sessionEnded(); return true; }
+    if (status === 403) {
       window.location.href = "/login?next=" + encodeURIComponent(window.location.pathname);
       return true;
     }
@@ -101,7 +88,9 @@
         var b = res.body || {};
         if (b.incident) { upsert(b.incident); }
         if (action === "ack" && b.owner) { toast(t("board.taken", { name: b.owner })); }
-        else { toast(t("board.conflict", { state: t("state." + b.state) })); }
+        else if (b.winner && b.winner.actor) {
+          toast(t("board.first", { name: b.winner.actor, state: t("state." + b.state) }));
+        } else { toast(t("board.conflict", { state: t("state." + b.state) })); }
       } else if (res.status === 400) {
         toast((res.body && res.body.message) || t("board.error"));
       } else {
@@ -119,6 +108,7 @@
     head.appendChild(el("span", "title"));
     head.appendChild(el("span", "where"));
     head.appendChild(el("span", "tag count"));
+    head.appendChild(el("span", "tag trips"));
     head.appendChild(el("time", "ts"));
     li.appendChild(head);
     var status = el("div", "status");
@@ -127,6 +117,8 @@
     status.appendChild(el("span", "tag dispatched"));
     status.appendChild(el("span", "tag restored", t("board.restored")));
     status.appendChild(el("span", "tag esc", t("board.escalated")));
+    status.appendChild(el("span", "tag bulk-one"));
+    status.appendChild(el("span", "tag grid"));
     li.appendChild(status);
 
     var actions = el("div", "actions");
@@ -148,15 +140,27 @@
     onScene.type = "button";
     onScene.setAttribute("data-act", "on_scene");
     actions.appendChild(onScene);
-    var cause = el("select", "cause");
-    cause.setAttribute("aria-label", t("board.cause"));
-    cause.appendChild(el("option", null, t("board.cause") + "…")).value = "";
-    (cfg.causes || []).forEach(function (c) { cause.appendChild(el("option", null, t("cause." + c))).value = c; });
-    actions.appendChild(cause);
-    var resolve = el("button", "resolve", t("board.resolve"));
-    resolve.type = "button";
-    resolve.setAttribute("data-act", "resolve");
-    actions.appendChild(resolve);
+    var finish = el("span", "finish");
+    (cfg.flags || []).forEach(function (f) {
+      var label = el("label", "flag");
+      var box = el("input", "flag");
+      box.type = "checkbox";
+      box.value = f;
+      box.setAttribute("data-flag", f);
+      label.appendChild(box);
+      label.appendChild(document.createTextNode(" " + t("flag." + f)));
+      finish.appendChild(label);
+    });
+    finish.appendChild(el("span", "finish-label", t("board.finish_as")));
+    (cfg.causes || []).forEach(function (c) {
+      var b = el("button", "finish-" + c, t("cause." + c));
+      b.type = "button";
+      b.setAttribute("data-act", "finish");
+      b.setAttribute("data-cause", c);
+      finish.appendChild(b);
+    });
+    finish.appendChild(el("span", "need-checks", t("board.need_checks")));
+    actions.appendChild(finish);
     var close = el("button", "close primary", t("board.close"));
     close.type = "button";
     close.setAttribute("data-act", "close");
@@ -190,11 +194,17 @@
       if (!(target instanceof HTMLElement)) { return; }
       var id = li.getAttribute("data-id");
       if (target === more) { toggleDetail(li, id); return; }
+      if (target.classList.contains("reveal")) { reveal(li, id, target); return; }
+      if (target.classList.contains("bulk-zone")) { ackMany({ zone: target.getAttribute("data-zone") }); return; }
       var a = target.getAttribute("data-act");
       if (!a) { return; }
       var extra = {};
       if (a === "dispatch") { extra.guard = guard.value.trim(); if (!extra.guard) { toast(t("board.need_guard")); guard.focus(); return; } }
-      if (a === "resolve") { extra.cause = cause.value; if (!extra.cause) { toast(t("board.need_cause")); cause.focus(); return; } }
+      if (a === "finish") {
+        extra.cause = target.getAttribute("data-cause");
+        extra.flags = Array.prototype.filter.call(li.querySelectorAll("input.flag"), function (b) { return b.checked; })
+          .map(function (b) { return b.value; });
+      }
       if (a === "note") { extra.text = note.value.trim(); if (!extra.text) { toast(t("board.need_note")); note.focus(); return; } }
       target.disabled = true;
       act(id, a, extra).then(function (ok) {
@@ -205,7 +215,9 @@
     });
     li.addEventListener("change", function (ev) {
       var target = ev.target;
-      if (!(target instanceof HTMLInputElement) || target.type !== "checkbox") { return; }
+      if (!(target instanceof HTMLInputElement) || target.type !== "checkbox" || target.classList.contains("flag")) {
+        return;
+      }
       act(li.getAttribute("data-id"), "check", { step: parseInt(target.getAttribute("data-step"), 10),
         done: target.checked }).then(function (ok) { if (!ok) { target.checked = !target.checked; } });
     });
@@ -236,7 +248,11 @@
     setText(li, ".where", (inc.where && (inc.where[lang] || inc.where["zh-CN"])) || "");
     setText(li, ".ts", localTime(inc.opened_at));
     setText(li, ".count", t("board.count", { n: inc.count }));
-    show(li, ".count", inc.count > 1);
+    show(li, ".count", inc.count > 1 && !(inc.trips > 1));
+    setText(li, ".trips", inc.trips > 1 ? t("board.trips", { n: inc.trips, first: localTime(inc.opened_at).slice(11),
+      last: localTime(inc.last_event_at).slice(11) }) : "");
+    show(li, ".trips", inc.trips > 1);
+    li.setAttribute("data-trips", String(inc.trips || 1));
     setText(li, ".state-label", t("state." + st));
     var owner = li.querySelector(".owner");
     owner.textContent = inc.owner ? (mine ? t("board.owner_you") : t("board.owner", { name: inc.owner })) : "";
@@ -246,10 +262,24 @@
     show(li, ".dispatched", !!inc.dispatched_to);
     show(li, ".restored", !!inc.restored_at);
     show(li, ".esc", !!inc.escalated_at);
+    setText(li, ".esc", escalationText(inc));
+    var g = inc.grid;
+    setText(li, ".grid", g ? gridText(g) : "");
+    show(li, ".grid", !!g);
+    li.setAttribute("data-grid", g ? (g.status || g.delivery) : "");
+    li.setAttribute("data-zone", zoneOf(inc));
     show(li, "[data-act=ack]", st === "new");
     show(li, "input.guard, [data-act=dispatch]", st === "acknowledged" || st === "dispatched");
     show(li, "[data-act=on_scene]", st === "dispatched");
-    show(li, "select.cause, [data-act=resolve]", st === "acknowledged" || st === "dispatched" || st === "on_scene");
+    var working = st === "acknowledged" || st === "dispatched" || st === "on_scene";
+    var steps0 = (cfg.checklists || {})[inc.kind] || [];
+    var ticked = Object.keys(inc.checks || {}).length;
+    var blocked = !!required[inc.kind] && ticked < steps0.length;
+    show(li, ".finish", working);
+    show(li, ".need-checks", working && blocked);
+    var fins = li.querySelectorAll("[data-act=finish]");
+    for (var f = 0; f < fins.length; f++) { fins[f].disabled = blocked; }
+    li.classList.toggle("needs-checks", blocked);
     show(li, "[data-act=close]", st === "resolved");
     show(li, ".note-row input, .note-row [data-act=note]", st !== "closed");
     var steps = (cfg.checklists || {})[inc.kind] || [];
@@ -299,6 +329,7 @@
       addr.appendChild(el("strong", null, t("board.address") + ": "));
       addr.appendChild(document.createTextNode(body.address || ""));
       detail.appendChild(addr);
+      (body.sections || []).forEach(function (sec) { detail.appendChild(section(sec)); });
       if (body.residents !== null && body.residents !== undefined) {
         detail.appendChild(el("strong", null, t("board.residents")));
         var ul = el("ul", "residents");
@@ -307,19 +338,204 @@
           ul.appendChild(el("li", "resident", r.name + " · " + t("board.resident_role." + r.role) + " · " + r.phone));
         });
         detail.appendChild(ul);
+        if (body.residents.length) {
+          var row = el("div", "reveal-row");
+          var why = el("select", "reveal-reason");
+          why.setAttribute("aria-label", t("board.reveal_reason"));
+          ["callback", "verify", "emergency"].forEach(function (k) {
+            why.appendChild(el("option", null, t("board.reveal." + k))).value = t("board.reveal." + k);
+          });
+          row.appendChild(why);
+          var rb = el("button", "reveal", t("board.reveal_button"));
+          rb.type = "button";
+          row.appendChild(rb);
+          detail.appendChild(row);
+        }
       }
       detail.appendChild(el("strong", null, t("board.log")));
       var ol = el("ol", "log");
       (body.log || []).forEach(function (e) {
-        ol.appendChild(el("li", "log-" + e.action, localTime(e.at) + " · " + e.actor + " · " +
-          t("board.action." + e.action) + (e.detail ? " · " + e.detail : "")));
+        ol.appendChild(el("li", "log-" + e.action, localTime(e.at) + " · " + actor(e.actor) + " · " +
+          t("board.action." + e.action) + (e.detail ? " · " + logDetail(e) : "")));
       });
       detail.appendChild(ol);
     });
   }
 
+  // A log line's detail in words: the gateway's "count 3", "restored", "cleared by bob", a fold's trip number.
+  function logDetail(e) {
+    var d = String(e.detail || ""), m;
+    if ((m = /^count (\d+)$/.exec(d))) { return t("board.count", { n: m[1] }); }
+    if (e.action === "trip" && /^\d+$/.test(d)) { return t("board.trip_n", { n: d }); }
+    if (e.action === "notify" && (m = /^(\S+): (pending|delivered|failed)(?: after (\d+) attempts)?/.exec(d))) {
+      var channel = (cfg.channels && cfg.channels[m[1]]) || m[1];  // the details are on the notifications page
+      return t("board.notify_" + m[2], { channel: channel, n: m[3] || "1" });
+    }
+    if (e.action === "restore" && (m = /^(restored|cleared)(?: by (.+))?$/.exec(d))) {
+      return t("board.how." + m[1]) + (m[2] ? " · " + actor(m[2]) : "");
+    }
+    return d;
+  }
+
+  // A section another part of the portal adds to the detail (a care household's context): rows of label and
+  // value, and numbers kept masked until the guard reveals them with a reason (audited by the server).
+  function section(sec) {
+    var box = el("section", "context context-" + String(sec.key || "").replace(/[^a-z_-]/g, ""));
+    box.appendChild(el("strong", null, sec.title || ""));
+    var dl = el("dl", "rows");
+    var fill = function (rows) {
+      dl.textContent = "";
+      (rows || []).forEach(function (r) {
+        dl.appendChild(el("dt", null, r[0]));
+        var dd = el("dd");
+        if (r[2] === "tel") {
+          var a = el("a", "call", r[1]);
+          a.href = "tel:" + r[1];
+          dd.appendChild(a);
+        } else {
+          dd.textContent = r[1] == null ? "" : String(r[1]);
+        }
+        dl.appendChild(dd);
+      });
+    };
+    fill(sec.rows);
+    box.appendChild(dl);
+    if (sec.reveal && sec.reveal.url) {
+      var row = el("div", "reveal-row");
+      var why = el("select", "reveal-reason");
+      why.setAttribute("aria-label", t("board.reveal_reason"));
+      ["callback", "verify", "emergency"].forEach(function (k) {
+        why.appendChild(el("option", null, t("board.reveal." + k))).value = t("board.reveal." + k);
+      });
+      row.appendChild(why);
+      var rb = el("button", "reveal-section", sec.reveal.label || t("board.reveal_button"));
+      rb.type = "button";
+      rb.addEventListener("click", function () {
+        rb.disabled = true;
+        post(sec.reveal.url, { reason: why.value }).then(function (res) {
+          rb.disabled = false;
+          if (signedOut(res.status)) { return; }
+          if (res.status !== 200) { toast((res.body && res.body.message) || t("board.error")); return; }
+          fill(res.body.rows);
+          if (row.parentNode) { row.parentNode.removeChild(row); }
+        }, function () { rb.disabled = false; toast(t("board.error")); });
+      });
+      row.appendChild(rb);
+      box.appendChild(row);
+    }
+    return box;
+  }
+
+  function zoneOf(inc) {
+    var place = inc.place || {}, data = inc.data || {};
+    var name = place.zone || data.zone || place.door || ((inc.device || "") + ":" + (inc.point || ""));
+    return inc.site + "/" + name;
+  }
+
+  function gridText(g) {
+    // The incident's report to the grid platform: the platform's status with who and when, else the delivery.
+    if (g.status) {
+      return t("board.grid", { state: t("grid.status." + g.status) + (g.by ? " · " + g.by : "") + " " +
+        localTime(g.at).slice(5, 16) });
+    }
+    return t("board.grid", { state: t("board.grid_" + g.delivery) });
+  }
+
+  function escalationText(inc) {
+    if (!inc.escalated_at) { return ""; }
+    var notices = inc.notices || [];
+    if (!notices.length) { return t("board.escalated_none"); }
+    var parts = notices.map(function (n) {
+      if (n.state === "delivered") { return t("board.notice_ok", { name: n.label, at: localTime(n.at).slice(11) }); }
+      if (n.state === "failed") { return t("board.notice_failed", { name: n.label }); }
+      return t("board.notice_pending", { name: n.label });
+    });
+    return t("board.escalated_prefix") + " · " + parts.join(t("punct.comma"));
+  }
+
+  function reveal(li, id, button) {
+    var why = li.querySelector(".reveal-reason");
+    button.disabled = true;
+    post("/api/incidents/" + id + "/phones", { reason: why ? why.value : "" }).then(function (res) {
+      button.disabled = false;
+      if (signedOut(res.status)) { return; }
+      if (res.status !== 200) { toast((res.body && res.body.message) || t("board.error")); return; }
+      var ul = li.querySelector(".detail .residents");
+      if (!ul) { return; }
+      ul.textContent = "";
+      (res.body.residents || []).forEach(function (r) {
+        var item = el("li", "resident revealed", r.name + " · " + t("board.resident_role." + r.role) + " · ");
+        var a = el("a", "call", r.phone);
+        a.href = "tel:" + r.phone;
+        item.appendChild(a);
+        ul.appendChild(item);
+      });
+      var row = li.querySelector(".reveal-row");
+      if (row) { row.parentNode.removeChild(row); }
+    }, function () { button.disabled = false; toast(t("board.error")); });
+  }
+
+  function ackMany(what) {
+    var body = { upto: newest };
+    if (what.kind) { body.kind = what.kind; } else { body.zone = what.zone; }
+    post("/api/board/ack", body).then(function (res) {
+      if (signedOut(res.status)) { return; }
+      if (res.status !== 200) { toast((res.body && res.body.message) || t("board.error")); return; }
+      (res.body.incidents || []).forEach(upsert);
+      toast(t("board.acked_many", { n: (res.body.incidents || []).length }));
+    }, function () { toast(t("board.error")); });
+  }
+
+  function zoneButtons() {
+    if (!list) { return; }
+    var per = {};
+    Object.keys(incidents).forEach(function (k) {
+      if (incidents[k].state === "new") { var z = zoneOf(incidents[k]); per[z] = (per[z] || 0) + 1; }
+    });
+    Array.prototype.forEach.call(list.children, function (li) {
+      var inc = incidents[li.getAttribute("data-id")];
+      var bz = li.querySelector(".bulk-one");
+      if (!inc || !bz) { return; }
+      var n = inc.state === "new" ? per[zoneOf(inc)] || 0 : 0;
+      var bb = bz.querySelector("button");
+      if (n > 1) {
+        if (!bb) {
+          bb = el("button", "bulk-zone");
+          bb.type = "button";
+          bz.appendChild(bb);
+        }
+        bb.setAttribute("data-zone", zoneOf(inc));
+        bb.textContent = t("board.ack_zone", { n: n });
+      } else if (bb) {
+        bz.removeChild(bb);
+      }
+      bz.hidden = n <= 1;
+    });
+  }
+
+  function renderBulk() {
+    zoneButtons();
+    if (!bulkEl) { return; }
+    var byKind = {};
+    Object.keys(incidents).forEach(function (k) {
+      var i = incidents[k];
+      if (i.state === "new") { byKind[i.kind] = (byKind[i.kind] || 0) + 1; }
+    });
+    bulkEl.textContent = "";
+    var kinds = Object.keys(byKind).filter(function (k) { return byKind[k] > 1; }).sort();
+    kinds.forEach(function (k) {
+      var b = el("button", "bulk-kind", t("board.ack_kind", { kind: t("kind." + k), n: byKind[k] }));
+      b.type = "button";
+      b.setAttribute("data-kind", k);
+      b.addEventListener("click", function () { ackMany({ kind: k }); });
+      bulkEl.appendChild(b);
+    });
+    bulkEl.hidden = !kinds.length;
+  }
+
   function upsert(inc) {
     if (!inc || typeof inc.id !== "number") { return; }
+    newest = Math.max(newest, inc.id);
     var known = incidents[inc.id] || closed[inc.id];
     if (known && known.version > inc.version) { return; }
     if (inc.state === "closed") {
@@ -379,6 +595,7 @@
     closed = {};
     fetched.forEach(function (i) {
       maxId = Math.max(maxId, i.id);
+      newest = Math.max(newest, i.id);
       var mine = oldOpen[i.id] || oldClosed[i.id];
       var best = mine && mine.version > i.version ? mine : i;
       if (best.state === "closed") { closed[best.id] = best; } else { incidents[best.id] = best; }
@@ -412,119 +629,14 @@
     refresh();
   }
 
-  function newestUnacknowledged() {
-    var best = null;
-    Object.keys(incidents).forEach(function (k) {
-      var i = incidents[k];
-      if (i.state !== "new") { return; }
-      if (!best || i.opened_at > best.opened_at || (i.opened_at === best.opened_at && i.id > best.id)) { best = i; }
-    });
-    return best;
-  }
-
   function refresh() {
     var n = Object.keys(incidents).length;
     var count = document.getElementById("open-count");
     if (count) { count.textContent = String(n); }
     var none = document.getElementById("none");
     if (none) { none.hidden = n > 0; }
-    if (banner) {
-      var b = newestUnacknowledged();
-      banner.hidden = !b;
-      if (b) {
-        banner.className = "banner lvl-" + String(b.level).replace(/[^a-z]/g, "") + (b.escalated_at ? " escalated" : "");
-        banner.setAttribute("data-id", String(b.id));
-        setText(banner, ".badge", t("kind." + b.kind));
-        setText(banner, ".title", (b.title && (b.title[lang] || b.title["zh-CN"])) || b.type);
-        setText(banner, ".where", (b.where && (b.where[lang] || b.where["zh-CN"])) || "");
-        setText(banner, ".ts", localTime(b.opened_at));
-      }
-    }
-    updateSound();
+    renderBulk();
     updateMaps();
-  }
-
-  if (banner) {
-    banner.querySelector(".ack").addEventListener("click", function () {
-      var id = banner.getAttribute("data-id");
-      if (id) { act(id, "ack", {}); }
-    });
-  }
-
-  // ------------------------------------------------------------ the siren
-
-  function setSound(state) {
-    soundState = state;
-    if (soundEl) {
-      soundEl.setAttribute("data-state", state);
-      setText(soundEl, ".text", t("board.sound." + state));
-    }
-    if (blockedEl) { blockedEl.hidden = state !== "blocked"; }
-  }
-
-  function ringingState() {
-    var ring = false;
-    var esc = false;
-    Object.keys(incidents).forEach(function (k) {
-      if (incidents[k].state === "new") {
-        ring = true;
-        if (incidents[k].escalated_at) { esc = true; }
-      }
-    });
-    return { ring: ring, esc: esc };
-  }
-
-  function play() {
-    var p = siren.play();
-    if (p && typeof p.then === "function") {
-      p.then(function () {
-        unlocked = true;
-        if (!ringingState().ring) { siren.pause(); setSound("off"); } else { setSound("ringing"); }
-      }, function (err) {
-        if (err && err.name === "AbortError") { return; }  // paused again before it started
-        setSound("blocked");
-      });
-    } else {
-      setSound("ringing");
-    }
-  }
-
-  function updateSound() {
-    if (!siren || !list) { return; }
-    var s = ringingState();
-    if (!s.ring) {
-      if (!siren.paused) { siren.pause(); }
-      if (soundState !== "blocked") { setSound("off"); }
-      return;
-    }
-    var src = s.esc ? cfg.sounds.fast : cfg.sounds.normal;
-    var changed = siren.getAttribute("data-src") !== src;
-    if (changed) {
-      siren.setAttribute("data-src", src);
-      siren.src = src;
-    }
-    siren.volume = s.esc ? 1.0 : 0.6;
-    siren.setAttribute("data-level", s.esc ? "escalated" : "normal");
-    if (siren.paused || changed) { play(); }
-  }
-
-  function enableSound() {
-    if (!siren) { return; }
-    if (!siren.getAttribute("src")) { siren.setAttribute("data-src", cfg.sounds.normal); siren.src = cfg.sounds.normal; }
-    play();
-  }
-
-  if (siren && list) {
-    var enable = document.getElementById("enable-sound");
-    if (enable) { enable.addEventListener("click", enableSound); }
-    // Any click on the page is a user gesture: use the first one to let the siren play.
-    document.addEventListener("click", function () { if (!unlocked && soundState === "blocked") { enableSound(); } },
-      true);
-    try {
-      if (navigator.getAutoplayPolicy && navigator.getAutoplayPolicy("mediaelement") !== "allowed") {
-        setSound("blocked");
-      }
-    } catch (err) { /* no policy API: we learn it from the first play() */ }
   }
 
   // ------------------------------------------------------------ the site map
@@ -533,7 +645,7 @@
     for (var m = 0; m < maps.length; m++) {
       var svg = maps[m];
       var site = svg.getAttribute("data-site");
-      var zones = {}, buildings = {}, houses = {}, doors = {};
+      var zones = {}, buildings = {}, houses = {}, doors = {}, markers = {};
       Object.keys(incidents).forEach(function (k) {
         var i = incidents[k];
         if (i.site !== site) { return; }
@@ -545,6 +657,8 @@
           (houses[i.place.building] = houses[i.place.building] || []).push(i.place.house);
         }
         mark(doors, i.place.door);
+        var ms = i.data && i.data.markers;
+        if (Array.isArray(ms)) { ms.forEach(function (key) { if (typeof key === "string") { mark(markers, key); } }); }
       });
       var apply = function (sel, attr, base, states) {
         var items = svg.querySelectorAll(sel);
@@ -556,6 +670,11 @@
       apply("[data-zone]", "data-zone", "zone", zones);
       apply("[data-building]", "data-building", "building", buildings);
       apply("[data-door]", "data-door", "door", doors);
+      var ms = svg.querySelectorAll("[data-marker]");
+      for (var q = 0; q < ms.length; q++) {
+        var mst = markers[ms[q].getAttribute("data-marker")];
+        ms[q].setAttribute("class", "marker " + (ms[q].getAttribute("data-kind") || "") + (mst ? " " + mst : ""));
+      }
       var bs = svg.querySelectorAll("[data-building]");
       for (var b = 0; b < bs.length; b++) {
         var hs = (houses[bs[b].getAttribute("data-building")] || []).slice().sort();
@@ -621,10 +740,11 @@
     }
     var state = g.state || "unknown";
     row.setAttribute("data-state", state);
-    setText(row, ".name", (g.label ? g.label + " " : "") + "(" + g.group + ")");
+    setText(row, ".name", g.label || g.group);
+    row.querySelector(".name").title = g.group;
     var gs = row.querySelector(".gstate");
     gs.className = "gstate " + state;
-    gs.textContent = t("arm." + state) + (g.mode && state !== "disarmed" ? " · " + g.mode : "");
+    gs.textContent = t("arm." + state) + (g.mode && state !== "disarmed" ? " · " + t("arm.mode." + g.mode) : "");
     var none = document.getElementById("no-groups");
     if (none) { none.hidden = true; }
   }
@@ -640,6 +760,24 @@
     }, function () { toast(t("board.error")); });
   }
 
+  // A command's group by its label, as the arm panel names it.
+  function groupName(c) {
+    var group = (c.args && c.args.group) || "";
+    var g = (cfg.groups || []).filter(function (x) { return x.group === group && x.site === c.site; })[0];
+    return (g && g.label) || group;
+  }
+
+  // Who sent it, as people say it ("保安 bob"): the shell's role names.
+  function actor(by) {
+    var s = String(by || ""), i = s.indexOf(":");
+    if (s === "gateway:portal") { return t("actor.phone"); }  // raised by the portal: a resident's phone
+    if (i < 0) { return T.hasOwnProperty("actor." + s) ? t("actor." + s) : s; }
+    var kind = s.slice(0, i), who = s.slice(i + 1);
+    if (T.hasOwnProperty("role." + kind)) { return t("role." + kind) + " " + who; }
+    if (kind === "gateway" && cfg.gateway_names && cfg.gateway_names[who]) { who = cfg.gateway_names[who]; }
+    return T.hasOwnProperty("actor." + kind) ? t("actor." + kind, { v: who }) : s;
+  }
+
   function upsertCommand(c) {
     if (!c || !commandsEl) { return; }
     commands[c.id] = c;
@@ -653,55 +791,36 @@
     row.setAttribute("data-status", c.status);
     row.textContent = "";
     row.appendChild(el("time", null, localTime(c.sent_at).slice(11)));
-    row.appendChild(document.createTextNode(" " + t("arm.cmd." + c.type) + " " + ((c.args && c.args.group) || "") +
-      (c.args && c.args.mode ? " (" + c.args.mode + ")" : "") + " · " + c.by + " · "));
+    row.appendChild(document.createTextNode(" " + t("arm.cmd." + c.type) + " " + groupName(c) +
+      (c.args && c.args.mode ? " (" + t("arm.mode." + c.args.mode) + ")" : "") + " · " + actor(c.by) + " · "));
     row.appendChild(el("span", "st st-" + c.status, t("arm.status." + c.status)));
     if (c.detail) { row.appendChild(el("span", "detail", " " + c.detail)); }
   }
 
-  // ------------------------------------------------------------ the socket
+  // ------------------------------------------------------------ the shell's socket
 
-  function setConn(state) {
-    if (!conn) { return; }
-    conn.className = "conn conn-" + state;
-    conn.setAttribute("data-state", state);
-    setText(conn, ".text", conn.getAttribute("data-label-" + state) || state);
-  }
+  // The centre's drill-down (/board?site=...): one estate's board; the shell still rings for every estate.
+  function mine(x) { return !cfg.site || (x && x.site === cfg.site); }
 
   function load() {
-    return fetch("/api/board", { credentials: "same-origin" }).then(function (r) {
+    var url = "/api/board" + (cfg.site ? "?site=" + encodeURIComponent(cfg.site) : "");
+    return fetch(url, { credentials: "same-origin" }).then(function (r) {
       if (signedOut(r.status)) { return; }
       if (!r.ok) { return; }
       return r.json().then(resetAll);
-    }).catch(function () { /* offline: the socket retries and loads again */ });
+    }).catch(function () { /* offline: the shell reconnects and this loads again */ });
   }
 
-  function connect() {
-    setConn(failures ? "offline" : "connecting");
-    var proto = window.location.protocol === "https:" ? "wss:" : "ws:";
-    var ws;
-    try { ws = new WebSocket(proto + "//" + window.location.host + "/ws"); } catch (err) { schedule(); return; }
-    ws.onopen = function () { delay = 500; failures = 0; setConn("online"); load(); };
-    ws.onmessage = function (m) {
-      var msg;
-      try { msg = JSON.parse(m.data); } catch (err) { return; }
-      if (msg.kind === "incident") { upsert(msg.incident); }
-      else if (msg.kind === "group") { upsertGroup(msg.group); }
-      else if (msg.kind === "arm_command") { upsertCommand(msg.command); }
-      else if (msg.kind === "door") { setDoor(msg.door); }
-    };
-    ws.onclose = function () { setConn("offline"); schedule(); };
-  }
+  GH.on("open", load);
+  GH.on("incident", function (m) { if (mine(m.incident)) { upsert(m.incident); } });
+  GH.on("group", function (m) { if (mine(m.group)) { upsertGroup(m.group); } });
+  GH.on("arm_command", function (m) { if (mine(m.command)) { upsertCommand(m.command); } });
+  GH.on("door", function (m) { if (mine(m.door)) { setDoor(m.door); } });
+  GH.on("missed", function (fresh) {
+    fresh.forEach(function (i) { var c = findCard(list, i.id); if (c) { c.classList.add("missed"); } });
+  });
 
-  function schedule() {
-    failures += 1;
-    var wait = delay / 2 + Math.random() * delay / 2;
-    delay = Math.min(delay * 2, 15000);
-    window.setTimeout(connect, wait);
-  }
-
-  (cfg.groups || []).forEach(upsertGroup);
+  (cfg.groups || []).filter(mine).forEach(upsertGroup);
   var names = document.getElementById("guard-names");
   if (names) { (cfg.guards || []).forEach(function (g) { names.appendChild(el("option")).value = g; }); }
-  connect();
 })();

@@ -1,27 +1,18 @@
-// The guard console: new events arrive over a WebSocket and are added to the list without a reload.
-// The socket reconnects by itself (backoff with jitter) and asks for what it missed (?after=<newest id>).
+// The guard console's event list: new events arrive over the console shell's WebSocket (console-shell.js) and
+// are added without a reload; when the shell reconnects, the socket asks for what it missed (?after=<newest id>).
 (function () {
   "use strict";
   var list = document.getElementById("events");
-  var conn = document.getElementById("conn");
   var tpl = document.getElementById("event-template");
   var empty = document.getElementById("empty");
-  if (!list || !conn || !tpl) { return; }
+  if (!list || !tpl || !window.GH) { return; }
   var maxRows = parseInt(list.getAttribute("data-max") || "100", 10);
   var newest = "";
-  var delay = 500;
-  var failures = 0;
 
   Array.prototype.forEach.call(list.children, function (row) {
     var id = row.getAttribute("data-id") || "";
     if (id > newest) { newest = id; }
   });
-
-  function setConn(state) {
-    conn.className = "conn conn-" + state;
-    conn.setAttribute("data-state", state);
-    conn.querySelector(".text").textContent = conn.getAttribute("data-label-" + state) || state;
-  }
 
   function setText(row, sel, text) { row.querySelector(sel).textContent = text == null ? "" : String(text); }
 
@@ -39,6 +30,7 @@
     setText(row, ".ts", e.ts_local);
     setText(row, ".place", e.place);
     setText(row, ".source", e.source);
+    row.setAttribute("title", e.codes || "");
     var before = null;  // newest first: ids are time-ordered (ULID)
     for (var j = 0; j < list.children.length; j++) {
       if (list.children[j].getAttribute("data-id") < e.id) { before = list.children[j]; break; }
@@ -60,37 +52,7 @@
     }
   }
 
-  function checkSignedIn() {
-    fetch("/api/events?limit=1", { credentials: "same-origin" }).then(function (r) {
-      if (r.status === 401 || r.status === 403) {
-        window.location.href = "/login?next=" + encodeURIComponent("/console");
-      }
-    }).catch(function () { /* the network is down: keep retrying the socket */ });
-  }
-
-  function connect() {
-    setConn(failures ? "offline" : "connecting");
-    var proto = window.location.protocol === "https:" ? "wss:" : "ws:";
-    var url = proto + "//" + window.location.host + "/ws" + (newest ? "?after=" + encodeURIComponent(newest) : "");
-    var ws;
-    try { ws = new WebSocket(url); } catch (err) { schedule(); return; }
-    ws.onopen = function () { delay = 500; failures = 0; setConn("online"); };
-    ws.onmessage = function (m) {
-      var msg;
-      try { msg = JSON.parse(m.data); } catch (err) { return; }
-      if (msg.kind === "event") { addEvent(msg.event); }
-      else if (msg.kind === "status") { setGateway(msg); }
-    };
-    ws.onclose = function () { setConn("offline"); schedule(); };
-  }
-
-  function schedule() {
-    failures += 1;
-    if (failures % 3 === 0) { checkSignedIn(); }
-    var wait = delay / 2 + Math.random() * delay / 2;
-    delay = Math.min(delay * 2, 15000);
-    window.setTimeout(connect, wait);
-  }
-
-  connect();
+  window.GH.wsQuery = function () { return newest ? "after=" + encodeURIComponent(newest) : ""; };
+  window.GH.on("event", function (m) { addEvent(m.event); });
+  window.GH.on("status", setGateway);
 })();

@@ -4,14 +4,11 @@
 (function () {
   "use strict";
   var list = document.getElementById("doors");
-  var conn = document.getElementById("conn");
   var labels = document.getElementById("labels");
   var tpl = document.getElementById("door-template");
   var commands = document.querySelector("#commands tbody");
-  if (!list || !conn || !labels) { return; }
+  if (!list || !labels || !window.GH) { return; }
   var token = (document.querySelector('meta[name="csrf-token"]') || {}).content || "";
-  var delay = 500;
-  var failures = 0;
 
   function label(name, fallback) {
     var v = labels.getAttribute("data-" + name);
@@ -19,11 +16,7 @@
   }
   function clean(s) { return String(s == null ? "" : s).replace(/[^a-z0-9_-]/gi, ""); }
 
-  function setConn(state) {
-    conn.className = "conn conn-" + state;
-    conn.setAttribute("data-state", state);
-    conn.querySelector(".text").textContent = conn.getAttribute("data-label-" + state) || state;
-  }
+
 
   function card(key) {
     var items = list.querySelectorAll("li.door");
@@ -62,17 +55,49 @@
     li.querySelector(".state").textContent = label("state-" + state, state);
     li.querySelector(".since").textContent = d.since_local ? label("since", "{ts}").replace("{ts}", d.since_local) : "";
     li.querySelector(".last").textContent = lastAccess(d.last_access);
+    var why = li.querySelector(".door-why");
+    if (why) {
+      why.setAttribute("data-silent", clean(d.silent));
+      why.setAttribute("data-door", d.door || "");
+      why.setAttribute("data-gw", d.gateway_name || d.gateway || "");
+      why.textContent = d.silent ? label("silent-" + clean(d.silent), "").replace("{gw}", d.gateway_name || d.gateway)
+        .replace("{door}", d.door || "") : "";
+    }
     li.classList.add("changed");
     window.setTimeout(function () { li.classList.remove("changed"); }, 1500);
   }
 
-  function commandText(c) {
-    var text = label("cmd-" + clean(c.status), c.status);
-    return c.detail ? text + " (" + c.detail + ")" : text;
+  // A command's door by its label and its sender as people say it ("保安 bob"), as the page's own rows show them.
+  function shown(k, c) {
+    if (k === "key") {
+      var li = card(c.key);
+      var name = li && li.querySelector(".name");
+      return name ? name.textContent : c.door;
+    }
+    if (k === "by") {
+      var parts = String(c.by || "").split(":");
+      var role = labels.getAttribute("data-role-" + clean(parts[0]));
+      return role && parts.length > 1 ? role + " " + parts.slice(1).join(":") : c.by;
+    }
+    return c[k];
   }
+
+  function commandText(c) {
+    if (c.status === "failed" && c.detail) {  // a known reason, worded: "开门失败：继电器未动作"
+      var failed = labels.getAttribute("data-fail-" + clean(c.detail));
+      if (failed != null) { return failed; }
+    }
+    var text = label("cmd-" + clean(c.status), c.status);
+    return c.detail && c.status !== "opened" ? text + " (" + c.detail + ")" : text;  // "门已打开" says it all
+  }
+
+  // The socket can tell a command's outcome before the POST that sent it answers "pending": an order never goes back.
+  var settled = {};
 
   function setCommand(c) {
     if (!c || typeof c.id !== "string") { return; }
+    if (c.status === "pending" && settled[c.id]) { return; }
+    if (c.status !== "pending") { settled[c.id] = true; }
     var li = card(c.key);
     var out = li && li.querySelector(".unlock-result");
     if (out) {
@@ -91,7 +116,7 @@
       row.setAttribute("data-id", c.id);
       ["sent_local", "key", "by", "reason", "status"].forEach(function (k) {
         var td = document.createElement("td");
-        if (k === "status") { td.className = "status"; } else { td.textContent = c[k] || ""; }
+        if (k === "status") { td.className = "status"; } else { td.textContent = shown(k, c) || ""; }
         row.appendChild(td);
       });
       commands.insertBefore(row, commands.firstElementChild);
@@ -105,6 +130,12 @@
     for (var i = 0; i < items.length; i++) {
       if (items[i].getAttribute("data-gateway") === m.gateway) {
         items[i].classList.toggle("is-gateway-offline", m.status === "offline");
+        var why = items[i].querySelector(".door-why");
+        if (why && why.getAttribute("data-silent") === "gateway" && m.status !== "unknown") {  // it reports now
+          why.setAttribute("data-silent", "door");
+          why.textContent = label("silent-door", "").replace("{gw}", why.getAttribute("data-gw") || "").replace("{door}",
+            why.getAttribute("data-door") || "");
+        }
       }
     }
   }
@@ -121,33 +152,10 @@
     }).catch(function () { /* the network is down: the socket retries */ });
   }
 
-  function connect() {
-    setConn(failures ? "offline" : "connecting");
-    var proto = window.location.protocol === "https:" ? "wss:" : "ws:";
-    var ws;
-    try { ws = new WebSocket(proto + "//" + window.location.host + "/ws"); } catch (err) { schedule(); return; }
-    ws.onopen = function () {
-      delay = 500;
-      if (failures) { resync(); }  // what changed while the socket was down
-      failures = 0;
-      setConn("online");
-    };
-    ws.onmessage = function (m) {
-      var msg;
-      try { msg = JSON.parse(m.data); } catch (err) { return; }
-      if (msg.kind === "door") { setDoor(msg.door); }
-      else if (msg.kind === "unlock") { setCommand(msg.command); }
-      else if (msg.kind === "status") { setGateway(msg); }
-    };
-    ws.onclose = function () { setConn("offline"); schedule(); };
-  }
-
-  function schedule() {
-    failures += 1;
-    var wait = delay / 2 + Math.random() * delay / 2;
-    delay = Math.min(delay * 2, 15000);
-    window.setTimeout(connect, wait);
-  }
+  window.GH.on("open", function (x) { if (x.reconnected) { resync(); } });  // what changed while it was down
+  window.GH.on("door", function (m) { setDoor(m.door); });
+  window.GH.on("unlock", function (m) { setCommand(m.command); });
+  window.GH.on("status", setGateway);
 
   list.addEventListener("submit", function (e) {
     var form = e.target;
@@ -189,5 +197,4 @@
     });
   });
 
-  connect();
 })();

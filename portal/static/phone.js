@@ -3,12 +3,12 @@
 (function () {
   const csrf = () => (document.querySelector('meta[name="csrf-token"]') || {}).content || "";
 
-  const sos = document.getElementById("sos-form");
-  if (sos) {
-    sos.addEventListener("submit", (e) => {
-      if (!window.confirm(sos.dataset.confirm)) e.preventDefault();
+  // Forms that ask first (the help call, stopping the care service).
+  document.querySelectorAll("form[data-confirm]").forEach((form) => {
+    form.addEventListener("submit", (e) => {
+      if (!window.confirm(form.dataset.confirm)) e.preventDefault();
     });
-  }
+  });
 
   // Own access QR: a fresh pass well before the last one expires (about every 45 s), and at once when the
   // page becomes visible again. The QR arrives as SVG rendered by the portal.
@@ -66,6 +66,8 @@
         document.open();
         document.write(html);
         document.close();
+        // The address bar follows the page shown (the report's progress): a reload refreshes it, never resends.
+        if (r.redirected && r.url) { window.history.replaceState(null, "", r.url); }
       } catch (err) {
         if (button) button.disabled = false;
         window.alert(String(err));

@@ -32,7 +32,8 @@
       var people = (body.residents || []).map(function (r) {
         return r.name + " (" + (info.getAttribute("data-role-" + r.role) || r.role) + ") " + r.phone;
       });
-      var text = body.address + " · " + info.getAttribute("data-residents") + ": " +
+      var en = document.documentElement.lang === "en";
+      var text = (en && body.address_en ? body.address_en : body.address) + " · " + info.getAttribute("data-residents") + ": " +
         (people.length ? people.join(", ") : info.getAttribute("data-no-residents"));
       if (body.doors && body.doors.length) {
         text += " · " + info.getAttribute("data-doors") + ": " + body.doors.map(function (d) { return d.label; }).join(", ");

@@ -1,0 +1,138 @@
+"""The running part of patrols: rounds written as they begin, overdue and missed checkpoints raised on time, and the
+one-time tokens of the guards' scan pages.
+
+The schedule is wall time in the site's zone (a round at 22:00 is at 22:00 on the guardroom's clock); the engine
+writes only when something is due: at the next round's start or the next window's or allowance's end (kept from its
+last write), or when a route changes. Rounds that began while the portal was away are written down when it is back
+(:data:`portal.patrol.model.LOOKBACK`), and what they missed is reported, but they ring only when still fresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from portal.alarms.board import AlarmBoard
+from portal.patrol import model
+from portal.store import StoreError
+from portal.web.services import Services
+
+log = logging.getLogger("portal.patrol")
+
+TICK_S = 1.0
+NONCE_LIFE_S = 600.0  # a scan page must be confirmed within this of being opened
+NONCES_MAX = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class Nonce:
+    session: str  # the staff session's id hash
+    checkpoint: int
+    expires: float  # monotonic
+
+
+class PatrolEngine:
+    def __init__(
+        self,
+        svc: Services,
+        board: AlarmBoard,
+        *,
+        wall: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.svc, self.board, self.wall, self.mono = svc, board, wall, mono
+        self.next_at: datetime | None = None
+        self._poke = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._nonces: OrderedDict[str, Nonce] = OrderedDict()
+        self.markers: dict[str, list[Any]] = {}  # site → placed checkpoints (portal.alarms.board.Marker), for the maps
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.wall(), UTC)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="portal.patrol.rounds")
+        self._poke.set()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def poke(self) -> None:
+        """A route or checkpoint changed: look again now."""
+        self._poke.set()
+
+    async def tick_now(self) -> model.Changes:
+        now, tz = self.now(), self.svc.tz
+        res: model.Changes = await self.svc.store.run_write(lambda c: model.tick(c, now, tz))
+        self.next_at = res.next_at
+        await self.publish(res.events)
+        return res
+
+    async def publish(self, events: list[dict[str, Any]]) -> None:
+        for ev in events:
+            self.svc.hub.broadcast({"kind": "event", "event": ev})
+            if ev["type"] in ("patrol.overdue", "patrol.missed"):
+                log.warning(
+                    "patrol: %s %s (%s)",
+                    ev["data"].get("label"),
+                    ev["type"],
+                    ", ".join(ev["data"].get("checkpoints", [])),
+                )
+        if events:
+            await self.board.feed_now()
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TICK_S):
+                    await self._poke.wait()
+            poked = self._poke.is_set()
+            self._poke.clear()
+            if not poked and (self.next_at is None or self.now() < self.next_at):
+                continue
+            try:
+                await self.tick_now()
+            except StoreError as e:
+                log.warning("patrol rounds: %s; retrying", e)
+                await asyncio.sleep(1.0)
+                self._poke.set()
+            except Exception:
+                log.exception("patrol rounds failed; retrying")
+                await asyncio.sleep(1.0)
+                self._poke.set()
+
+    # -- the scan page's one-time tokens
+
+    def issue(self, session: str, checkpoint: int) -> str:
+        now = self.mono()
+        while self._nonces:
+            first = next(iter(self._nonces.values()))
+            if first.expires > now and len(self._nonces) < NONCES_MAX:
+                break
+            self._nonces.popitem(last=False)
+        token = secrets.token_urlsafe(18)
+        self._nonces[token] = Nonce(session, checkpoint, now + NONCE_LIFE_S)
+        return token
+
+    def redeem(self, token: str, session: str, checkpoint: int) -> str | None:
+        """None when the token is good (it is used up now), else why not: replayed (unknown or used), expired,
+        or issued to another session or checkpoint."""
+        got = self._nonces.pop(token, None) if isinstance(token, str) and len(token) <= 64 else None
+        if got is None:
+            return "replayed"
+        if got.session != session or got.checkpoint != checkpoint:
+            return "mismatch"
+        if got.expires < self.mono():
+            return "expired"
+        return None
