@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import json
 import logging
 import os
 import re
@@ -53,7 +54,7 @@ with atheris.instrument_imports(include=["devices", "gateway", "pymodbus"]):
     from devices.modbus import BusSpec, _Link
     from devices.qr_reader import MAX_LINE, Line, LineFramer, Parsed, Refused, parse_line
     from gateway import wire
-    from gateway.wire import passes
+    from gateway.wire import commands, passes
 
 # ================================================================ shared
 
@@ -63,7 +64,7 @@ def split_input(data: bytes) -> tuple[list[int], bytes]:
     if not data:
         return [], b""
     n = data[0] & 3
-    return list(data[1:1 + n]), data[1 + n:]
+    return list(data[1 : 1 + n]), data[1 + n :]
 
 
 def chunked(stream: bytes, cuts: list[int]) -> list[bytes]:
@@ -95,8 +96,16 @@ def panel_expected(stream: bytes) -> list[PanelMessage]:
         z = text.replace("A", "0")
         if z[4:6] not in ("18", "98") or z[6] not in _QUALIFIER_DIGIT or not z[7:15].isdigit():
             continue
-        out.append(PanelMessage(z[:4], int(z[4:6]), _QUALIFIER_DIGIT[z[6]], int(z[7:10]), int(z[10:12]),  # type: ignore[arg-type]
-                                int(z[12:15])))
+        out.append(
+            PanelMessage(
+                z[:4],
+                int(z[4:6]),
+                _QUALIFIER_DIGIT[z[6]],
+                int(z[7:10]),
+                int(z[10:12]),  # type: ignore[arg-type]
+                int(z[12:15]),
+            )
+        )
     return out
 
 
@@ -114,8 +123,17 @@ def receiver_expected(stream: bytes) -> list[ReceiverMessage | Heartbeat]:
             rr, ln, acct, q, code, part, zone = (g.decode("ascii") for g in m.groups())
             digits = (code + part + zone).replace("A", "0")
             if digits.isdigit():
-                out.append(ReceiverMessage(rr, ln, acct, _QUALIFIER_LETTER[q], int(digits[:3]),  # type: ignore[arg-type]
-                                           int(digits[3:5]), int(digits[5:])))
+                out.append(
+                    ReceiverMessage(
+                        rr,
+                        ln,
+                        acct,
+                        _QUALIFIER_LETTER[q],
+                        int(digits[:3]),  # type: ignore[arg-type]
+                        int(digits[3:5]),
+                        int(digits[5:]),
+                    )
+                )
             continue
         h = _RECEIVER_HEARTBEAT.fullmatch(seg)
         if h:
@@ -157,13 +175,17 @@ def qr_lines(data: bytes) -> None:
     """Only printable-ASCII lines of 1..MAX_LINE bytes come out, each exactly a terminated line of the
     stream, however the reads were cut; parse_line takes every one of them without raising."""
     cuts, stream = split_input(data)
-    want = [Line(s) for s in re.split(rb"[\r\n]", stream)[:-1]
-            if 0 < len(s) <= MAX_LINE and all(0x20 <= b <= 0x7E for b in s)]
+    want = [
+        Line(s)
+        for s in re.split(rb"[\r\n]", stream)[:-1]
+        if 0 < len(s) <= MAX_LINE and all(0x20 <= b <= 0x7E for b in s)
+    ]
     for reads in (chunked(stream, cuts), [stream]):
         framer = LineFramer()
         items = [item for r in reads for item in framer.feed(r)]
-        assert all(isinstance(i, Line) or (isinstance(i, Refused) and i.reason in ("overlong", "garbage"))
-                   for i in items), items
+        assert all(
+            isinstance(i, Line) or (isinstance(i, Refused) and i.reason in ("overlong", "garbage")) for i in items
+        ), items
         lines = [i for i in items if isinstance(i, Line)]
         assert lines == want, (stream, lines, want)
         assert len(framer._buf) <= MAX_LINE
@@ -194,7 +216,7 @@ def _keyring() -> dict[str, Any]:
 def _signed_raw(text: str, prefix: str) -> bytes:
     """The signed bytes of an accepted text, decoded here without the product's code, and the signature
     checked here again: an accepted pass or list must carry a good signature over exactly these bytes."""
-    body = text.strip(" \t\r\n")[len(prefix):]
+    body = text.strip(" \t\r\n")[len(prefix) :]
     if prefix == passes.PASS_PREFIX:
         raw = base64.b32decode(body + "=" * (-len(body) % 8))
     else:
@@ -234,8 +256,21 @@ def passes_text(data: bytes) -> None:
 
 # ================================================================ MQTT payloads (gateway/wire)
 
-WIRE_KINDS = ("cmd", "ack", "status", "events", "topic")
-_WIRE_REASONS = {"malformed", "schema", "bad-version", "too-large", "topic-mismatch", "bad-topic", "bad-name"}
+WIRE_KINDS = ("cmd", "ack", "status", "events", "topic", "cmd-body")
+_WIRE_REASONS = {
+    "malformed",
+    "schema",
+    "bad-version",
+    "too-large",
+    "topic-mismatch",
+    "bad-topic",
+    "bad-name",
+    "unsigned",
+    "unknown-key",
+    "bad-signature",
+    "wrong-gateway",
+    "too-long",
+}
 _SITE, _GW = "s1", "gw1"
 
 
@@ -252,9 +287,13 @@ def wire_payload(data: bytes) -> None:
             return
         msg: Any
         if kind == "cmd":
-            msg = wire.decode_command(payload)
-            assert msg.ts.tzinfo is not None and msg.expires.tzinfo is not None
-            again: Any = wire.decode_command(wire.encode(msg))
+            msg = commands.open_command(payload, _keyring(), site=_SITE, gateway=_GW)
+            _check_command_signature(payload, msg)
+            again: Any = wire.decode_command_body(wire.encode(msg))
+        elif kind == "cmd-body":  # what a signed envelope carries, decoded as the gateway does once it verified
+            msg = wire.decode_command_body(payload)
+            assert msg.ts.tzinfo is not None and msg.expires.tzinfo is not None and msg.v == wire.COMMAND_VERSION
+            again = wire.decode_command_body(wire.encode(msg))
         elif kind == "ack":
             msg = wire.decode_ack(payload)
             assert all(s > 0 for s in msg.seqs)
@@ -267,13 +306,25 @@ def wire_payload(data: bytes) -> None:
             assert (msg.site, msg.gateway) == (_SITE, _GW) and 1 <= len(msg.events) <= wire.MAX_BATCH
             seqs = [e.seq for e in msg.events]
             assert seqs == sorted(set(seqs)) and seqs[0] > 0
-            assert all(e.place.site == _SITE and e.ts.utcoffset() is not None and not e.ts.utcoffset()
-                       for e in msg.events)
+            assert all(
+                e.place.site == _SITE and e.ts.utcoffset() is not None and not e.ts.utcoffset() for e in msg.events
+            )
             again = wire.decode_batch(wire.encode(msg), site=_SITE, gateway=_GW)
     except wire.WireError as e:
         assert e.reason in _WIRE_REASONS, e
         return
     assert again == msg, (msg, again)
+
+
+def _check_command_signature(payload: bytes, msg: wire.Command) -> None:
+    """An accepted command: its envelope, read here with the json module, carries a good signature over exactly
+    the body it was decoded from, and that body names this gateway and a life within the contract."""
+    env = json.loads(payload)
+    body, sig = base64.b64decode(env["body"], validate=True), base64.b64decode(env["sig"], validate=True)
+    _keyring()[env["kid"]].verify(sig, b"GC2:" + bytes.fromhex(env["kid"]) + body)
+    assert wire.decode_command_body(body) == msg
+    assert (msg.site, msg.gateway) == (_SITE, _GW) and msg.v == wire.COMMAND_VERSION
+    assert (msg.expires - msg.ts).total_seconds() <= wire.MAX_COMMAND_LIFE_S
 
 
 # ================================================================ Modbus RTU (devices/modbus.py's client)
@@ -304,7 +355,7 @@ def crc_valid_spans(data: bytes) -> set[tuple[int, bytes]]:
         for j in range(i, len(data) - 2):
             crc = (crc >> 8) ^ _CRC[(crc ^ data[j]) & 0xFF]
             if j - i >= 1 and data[j + 1] == crc & 0xFF and data[j + 2] == crc >> 8:
-                out.add((data[i], data[i + 1:j + 1]))
+                out.add((data[i], data[i + 1 : j + 1]))
     return out
 
 

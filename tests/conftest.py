@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
-from gateway.broker import MosquittoProcess
+from gateway.tooling.broker import MosquittoProcess
+from portal.store import Postgres
+from tests.pg_support import PostgresServer, shared_server, stop_shared_server
+
+pytest_plugins = ["tests.tiers"]  # the `process` marker: which tests start a process (`make check` skips them)
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
@@ -31,6 +35,15 @@ def artifacts() -> Path:
     return ARTIFACTS
 
 
+def _resource_tracker(c: psutil.Process) -> bool:
+    """Python's own multiprocessing resource tracker: started once per process by the first spawn-context pool (the
+    plate sheets' workers) and ended with it, not a leak."""
+    try:
+        return "multiprocessing.resource_tracker" in " ".join(c.cmdline())
+    except psutil.Error:
+        return False
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail a test that leaves behind threads, child processes or (async) unfinished tasks."""
@@ -44,7 +57,7 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     leaked_threads = [t.name for t in deadline_threads if t.is_alive() and not t.daemon]
     leaked_children = []
     for c in me.children(recursive=True):
-        if c.pid in children_before:
+        if c.pid in children_before or _resource_tracker(c):
             continue
         try:
             c.wait(timeout=2.0)
@@ -69,3 +82,59 @@ async def no_task_leaks() -> None:
     for t in pending:
         t.cancel()
     assert not pending, f"test leaked tasks: {[t.get_name() for t in pending]}"
+
+
+# ---------------------------------------------------------------- PostgreSQL (the portal's shared store)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_postgres() -> Iterator[None]:
+    """The session's PostgreSQL server (if a test started it) ends with the session."""
+    yield
+    stop_shared_server()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> PostgresServer:
+    """One PostgreSQL server for the session (each xdist worker's own): initdb + pg_ctl in a temporary folder, on a
+    free loopback port."""
+    return shared_server()
+
+
+@pytest.fixture
+def pg_target(postgres: PostgresServer) -> Iterator[Postgres]:
+    """A database of this test's own on the session's server."""
+    target = postgres.new_database()
+    try:
+        yield target
+    finally:
+        postgres.drop_database(target)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> Path | Postgres:
+    """The portal's store on each engine in turn: a SQLite file in the test's folder, or a PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "portal.db"
+    target: Postgres = request.getfixturevalue("pg_target")
+    return target
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[str], Path | Postgres]]:
+    """``new_store(name)``: a store of its own for each name, on each engine in turn (SQLite files in the test's
+    folder, or PostgreSQL databases dropped after the test)."""
+    made: list[Postgres] = []
+
+    def new(name: str) -> Path | Postgres:
+        if request.param == "sqlite":
+            return tmp_path / name
+        server: PostgresServer = request.getfixturevalue("postgres")
+        made.append(server.new_database())
+        return made[-1]
+
+    try:
+        yield new
+    finally:
+        for target in made:
+            shared_server().drop_database(target)

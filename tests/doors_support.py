@@ -14,8 +14,17 @@ import aiomqtt
 from ulid import ULID
 
 from gateway import wire
-from portal import registry as reg
-from tests.portal_support import GATEWAY, SITE, Portal, batch_payload, next_ack, page_csrf, sign_in
+from portal.estate import registry as reg
+from tests.portal_support import (
+    GATEWAY,
+    SITE,
+    Portal,
+    batch_payload,
+    next_ack,
+    open_portal_command,
+    page_csrf,
+    sign_in,
+)
 from tests.registry_support import admin_session, estate_csv, import_csv
 from tests.stubs import Stub
 
@@ -52,25 +61,48 @@ async def guard_session(p: Portal, user: str = GUARD, password: str = GUARD_PW, 
     return p.csrf
 
 
-def door_event(seq: int, etype: str, door: str, data: dict[str, Any] | None = None, *, ts: datetime | None = None,
-               building: str | None = None, unit: str | None = None, priority: int = wire.Priority.ROUTINE,
-               point: str | None = None) -> wire.Event:
+def door_event(
+    seq: int,
+    etype: str,
+    door: str,
+    data: dict[str, Any] | None = None,
+    *,
+    ts: datetime | None = None,
+    building: str | None = None,
+    unit: str | None = None,
+    priority: int = wire.Priority.ROUTINE,
+    point: str | None = None,
+) -> wire.Event:
     ts = ts or datetime.now(UTC)
     place: dict[str, str] = {"door": door}
     if building:
         place["building"] = building
     if unit:
         place["unit"] = unit
-    return wire.Event(id=str(ULID.from_datetime(ts)), seq=seq, ts=ts, type=etype, device=f"ctl-{door}",
-                      place=wire.Place(site=SITE, **place), point=point, priority=priority,
-                      data={"door": door, **(data or {})})
+    return wire.Event(
+        id=str(ULID.from_datetime(ts)),
+        seq=seq,
+        ts=ts,
+        type=etype,
+        device=f"ctl-{door}",
+        place=wire.Place(site=SITE, **place),
+        point=point,
+        priority=priority,
+        data={"door": door, **(data or {})},
+    )
 
 
 def result_event(seq: int, command_id: str, ok: bool, door: str, detail: str = "") -> wire.Event:
     ts = datetime.now(UTC)
-    return wire.Event(id=str(ULID.from_datetime(ts)), seq=seq, ts=ts, type="command.result", device="gateway",
-                      place=wire.Place(site=SITE, door=door),
-                      data={"command_id": command_id, "command": "unlock", "ok": ok, "detail": detail, "door": door})
+    return wire.Event(
+        id=str(ULID.from_datetime(ts)),
+        seq=seq,
+        ts=ts,
+        type="command.result",
+        device="gateway",
+        place=wire.Place(site=SITE, door=door),
+        data={"command_id": command_id, "command": "unlock", "ok": ok, "detail": detail, "door": door},
+    )
 
 
 async def publish(gw: aiomqtt.Client, events: list[wire.Event]) -> None:
@@ -80,18 +112,18 @@ async def publish(gw: aiomqtt.Client, events: list[wire.Event]) -> None:
     assert sorted(ack.seqs) == sorted(e.seq for e in events), ack
 
 
-async def next_command(gw: aiomqtt.Client, timeout: float = 10.0) -> wire.Command:
+async def next_command(p: Portal, gw: aiomqtt.Client, timeout: float = 10.0) -> wire.Command:
+    """The next command the portal ``p`` sends the gateway, verified as the gateway verifies it."""
     async with asyncio.timeout(timeout):
         async for m in gw.messages:
             if str(m.topic) == CMD_TOPIC:
-                payload = m.payload
-                assert isinstance(payload, bytes | bytearray)
-                return wire.decode_command(bytes(payload))
+                return open_portal_command(p, m.payload)
     raise AssertionError("message stream ended")
 
 
-async def ws_wait(ws: aiohttp.ClientWebSocketResponse, kind: str, match: dict[str, Any] | None = None,
-                  timeout: float = 10.0) -> dict[str, Any]:
+async def ws_wait(
+    ws: aiohttp.ClientWebSocketResponse, kind: str, match: dict[str, Any] | None = None, timeout: float = 10.0
+) -> dict[str, Any]:
     """The next socket message of ``kind`` whose payload (``door`` or ``command``) has every ``match`` item."""
     async with asyncio.timeout(timeout):
         while True:
@@ -109,19 +141,37 @@ async def api_post(p: Portal, path: str, body: Any) -> aiohttp.ClientResponse:
     return await p.client.post(path, json=body, headers={"Origin": p.origin, "X-CSRF-Token": p.csrf})
 
 
-def door_gateway_config(folder: Path, broker_port: int, door: Stub, reader: Stub, *, public_key: str | Path,
-                        door_name: str = "b3-u2", reader_name: str = "qr-b3-u2", site: str = SITE,
-                        gateway: str = GATEWAY, held_open_s: int = 5, reader_misses: int = 2) -> Path:
-    """A gateway config with one unit door (building 3, unit 2) on the door-controller stub and its QR reader
-    on the reader stub's pty; the portal's public key only."""
+def door_gateway_config(
+    folder: Path,
+    broker_port: int,
+    door: Stub,
+    reader: Stub,
+    *,
+    public_key: str | Path,
+    door_name: str = "b3-u2",
+    reader_name: str = "qr-b3-u2",
+    site: str = SITE,
+    gateway: str = GATEWAY,
+    held_open_s: int = 5,
+    reader_misses: int = 2,
+    gate: bool = False,
+    mqtt_extra: str = "",
+    access_extra: str = "",
+) -> Path:
+    """A gateway config with one door on the door-controller stub, the unit door of building 3, unit 2 (``gate``:
+    a site gate instead), and its QR reader on the reader stub's pty; the portal's public key only.
+    ``mqtt_extra`` and ``access_extra`` are more keys of those sections (``username: ...``)."""
     folder.mkdir(parents=True, exist_ok=True)
     host, port = door.endpoint()
     path = folder / "gateway.yaml"
-    path.write_text(f"""
+    place = "gate: true" if gate else 'place: {building: "3", unit: "2"}'
+    mqtt_more = f", {mqtt_extra}" if mqtt_extra else ""
+    path.write_text(
+        f"""
 site: {site}
 gateway: {gateway}
 data_dir: data
-mqtt: {{host: 127.0.0.1, port: {broker_port}, reconnect_min_s: 0.1, reconnect_max_s: 1.0}}
+mqtt: {{host: 127.0.0.1, port: {broker_port}, reconnect_min_s: 0.1, reconnect_max_s: 1.0{mqtt_more}}}
 uplink: {{resend_after_s: 1.0, resend_max_s: 2.0}}
 local_api: {{enabled: false}}
 buses:
@@ -130,7 +180,7 @@ devices:
   - {{name: ctl-3-2, profile: door-controller, bus: doors, unit: 1, poll_ms: 100}}
 doors:
   - {{name: {door_name}, device: ctl-3-2, relay: lock_relay, contact: door_open, exit_button: exit_button,
-      lock_feedback: lock_released, tamper: tamper, place: {{building: "3", unit: "2"}},
+      lock_feedback: lock_released, tamper: tamper, {place},
       unlock_ms: 1500, open_grace_ms: 1000, held_open_s: {held_open_s}}}
 readers:
   - {{name: {reader_name}, serial: {reader.serial}, door: {door_name}, heartbeat_s: 0.5,
@@ -139,5 +189,8 @@ access:
   public_keys: [{public_key}]
   burst_count: 5
   burst_window_s: 60
-""", encoding="utf-8")
+{access_extra}
+""",
+        encoding="utf-8",
+    )
     return path

@@ -10,9 +10,11 @@ This kernel has no ``sch_netem``, so delay and loss are made from what it has:
 * connection attempts: every SYN to that port puts its source port into an nftables set with a
   timeout, and the time left on each element tells when it was added, to the millisecond.
 
-Everything in the namespace listens on its own loopback, so fixed port numbers are safe. The test
-process reaches into it through :meth:`Netns.socket`, which makes a socket in the namespace from a
-short-lived thread that joined it (``setns``; the calling thread keeps its own namespace).
+Everything in the namespace listens on its own loopback, so fixed port numbers are safe. The
+namespace belongs to a user namespace of our own (``unshare --user --map-root-user --net``), so a normal
+user runs these tests as root does: root inside is the caller, with network rights there only. The test
+process reaches into it through :meth:`Netns.socket`, a socket made inside by the namespace's first
+process and handed over (SCM_RIGHTS).
 
 Run ``python -m tests.netns_support relay --target-port P [--delay-ms D]`` for the relay alone.
 """
@@ -22,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -30,26 +31,35 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 
-from gateway.broker import BrokerError, MosquittoProcess, find_mosquitto
+from gateway.tooling.broker import BrokerError, MosquittoProcess, find_mosquitto
 from tests import procs
 
-CLONE_NEWNET = 0x40000000
 ATTEMPTS_TIMEOUT_S = 3600  # nftables set element lifetime; the time left dates each element
+
+
+def _tool(name: str) -> str | None:
+    """A program on PATH, or in the system folders a normal user's PATH leaves out on Debian (nft is /usr/sbin/nft)."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+
+
+NFT = _tool("nft") or "nft"
 
 
 def missing_requirements() -> list[str]:
     """What this machine lacks for the impairment tests (empty when all is there)."""
     problems = []
-    if os.geteuid() != 0:
-        problems.append("root is needed (network namespaces and nftables)")
+    for tool in ("unshare", "nsenter"):
+        if shutil.which(tool) is None:
+            problems.append(f"`{tool}` (util-linux) is not installed")
     if shutil.which("ip") is None:
         problems.append("`ip` (iproute2) is not installed")
-    if shutil.which("nft") is None:
+    if _tool("nft") is None:
         problems.append("`nft` is not installed: run `make test` (it installs nftables)")
     return problems
 
@@ -61,23 +71,69 @@ def _run(args: list[str], *, input: str | None = None, timeout: float = 10.0) ->
     return res.stdout
 
 
+# The namespace's first process, run by `unshare` as root of a new user namespace with a network namespace of its
+# own: it brings loopback up, then makes sockets in its namespace for the test process (which cannot enter it: joining
+# a network namespace needs CAP_SYS_ADMIN in one's own user namespace too) and hands them over (SCM_RIGHTS) until the
+# test closes its end.
+_HOLDER = """
+import os, socket, subprocess, sys
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+chan = socket.socket(fileno=int(sys.argv[1]))
+chan.send(b"up")
+while (req := chan.recv(64)):
+    family, type_ = map(int, req.split())
+    s = socket.socket(family, type_)
+    socket.send_fds(chan, [b"s"], [s.fileno()])
+    s.close()
+"""
+
+
 class Netns:
-    """A network namespace of our own, loopback up; :meth:`close` kills what still runs in it and
-    deletes it. Use as a context manager."""
+    """A network namespace of our own, loopback up, owned by a user namespace of our own, so a normal user can make
+    one (``unshare --user --map-root-user --net``; root in it is the caller, with the network rights inside only);
+    :meth:`close` kills what still runs in it and lets it go. Use as a context manager."""
 
     def __init__(self, prefix: str = "gh") -> None:
         self.name = f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self._created = False
+        self._holder: subprocess.Popen[bytes] | None = None
+        self._chan: socket.socket | None = None
+        self._lock = threading.Lock()
 
     def create(self) -> Netns:
-        _run(["ip", "netns", "add", self.name])
-        self._created = True
-        _run(["ip", "-n", self.name, "link", "set", "lo", "up"])
+        mine, theirs = socket.socketpair()
+        try:
+            self._holder = subprocess.Popen(
+                [
+                    "unshare",
+                    "--user",
+                    "--map-root-user",
+                    "--net",
+                    "--",
+                    sys.executable,
+                    "-c",
+                    _HOLDER,
+                    str(theirs.fileno()),
+                ],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        self._chan = mine
+        mine.settimeout(10.0)
+        if mine.recv(2) != b"up":
+            self.close()
+            raise RuntimeError(f"the network namespace {self.name} did not start (unshare --user --net)")
         return self
 
+    @property
+    def pid(self) -> int:
+        assert self._holder is not None, "create() the namespace first"
+        return self._holder.pid
+
     def exec_args(self, args: list[str]) -> list[str]:
-        """``args`` run inside the namespace (``ip netns exec`` execs, so the pid is the program's)."""
-        return ["ip", "netns", "exec", self.name, *args]
+        """``args`` run inside the namespace, as its root (``nsenter`` execs, so the pid is the program's)."""
+        return ["nsenter", "-t", str(self.pid), "--user", "--net", "--preserve-credentials", "--", *args]
 
     def run(self, args: list[str], *, input: str | None = None) -> str:
         return _run(self.exec_args(args), input=input)
@@ -86,29 +142,14 @@ class Netns:
         return procs.Child(name, self.exec_args(args), logdir)
 
     def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
-        """A socket that lives in this namespace, for the calling thread to use as any other."""
-        made: list[socket.socket] = []
-        failed: list[BaseException] = []
-
-        def enter_and_make() -> None:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns into {self.name}: {os.strerror(err)}")
-                made.append(socket.socket(family, type))
-            except BaseException as e:  # handed to the caller's thread
-                failed.append(e)
-            finally:
-                os.close(fd)
-
-        t = threading.Thread(target=enter_and_make, name=f"setns-{self.name}")
-        t.start()
-        t.join()
-        if failed:
-            raise failed[0]
-        return made[0]
+        """A socket that lives in this namespace (made there by its first process), to use as any other."""
+        assert self._chan is not None, "create() the namespace first"
+        with self._lock:
+            self._chan.send(f"{int(family)} {int(type)}".encode())
+            _, fds, _, _ = socket.recv_fds(self._chan, 1, 1)
+        if not fds:
+            raise RuntimeError(f"the namespace {self.name} made no socket (its first process ended?)")
+        return socket.socket(fileno=fds[0])
 
     def connect(self, port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> socket.socket:
         s = self.socket()
@@ -121,22 +162,41 @@ class Netns:
         return s
 
     def pids(self) -> list[int]:
-        if not self._created:
+        """The processes in the namespace besides its first one (read from /proc: only our own can be there)."""
+        if self._holder is None:
             return []
-        out = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
+        try:
+            ns = os.readlink(f"/proc/{self.pid}/ns/net")
+        except OSError:
+            return []
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) != self.pid:
+                try:
+                    if os.readlink(f"/proc/{entry}/ns/net") == ns:
+                        found.append(int(entry))
+                except OSError:
+                    pass
+        return found
 
     def close(self) -> None:
-        """Kill whatever is left in the namespace (only our own children can be there) and delete it."""
+        """Kill whatever is left in the namespace, then its first process (and with it the namespace)."""
         for pid in self.pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 5
         while self.pids() and time.monotonic() < deadline:
             time.sleep(0.05)
-        if self._created:
-            subprocess.run(["ip", "netns", "delete", self.name], capture_output=True)
-            self._created = False
+        if self._chan is not None:
+            self._chan.close()
+            self._chan = None
+        if self._holder is not None:
+            try:
+                self._holder.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._holder.kill()
+                self._holder.wait()
+            self._holder = None
 
     def __enter__(self) -> Netns:
         return self.create()
@@ -185,7 +245,7 @@ table inet {self.TABLE} {{
   }}
 }}
 """
-        self.ns.run(["nft", "-f", "-"], input=script)
+        self.ns.run([NFT, "-f", "-"], input=script)
 
     def clear(self) -> None:
         self.mode = "clear"
@@ -200,8 +260,12 @@ table inet {self.TABLE} {{
             self._apply([])
             return
         p = self.port
-        self._apply([f"tcp dport {p} numgen random mod 100 < {percent} counter drop",
-                     f"tcp sport {p} numgen random mod 100 < {percent} counter drop"])
+        self._apply(
+            [
+                f"tcp dport {p} numgen random mod 100 < {percent} counter drop",
+                f"tcp sport {p} numgen random mod 100 < {percent} counter drop",
+            ]
+        )
 
     def blackhole(self) -> None:
         """Drop everything both ways: the link is gone without a word."""
@@ -216,7 +280,7 @@ table inet {self.TABLE} {{
 
     def dropped(self) -> int:
         """Packets the current rules dropped or reset."""
-        out = self.ns.run(["nft", "-j", "list", "chain", "inet", self.TABLE, "input"])
+        out = self.ns.run([NFT, "-j", "list", "chain", "inet", self.TABLE, "input"])
         total = 0
         for item in json.loads(out)["nftables"]:
             for expr in item.get("rule", {}).get("expr", []):
@@ -226,7 +290,7 @@ table inet {self.TABLE} {{
 
     def attempts(self) -> list[float]:
         """Monotonic times (this process's clock) of the connection attempts so far, oldest first."""
-        out = self.ns.run(["nft", "list", "set", "inet", self.TABLE, "attempts"])
+        out = self.ns.run([NFT, "list", "set", "inet", self.TABLE, "attempts"])
         now = time.monotonic()
         times = [now - (ATTEMPTS_TIMEOUT_S - parse_duration(m)) for m in re.findall(r"expires (\w+)", out)]
         return sorted(times)
@@ -239,18 +303,25 @@ class NetnsMosquitto(MosquittoProcess):
     port leaves the portal's path clean.
     """
 
-    def __init__(self, ns: Netns, folder: Path, *, port: int = 1883, gateway_port: int = 1884,
-                 max_queued: int = 100_000) -> None:
-        super().__init__(folder, port, max_queued=max_queued,
-                         extra_conf=f"listener {gateway_port} 127.0.0.1\n")
+    def __init__(
+        self, ns: Netns, folder: Path, *, port: int = 1883, gateway_port: int = 1884, max_queued: int = 100_000
+    ) -> None:
+        super().__init__(folder, port, max_queued=max_queued, extra_conf=f"listener {gateway_port} 127.0.0.1\n")
         self.ns = ns
         self.gateway_port = gateway_port
 
     def start(self, timeout: float = 10.0) -> NetnsMosquitto:
         self.write_conf()
+        # Root of the namespace is the caller: Mosquitto, started as that root, may switch only to it.
+        conf = self.conf_path.read_text()
+        self.conf_path.write_text(re.sub(r"(?m)^user .*$", "user root", conf, count=1))
         self._close()
-        self.proc = subprocess.Popen(self.ns.exec_args([find_mosquitto(), "-c", str(self.conf_path)]),
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            self.ns.exec_args([find_mosquitto(), "-c", str(self.conf_path)]),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:
@@ -265,8 +336,10 @@ class NetnsMosquitto(MosquittoProcess):
         log = self.folder / "mosquitto.log"
         tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
         self.kill()
-        raise BrokerError(f"mosquitto in {self.ns.name} did not listen on {self.port} and {self.gateway_port} "
-                          f"within {timeout}s: {err.strip()} {tail}")
+        raise BrokerError(
+            f"mosquitto in {self.ns.name} did not listen on {self.port} and {self.gateway_port} "
+            f"within {timeout}s: {err.strip()} {tail}"
+        )
 
     def log_text(self) -> str:
         log = self.folder / "mosquitto.log"
@@ -296,10 +369,21 @@ class Relay:
         self.child.stop()
 
 
-def start_relay(ns: Netns, target_port: int, logdir: Path, *, delay_ms: float = 0,
-                name: str = "relay") -> Relay:
-    child = ns.child(name, [procs.PY, "-m", "tests.netns_support", "relay", "--target-port", str(target_port),
-                            "--delay-ms", str(delay_ms)], logdir)
+def start_relay(ns: Netns, target_port: int, logdir: Path, *, delay_ms: float = 0, name: str = "relay") -> Relay:
+    child = ns.child(
+        name,
+        [
+            procs.PY,
+            "-m",
+            "tests.netns_support",
+            "relay",
+            "--target-port",
+            str(target_port),
+            "--delay-ms",
+            str(delay_ms),
+        ],
+        logdir,
+    )
     return Relay(ns, child.start(timeout=20))
 
 
@@ -385,8 +469,18 @@ async def run_relay(target_port: int, delay_ms: float, *, host: str = "127.0.0.1
     relay = await asyncio.start_server(connection, host, 0)
     ctl = await asyncio.start_server(control, host, 0)
     port = relay.sockets[0].getsockname()[1]
-    print(json.dumps({"ready": True, "port": port, "control": ctl.sockets[0].getsockname()[1],
-                      "target": target_port, "delay_ms": delay_ms}), flush=True)
+    print(
+        json.dumps(
+            {
+                "ready": True,
+                "port": port,
+                "control": ctl.sockets[0].getsockname()[1],
+                "target": target_port,
+                "delay_ms": delay_ms,
+            }
+        ),
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

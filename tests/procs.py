@@ -39,8 +39,14 @@ class Child:
     def start(self, *, wait_ready: bool = True, timeout: float = 30.0) -> Child:
         self.logdir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115  (the child keeps it; closed when we reap)
-        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-                                     env=self.env, cwd=Path(__file__).resolve().parents[1])
+        self.proc = subprocess.Popen(
+            self.args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=self.env,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         log.close()
         if wait_ready:
             self.wait_ready(timeout)
@@ -144,8 +150,8 @@ def wait(cond: Callable[[], bool], timeout: float, what: str, rig: Any = None) -
     raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{rig.logs() if rig else ''}")
 
 
-def gateway(config: Path, logdir: Path, name: str = "gateway") -> Child:
-    return Child(name, [PY, "-m", "gateway.cli", "gateway", "run", "--config", str(config)], logdir)
+def gateway(config: Path, logdir: Path, name: str = "gateway", env: dict[str, str] | None = None) -> Child:
+    return Child(name, [PY, "-m", "gateway.cli", "gateway", "run", "--config", str(config)], logdir, env)
 
 
 def portal(config: Path, logdir: Path, name: str = "portal") -> Child:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import re
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientResponse
 
-from portal.estate import ESTATE, Estate
+from portal.config import load
+from portal.estate import registry as reg
+from portal.estate.service import ESTATE, Estate
+from portal.store import connect, storekey
 from tests.portal_support import Portal, add_user, page_csrf, sign_in
 
 ADMIN = "office"
@@ -50,39 +55,95 @@ async def admin_session(p: Portal, user: str = ADMIN, password: str = ADMIN_PW, 
 
 
 async def import_csv(p: Portal, csrf: str, text: str, *, dry_run: bool = False) -> tuple[int, dict[str, Any]]:
-    r = await p.client.post("/api/registry/import" + ("?dry_run=1" if dry_run else ""), data=text.encode(),
-                            headers={"Origin": p.origin, "X-CSRF-Token": csrf, "Content-Type": "text/csv"})
+    r = await p.client.post(
+        "/api/registry/import" + ("?dry_run=1" if dry_run else ""),
+        data=text.encode(),
+        headers={"Origin": p.origin, "X-CSRF-Token": csrf, "Content-Type": "text/csv"},
+    )
     return r.status, await r.json()
 
 
-async def plate_code(p: Portal, building: str, unit: str, house: str | None = None) -> str:
-    def q(c: Any) -> str:
-        if house is None:
-            row = c.execute("SELECT p.code FROM plates p JOIN reg_units u ON u.id = p.unit_id JOIN reg_buildings b"
-                            " ON b.id = u.building_id WHERE b.code = ? AND u.code = ? AND p.withdrawn_at IS NULL",
-                            (building, unit)).fetchone()
-        else:
-            row = c.execute("SELECT p.code FROM plates p JOIN reg_houses h ON h.id = p.house_id JOIN reg_units u"
-                            " ON u.id = h.unit_id JOIN reg_buildings b ON b.id = u.building_id WHERE b.code = ?"
-                            " AND u.code = ? AND h.code = ? AND p.withdrawn_at IS NULL",
-                            (building, unit, house)).fetchone()
-        assert row is not None, (building, unit, house)
-        return str(row[0])
+RESIDENT_ROW = (
+    "SELECT r.* FROM reg_residents r JOIN reg_people pe ON pe.id = r.person_id JOIN reg_houses h"
+    " ON h.id = r.house_id WHERE pe.phone = ? AND h.code = ? ORDER BY r.id DESC"
+)
 
-    return await p.services.store.read(q)
+
+def plate_code_of(c: sqlite3.Connection, building: str, unit: str, house: str | None = None) -> str:
+    """The code on a plate as printed, from a store connection that carries the store key (the store keeps it
+    sealed with it)."""
+    if house is None:
+        row = c.execute(
+            "SELECT u.id FROM reg_units u JOIN reg_buildings b ON b.id = u.building_id WHERE b.code = ? AND u.code = ?",
+            (building, unit),
+        ).fetchone()
+    else:
+        row = c.execute(
+            "SELECT h.id FROM reg_houses h JOIN reg_units u ON u.id = h.unit_id JOIN reg_buildings b"
+            " ON b.id = u.building_id WHERE b.code = ? AND u.code = ? AND h.code = ?",
+            (building, unit, house),
+        ).fetchone()
+    assert row is not None, (building, unit, house)
+    code = reg.plate_code(c, "entrance" if house is None else "house", int(row[0]))
+    assert code is not None, (building, unit, house)
+    return code
+
+
+async def plate_code(p: Portal, building: str, unit: str, house: str | None = None) -> str:
+    """The code on a plate, through the portal's reader (which carries the store key)."""
+    return await p.services.store.read(lambda c: plate_code_of(c, building, unit, house))
+
+
+def stored_plate_code(db: Path, building: str, unit: str, house: str | None = None) -> str:
+    """The code on a plate of a portal process's store ``db``, opened with the store key beside it
+    (``data_dir/store.key``, where the portal keeps it unless the config says otherwise)."""
+    c = connect(db, readonly=True, key=storekey.load(db.parent / storekey.KEY_FILE))
+    try:
+        return plate_code_of(c, building, unit, house)
+    finally:
+        c.close()
+
+
+def plate_codes(cfg: Path) -> dict[tuple[str, str, str | None], str]:
+    """Every plate in use of the portal with config ``cfg``, as printed: {(building, unit, house or None): code}.
+    Opens the store with its key file, as the portal's own printing does."""
+    c = cfg_connection(cfg)
+    try:
+        out: dict[tuple[str, str, str | None], str] = {}
+        for kind, hid, uid, b, u, h in c.execute(
+            "SELECT p.kind, p.house_id, p.unit_id, b.code, u.code, h.code FROM plates p"
+            " LEFT JOIN reg_houses h ON h.id = p.house_id JOIN reg_units u ON u.id = coalesce(p.unit_id, h.unit_id)"
+            " JOIN reg_buildings b ON b.id = u.building_id WHERE p.withdrawn_at IS NULL"
+        ):
+            code = reg.plate_code(c, kind, hid if kind == "house" else uid)
+            assert code is not None
+            out[(b, u, h if kind == "house" else None)] = code
+        return out
+    finally:
+        c.close()
+
+
+def cfg_connection(cfg: Path) -> sqlite3.Connection:
+    """A read connection to the store of the portal with config ``cfg``, carrying its store key."""
+    conf = load(cfg)
+    return connect(conf.db_path, readonly=True, key=storekey.load(conf.key_path))
 
 
 async def house_id(p: Portal, building: str, unit: str, house: str) -> int:
-    return int(await p.services.store.read(lambda c: c.execute(
-        "SELECT h.id FROM reg_houses h JOIN reg_units u ON u.id = h.unit_id JOIN reg_buildings b"
-        " ON b.id = u.building_id WHERE b.code = ? AND u.code = ? AND h.code = ?",
-        (building, unit, house)).fetchone()[0]))
+    return int(
+        await p.services.store.read(
+            lambda c: c.execute(
+                "SELECT h.id FROM reg_houses h JOIN reg_units u ON u.id = h.unit_id JOIN reg_buildings b"
+                " ON b.id = u.building_id WHERE b.code = ? AND u.code = ? AND h.code = ?",
+                (building, unit, house),
+            ).fetchone()[0]
+        )
+    )
 
 
 async def resident_row(p: Portal, phone: str, house: str) -> dict[str, Any]:
-    row = await p.services.store.read(lambda c: c.execute(
-        "SELECT r.* FROM reg_residents r JOIN reg_people pe ON pe.id = r.person_id JOIN reg_houses h"
-        " ON h.id = r.house_id WHERE pe.phone = ? AND h.code = ?", (phone, house)).fetchone())
+    """The latest residency (stay or request) of a phone in a house (by house code: they differ in estate_csv)."""
+    row = await p.services.store.read(lambda c: c.execute(RESIDENT_ROW, (phone, house)).fetchone())
     assert row is not None
     return dict(row)
 
@@ -96,5 +157,6 @@ def without_tokens(html: str) -> str:
 
 
 async def form(p: Portal, path: str, data: dict[str, str], csrf: str, **headers: str) -> ClientResponse:
-    return await p.client.post(path, data={**data, "csrf": csrf}, headers={"Origin": p.origin, **headers},
-                               allow_redirects=False)
+    return await p.client.post(
+        path, data={**data, "csrf": csrf}, headers={"Origin": p.origin, **headers}, allow_redirects=False
+    )

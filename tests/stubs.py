@@ -4,15 +4,15 @@ API, stop cleanly (SIGTERM, then SIGKILL after a bounded wait)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+
+from common import children
 
 
 class Stub:
@@ -48,35 +48,12 @@ class Stub:
             return data
 
     async def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.returncode is None:
-            try:
-                self.proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
-            try:
-                async with asyncio.timeout(10):
-                    await self.proc.wait()
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        return int(self.proc.returncode or 0)
+        return await children.stop(self.proc, "stub", grace=10, sig=sig)
 
 
 async def start_stub(module: str, *args: str, timeout: float = 20.0) -> Stub:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", module, *args, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
-    )
-    assert proc.stdout is not None
-    try:
-        async with asyncio.timeout(timeout):
-            line = await proc.stdout.readline()
-        info = json.loads(line)
-        assert info.get("ready") is True, info
-    except BaseException:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-        raise
+    proc = await children.spawn([sys.executable, "-m", module, *args])
+    info = await children.wait_ready(proc, module, timeout)
     return Stub(proc, info, aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)))
 
 
@@ -88,12 +65,3 @@ async def run_stub(module: str, *args: str) -> AsyncIterator[Stub]:
     finally:
         await stub.stop()
         await stub.session.close()
-
-
-async def wait_until(pred: Callable[[], object], timeout: float, what: str) -> None:
-    """Real-time wait for an end-to-end condition, bounded."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)

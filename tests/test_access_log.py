@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from gateway import wire
-from gateway.broker import MosquittoProcess
-from portal import access_log
+from gateway.tooling.broker import MosquittoProcess
+from portal.doors import access_log
 from tests.doors_support import door_event, estate_with_doors, guard_session, publish
 from tests.portal_support import GATEWAY, SITE, Portal, mqtt, post_form, running_portal, wait_for, write_config
 
@@ -23,9 +23,14 @@ T0 = datetime(2026, 3, 1, 0, 0, tzinfo=UTC)  # 08:00 in Asia/Shanghai
 
 
 async def subject_of(p: Portal, name: str) -> str:
-    return str(await p.services.store.read(lambda c: c.execute(
-        "SELECT r.subject FROM reg_residents r JOIN reg_people p ON p.id = r.person_id WHERE p.name = ?",
-        (name,)).fetchone()[0]))
+    return str(
+        await p.services.store.read(
+            lambda c: c.execute(
+                "SELECT r.subject FROM reg_residents r JOIN reg_people p ON p.id = r.person_id WHERE p.name = ?",
+                (name,),
+            ).fetchone()[0]
+        )
+    )
 
 
 async def search(p: Portal, **q: str) -> list[str]:
@@ -35,15 +40,17 @@ async def search(p: Portal, **q: str) -> list[str]:
     return [row["event_id"] for row in (await r.json())["rows"]]
 
 
-async def test_access_log_filters_pages_and_exports(tmp_path: Path, broker: MosquittoProcess,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_access_log_filters_pages_and_exports(
+    tmp_path: Path, broker: MosquittoProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with running_portal(write_config(tmp_path, broker)) as p, mqtt(broker) as gw:
         await gw.subscribe(wire.topic(SITE, GATEWAY, "ack"), qos=1)
         await wait_for(lambda: p.services.ingest.connected, what="portal connected")
         await estate_with_doors(p)
         await guard_session(p)
-        r = await post_form(p, "/visitors", {"name": "刘访客", "house": "3-2-301", "hours": "4", "uses": "2"},
-                            csrf=p.csrf)
+        r = await post_form(
+            p, "/visitors", {"name": "刘访客", "house": "3-2-301", "hours": "4", "uses": "2"}, csrf=p.csrf
+        )
         assert r.status == 303
         visitor = await p.services.store.read(lambda c: c.execute("SELECT subject FROM guard_visitors").fetchone()[0])
         zhang, wang = await subject_of(p, "张伟"), await subject_of(p, "王芳")
@@ -53,24 +60,111 @@ async def test_access_log_filters_pages_and_exports(tmp_path: Path, broker: Mosq
 
         granted, denied = "access.granted", "access.denied"
         evs = [
-            door_event(1, granted, "b3u2", {"reader": "r-b3u2", "pass_id": "01" * 12, "kind": "resident",
-                                            "subject": zhang, "house": "3-2-301", "uses_left": 0}, ts=at(0)),
-            door_event(2, denied, "b3u2", {"reader": "r-b3u2", "reason": "expired", "pass_id": "02" * 12,
-                                           "subject": zhang, "house": "3-2-301", "detail": "expired 65 s ago"},
-                       ts=at(10)),
-            door_event(3, granted, "north-gate", {"reader": "r-gate", "pass_id": "03" * 12, "kind": "visitor",
-                                                  "subject": visitor, "house": "3-2-301", "uses_left": 1}, ts=at(20)),
-            door_event(4, denied, "north-gate", {"reader": "r-gate", "reason": "wrong-door", "subject": "v:other",
-                                                 "house": "3-1-101", "detail": "unit 3/1 only"}, ts=at(30)),
-            door_event(5, denied, "north-gate", {"reader": "r-gate", "reason": "malformed",
-                                                 "detail": "=HYPERLINK(\"x\")"}, ts=at(40)),
-            door_event(6, granted, "b3u1", {"kind": "remote", "by": "guard:guard1", "reason": "送货", "subject": "",
-                                            "house": "", "uses_left": 0, "reader": ""}, ts=at(50)),
-            door_event(7, denied, "b3u1", {"reader": "r-b3u1", "reason": "blocked", "subject": "r:blocked",
-                                           "house": "3-1-101", "detail": "on the blocklist"}, ts=at(60),
-                       priority=wire.Priority.TAMPER),
-            door_event(8, granted, "b3u2", {"reader": "r-b3u2", "pass_id": "08" * 12, "kind": "resident",
-                                            "subject": wang, "house": "3-2-302", "uses_left": 0}, ts=at(70)),
+            door_event(
+                1,
+                granted,
+                "b3u2",
+                {
+                    "reader": "r-b3u2",
+                    "pass_id": "01" * 12,
+                    "kind": "resident",
+                    "subject": zhang,
+                    "house": "3-2-301",
+                    "uses_left": 0,
+                },
+                ts=at(0),
+            ),
+            door_event(
+                2,
+                denied,
+                "b3u2",
+                {
+                    "reader": "r-b3u2",
+                    "reason": "expired",
+                    "pass_id": "02" * 12,
+                    "subject": zhang,
+                    "house": "3-2-301",
+                    "detail": "expired 65 s ago",
+                },
+                ts=at(10),
+            ),
+            door_event(
+                3,
+                granted,
+                "north-gate",
+                {
+                    "reader": "r-gate",
+                    "pass_id": "03" * 12,
+                    "kind": "visitor",
+                    "subject": visitor,
+                    "house": "3-2-301",
+                    "uses_left": 1,
+                },
+                ts=at(20),
+            ),
+            door_event(
+                4,
+                denied,
+                "north-gate",
+                {
+                    "reader": "r-gate",
+                    "reason": "wrong-door",
+                    "subject": "v:other",
+                    "house": "3-1-101",
+                    "detail": "unit 3/1 only",
+                },
+                ts=at(30),
+            ),
+            door_event(
+                5,
+                denied,
+                "north-gate",
+                {"reader": "r-gate", "reason": "malformed", "detail": '=HYPERLINK("x")'},
+                ts=at(40),
+            ),
+            door_event(
+                6,
+                granted,
+                "b3u1",
+                {
+                    "kind": "remote",
+                    "by": "guard:guard1",
+                    "reason": "送货",
+                    "subject": "",
+                    "house": "",
+                    "uses_left": 0,
+                    "reader": "",
+                },
+                ts=at(50),
+            ),
+            door_event(
+                7,
+                denied,
+                "b3u1",
+                {
+                    "reader": "r-b3u1",
+                    "reason": "blocked",
+                    "subject": "r:blocked",
+                    "house": "3-1-101",
+                    "detail": "on the blocklist",
+                },
+                ts=at(60),
+                priority=wire.Priority.TAMPER,
+            ),
+            door_event(
+                8,
+                granted,
+                "b3u2",
+                {
+                    "reader": "r-b3u2",
+                    "pass_id": "08" * 12,
+                    "kind": "resident",
+                    "subject": wang,
+                    "house": "3-2-302",
+                    "uses_left": 0,
+                },
+                ts=at(70),
+            ),
             door_event(9, "door.state", "b3u2", {"state": "open"}, ts=at(71)),  # not an access decision
         ]
         await publish(gw, evs[:4])
@@ -100,8 +194,14 @@ async def test_access_log_filters_pages_and_exports(tmp_path: Path, broker: Mosq
         assert await search(p, **{"from": "2026-03-01T08:15", "to": "2026-03-01T08:40"}) == want(3, 4)
         assert await search(p, **{"from": "2026-03-01", "to": "2026-03-01"}) == want(1, 2, 3, 4, 5, 6, 7, 8)
         assert await search(p, **{"from": "2026-03-02"}) == []
-        for bad in ({"result": "nope"}, {"from": "yesterday"}, {"before": "x"}, {"limit": "0"}, {"door": "a b"},
-                    {"kind": "robot"}):
+        for bad in (
+            {"result": "nope"},
+            {"from": "yesterday"},
+            {"before": "x"},
+            {"limit": "0"},
+            {"door": "a b"},
+            {"kind": "robot"},
+        ):
             r = await p.client.get("/api/access-log", params=bad)
             assert r.status == 400, bad
 
@@ -139,13 +239,17 @@ async def test_access_log_filters_pages_and_exports(tmp_path: Path, broker: Mosq
         assert (two["result"], two["reason"], two["person"], two["house"]) == ("拒绝", "已过期", "张伟", "3-2-301")
         assert two["door_label"] == "3幢2单元门" and two["reader"] == "r-b3u2" and two["note"] == "expired 65 s ago"
         assert by_id[ids[3]]["person"] == "刘访客" and by_id[ids[3]]["kind"] == "visitor"
-        assert by_id[ids[5]]["note"] == "'=HYPERLINK(\"x\")"  # not a formula in a spreadsheet
+        assert by_id[ids[5]]["note"] == '\'=HYPERLINK("x")'  # not a formula in a spreadsheet
         assert (by_id[ids[6]]["by"], by_id[ids[6]]["note"]) == ("guard:guard1", "送货")
         r = await p.client.get("/access-log.csv", params={"result": "denied", "door": "north-gate"})
         rows = list(csv.DictReader(io.StringIO((await r.read()).decode("utf-8-sig"))))
         assert [x["event_id"] for x in rows] == want(4, 5)
-        exports = await p.services.store.read(lambda c: [tuple(x) for x in c.execute(
-            "SELECT actor, detail FROM audit WHERE action = 'export.access_log' ORDER BY id")])
+        exports = await p.services.store.read(
+            lambda c: [
+                tuple(x)
+                for x in c.execute("SELECT actor, detail FROM audit WHERE action = 'export.access_log' ORDER BY id")
+            ]
+        )
         assert exports == [("guard:guard1", ""), ("guard:guard1", "door=north-gate&result=denied")]
 
         # Installers do not read the access log.

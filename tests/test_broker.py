@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from gateway.broker import MosquittoProcess, _ephemeral_range, free_port
+from gateway.tooling.broker import MosquittoProcess, _ephemeral_range, free_port
 
 
 def test_ports_are_chosen_below_the_ephemeral_range() -> None:

@@ -22,9 +22,9 @@ import psutil
 import pytest
 
 from gateway import wire
-from gateway.broker import MosquittoProcess
 from gateway.events import Draft
 from gateway.store import URGENT_PRIORITY, Store
+from gateway.tooling.broker import MosquittoProcess
 from gateway.uplink import Uplink
 from tests import procs
 from tests.portal_support import sign_in_console
@@ -43,8 +43,9 @@ def _routine(n: int) -> list[Draft]:
     return [Draft(type="access.granted", device="r1", place=PLACE) for _ in range(n)]
 
 
-async def test_urgent_events_jump_a_full_window_and_resends_cover_both_lanes(tmp_path: Path,
-                                                                           broker: MosquittoProcess) -> None:
+async def test_urgent_events_jump_a_full_window_and_resends_cover_both_lanes(
+    tmp_path: Path, broker: MosquittoProcess
+) -> None:
     acker = Acker(broker.port)
     acker.ack = False
     async with Store(tmp_path / "gw.db", site="s1", gateway="gw1") as store:
@@ -54,11 +55,13 @@ async def test_urgent_events_jump_a_full_window_and_resends_cover_both_lanes(tmp
             await _until(lambda: len(acker.seen) >= 50)
             await asyncio.sleep(0.2)
             assert sorted(acker.seen) == list(range(1, 51))  # the window is full
-            urgent = await store.append([
-                Draft(type="zone.tamper", device="p", place=PLACE, priority=wire.Priority.TAMPER),
-                Draft(type="zone.alarm", device="p", place=PLACE, priority=wire.Priority.FIRE),
-                Draft(type="device.offline", device="p", place=PLACE, priority=wire.Priority.FAULT),  # routine lane
-            ])
+            urgent = await store.append(
+                [
+                    Draft(type="zone.tamper", device="p", place=PLACE, priority=wire.Priority.TAMPER),
+                    Draft(type="zone.alarm", device="p", place=PLACE, priority=wire.Priority.FIRE),
+                    Draft(type="device.offline", device="p", place=PLACE, priority=wire.Priority.FAULT),  # routine lane
+                ]
+            )
             assert [e.seq for e in urgent] == [201, 202, 203]
             # Nobody acknowledges: the resend starts over, and the urgent lane goes first.
             await _until(lambda: up.stats.resends >= 1 and len(acker.seen) >= 100)
@@ -80,27 +83,47 @@ async def test_urgent_events_jump_a_full_window_and_resends_cover_both_lanes(tmp
 
 def _rows(db: Path) -> list[tuple[int, int, int, str, str, str]]:
     """(pk, seq, priority, type, data, ts) of the burst at the portal, in the order it arrived."""
-    return procs.read_rows(db, "SELECT pk, seq, priority, type, data, ts FROM events WHERE type LIKE 'test.%'"
-                               " ORDER BY pk")
+    return procs.read_rows(
+        db, "SELECT pk, seq, priority, type, data, ts FROM events WHERE type LIKE 'test.%' ORDER BY pk"
+    )
 
 
-async def test_a_burst_of_1000_alarms_first_memory_bounded_console_responsive(tmp_path: Path,
-                                                                            broker: MosquittoProcess) -> None:
+async def test_a_burst_of_1000_alarms_first_memory_bounded_console_responsive(
+    tmp_path: Path, broker: MosquittoProcess
+) -> None:
     pcfg = write_portal_config(tmp_path / "portal", broker, gateways=[("s1", "gw1")], extra="ws_queue_max: 8192\n")
     pw = tmp_path / "guard.pass"
     pw.write_text(GUARD_PW)
     pw.chmod(0o600)
     await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "portal", "adduser", "--config", str(pcfg), "--user", GUARD, "--role",
-                         "guard", "--password-file", str(pw)], check=True, capture_output=True)
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "portal",
+            "adduser",
+            "--config",
+            str(pcfg),
+            "--user",
+            GUARD,
+            "--role",
+            "guard",
+            "--password-file",
+            str(pw),
+        ],
+        check=True,
+        capture_output=True,
+    )
     gcfg = tmp_path / "gw" / "gateway.yaml"
     gcfg.parent.mkdir()
     # A small window: the uplink drains a few hundred events a second, well below the burst's 1,000.
-    gcfg.write_text(f"site: s1\ngateway: gw1\ndata_dir: data\nlocal_api: {{enabled: false}}\n"
-                    f"mqtt: {{host: 127.0.0.1, port: {broker.port}, reconnect_min_s: 0.1, reconnect_max_s: 1.0}}\n"
-                    "uplink: {window: 20, batch_max: 10}\n"
-                    f"loadgen: {{count: {EVENTS}, rate: {RATE}, alarm_every: {ALARM_EVERY}, "
-                    f"start_after_s: {QUIET_S}}}\n")
+    gcfg.write_text(
+        f"site: s1\ngateway: gw1\ndata_dir: data\nlocal_api: {{enabled: false}}\n"
+        f"mqtt: {{host: 127.0.0.1, port: {broker.port}, reconnect_min_s: 0.1, reconnect_max_s: 1.0}}\n"
+        "uplink: {window: 20, batch_max: 10}\n"
+        f"loadgen: {{count: {EVENTS}, rate: {RATE}, alarm_every: {ALARM_EVERY}, "
+        f"start_after_s: {QUIET_S}}}\n"
+    )
     portal = await asyncio.to_thread(lambda: procs.portal(pcfg, tmp_path / "logs").start())
     gateway: procs.Child | None = None
     url = portal.info["url"]
@@ -109,8 +132,9 @@ async def test_a_burst_of_1000_alarms_first_memory_bounded_console_responsive(tm
     requests = 0
     rss: list[int] = []
     try:
-        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
-                                         timeout=aiohttp.ClientTimeout(total=10)) as http:
+        async with aiohttp.ClientSession(
+            cookie_jar=aiohttp.CookieJar(unsafe=True), timeout=aiohttp.ClientTimeout(total=10)
+        ) as http:
             await sign_in_console(http, url, GUARD, GUARD_PW)
             async with http.ws_connect(url + "ws", headers={"Origin": url.rstrip("/")}) as ws:
 
@@ -175,8 +199,7 @@ async def test_a_burst_of_1000_alarms_first_memory_bounded_console_responsive(tm
     routine = [seq for _, seq, prio, *_rest in rows if prio < URGENT_PRIORITY]
     alarms = [seq for _, seq, prio, *_rest in rows if prio >= URGENT_PRIORITY]
     assert len(alarms) == EVENTS // ALARM_EVERY
-    overtook = [sum(1 for s in routine if s < a and pos[s] > pos[a]) / sum(1 for s in routine if s < a)
-                for a in alarms]
+    overtook = [sum(1 for s in routine if s < a and pos[s] > pos[a]) / sum(1 for s in routine if s < a) for a in alarms]
     assert statistics.median(overtook) >= 0.5, overtook
     # The portal noticed the transient gaps, all filled, none taken for a loss.
     assert health["gaps_noticed"] >= 1 and health["gaps_open"] == 0, health

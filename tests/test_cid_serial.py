@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import os
 import tty
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +16,9 @@ import pytest
 
 from devices.cid_receiver import STAT_KEYS, ContactIdLine
 from devices.contact_id import ACK, DC4, NAK
-from devices.events import Availability, DeviceEvent, PanelReport
+from devices.events import Availability, DeviceEvent, PanelReport, Unreadable
 from tests.stubs import Stub, start_stub
+from tests.waiting import wait_for
 
 STUB = "firmware_stubs.indoor_panel"
 DEADLINE = 15.0  # seconds, for anything that crosses a process boundary
@@ -46,18 +47,17 @@ class Sink:
         return [e for e in self.events if isinstance(e, PanelReport)]
 
     @property
+    def fresh(self) -> list[PanelReport]:
+        """Reports that do not repeat the previous message within the duplicate window."""
+        return [r for r in self.reports if not r.repeat]
+
+    @property
+    def unreadable(self) -> list[Unreadable]:
+        return [e for e in self.events if isinstance(e, Unreadable)]
+
+    @property
     def availability(self) -> list[tuple[str, str]]:
         return [(e.state, e.reason) for e in self.events if isinstance(e, Availability)]
-
-
-async def until(pred: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    """Poll a condition on real time (end-to-end only), failing with ``what`` after ``timeout``."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not pred():
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 # ---------------------------------------------------------------- a pty driven by the test
@@ -82,7 +82,7 @@ class RawPty:
         os.write(self.master, data)
 
     async def expect(self, reply: bytes) -> None:
-        await until(lambda: len(self.received) >= len(reply), f"reply {reply!r}", 5.0)
+        await wait_for(lambda: len(self.received) >= len(reply), 5.0, f"reply {reply!r}", step=0.02)
         got = bytes(self.received[: len(reply)])
         del self.received[: len(reply)]
         assert got == reply
@@ -117,31 +117,38 @@ async def test_panel_mode_replies_and_counts_on_a_pty() -> None:
             ("1234", "new", 131, 1, 15)
         ]
         assert sink.availability == [("online", "traffic")]
-        # the same frame again (our ACK lost): acknowledged again, not reported again
+        # the same frame again (our ACK lost): acknowledged again, reported flagged as a repeat (the engine
+        # folds it into the open incident, or raises it if a guard closed that meanwhile)
         clock.advance(5)
         pty.send(good)
         await pty.expect(ACK)
-        assert len(sink.reports) == 1
+        assert [r.repeat for r in sink.reports] == [False, True] and len(sink.fresh) == 1
         # bad checksum, malformed: NAK; well-formed but unsupported: ACK; over-long: silence
         pty.send(b"1234181131010157\r\n")
         await pty.expect(NAK)
         pty.send(b"12341811\r\n")
         await pty.expect(NAK)
+        assert sink.unreadable == []  # the sender repeats a NAKed line: nothing is lost yet
         pty.send(b"1234182131010157\r\n")
         await pty.expect(ACK)
+        # ...but an intact line we cannot use is lost once acknowledged: said so, with what it looked like
+        assert [(u.device, u.reason, u.sample) for u in sink.unreadable] == [
+            ("line-1", "unsupported", "1234182131010157")
+        ]
         pty.send(b"\x00" * 500 + b"\r\n")
         # two frames in one write (a repeat only counts as one when it follows its original)
         pty.send(b"1234181602000002\r" + b"1234181131010158\n")
         await pty.expect(ACK + ACK)
-        assert [r.code for r in sink.reports] == [131, 602, 131]
+        assert [r.code for r in sink.fresh] == [131, 602, 131]
         # after the window has passed, a repeat is a new event
         clock.advance(21)
         pty.send(b"1234181131010158\r\n")
         await pty.expect(ACK)
-        assert len(sink.reports) == 4
+        assert len(sink.fresh) == 4 and len(sink.reports) == 5
         stats = line.stats()
     assert set(stats) == set(STAT_KEYS)
-    assert stats["frames"] == 5 and stats["reports"] == 4 and stats["duplicates"] == 1
+    assert stats["frames"] == 5 and stats["reports"] == 5 and stats["duplicates"] == 1
+    assert stats["unreadable"] == 1
     assert stats["rejected_checksum"] == 1
     assert stats["rejected_malformed"] == 1
     assert stats["rejected_unsupported"] == 1
@@ -185,7 +192,7 @@ async def test_port_lost_then_reopened(tmp_path: Path) -> None:
         first.send(b"1234181131010158\r\n")
         await first.expect(ACK)
         first.close()
-        await until(lambda: line.availability == "offline", "offline after the port went away", 5.0)
+        await wait_for(lambda: line.availability == "offline", 5.0, "offline after the port went away", step=0.02)
         assert sink.availability[-1][1].startswith("serial port lost")
         async with raw_pty() as second:
             tmp = tmp_path / "ttyCID.new"
@@ -214,7 +221,8 @@ async def test_receiver_mode_replies_on_a_pty() -> None:
         await pty.expect(ACK)
         pty.send(b"5011 18\x011234E12101001" + DC4)
         await pty.expect(NAK)
-        assert [(r.account, r.code, r.zone_or_user) for r in sink.reports] == [("1234", 121, 1)]
+        assert [(r.account, r.code, r.zone_or_user) for r in sink.fresh] == [("1234", 121, 1)]
+        assert [r.repeat for r in sink.reports] == [False, True]
         assert line.stats()["heartbeats"] == 1 and line.stats()["duplicates"] == 1
         clock.advance(91)
         line.check_supervision()
@@ -319,7 +327,7 @@ async def test_lost_ack_is_resent_and_reported_once(mode: str) -> None:
         await s.post("/alarm/fire", {"zone": 1})
         st = await wait_idle(s, 2)
         assert st["corrupted_transmissions"] == 1 and st["resends"] >= 3 and st["given_up"] == 0
-        assert [(r.code, r.zone_or_user) for r in sink.reports] == [(120, 4), (110, 1)]
+        assert [(r.code, r.zone_or_user) for r in sink.fresh] == [(120, 4), (110, 1)]
         # Every intact transmission was ACKed, every one after the first of its frame was a repeat.
         # (Exact counts: a loaded machine may add a resend of its own after a late ACK.)
         stats = line.stats()
@@ -342,14 +350,16 @@ async def test_megabyte_of_garbage_and_bad_checksums() -> None:
         # Let the driver catch up, so the NAKs it owes the garbage are not taken by the stub as the
         # answer to the next frame (a line without sequence numbers cannot tell them apart).
         sent = 18 + 5 * 18 + 1_003_000
-        await until(lambda: line.stats()["bytes_in"] >= sent, "the driver to read all of it")
+        await wait_for(lambda: line.stats()["bytes_in"] >= sent, DEADLINE, "the driver to read all of it", step=0.02)
         await s.post("/fragment", {"on": True})
         await s.post("/zone/1/restore")
         st = await wait_idle(s, 2)
         assert st["garbage_bytes_sent"] == 1_003_000 and st["bad_frames_sent"] == 5
         stats = line.stats()
-        assert [(r.qualifier, r.code, r.zone_or_user) for r in sink.reports] == [("new", 130, 1), ("restore", 130, 1)]
+        assert [(r.qualifier, r.code, r.zone_or_user) for r in sink.fresh] == [("new", 130, 1), ("restore", 130, 1)]
         assert stats["rejected_checksum"] >= 5  # random lines may add a few of their own
+        # the fire that never arrived intact, and the garbage, were said to be lost
+        assert stats["unreadable"] >= 2 and sink.unreadable
         assert stats["rejected_malformed"] > 100 and stats["rejected_overlong"] > 100
         assert stats["garbage_bytes"] > 900_000
         assert stats["bytes_in"] >= 1_003_000
@@ -367,7 +377,12 @@ async def test_receiver_heartbeats_and_their_loss() -> None:
     ):
         async with asyncio.timeout(DEADLINE):
             await line.wait_open()
-        await until(lambda: line.stats()["heartbeats"] >= 2 and len(sink.reports) >= 2, "heartbeats and tests")
+        await wait_for(
+            lambda: line.stats()["heartbeats"] >= 2 and len(sink.reports) >= 2,
+            DEADLINE,
+            "heartbeats and tests",
+            step=0.02,
+        )
         assert line.availability == "online"
         assert {(r.code, r.partition, r.zone_or_user) for r in sink.reports} == {(602, 0, 0)}
         await s.post("/silent", {"on": True})
@@ -380,7 +395,7 @@ async def test_receiver_heartbeats_and_their_loss() -> None:
         await asyncio.sleep(0.3)
         assert line.stats()["bytes_in"] == before, "a silent stub still talks"
         await s.post("/silent", {"on": False})
-        await until(lambda: line.availability == "online", "online again on the next heartbeat")
+        await wait_for(lambda: line.availability == "online", DEADLINE, "online again on the next heartbeat", step=0.02)
         assert [a for a, _ in sink.availability] == ["online", "offline", "online"]
 
 

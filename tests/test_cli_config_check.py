@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway import cli
+from gateway import config as cli_config
 
 HEAD = "site: estate-a\ngateway: gw-1\n"
 BUSES = """buses:
@@ -17,29 +18,78 @@ BUSES = """buses:
 """
 
 
-@pytest.mark.parametrize("body,expected", [
-    # an unknown key, on its own line
-    (BUSES + "    colour: red\n",
-     ["{f}:8: buses[0] (fence): Object contains unknown field `colour` (at $.buses[0].colour)"]),
-    # a wrong type
-    (BUSES.replace("port: 502", "port: '502'"),
-     ["{f}:7: buses[0] (fence): Expected `int | null`, got `str` (at $.buses[0].port)"]),
-    # duplicate names, and a device on a bus that does not exist: both reported in one run
-    (BUSES + "  - {name: fence, kind: modbus-tcp, host: 127.0.0.1, port: 503}\n"
-     "devices:\n  - {name: p1, profile: perimeter-panel-8, bus: fence, unit: 1}\n"
-     "  - {name: p2, profile: perimeter-panel-8, bus: rs485-9, unit: 2}\n",
-     ["{f}:8: buses[1] (fence): duplicate name",
-      "{f}:11: devices[1] (p2): bus 'rs485-9' is not defined under 'buses'"]),
-    # a zone on a point its device's profile does not have
-    (BUSES + "devices:\n  - {name: p1, profile: perimeter-panel-8, bus: fence, unit: 1}\n"
-     "zones:\n  - {name: z1, device: p1, point: zone9_alarm}\n",
-     ["{f}:11: zones[0] (z1): device 'p1' has no point 'zone9_alarm' (it has: "]),
-    # YAML itself
-    ("site: again\n", ["{f}:3: not valid YAML: found duplicate key \"site\" with value \"again\" "
-                       "(original value: \"estate-a\")"]),
-])
-def test_each_error_names_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str,
-                                        expected: list[str]) -> None:
+@pytest.mark.parametrize(
+    "body,expected",
+    [
+        # an unknown key, on its own line
+        (
+            BUSES + "    colour: red\n",
+            ["{f}:8: buses[0] (fence): Object contains unknown field `colour` (at $.buses[0].colour)"],
+        ),
+        # a wrong type
+        (
+            BUSES.replace("port: 502", "port: '502'"),
+            ["{f}:7: buses[0] (fence): Expected `int | null`, got `str` (at $.buses[0].port)"],
+        ),
+        # duplicate names, and a device on a bus that does not exist: both reported in one run
+        (
+            BUSES + "  - {name: fence, kind: modbus-tcp, host: 127.0.0.1, port: 503}\n"
+            "devices:\n  - {name: p1, profile: perimeter-panel-8, bus: fence, unit: 1}\n"
+            "  - {name: p2, profile: perimeter-panel-8, bus: rs485-9, unit: 2}\n",
+            [
+                "{f}:8: buses[1] (fence): duplicate name",
+                "{f}:11: devices[1] (p2): bus 'rs485-9' is not defined under 'buses'",
+            ],
+        ),
+        # a zone on a point its device's profile does not have
+        (
+            BUSES + "devices:\n  - {name: p1, profile: perimeter-panel-8, bus: fence, unit: 1}\n"
+            "zones:\n  - {name: z1, device: p1, point: zone9_alarm}\n",
+            ["{f}:11: zones[0] (z1): device 'p1' has no point 'zone9_alarm' (it has: "],
+        ),
+        # point events for a device that does not exist
+        (
+            BUSES + "devices:\n  - {name: p1, profile: perimeter-panel-8, bus: fence, unit: 1}\n"
+            "point_events:\n  enabled: true\n  devices: [p1, p9]\n",
+            ["{f}:12: point_events: device 'p9' is not defined under 'devices'"],
+        ),
+        # an unlock longer than the board's flash command can time (Waveshare: 0x7FFF x 100 ms), and a gate left
+        # open for an hour on the door controller DC-1 (0xFFFF x 10 ms)
+        (
+            BUSES + "devices:\n  - {name: b1, profile: waveshare-modbus-rtu-relay-d, bus: fence, unit: 1}\n"
+            "  - {name: c1, profile: door-controller, bus: fence, unit: 2}\n"
+            "doors:\n  - {name: d1, device: b1, relay: relay1, unlock_ms: 3276700}\n"
+            "  - {name: d2, device: b1, relay: relay2, unlock_ms: 3276800}\n"
+            "  - {name: d3, device: c1, relay: lock_relay, unlock_ms: 3600000}\n",
+            [
+                "{f}:13: doors[1] (d2): unlock_ms 3276800 is longer than the flash (timed pulse) command of "
+                "waveshare-modbus-rtu-relay-d allows: at most 3276700 ms",
+                "{f}:14: doors[2] (d3): unlock_ms 3600000 is longer than the flash (timed pulse) command of"
+                " door-controller "
+                "allows: at most 655350 ms",
+            ],
+        ),
+        # an unlock too short to be read back while it runs
+        (
+            BUSES + "devices:\n  - {name: c1, profile: door-controller, bus: fence, unit: 2}\n"
+            "doors:\n  - {name: d1, device: c1, relay: lock_relay, unlock_ms: 100}\n",
+            ["{f}:11: doors[0] (d1): Expected `int` >= 500 (at $.doors[0].unlock_ms)"],
+        ),
+        # pipelining where the line answers one request at a time
+        (
+            BUSES + "  - {name: ss1, kind: modbus-rtu-over-tcp, host: 127.0.0.1, port: 4001, max_in_flight: 4}\n",
+            ["{f}:8: buses[1] (ss1): max_in_flight above 1 needs a modbus-tcp bus"],
+        ),
+        # YAML itself
+        (
+            "site: again\n",
+            ['{f}:3: not valid YAML: found duplicate key "site" with value "again" (original value: "estate-a")'],
+        ),
+    ],
+)
+def test_each_error_names_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str, expected: list[str]
+) -> None:
     f = tmp_path / "gateway.yaml"
     f.write_text(HEAD + body)
     assert cli.main(["config", "check", str(f)]) == 2
@@ -62,3 +112,78 @@ def test_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     f = tmp_path / "nope.yaml"
     assert cli.main(["config", "check", str(f)]) == 2
     assert capsys.readouterr().err.strip() == f"{f}: no such file"
+
+
+MANY = """site: estate-a
+gatway: gw-1
+buses:
+  - name: fence
+    kind: modbus-tpc
+    host: 127.0.0.1
+    port: 502
+  - name: rs485
+    kind: modbus-tcp
+    host: 127.0.0.1
+    port: 503
+devices:
+  - {name: p0, profile: perimeter-panel-8, bus: 7, unit: 1}
+  - {name: p1, profile: perimeter-panel-88, bus: fense, unit: 1}
+  - {name: p2, profile: perimeter-panel-8, bus: rs485, unit: 2}
+zones:
+  - {name: z1, device: p2, point: zone1_alarn, tyep: perimeter}
+  - {name: z2, device: p0, point: zone1_alarm}
+  - {name: z3, device: p22, point: zone2_alarm, group: nigth}
+zone_groups:
+  - {name: night}
+"""
+
+
+@pytest.mark.process  # the real command, as its own process
+def test_every_problem_in_one_run_with_did_you_mean(tmp_path: Path) -> None:
+    """The real command, as an installer runs it: every mistake of the file at once, each on its own line, in
+    the order of the file, with a suggestion for a misspelt key, choice or name. An entry dropped for its own
+    error does not shift the lines of the entries after it, nor come back as "not defined" where it is named."""
+    import subprocess
+    import sys
+
+    f = tmp_path / "gateway.yaml"
+    f.write_text(MANY)
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "config", "check", str(f)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert "Traceback" not in r.stderr
+    expected = [
+        "{f}:1: Object missing required field `gateway` (at $)",
+        "{f}:2: Object contains unknown field `gatway` (at $.gatway); did you mean 'gateway'?",
+        "{f}:5: buses[0] (fence): Invalid enum value 'modbus-tpc' (at $.buses[0].kind); did you mean 'modbus-tcp'?",
+        "{f}:13: devices[0] (p0): Expected `str`, got `int` (at $.devices[0].bus)",
+        "{f}:14: devices[1] (p1): bus 'fense' is not defined under 'buses'; did you mean 'fence'?",
+        "{f}:14: devices[1] (p1): no profile 'perimeter-panel-88' in ",
+        "{f}:17: zones[0] (z1): Object contains unknown field `tyep` (at $.zones[0].tyep); did you mean 'type'?",
+        "{f}:17: zones[0] (z1): device 'p2' has no point 'zone1_alarn' (it has: ",
+        "{f}:19: zones[2] (z3): device 'p22' is not defined under 'devices'; did you mean 'p2'?",
+        "{f}:19: zones[2] (z3): group 'nigth' is not defined under 'zone_groups'; did you mean 'night'?",
+    ]
+    lines = r.stderr.splitlines()
+    assert len(lines) == len(expected), r.stderr
+    for line, exp in zip(lines, expected, strict=True):
+        assert line.startswith(exp.format(f=f)), (line, exp)
+    assert lines[5].endswith("did you mean 'perimeter-panel-8'?")
+    assert lines[7].endswith("did you mean 'zone1_alarm'?")
+    assert "'p0'" not in r.stderr.replace("devices[0] (p0)", "")  # z2 names the dropped p0: said once is enough
+
+
+def test_a_bad_value_in_a_later_entry_keeps_its_line_after_an_earlier_entry_is_dropped(tmp_path: Path) -> None:
+    f = tmp_path / "gateway.yaml"
+    f.write_text(
+        HEAD + BUSES + "  - {kind: modbus-tcp, host: 127.0.0.1, port: 503}\n"
+        "  - {name: b3, kind: modbus-tcp, host: 127.0.0.1, port: 70000}\n"
+    )
+    with pytest.raises(cli_config.ConfigError) as e:
+        cli_config.load(f)
+    assert [p.split(" (at")[0] for p in e.value.problems] == [
+        f"{f}:8: Object missing required field `name`",
+        f"{f}:9: buses[2] (b3): Expected `int` <= 65535",
+    ]

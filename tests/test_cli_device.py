@@ -4,7 +4,6 @@ processes holding them)."""
 
 from __future__ import annotations
 
-import grp
 import json
 import os
 import pwd
@@ -19,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from devices.profiles import list_profiles
-from gateway import cli, config, provision
+from gateway import cli, config
+from gateway.tooling import provision
+from tests.privileged import as_root, root_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,8 +34,10 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
 @pytest.fixture
 def cfg_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
     p = tmp_path / "gateway.yaml"
-    rc, _, err = run(["init", "--config", str(p), "--site", "estate-a", "--gateway", "gw-1",
-                      "--data-dir", str(tmp_path / "data")], capsys)
+    rc, _, err = run(
+        ["init", "--config", str(p), "--site", "estate-a", "--gateway", "gw-1", "--data-dir", str(tmp_path / "data")],
+        capsys,
+    )
     assert rc == 0, err
     return p
 
@@ -58,32 +61,72 @@ def pty() -> Iterator[str]:
 
 
 def test_add_list_show_remove_keeps_comments(cfg_path: Path, capsys: pytest.CaptureFixture[str], pty: str) -> None:
-    rc, out, err = run(add(cfg_path, "fence-1", "--profile", "perimeter-panel-8", "--unit", "3", "--tcp",
-                           "127.0.0.1:5020", "--place", "3/2", "--zone", "zone1_alarm=north-fence,label=北围墙",
-                           "--zone", "zone2_alarm=gate-beam,type=entry"), capsys)
+    rc, out, err = run(
+        add(
+            cfg_path,
+            "fence-1",
+            "--profile",
+            "perimeter-panel-8",
+            "--unit",
+            "3",
+            "--tcp",
+            "127.0.0.1:5020",
+            "--place",
+            "3/2",
+            "--zone",
+            "zone1_alarm=north-fence,label=北围墙",
+            "--zone",
+            "zone2_alarm=gate-beam,type=entry",
+        ),
+        capsys,
+    )
     assert rc == 0, err
     assert "added device 'fence-1' on bus 'tcp-127.0.0.1-5020' (new bus), unit 3" in out
     # The installer annotates the file by hand; later edits must keep that.
     text = cfg_path.read_text().replace("devices:\n", "devices:\n  # north side, cabinet B\n")
     cfg_path.write_text(text)
-    rc, out, err = run(add(cfg_path, "io-1", "--profile", "waveshare-modbus-rtu-io-8ch", "--unit", "1", "--serial",
-                           pty, "--baud", "19200", "--door", "output1=b3-u2-door,contact=input1,exit=input2",
-                           "--place", "3/2"), capsys)
+    rc, out, err = run(
+        add(
+            cfg_path,
+            "io-1",
+            "--profile",
+            "waveshare-modbus-rtu-io-8ch",
+            "--unit",
+            "1",
+            "--serial",
+            pty,
+            "--baud",
+            "19200",
+            "--door",
+            "output1=b3-u2-door,contact=input1,exit=input2",
+            "--place",
+            "3/2",
+        ),
+        capsys,
+    )
     assert rc == 0, err
     cfg = config.load(cfg_path)
     assert [(b.name, b.kind, b.serial or f"{b.host}:{b.port}", b.baudrate) for b in cfg.buses] == [
         ("tcp-127.0.0.1-5020", "modbus-tcp", "127.0.0.1:5020", 9600),
-        (f"rs485-{Path(pty).name}", "modbus-rtu", pty, 19200)]
+        (f"rs485-{Path(pty).name}", "modbus-rtu", pty, 19200),
+    ]
     assert [(d.name, d.profile, d.bus, d.unit) for d in cfg.devices] == [
         ("fence-1", "perimeter-panel-8", "tcp-127.0.0.1-5020", 3),
-        ("io-1", "waveshare-modbus-rtu-io-8ch", f"rs485-{Path(pty).name}", 1)]
+        ("io-1", "waveshare-modbus-rtu-io-8ch", f"rs485-{Path(pty).name}", 1),
+    ]
     assert [(z.name, z.device, z.point, z.type, z.label) for z in cfg.zones] == [
         ("north-fence", "fence-1", "zone1_alarm", "perimeter", "北围墙"),
-        ("gate-beam", "fence-1", "zone2_alarm", "entry", "")]
+        ("gate-beam", "fence-1", "zone2_alarm", "entry", ""),
+    ]
     assert cfg.zones[0].place is not None and (cfg.zones[0].place.building, cfg.zones[0].place.unit) == ("3", "2")
     door = cfg.doors[0]
     assert (door.name, door.device, door.relay, door.contact, door.exit_button) == (
-        "b3-u2-door", "io-1", "output1", "input1", "input2")
+        "b3-u2-door",
+        "io-1",
+        "output1",
+        "input1",
+        "input2",
+    )
     text = cfg_path.read_text()
     assert "# north side, cabinet B" in text
     assert "# Gatehouse gateway configuration, written by `gatehouse init`" in text
@@ -92,10 +135,28 @@ def test_add_list_show_remove_keeps_comments(cfg_path: Path, capsys: pytest.Capt
     assert rc == 0
     lines = out.splitlines()
     assert lines[0].split() == ["NAME", "PROFILE", "BUS", "UNIT", "ENDPOINT", "PLACE", "ZONES", "DOORS"]
-    assert lines[1].split() == ["fence-1", "perimeter-panel-8", "tcp-127.0.0.1-5020", "3", "127.0.0.1:5020", "3/2",
-                                "north-fence,gate-beam", "-"]
-    assert lines[2].split() == ["io-1", "waveshare-modbus-rtu-io-8ch", f"rs485-{Path(pty).name}", "1", pty,
-                                "19200", "8N1", "3/2", "-", "b3-u2-door"]
+    assert lines[1].split() == [
+        "fence-1",
+        "perimeter-panel-8",
+        "tcp-127.0.0.1-5020",
+        "3",
+        "127.0.0.1:5020",
+        "3/2",
+        "north-fence,gate-beam",
+        "-",
+    ]
+    assert lines[2].split() == [
+        "io-1",
+        "waveshare-modbus-rtu-io-8ch",
+        f"rs485-{Path(pty).name}",
+        "1",
+        pty,
+        "19200",
+        "8N1",
+        "3/2",
+        "-",
+        "b3-u2-door",
+    ]
     rc, out, _ = run(["device", "list", "--config", str(cfg_path), "--json"], capsys)
     assert [d["name"] for d in json.loads(out)] == ["fence-1", "io-1"]
 
@@ -108,27 +169,35 @@ def test_add_list_show_remove_keeps_comments(cfg_path: Path, capsys: pytest.Capt
 
     rc, out, err = run(["device", "remove", "fence-1", "--config", str(cfg_path)], capsys)
     assert rc == 0, err
-    assert out.splitlines() == ["removed device 'fence-1'", "  and zone north-fence", "  and zone gate-beam",
-                                "  and bus tcp-127.0.0.1-5020 (nothing else was on it)"]
+    assert out.splitlines() == [
+        "removed device 'fence-1'",
+        "  and zone north-fence",
+        "  and zone gate-beam",
+        "  and bus tcp-127.0.0.1-5020 (nothing else was on it)",
+    ]
     cfg = config.load(cfg_path)
     assert [d.name for d in cfg.devices] == ["io-1"] and not cfg.zones
     assert [b.name for b in cfg.buses] == [f"rs485-{Path(pty).name}"]
     assert "# Gatehouse gateway configuration" in cfg_path.read_text()
 
 
-def test_second_device_joins_the_existing_serial_bus(cfg_path: Path, capsys: pytest.CaptureFixture[str],
-                                                     pty: str) -> None:
+def test_second_device_joins_the_existing_serial_bus(
+    cfg_path: Path, capsys: pytest.CaptureFixture[str], pty: str
+) -> None:
     assert run(add(cfg_path, "p1", "--profile", "perimeter-panel-8", "--unit", "1", "--serial", pty), capsys)[0] == 0
     rc, out, err = run(add(cfg_path, "p2", "--profile", "perimeter-panel-8", "--unit", "2", "--serial", pty), capsys)
     assert rc == 0, err
     assert "(new bus)" not in out
     cfg = config.load(cfg_path)
     assert len(cfg.buses) == 1 and {d.bus for d in cfg.devices} == {cfg.buses[0].name}
-    rc, _, err = run(add(cfg_path, "p3", "--profile", "perimeter-panel-8", "--unit", "3", "--serial", pty,
-                         "--baud", "19200"), capsys)
+    rc, _, err = run(
+        add(cfg_path, "p3", "--profile", "perimeter-panel-8", "--unit", "3", "--serial", pty, "--baud", "19200"), capsys
+    )
     assert rc == 2
-    assert err.strip() == (f"device add: bus 'rs485-{Path(pty).name}' on {pty} runs at {pty} 9600 8N1; --baud 19200 "
-                           "differs, and every device on one RS-485 line must use the same settings")
+    assert err.strip() == (
+        f"device add: bus 'rs485-{Path(pty).name}' on {pty} runs at {pty} 9600 8N1; --baud 19200 "
+        "differs, and every device on one RS-485 line must use the same settings"
+    )
 
 
 # ---------------------------------------------------------------- the installer's mistakes
@@ -136,8 +205,9 @@ def test_second_device_joins_the_existing_serial_bus(cfg_path: Path, capsys: pyt
 
 def test_unknown_profile_lists_the_known_ones(cfg_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = cfg_path.read_bytes()
-    rc, _, err = run(add(cfg_path, "x", "--profile", "perimeter-panel-9", "--unit", "1", "--tcp", "127.0.0.1:502"),
-                     capsys)
+    rc, _, err = run(
+        add(cfg_path, "x", "--profile", "perimeter-panel-9", "--unit", "1", "--tcp", "127.0.0.1:502"), capsys
+    )
     assert rc == 2
     known = list_profiles()
     assert "perimeter-panel-8" in known
@@ -151,12 +221,16 @@ def test_duplicate_unit_id_on_a_bus(cfg_path: Path, capsys: pytest.CaptureFixtur
     before = cfg_path.read_bytes()
     rc, _, err = run(add(cfg_path, "b", "--profile", "perimeter-panel-16", "--unit", "5", *tcp), capsys)
     assert rc == 2
-    assert err.strip() == ("device add: unit id 5 on bus 'tcp-127.0.0.1-502' is already used by device 'a'; each "
-                           "device on a bus needs its own unit id (change it on the device, then add it with that id)")
+    assert err.strip() == (
+        "device add: unit id 5 on bus 'tcp-127.0.0.1-502' is already used by device 'a'; each "
+        "device on a bus needs its own unit id (change it on the device, then add it with that id)"
+    )
     assert cfg_path.read_bytes() == before
     # The same unit id on another bus is fine.
-    assert run(add(cfg_path, "b", "--profile", "perimeter-panel-16", "--unit", "5", "--tcp", "127.0.0.1:503"),
-               capsys)[0] == 0
+    assert (
+        run(add(cfg_path, "b", "--profile", "perimeter-panel-16", "--unit", "5", "--tcp", "127.0.0.1:503"), capsys)[0]
+        == 0
+    )
 
 
 def test_serial_port_that_does_not_exist(cfg_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -164,26 +238,40 @@ def test_serial_port_that_does_not_exist(cfg_path: Path, capsys: pytest.CaptureF
     rc, _, err = run(add(cfg_path, "p", "--profile", "perimeter-panel-8", "--unit", "1", "--serial", missing), capsys)
     assert rc == 2
     here = provision.serial_candidates()
-    hint = (f"serial ports here: {', '.join(here)}" if here else
-            "no serial ports found: is the adapter plugged in? `dmesg | tail` shows what the kernel saw")
+    hint = (
+        f"serial ports here: {', '.join(here)}"
+        if here
+        else "no serial ports found: is the adapter plugged in? `dmesg | tail` shows what the kernel saw"
+    )
     assert err.strip() == f"device add: serial port {missing} does not exist ({hint})"
 
 
 @pytest.mark.parametrize("exclusive", [True, False], ids=["flock", "plain-open"])
-def test_serial_port_held_by_another_process(cfg_path: Path, capsys: pytest.CaptureFixture[str], pty: str,
-                                             exclusive: bool) -> None:
+def test_serial_port_held_by_another_process(
+    cfg_path: Path, capsys: pytest.CaptureFixture[str], pty: str, exclusive: bool
+) -> None:
     # Another program has the port open: with pyserial's exclusive lock, or plainly (found in /proc).
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import serial, sys; p = serial.Serial(sys.argv[1], exclusive={exclusive}); "
-         "print('open', flush=True); sys.stdin.read(); p.close()", pty],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            f"import serial, sys; p = serial.Serial(sys.argv[1], exclusive={exclusive}); "
+            "print('open', flush=True); sys.stdin.read(); p.close()",
+            pty,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
         before = cfg_path.read_bytes()
         rc, _, err = run(add(cfg_path, "p", "--profile", "perimeter-panel-8", "--unit", "1", "--serial", pty), capsys)
         assert rc == 2
-        assert err.strip() == (f"device add: serial port {pty} is busy (held by {holder.pid} (python)); stop that "
-                               "program first (the gateway itself: sudo systemctl stop gatehouse-gateway)")
+        assert err.strip() == (
+            f"device add: serial port {pty} is busy (held by {holder.pid} (python)); stop that "
+            "program first (the gateway itself: sudo systemctl stop gatehouse-gateway)"
+        )
         assert cfg_path.read_bytes() == before
     finally:
         assert holder.stdin is not None
@@ -197,49 +285,85 @@ def test_serial_port_held_by_another_process(cfg_path: Path, capsys: pytest.Capt
 
 def test_no_permission_says_join_the_dialout_group(pty: str) -> None:
     """A port of group dialout (as udev makes /dev/ttyUSB*), and an installer who is not in that group:
-    run the real command as another user (``nobody``), which needs root to set up."""
-    if os.geteuid() != 0:
-        pytest.fail("this test makes a port of group dialout and runs the CLI as 'nobody': run the suite as root "
-                    "(as CI does), or run this test with sudo")
-    dialout = grp.getgrnam("dialout").gr_gid
-    os.chown(pty, 0, dialout)
-    os.chmod(pty, 0o660)
+    run the real command as another user (``nobody``). Setting that up takes root (tests/privileged: as it is for
+    root, ``sudo -n`` for anyone else); ``nobody`` keeps one right, to read and search any folder, so the checkout
+    and its .venv may sit in a private (0700) home, but not the right to open a file it may not write."""
+    as_root(["chown", "root:dialout", pty])
+    as_root(["chmod", "660", pty])
     nobody = pwd.getpwnam("nobody")
     folder = Path(tempfile.mkdtemp(prefix="gatehouse-perm-"))
     try:
         folder.chmod(0o755)
         cfg = folder / "gateway.yaml"
-        assert cli.main(["init", "--config", str(cfg), "--site", "s", "--gateway", "g", "--data-dir",
-                         str(folder / "data")]) == 0
+        assert (
+            cli.main(
+                ["init", "--config", str(cfg), "--site", "s", "--gateway", "g", "--data-dir", str(folder / "data")]
+            )
+            == 0
+        )
         cfg.chmod(0o644)
-        # The child starts as root and becomes nobody before running the command: the interpreter may live
-        # where only root can reach it (pyenv under /root), so what it needs is imported first.
         argv = add(cfg, "p", "--profile", "perimeter-panel-8", "--unit", "1", "--serial", pty)
-        code = ("import os, sys, zoneinfo, devices.profiles, gateway.cli, gateway.provision; "
-                f"os.setgroups([]); os.setgid({nobody.pw_gid}); os.setuid({nobody.pw_uid}); "
-                f"sys.exit(gateway.cli.main({argv!r}))")
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=folder,
-                              env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+        code = f"import sys, gateway.cli; sys.exit(gateway.cli.main({argv!r}))"
+        as_nobody = root_args(
+            [
+                "setpriv",
+                f"--reuid={nobody.pw_uid}",
+                f"--regid={nobody.pw_gid}",
+                "--clear-groups",
+                "--inh-caps=+dac_read_search",
+                "--ambient-caps=+dac_read_search",
+                "--",
+                "env",
+                "PYTHONDONTWRITEBYTECODE=1",
+                sys.executable,
+                "-c",
+                code,
+            ]
+        )
+        done = subprocess.run(as_nobody, capture_output=True, text=True, timeout=60, cwd=folder)
         assert done.returncode == 2, done.stderr
         assert done.stderr.strip() == (
             f"device add: no permission to open {pty} (root:dialout crw-rw----): you ({nobody.pw_name}) are not in "
             "the dialout group; add yourself to the dialout group: sudo usermod -aG dialout $USER (then log out "
-            "and back in)")
+            "and back in)"
+        )
     finally:
         shutil.rmtree(folder)
 
 
 def test_permission_message_for_a_session_older_than_the_group() -> None:
-    msg = provision.permission_message("/dev/ttyUSB0", owner="root", group="dialout", mode=stat.S_IFCHR | 0o660,
-                                       user="ann", session_groups={"ann"}, member_of={"ann", "dialout"})
-    assert msg == ("no permission to open /dev/ttyUSB0: you (ann) are in the dialout group, but this login session "
-                   "started before you were added; log out and back in (or run `newgrp dialout`)")
+    msg = provision.permission_message(
+        "/dev/ttyUSB0",
+        owner="root",
+        group="dialout",
+        mode=stat.S_IFCHR | 0o660,
+        user="ann",
+        session_groups={"ann"},
+        member_of={"ann", "dialout"},
+    )
+    assert msg == (
+        "no permission to open /dev/ttyUSB0: you (ann) are in the dialout group, but this login session "
+        "started before you were added; log out and back in (or run `newgrp dialout`)"
+    )
 
 
 def test_an_edit_that_would_not_validate_is_not_written(cfg_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = cfg_path.read_bytes()
-    rc, _, err = run(add(cfg_path, "p", "--profile", "perimeter-panel-8", "--unit", "1", "--tcp", "127.0.0.1:502",
-                         "--zone", "zone1_alarm=z1,group=night"), capsys)
+    rc, _, err = run(
+        add(
+            cfg_path,
+            "p",
+            "--profile",
+            "perimeter-panel-8",
+            "--unit",
+            "1",
+            "--tcp",
+            "127.0.0.1:502",
+            "--zone",
+            "zone1_alarm=z1,group=night",
+        ),
+        capsys,
+    )
     assert rc == 2
     lines = err.splitlines()
     assert lines[0] == "device add: the edited config would not be valid; nothing was written"
@@ -250,22 +374,48 @@ def test_an_edit_that_would_not_validate_is_not_written(cfg_path: Path, capsys: 
     assert not [p.name for p in cfg_path.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--profile", "perimeter-panel-8", "--unit", "0", "--tcp", "127.0.0.1:502"],
-     "unit id 0 is out of range: Modbus unit ids are 1-247 (0 is broadcast)"),
-    (["--profile", "perimeter-panel-8", "--unit", "1"],
-     "say which bus: --bus NAME (buses: none), --serial PORT or --tcp HOST:PORT"),
-    (["--profile", "perimeter-panel-8", "--unit", "1", "--bus", "rs485-9"],
-     "no bus 'rs485-9' (buses: none); to create it give --serial PORT or --tcp HOST:PORT as well"),
-    (["--profile", "perimeter-panel-8", "--unit", "1", "--tcp", "127.0.0.1:502", "--zone", "zone99_alarm=z"],
-     "--zone: profile 'perimeter-panel-8' has no point 'zone99_alarm' (points: "),
-    (["--profile", "perimeter-panel-8", "--unit", "1", "--tcp", "127.0.0.1:502", "--zone", "zone1_alarm=z,type=x"],
-     "--zone z: type 'x' is not one of perimeter, entry, interior, panic, medical, fire, gas, tamper, fault"),
-    (["--profile", "waveshare-modbus-rtu-io-8ch", "--unit", "1", "--tcp", "127.0.0.1:502", "--door", "input1=d"],
-     "--door d: point 'input1' is not writable (a door needs a relay output)"),
-    (["--profile", "perimeter-panel-8", "--unit", "1", "--tcp", "127.0.0.1:502", "--baud", "19200"],
-     "--baud: serial settings belong to the serial server, not to a TCP bus"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--profile", "perimeter-panel-8", "--unit", "0", "--tcp", "127.0.0.1:502"],
+            "unit id 0 is out of range: Modbus unit ids are 1-247 (0 is broadcast)",
+        ),
+        (
+            ["--profile", "perimeter-panel-8", "--unit", "1"],
+            "say which bus: --bus NAME (buses: none), --serial PORT or --tcp HOST:PORT",
+        ),
+        (
+            ["--profile", "perimeter-panel-8", "--unit", "1", "--bus", "rs485-9"],
+            "no bus 'rs485-9' (buses: none); to create it give --serial PORT or --tcp HOST:PORT as well",
+        ),
+        (
+            ["--profile", "perimeter-panel-8", "--unit", "1", "--tcp", "127.0.0.1:502", "--zone", "zone99_alarm=z"],
+            "--zone: profile 'perimeter-panel-8' has no point 'zone99_alarm' (points: ",
+        ),
+        (
+            [
+                "--profile",
+                "perimeter-panel-8",
+                "--unit",
+                "1",
+                "--tcp",
+                "127.0.0.1:502",
+                "--zone",
+                "zone1_alarm=z,type=x",
+            ],
+            "--zone z: type 'x' is not one of perimeter, entry, interior, panic, medical, fire, gas, tamper, fault",
+        ),
+        (
+            ["--profile", "waveshare-modbus-rtu-io-8ch", "--unit", "1", "--tcp", "127.0.0.1:502", "--door", "input1=d"],
+            "--door d: point 'input1' is not writable (a door needs a relay output)",
+        ),
+        (
+            ["--profile", "perimeter-panel-8", "--unit", "1", "--tcp", "127.0.0.1:502", "--baud", "19200"],
+            "--baud: serial settings belong to the serial server, not to a TCP bus",
+        ),
+    ],
+)
 def test_other_mistakes(cfg_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
     before = cfg_path.read_bytes()
     rc, _, err = run(add(cfg_path, "p", *args), capsys)
@@ -284,11 +434,13 @@ def test_remove_and_show_unknown_device(cfg_path: Path, capsys: pytest.CaptureFi
 def test_a_config_with_errors_is_not_edited(cfg_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg_path.write_text(cfg_path.read_text() + "colour: red\n")
     before = cfg_path.read_bytes()
-    rc, _, err = run(add(cfg_path, "p", "--profile", "perimeter-panel-8", "--unit", "1", "--tcp", "127.0.0.1:502"),
-                     capsys)
+    rc, _, err = run(
+        add(cfg_path, "p", "--profile", "perimeter-panel-8", "--unit", "1", "--tcp", "127.0.0.1:502"), capsys
+    )
     assert rc == 2
     line = before.decode().splitlines().index("colour: red") + 1
     assert err.splitlines() == [
         f"device add: {cfg_path} has errors; fix them first (`gatehouse config check {cfg_path}`)",
-        f"  {cfg_path}:{line}: Object contains unknown field `colour` (at $.colour)"]
+        f"  {cfg_path}:{line}: Object contains unknown field `colour` (at $.colour)",
+    ]
     assert cfg_path.read_bytes() == before

@@ -24,8 +24,20 @@ def mode(p: Path) -> int:
 
 
 def init_args(cfg: Path, *extra: str) -> list[str]:
-    return ["init", "--config", str(cfg), "--site", "estate-a", "--gateway", "gw-1", "--broker", "10.0.0.2:8883",
-            "--data-dir", str(cfg.parent / "data"), *extra]
+    return [
+        "init",
+        "--config",
+        str(cfg),
+        "--site",
+        "estate-a",
+        "--gateway",
+        "gw-1",
+        "--broker",
+        "10.0.0.2:8883",
+        "--data-dir",
+        str(cfg.parent / "data"),
+        *extra,
+    ]
 
 
 def test_init_writes_a_valid_config_and_private_secrets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -34,7 +46,12 @@ def test_init_writes_a_valid_config_and_private_secrets(tmp_path: Path, capsys: 
     assert rc == 0, err
     cfg = config.load(cfg_path)
     assert (cfg.site, cfg.gateway, cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.username) == (
-        "estate-a", "gw-1", "10.0.0.2", 8883, "gw-1")
+        "estate-a",
+        "gw-1",
+        "10.0.0.2",
+        8883,
+        "estate-a/gw-1",
+    )
     assert cfg.local_api.enabled and (cfg.local_api.host, cfg.local_api.port) == ("127.0.0.1", 9880)
     secret = Path(cfg.mqtt.password_file or "")
     assert secret == (tmp_path / "etc" / "secrets" / "mqtt.password").resolve()
@@ -54,8 +71,9 @@ def test_init_refuses_to_overwrite_without_force(tmp_path: Path, capsys: pytest.
     before = cfg_path.read_bytes(), (tmp_path / "secrets" / "mqtt.password").read_bytes()
     rc, _, err = run(init_args(cfg_path), capsys)
     assert rc == 2
-    assert err.strip() == (f"init: {cfg_path} and {tmp_path / 'secrets' / 'mqtt.password'} already exist; "
-                           "use --force to replace")
+    assert err.strip() == (
+        f"init: {cfg_path} and {tmp_path / 'secrets' / 'mqtt.password'} already exist; use --force to replace"
+    )
     assert (cfg_path.read_bytes(), (tmp_path / "secrets" / "mqtt.password").read_bytes()) == before
     rc, _, err = run(init_args(cfg_path, "--force"), capsys)
     assert rc == 0, err
@@ -63,18 +81,20 @@ def test_init_refuses_to_overwrite_without_force(tmp_path: Path, capsys: pytest.
     assert mode(tmp_path / "secrets" / "mqtt.password") == 0o600
 
 
-def test_init_takes_a_given_password_from_stdin(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_init_takes_a_given_password_from_stdin(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO("s3cret-from-the-broker-admin\n"))
     cfg_path = tmp_path / "gateway.yaml"
-    rc, out, err = run(init_args(cfg_path, "--mqtt-password-file", "-", "--mqtt-user", "gw-1"), capsys)
+    rc, out, err = run(init_args(cfg_path, "--mqtt-password-file", "-"), capsys)
     assert rc == 0, err
     assert (tmp_path / "secrets" / "mqtt.password").read_text() == "s3cret-from-the-broker-admin\n"
     assert "s3cret" not in out  # a password given is not echoed
 
 
-def test_init_copies_the_pass_public_key_and_refuses_a_private_one(tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_init_copies_the_pass_public_key_and_refuses_a_private_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     private, public = passes.generate_keypair()
     pub = tmp_path / "portal-pass.pub"
     priv = tmp_path / "portal-pass.key"
@@ -83,8 +103,9 @@ def test_init_copies_the_pass_public_key_and_refuses_a_private_one(tmp_path: Pat
     cfg_path = tmp_path / "etc" / "gateway.yaml"
     rc, _, err = run(init_args(cfg_path, "--pass-key", str(priv)), capsys)
     assert rc == 2
-    assert err.strip() == (f"init: --pass-key: {priv}: holds a private key; a gateway must be given only the "
-                           "public key")
+    assert err.strip() == (
+        f"init: --pass-key: {priv}: holds a private key; a gateway must be given only the public key"
+    )
     assert not cfg_path.exists()
     rc, _, err = run(init_args(cfg_path, "--pass-key", str(pub)), capsys)
     assert rc == 0, err
@@ -93,13 +114,21 @@ def test_init_copies_the_pass_public_key_and_refuses_a_private_one(tmp_path: Pat
     assert passes.key_id(passes.load_public_key(cfg.access.public_keys[0])) == passes.key_id(public)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--site", "estate a"], "init: site name 'estate a' is not valid: use letters, digits, '.', '_' and '-' "
-                             "(at most 64, starting with a letter or digit)"),
-    (["--broker", "10.0.0.2"], "init: --broker '10.0.0.2' is not host:port (e.g. 192.168.1.20:502)"),
-    (["--owner", "no-such-user-here"], "init: no such user 'no-such-user-here' (the install script creates "
-                                       "'gatehouse')"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--site", "estate a"],
+            "init: site name 'estate a' is not valid: use letters, digits, '.', '_' and '-' "
+            "(at most 64, starting with a letter or digit)",
+        ),
+        (["--broker", "10.0.0.2"], "init: --broker '10.0.0.2' is not host:port (e.g. 192.168.1.20:502)"),
+        (
+            ["--owner", "no-such-user-here"],
+            "init: no such user 'no-such-user-here' (the install script creates 'gatehouse')",
+        ),
+    ],
+)
 def test_init_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
     cfg_path = tmp_path / "gateway.yaml"
     argv = init_args(cfg_path)
@@ -107,7 +136,7 @@ def test_init_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: l
         if args[i] in argv:
             argv[argv.index(args[i]) + 1] = args[i + 1]
         else:
-            argv += args[i:i + 2]
+            argv += args[i : i + 2]
     rc, _, err = run(argv, capsys)
     assert rc == 2
     assert err.strip() == message

@@ -16,11 +16,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import cli, config, wire
 from gateway.app import Gateway
-from gateway.broker import MosquittoProcess, free_port
 from gateway.events import Draft
 from gateway.localapi import serve_local_api
+from gateway.tooling.broker import MosquittoProcess, free_port
 from tests import procs
-from tests.stubs import run_stub, wait_until
+from tests.stubs import run_stub
+from tests.waiting import wait_for
 
 PANEL = "firmware_stubs.perimeter_panel"
 CTRL = ("--control", "127.0.0.1:0")
@@ -32,11 +33,47 @@ def make_config(tmp_path: Path, broker: MosquittoProcess, panel: tuple[str, int]
     """A config made the installer's way: init, then device add."""
     cfg = tmp_path / "gateway.yaml"
     host, port = panel
-    assert cli.main(["init", "--config", str(cfg), "--site", "estate-a", "--gateway", "gw-1", "--broker",
-                     f"127.0.0.1:{broker.port}", "--data-dir", str(tmp_path / "data")]) == 0
+    assert (
+        cli.main(
+            [
+                "init",
+                "--config",
+                str(cfg),
+                "--site",
+                "estate-a",
+                "--gateway",
+                "gw-1",
+                "--broker",
+                f"127.0.0.1:{broker.port}",
+                "--data-dir",
+                str(tmp_path / "data"),
+            ]
+        )
+        == 0
+    )
     for name, unit in (("fence-1", 1), ("fence-2", 2)):
-        assert cli.main(["device", "add", name, "--config", str(cfg), "--profile", "perimeter-panel-8", "--unit",
-                         str(unit), "--tcp", f"{host}:{port}", "--bus", "fence", "--poll-ms", "100"]) == 0
+        assert (
+            cli.main(
+                [
+                    "device",
+                    "add",
+                    name,
+                    "--config",
+                    str(cfg),
+                    "--profile",
+                    "perimeter-panel-8",
+                    "--unit",
+                    str(unit),
+                    "--tcp",
+                    f"{host}:{port}",
+                    "--bus",
+                    "fence",
+                    "--poll-ms",
+                    "100",
+                ]
+            )
+            == 0
+        )
     text = cfg.read_text().replace("  port: 9880", f"  port: {api_port}")
     cfg.write_text(text)
     (tmp_path / "data").mkdir()
@@ -45,8 +82,14 @@ def make_config(tmp_path: Path, broker: MosquittoProcess, panel: tuple[str, int]
 
 async def run_status(*args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "status", *args, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "status",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     return int(proc.returncode or 0), out.decode(), err.decode()
 
@@ -59,8 +102,9 @@ def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
     return out
 
 
-async def test_status_and_metrics_of_a_running_gateway(tmp_path: Path, broker: MosquittoProcess,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+async def test_status_and_metrics_of_a_running_gateway(
+    tmp_path: Path, broker: MosquittoProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
     api_port = free_port()
     async with run_stub(PANEL, "--tcp", "127.0.0.1:0", "--units", "1-2", *CTRL) as stub:
         cfg = config.load(make_config(tmp_path, broker, stub.endpoint(), api_port))
@@ -71,13 +115,22 @@ async def test_status_and_metrics_of_a_running_gateway(tmp_path: Path, broker: M
             runner = asyncio.create_task(gw.run(stop), name="test.gateway")
             try:
                 await asyncio.wait_for(gw.ready.wait(), 20)
-                await wait_until(lambda: gw.uplink.stats.connected, 20, "the uplink to connect")
-                await wait_until(lambda: "fence" in gw.drivers, 20, "the bus to start")
+                await wait_for(lambda: gw.uplink.stats.connected, 20, "the uplink to connect")
+                await wait_for(lambda: "fence" in gw.drivers, 20, "the bus to start")
                 bus = gw.drivers["fence"]
-                await wait_until(lambda: all(d.state == "online" for d in bus.stats().devices.values()), 20,
-                                 "both panels online")
-                stored = await gw.store.append([Draft(type="test.marker", device="fence-1", point="zone3_alarm",
-                                                      place=wire.Place(site="estate-a", zone="north"))])
+                await wait_for(
+                    lambda: all(d.state == "online" for d in bus.stats().devices.values()), 20, "both panels online"
+                )
+                stored = await gw.store.append(
+                    [
+                        Draft(
+                            type="test.marker",
+                            device="fence-1",
+                            point="zone3_alarm",
+                            place=wire.Place(site="estate-a", zone="north"),
+                        )
+                    ]
+                )
                 await asyncio.sleep(1.0)  # a second of polling for the rates (real time: this is end to end)
 
                 rc, out, err = await run_status("--url", f"http://127.0.0.1:{api_port}", "--json")
@@ -103,7 +156,7 @@ async def test_status_and_metrics_of_a_running_gateway(tmp_path: Path, broker: M
 
                 # One panel goes silent: the status says so, once the engine has noticed.
                 await stub.post("/silent", {"on": True, "unit": 2})
-                await wait_until(lambda: bus.stats().devices["fence-2"].state == "offline", 20, "fence-2 offline")
+                await wait_for(lambda: bus.stats().devices["fence-2"].state == "offline", 20, "fence-2 offline")
                 rc, out, err = await run_status("--config", str(cfg.source))
                 assert rc == 0, err
                 lines = out.splitlines()
@@ -153,9 +206,11 @@ async def test_status_when_no_gateway_answers(tmp_path: Path) -> None:
     port = free_port()
     rc, out, err = await run_status("--url", f"http://127.0.0.1:{port}")
     assert (rc, out) == (1, "")
-    assert err.strip() == (f"status: cannot reach the gateway at http://127.0.0.1:{port}: [Errno 111] Connection "
-                           "refused (is it running? sudo systemctl status gatehouse-gateway; is local_api enabled "
-                           "in its config?)")
+    assert err.strip() == (
+        f"status: cannot reach the gateway at http://127.0.0.1:{port}: [Errno 111] Connection "
+        "refused (is it running? sudo systemctl status gatehouse-gateway; is local_api enabled "
+        "in its config?)"
+    )
 
 
 async def test_status_of_a_gateway_process(tmp_path: Path, broker: MosquittoProcess) -> None:
@@ -179,5 +234,40 @@ async def test_status_of_a_gateway_process(tmp_path: Path, broker: MosquittoProc
             assert (st["site"], st["gateway"], st["ready"]) == ("estate-a", "gw-1", True)
             assert st["broker"]["connected"] is True
             assert st["devices"] == {"online": 2, "offline": 0, "unknown": 0}, st
+        finally:
+            await asyncio.to_thread(child.stop)
+
+
+async def test_status_of_a_config_whose_port_another_gateway_answers(tmp_path: Path, broker: MosquittoProcess) -> None:
+    """Two gateways on one machine with the same local_api port: the second cannot bind it, and `status
+    --config` of the second must not show the first one's buses as its own."""
+    api_port = free_port()
+    async with run_stub(PANEL, "--tcp", "127.0.0.1:0", "--units", "1-2", *CTRL) as stub:
+        cfg = make_config(tmp_path, broker, stub.endpoint(), api_port)
+        other = tmp_path / "gw-2.yaml"
+        other.write_text(cfg.read_text().replace("gateway: gw-1", "gateway: gw-2"))
+        assert config.load(other).local_api.port == api_port
+        child = procs.gateway(cfg, tmp_path / "logs")
+        await asyncio.to_thread(child.start)
+        try:
+            rc, out, err = 1, "", ""
+            deadline = asyncio.get_running_loop().time() + 20
+            while asyncio.get_running_loop().time() < deadline:
+                rc, out, err = await run_status("--config", str(cfg), "--json")
+                if rc == 0:
+                    break
+                await asyncio.sleep(0.2)
+            assert rc == 0, f"{err}\n{child.tail()}"
+            assert json.loads(out)["gateway"] == "gw-1"
+            rc, out, err = await run_status("--config", str(other))
+            assert (rc, out) == (1, "")
+            assert err.strip() == (
+                f"status: the gateway answering at http://127.0.0.1:{api_port} is estate-a/gw-1, not estate-a/gw-2 "
+                f"of {other}: another gateway holds local_api port {api_port} (give each gateway on this machine its "
+                "own local_api.port); estate-a/gw-2 may not be running, or could not open its local API (see its "
+                "journal)"
+            )
+            rc, out, err = await run_status("--config", str(other), "--json")
+            assert (rc, out) == (1, "")
         finally:
             await asyncio.to_thread(child.stop)

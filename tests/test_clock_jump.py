@@ -19,22 +19,30 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import pytest
-from ulid import ULID
 
 from gateway import wire
-from gateway.broker import MosquittoProcess
-from gateway.wire.passes import PassFields, generate_keypair, new_pass_id, save_public_key, sign_pass
+from gateway.tooling.broker import MosquittoProcess
+from gateway.wire.passes import (
+    PassFields,
+    RevocationList,
+    generate_keypair,
+    new_pass_id,
+    save_public_key,
+    sign_pass,
+    sign_revocations,
+)
 from tests import procs
 from tests.doors_support import door_gateway_config
+from tests.portal_support import signed_command
 from tests.portal_support import write_config as write_portal_config
 from tests.stubs import Stub, run_stub
-from tests.test_e2e_doors import until as e2e_until
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -91,13 +99,15 @@ class Site:
     def poll_stores(self) -> None:
         now, real = time.monotonic(), time.time()
         top = max(self.gw_seen, default=0)
-        for (body,) in procs.read_rows(self.tmp / "gw" / "data" / "gateway.db",
-                                       "SELECT body FROM events WHERE seq > ? ORDER BY seq", top):
+        for (body,) in procs.read_rows(
+            self.tmp / "gw" / "data" / "gateway.db", "SELECT body FROM events WHERE seq > ? ORDER BY seq", top
+        ):
             e = json.loads(body)
             self.gw_seen[e["seq"]] = Seen(now, real, e)
         top = max(self.portal_seen, default=0)
-        for (seq,) in procs.read_rows(self.tmp / "portal" / "data" / "portal.db",
-                                      "SELECT seq FROM events WHERE gateway = ? AND seq > ?", GW, top):
+        for (seq,) in procs.read_rows(
+            self.tmp / "portal" / "data" / "portal.db", "SELECT seq FROM events WHERE gateway = ? AND seq > ?", GW, top
+        ):
             self.portal_seen.setdefault(seq, now)
 
     async def watch(self) -> None:
@@ -108,8 +118,9 @@ class Site:
     def events(self, *types: str, after: int = 0) -> list[Seen]:
         return [s for q, s in sorted(self.gw_seen.items()) if q > after and (not types or s.body["type"] in types)]
 
-    async def next_event(self, etype: str, after: int, timeout: float = 15.0,
-                         match: Callable[[dict[str, Any]], bool] = lambda e: True) -> Seen:
+    async def next_event(
+        self, etype: str, after: int, timeout: float = 15.0, match: Callable[[dict[str, Any]], bool] = lambda e: True
+    ) -> Seen:
         got = await until(lambda: [s for s in self.events(etype, after=after) if match(s.body)], timeout, etype)
         return got[0]  # type: ignore[no-any-return]
 
@@ -120,12 +131,11 @@ class Site:
     # -- the outside world
 
     async def command(self, type_: str, *, expires_in: float = 30.0, **args: Any) -> str:
-        now = datetime.now(UTC)  # the portal's (true) clock
-        cmd = wire.Command(v=1, id=str(ULID()), type=type_, ts=now, expires=now + timedelta(seconds=expires_in),
-                           by="guard1", args=args)
+        """A command signed with the portal's key on the portal's (true) clock."""
+        payload, cid = signed_command(self.key, type_, site=SITE, gateway=GW, life_s=expires_in, **args)
         async with aiomqtt.Client("127.0.0.1", self.broker.port) as c:
-            await c.publish(wire.topic(SITE, GW, "cmd"), wire.encode(cmd), qos=1)
-        return cmd.id
+            await c.publish(wire.topic(SITE, GW, "cmd"), payload, qos=1)
+        return cid
 
     async def result(self, command_id: str, after: int) -> dict[str, Any]:
         s = await self.next_event("command.result", after, match=lambda e: e["data"]["command_id"] == command_id)
@@ -134,8 +144,16 @@ class Site:
     def sign(self, kind: str = "resident", nb: float = 0, na: float = 60, **kw: Any) -> str:
         """A pass valid from true now + ``nb`` to true now + ``na`` seconds, as the portal signs it."""
         now = int(time.time())
-        f: dict[str, Any] = dict(kind=kind, site=SITE, subject="P100", house="3-2-501", units=("3/2",),
-                                 not_before=now + int(nb), not_after=now + int(na), pass_id=new_pass_id())
+        f: dict[str, Any] = dict(
+            kind=kind,
+            site=SITE,
+            subject="P100",
+            house="3-2-501",
+            units=("3/2",),
+            not_before=now + int(nb),
+            not_after=now + int(na),
+            pass_id=new_pass_id(),
+        )
         if kind == "visitor":
             f.update(subject="V200", uses=10)
         f.update(kw)
@@ -168,19 +186,33 @@ class Site:
         return f"--- gateway\n{self.gateway.tail(6000)}"
 
 
-until = functools.partial(e2e_until, step=0.02)  # fine-grained: the delays measured are compared within TOL_S
+until = functools.partial(wait_for, step=0.02)  # fine-grained: the delays measured are compared within TOL_S
 
 
 def _gateway_config(folder: Path, broker: MosquittoProcess, perimeter: Stub, door: Stub, reader: Stub) -> Path:
     """The door helper's config (one door, one reader) plus a perimeter panel with an entry zone."""
-    path = door_gateway_config(folder, broker.port, door, reader, public_key="keys/pass.pub", site=SITE,
-                               gateway=GW, door_name=DOOR, reader_name=READER, held_open_s=HELD_S)
+    path = door_gateway_config(
+        folder,
+        broker.port,
+        door,
+        reader,
+        public_key="keys/pass.pub",
+        site=SITE,
+        gateway=GW,
+        door_name=DOOR,
+        reader_name=READER,
+        held_open_s=HELD_S,
+    )
     host, port = perimeter.endpoint()
     text = path.read_text(encoding="utf-8")
-    text = text.replace("buses:\n", f"buses:\n  - {{name: fence, kind: modbus-tcp, host: {host}, port: {port}, "
-                                     "timeout_ms: 300}\n", 1)
-    text = text.replace("devices:\n", "devices:\n  - {name: panel-1, profile: perimeter-panel-8, bus: fence, "
-                                      "unit: 1, poll_ms: 100}\n", 1)
+    text = text.replace(
+        "buses:\n", f"buses:\n  - {{name: fence, kind: modbus-tcp, host: {host}, port: {port}, timeout_ms: 300}}\n", 1
+    )
+    text = text.replace(
+        "devices:\n",
+        "devices:\n  - {name: panel-1, profile: perimeter-panel-8, bus: fence, unit: 1, poll_ms: 100}\n",
+        1,
+    )
     text += f"""zone_groups:
   - {{name: house, exit_delay_s: {EXIT_S}}}
 zones:
@@ -197,9 +229,11 @@ async def site(tmp_path: Path, broker: MosquittoProcess) -> AsyncIterator[Site]:
     portal_cfg = write_portal_config(tmp_path / "portal", broker, gateways=[(SITE, GW)])
     portal = await asyncio.to_thread(lambda: procs.portal(portal_cfg, tmp_path / "logs").start())
     try:
-        async with run_stub("firmware_stubs.perimeter_panel", "--tcp", "127.0.0.1:0", "--zones", "8") as perimeter, \
-                run_stub("firmware_stubs.door_controller", "--tcp", "127.0.0.1:0") as door, \
-                run_stub("firmware_stubs.qr_reader", "--pty") as reader:
+        async with (
+            run_stub("firmware_stubs.perimeter_panel", "--tcp", "127.0.0.1:0", "--zones", "8") as perimeter,
+            run_stub("firmware_stubs.door_controller", "--tcp", "127.0.0.1:0") as door,
+            run_stub("firmware_stubs.qr_reader", "--pty") as reader,
+        ):
             priv, pub = generate_keypair()
             (tmp_path / "gw" / "keys").mkdir(parents=True)
             save_public_key(tmp_path / "gw" / "keys" / "pass.pub", pub)
@@ -207,11 +241,19 @@ async def site(tmp_path: Path, broker: MosquittoProcess) -> AsyncIterator[Site]:
             fake_file, synced_file = tmp_path / "faketime", tmp_path / "clock-synced"
             fake_file.write_text("+0\n", encoding="ascii")
             synced_file.touch()
-            env = {"LD_PRELOAD": str(LIBFAKETIME), "FAKETIME_TIMESTAMP_FILE": str(fake_file),
-                   "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
-                   "GATEHOUSE_CLOCK_SYNC": f"file:{synced_file}"}
-            gw = procs.Child("gateway", [procs.PY, "-m", "gateway.cli", "gateway", "run", "--config", str(cfg)],
-                             tmp_path / "logs", env=env)
+            env = {
+                "LD_PRELOAD": str(LIBFAKETIME),
+                "FAKETIME_TIMESTAMP_FILE": str(fake_file),
+                "FAKETIME_NO_CACHE": "1",
+                "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+                "GATEHOUSE_CLOCK_SYNC": f"file:{synced_file}",
+            }
+            gw = procs.Child(
+                "gateway",
+                [procs.PY, "-m", "gateway.cli", "gateway", "run", "--config", str(cfg)],
+                tmp_path / "logs",
+                env=env,
+            )
             await asyncio.to_thread(gw.start)
             s = Site(tmp_path, broker, gw, perimeter, door, reader, priv, fake_file, synced_file)
             watcher = asyncio.create_task(s.watch())
@@ -219,6 +261,10 @@ async def site(tmp_path: Path, broker: MosquittoProcess) -> AsyncIterator[Site]:
                 await until(lambda: s.events("door.state"), 20, "the door's first state")
                 await until(lambda: _polled(reader), 20, "a heartbeat poll at the reader")
                 await until(lambda: s.portal_seen, 20, "the first event at the portal")
+                # The portal's current revocation list (signed with the test's key), as a portal would send it.
+                rl = RevocationList(version=1, issued_at=int(time.time()), site=SITE)
+                r = await s.result(await s.command("credentials.sync", revocations=sign_revocations(priv, rl)), 0)
+                assert r["ok"] is True, r
                 yield s
             finally:
                 watcher.cancel()
@@ -243,13 +289,20 @@ def test_libfaketime_moves_the_wall_clock_and_not_the_monotonic_one(tmp_path: Pa
     _require_libfaketime()
     f = tmp_path / "faketime"
     f.write_text("+0\n", encoding="ascii")
-    code = ("import time, select, sys\n"
-            "w0, m0 = time.time(), time.monotonic()\n"
-            "print('go', flush=True); sys.stdin.readline()\n"
-            "select.select([], [], [], 0.2)\n"
-            "print(round(time.time() - w0), round(time.monotonic() - m0, 1), flush=True)\n")
-    env = {**os.environ, "LD_PRELOAD": str(LIBFAKETIME), "FAKETIME_TIMESTAMP_FILE": str(f),
-           "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    code = (
+        "import time, select, sys\n"
+        "w0, m0 = time.time(), time.monotonic()\n"
+        "print('go', flush=True); sys.stdin.readline()\n"
+        "select.select([], [], [], 0.2)\n"
+        "print(round(time.time() - w0), round(time.monotonic() - m0, 1), flush=True)\n"
+    )
+    env = {
+        **os.environ,
+        "LD_PRELOAD": str(LIBFAKETIME),
+        "FAKETIME_TIMESTAMP_FILE": str(f),
+        "FAKETIME_NO_CACHE": "1",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
     p = subprocess.Popen([procs.PY, "-c", code], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert p.stdin and p.stdout
     assert p.stdout.readline().strip() == "go"
@@ -327,8 +380,11 @@ async def test_jumps_change_no_poll_rate_delay_or_timer(site: Site) -> None:
     await s.next_event("zone.entry_delay", after)
     await asyncio.to_thread(s.broker.start)
     t_broker = time.monotonic()
-    await until(lambda: all(q in s.portal_seen for q in range(1, s.last_seq + 1)), PORTAL_BOUND_S + 3,
-                "every event at the portal after the broker came back")
+    await until(
+        lambda: all(q in s.portal_seen for q in range(1, s.last_seq + 1)),
+        PORTAL_BOUND_S + 3,
+        "every event at the portal after the broker came back",
+    )
     reach_s = max(s.portal_seen[q] for q in range(after + 1, s.last_seq + 1)) - t_broker
     await rate_around("+1 day", t_day)
     await s.next_event("zone.alarm", after)
@@ -340,8 +396,10 @@ async def test_jumps_change_no_poll_rate_delay_or_timer(site: Site) -> None:
     await until(lambda: restored.body["seq"] in s.portal_seen, PORTAL_BOUND_S, "the restore at the portal")
     fresh_s = s.portal_seen[restored.body["seq"]] - restored.mono
 
-    figures = (f"exit {exit_s:.2f} s, entry {entry_s:.2f}/{entry2_s:.2f} s, held {held_s_fwd:.2f}/{held_s_back:.2f} s,"
-               f" portal after broker back {reach_s:.2f} s, fresh event {fresh_s:.2f} s, rates {rates}")
+    figures = (
+        f"exit {exit_s:.2f} s, entry {entry_s:.2f}/{entry2_s:.2f} s, held {held_s_fwd:.2f}/{held_s_back:.2f} s,"
+        f" portal after broker back {reach_s:.2f} s, fresh event {fresh_s:.2f} s, rates {rates}"
+    )
     print(figures)
     assert abs(exit_s - EXIT_S) <= TOL_S, figures
     assert abs(entry_s - ENTRY_S) <= TOL_S and abs(entry2_s - ENTRY_S) <= TOL_S, figures
@@ -349,15 +407,24 @@ async def test_jumps_change_no_poll_rate_delay_or_timer(site: Site) -> None:
     assert -TOL_S <= held_s_fwd - HELD_S <= TOL_S + 0.1 and -TOL_S <= held_s_back - HELD_S <= TOL_S + 0.1, figures
     assert reach_s < PORTAL_BOUND_S and fresh_s < 2.0, figures
     for name, before, after_rate in rates:
-        assert before > 5 and abs(after_rate - before) <= 0.25 * before, (name, figures)
+        # A jump that reached a timer would stall the polls for an hour (rate 0) or fire a backlog (a burst of
+        # hundreds); a busy machine moves the 3 s count by a third either way, which is not that.
+        assert before > 5 and abs(after_rate - before) <= 0.5 * before, (name, figures)
 
     # Timestamps are the gateway's wall clock at the time (the offset then), and seqs gapless and ordered.
     seqs = sorted(s.gw_seen)
     assert seqs == list(range(1, len(seqs) + 1))
     ids = [s.gw_seen[q].body["id"] for q in seqs]
     assert len(set(ids)) == len(ids)
-    expect = {arming.body["seq"]: 0, armed.body["seq"]: HOUR, started.body["seq"]: HOUR, alarm.body["seq"]: 0,
-              started2.body["seq"]: 0, alarm2.body["seq"]: -HOUR, restored.body["seq"]: DAY}
+    expect = {
+        arming.body["seq"]: 0,
+        armed.body["seq"]: HOUR,
+        started.body["seq"]: HOUR,
+        alarm.body["seq"]: 0,
+        started2.body["seq"]: 0,
+        alarm2.body["seq"]: -HOUR,
+        restored.body["seq"]: DAY,
+    }
     for seq, offset in expect.items():
         seen = s.gw_seen[seq]
         ts = datetime.fromisoformat(seen.body["ts"]).timestamp()
@@ -382,14 +449,19 @@ async def test_passes_and_commands_with_an_unsynchronised_clock(site: Site) -> N
     assert d["granted"], d
     d = await s.decide(s.sign(nb=-400, na=-340))
     assert (d["granted"], d["reason"], d["detail"]) == (
-        False, "expired", "expired (clock unsynchronised; judged by the time floor)"), d
+        False,
+        "expired",
+        "expired (clock unsynchronised; judged by the time floor)",
+    ), d
     d = await s.decide(s.sign("visitor", nb=-2 * DAY, na=-DAY))
     assert (d["granted"], d["reason"]) == (False, "expired"), d
     d = await s.decide(s.sign("visitor", nb=2 * HOUR, na=3 * HOUR))
     assert (d["granted"], d["detail"]) == (False, "not yet valid (clock unsynchronised; judged by the time floor)"), d
     d = await s.decide(s.sign(nb=0, na=HOUR))
     assert (d["granted"], d["detail"]) == (
-        False, "clock unsynchronised: a resident pass this long-lived cannot be judged"), d
+        False,
+        "clock unsynchronised: a resident pass this long-lived cannot be judged",
+    ), d
     assert await s.pulses() == pulses + 2
 
     # Commands: a live one runs, a stale one is refused, though the wall clock says a year earlier.

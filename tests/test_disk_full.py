@@ -25,14 +25,16 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.broker import MosquittoProcess
+from gateway.tooling.broker import MosquittoProcess
 from gateway.wire.passes import generate_keypair, save_public_key
 from tests import procs
 from tests.doors_support import door_gateway_config
 from tests.portal_support import sign_in_console
 from tests.portal_support import write_config as write_portal_config
+from tests.privileged import as_root
 from tests.stubs import run_stub
-from tests.test_e2e_doors import DOOR, GW, READER, SITE, Site, tampered, until
+from tests.test_e2e_doors import DOOR, GW, READER, SITE, Site, tampered
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -41,16 +43,24 @@ TMPFS_SIZE = "8m"
 
 
 def _mount_tmpfs(where: Path) -> None:
+    """A small filesystem of the test's own, owned by whoever runs the suite (mounted as root: see tests/privileged)."""
     where.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE},mode=0700", "tmpfs", str(where)],
-                       capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        pytest.fail(f"this test needs a small filesystem of its own (mount -t tmpfs, as root): {r.stderr.strip()}")
+    as_root(
+        [
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            f"size={TMPFS_SIZE},mode=0700,uid={os.getuid()},gid={os.getgid()}",
+            "tmpfs",
+            str(where),
+        ]
+    )
 
 
 def _umount(where: Path) -> None:
-    if subprocess.run(["umount", str(where)], capture_output=True, check=False).returncode != 0:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
+    if as_root(["umount", str(where)], check=False).returncode != 0:
+        as_root(["umount", "-l", str(where)], check=False)
 
 
 def _fill(folder: Path) -> Path:
@@ -104,22 +114,49 @@ async def _rig(tmp: Path, broker: MosquittoProcess) -> AsyncIterator[Site]:
         pw.write_text(GUARD_PW)
         pw.chmod(0o600)
         await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "portal", "adduser", "--config", str(portal_cfg), "--user", GUARD,
-                             "--role", "guard", "--password-file", str(pw)], check=True, capture_output=True)
+            subprocess.run,
+            [
+                sys.executable,
+                "-m",
+                "portal",
+                "adduser",
+                "--config",
+                str(portal_cfg),
+                "--user",
+                GUARD,
+                "--role",
+                "guard",
+                "--password-file",
+                str(pw),
+            ],
+            check=True,
+            capture_output=True,
+        )
         portal = await asyncio.to_thread(lambda: procs.portal(portal_cfg, tmp / "logs").start())
         try:
-            async with run_stub("firmware_stubs.door_controller", "--tcp", "127.0.0.1:0") as door, \
-                    run_stub("firmware_stubs.qr_reader", "--pty") as reader:
+            async with (
+                run_stub("firmware_stubs.door_controller", "--tcp", "127.0.0.1:0") as door,
+                run_stub("firmware_stubs.qr_reader", "--pty") as reader,
+            ):
                 priv, pub = generate_keypair()
                 (tmp / "gw" / "keys").mkdir(parents=True)
                 save_public_key(tmp / "gw" / "keys" / "pass.pub", pub)
-                cfg = door_gateway_config(tmp / "gw", broker.port, door, reader, public_key="keys/pass.pub",
-                                          site=SITE, gateway=GW, door_name=DOOR, reader_name=READER)
+                cfg = door_gateway_config(
+                    tmp / "gw",
+                    broker.port,
+                    door,
+                    reader,
+                    public_key="keys/pass.pub",
+                    site=SITE,
+                    gateway=GW,
+                    door_name=DOOR,
+                    reader_name=READER,
+                )
                 gateway = await asyncio.to_thread(lambda: procs.gateway(cfg, tmp / "logs").start())
                 s = Site(tmp, broker, portal, portal_cfg, gateway, door, reader, (priv, pub), generate_keypair()[0])
                 try:
-                    await until(lambda: s.gw_events("door.state"), 20, "the door's first state")
-                    await until(lambda: _polled(s), 20, "a heartbeat poll at the reader")
+                    await wait_for(lambda: s.gw_events("door.state"), 20, "the door's first state")
+                    await wait_for(lambda: _polled(s), 20, "a heartbeat poll at the reader")
                     yield s
                 finally:
                     await asyncio.to_thread(s.gateway.stop)
@@ -133,11 +170,15 @@ async def _polled(s: Site) -> bool:
     return bool((await s.reader.state())["readers"][0]["polls"])
 
 
-async def test_a_full_disk_keeps_doors_opening_and_reaches_the_console(tmp_path: Path,
-                                                                      broker: MosquittoProcess) -> None:
-    async with _rig(tmp_path, broker) as site, \
-            aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
-                                  timeout=aiohttp.ClientTimeout(total=10)) as http:
+async def test_a_full_disk_keeps_doors_opening_and_reaches_the_console(
+    tmp_path: Path, broker: MosquittoProcess
+) -> None:
+    async with (
+        _rig(tmp_path, broker) as site,
+        aiohttp.ClientSession(
+            cookie_jar=aiohttp.CookieJar(unsafe=True), timeout=aiohttp.ClientTimeout(total=10)
+        ) as http,
+    ):
         url = site.portal.info["url"]
         await sign_in_console(http, url, GUARD, GUARD_PW)
         statuses: list[str] = []
@@ -154,8 +195,11 @@ async def test_a_full_disk_keeps_doors_opening_and_reaches_the_console(tmp_path:
                 # A first opening with room on the disk, stored and at the portal.
                 text, first_id = site.sign()
                 await site.scan(text)
-                await until(lambda: [e for e in site.portal_events("access.granted")
-                                     if e["data"]["pass_id"] == first_id], 20, "the first grant at the portal")
+                await wait_for(
+                    lambda: [e for e in site.portal_events("access.granted") if e["data"]["pass_id"] == first_id],
+                    20,
+                    "the first grant at the portal",
+                )
                 assert (await _health(http, url))["fault"] == ""
 
                 data = site.tmp / "gw" / "data"
@@ -166,13 +210,13 @@ async def test_a_full_disk_keeps_doors_opening_and_reaches_the_console(tmp_path:
                 # Full: a valid pass still opens the door; a forged one is still refused.
                 text, full_id = site.sign(subject="P101")
                 written = await site.scan(text)
-                pulses = await until(lambda: _pulses_past(site, pulses_before), 10, "the lock released while full")
+                pulses = await wait_for(lambda: _pulses_past(site, pulses_before), 10, "the lock released while full")
                 assert pulses[0]["mono"] - written < 2.0
                 await site.scan(tampered(site.sign(subject="P102")[0]))
 
-                health = await until(lambda: _fault(http, url), 20, "the storage fault in /api/health")
+                health = await wait_for(lambda: _fault(http, url), 20, "the storage fault in /api/health")
                 assert "full" in health["fault"] and health["status"] == "fault" and health["online"] is True
-                await until(lambda: "fault" in statuses, 10, "the fault on the console socket")
+                await wait_for(lambda: "fault" in statuses, 10, "the fault on the console socket")
                 # The decisions wait in memory: neither in the gateway's file nor at the portal yet.
                 await asyncio.sleep(1.0)
                 assert not [e for e in site.gw_events("access.granted") if e["data"]["pass_id"] == full_id]
@@ -180,9 +224,9 @@ async def test_a_full_disk_keeps_doors_opening_and_reaches_the_console(tmp_path:
                 assert (await _health(http, url))["fault"], "the fault must stand while the disk is full"
 
                 filler.unlink()
-                await until(lambda: _cleared(http, url), 30, "the fault cleared once space returned")
-                await until(lambda: statuses[-1:] == ["online"], 10, "the console told the gateway is well")
-                (record,) = await until(lambda: site.portal_events("store.fault"), 30, "the store.fault record")
+                await wait_for(lambda: _cleared(http, url), 30, "the fault cleared once space returned")
+                await wait_for(lambda: statuses[-1:] == ["online"], 10, "the console told the gateway is well")
+                (record,) = await wait_for(lambda: site.portal_events("store.fault"), 30, "the store.fault record")
             finally:
                 listener.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -193,9 +237,12 @@ async def test_a_full_disk_keeps_doors_opening_and_reaches_the_console(tmp_path:
         granted = [e for e in site.portal_events("access.granted") if e["data"]["pass_id"] == full_id]
         denied = [e for e in site.portal_events("access.denied") if e["data"]["reason"] == "bad-signature"]
         assert len(granted) == 1 and len(denied) == 1
-        assert granted[0]["seq"] < denied[0]["seq"] < record["seq"], "decisions keep the order they were made in"
+        # Both decisions taken while full were kept and written before the episode's record. (Not grant before
+        # denial: a grant is recorded only once the relay is read back, issue 15, so a forged pass scanned in the
+        # meantime may be recorded first.)
+        assert granted[0]["seq"] < record["seq"] and denied[0]["seq"] < record["seq"], "kept in order"
         # Every event exactly once, in order, the same at both ends.
-        await until(lambda: len(site.portal_events()) == len(site.gw_events()), 20, "the portal caught up")
+        await wait_for(lambda: len(site.portal_events()) == len(site.gw_events()), 20, "the portal caught up")
         gw_seqs = [e["seq"] for e in site.gw_events()]
         portal_seqs = [e["seq"] for e in site.portal_events()]
         assert gw_seqs == list(range(1, len(gw_seqs) + 1)) and portal_seqs == gw_seqs

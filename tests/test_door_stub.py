@@ -184,7 +184,8 @@ def test_the_profile_matches_the_stub_map() -> None:
     where = {n: (pt.table, pt.address) for n, pt in p.points.items()}
     assert where["lock_relay"] == ("coil", 0) and where["aux_output"] == ("coil", 1)
     assert [where[n] for n in ("door_open", "exit_button", "lock_released", "tamper", "aux_input")] == [
-        ("discrete", i) for i in range(5)]
+        ("discrete", i) for i in range(5)
+    ]
     assert where["exit_release_s"] == ("holding", 16)
     assert p.pulse is not None and (p.pulse.on_base, p.pulse.off_base, p.pulse.unit_ms) == (0x0100, 0x0200, 10)
     assert p.identify is not None and p.identify.expect == (0x4443, 1, None, None) and p.identify.unit_at == 3

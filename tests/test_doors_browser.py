@@ -9,7 +9,7 @@ from pathlib import Path
 from playwright.async_api import async_playwright, expect
 
 from gateway import wire
-from gateway.broker import MosquittoProcess
+from gateway.tooling.broker import MosquittoProcess
 from tests.doors_support import (
     CMD_TOPIC,
     GUARD,
@@ -27,8 +27,9 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 T = 10_000  # ms
 
 
-async def test_door_list_live_state_and_remote_unlock(tmp_path: Path, broker: MosquittoProcess,
-                                                      artifacts: Path) -> None:
+async def test_door_list_live_state_and_remote_unlock(
+    tmp_path: Path, broker: MosquittoProcess, artifacts: Path
+) -> None:
     async with running_portal(write_config(tmp_path, broker)) as p, mqtt(broker) as gw, async_playwright() as pw:
         await gw.subscribe(wire.topic(SITE, GATEWAY, "ack"), qos=1)
         await gw.subscribe(CMD_TOPIC, qos=1)
@@ -54,12 +55,14 @@ async def test_door_list_live_state_and_remote_unlock(tmp_path: Path, broker: Mo
             await page.evaluate("window.__noReload = 7")
 
             # Live: the gate is forced open, then a door nobody registered shows up.
-            await publish(gw, [door_event(2, "door.state", "north-gate", {"state": "forced"},
-                                          priority=wire.Priority.ROUTINE)])
+            await publish(
+                gw, [door_event(2, "door.state", "north-gate", {"state": "forced"}, priority=wire.Priority.ROUTINE)]
+            )
             await expect(gate).to_have_attribute("data-state", "forced", timeout=T)
             await expect(gate.locator(".state")).to_have_text("被强行打开")
-            await publish(gw, [door_event(3, "door.tamper", "b3u2", {"incident": "i", "count": 1},
-                                          priority=wire.Priority.TAMPER)])
+            await publish(
+                gw, [door_event(3, "door.tamper", "b3u2", {"incident": "i", "count": 1}, priority=wire.Priority.TAMPER)]
+            )
             await expect(unit.locator(".flag-tamper")).to_be_visible(timeout=T)
             await publish(gw, [door_event(4, "door.state", "garage", {"state": "open"})])
             garage = page.locator('#doors li.door[data-key="s1/garage"]')
@@ -71,20 +74,21 @@ async def test_door_list_live_state_and_remote_unlock(tmp_path: Path, broker: Mo
             await unit.locator(".unlock-go").click()
             assert await unit.locator(".reason").evaluate("el => !el.validity.valid")
             try:
-                sent = await next_command(gw, timeout=0.5)
+                sent = await next_command(p, gw, timeout=0.5)
                 raise AssertionError(f"a command was sent without a reason: {sent}")
             except TimeoutError:
                 pass
             await unit.locator(".reason").fill("快递员送大件")
             await unit.locator(".unlock-go").click()
-            cmd = await next_command(gw)
+            cmd = await next_command(p, gw)
             assert cmd.type == "unlock" and cmd.args == {"door": "b3u2", "reason": "快递员送大件"}
             assert cmd.by == f"guard:{GUARD}"
             result = unit.locator(".unlock-result")
             await expect(result).to_have_attribute("data-status", "pending", timeout=T)
             await expect(page.locator(f'#commands tr[data-id="{cmd.id}"]')).to_contain_text("快递员送大件")
-            await publish(gw, [result_event(5, cmd.id, True, "b3u2"),
-                               door_event(6, "door.state", "b3u2", {"state": "unlocked"})])
+            await publish(
+                gw, [result_event(5, cmd.id, True, "b3u2"), door_event(6, "door.state", "b3u2", {"state": "unlocked"})]
+            )
             await expect(result).to_have_attribute("data-status", "opened", timeout=T)
             await expect(result).to_have_text("门已打开")
             await expect(unit).to_have_attribute("data-state", "unlocked", timeout=T)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import wire
-from gateway.broker import MosquittoProcess
+from gateway.tooling.broker import MosquittoProcess
 from tests.doors_support import (
     CMD_TOPIC,
     api_post,
@@ -38,8 +38,9 @@ async def doors_by_key(p: Portal) -> dict[str, dict[str, Any]]:
     return {d["key"]: d for d in body["doors"]}
 
 
-async def test_door_events_update_the_list_and_the_socket_and_survive_a_restart(tmp_path: Path,
-                                                                                 broker: MosquittoProcess) -> None:
+async def test_door_events_update_the_list_and_the_socket_and_survive_a_restart(
+    tmp_path: Path, broker: MosquittoProcess
+) -> None:
     cfg = config(tmp_path, broker)
     t0 = datetime.now(UTC).replace(microsecond=0)
     async with running_portal(cfg) as p, mqtt(broker) as gw:
@@ -65,21 +66,55 @@ async def test_door_events_update_the_list_and_the_socket_and_survive_a_restart(
             seen = await ws_wait(ws, "door", {"key": "s1/b3u2"})
             assert seen["state"] == "forced", seen  # the stale "closed" was never broadcast
             # A state outside the contract is ignored, not shown.
-            await publish(gw, [door_event(4, "door.state", "b3u2", {"state": "exploded"},
-                                          ts=t0 + timedelta(seconds=3))])
+            await publish(
+                gw, [door_event(4, "door.state", "b3u2", {"state": "exploded"}, ts=t0 + timedelta(seconds=3))]
+            )
 
             # Flags, the last access, and a door no installer registered.
-            await publish(gw, [
-                door_event(5, "door.tamper", "north-gate", {"incident": "i1", "count": 1},
-                           ts=t0 + timedelta(seconds=4), priority=wire.Priority.TAMPER),
-                door_event(6, "reader.offline", "north-gate", {"incident": "i2", "count": 1},
-                           ts=t0 + timedelta(seconds=5), priority=wire.Priority.FAULT),
-                door_event(7, "access.granted", "north-gate", {"reader": "r1", "pass_id": "ab" * 12, "kind": "visitor",
-                                                               "subject": "v:x", "house": "3-2-301", "uses_left": 1},
-                           ts=t0 + timedelta(seconds=6)),
-                door_event(8, "door.state", "side-door", {"state": "held"}, ts=t0 + timedelta(seconds=7),
-                           building="5", unit="1"),
-            ])
+            await publish(
+                gw,
+                [
+                    door_event(
+                        5,
+                        "door.tamper",
+                        "north-gate",
+                        {"incident": "i1", "count": 1},
+                        ts=t0 + timedelta(seconds=4),
+                        priority=wire.Priority.TAMPER,
+                    ),
+                    door_event(
+                        6,
+                        "reader.offline",
+                        "north-gate",
+                        {"incident": "i2", "count": 1},
+                        ts=t0 + timedelta(seconds=5),
+                        priority=wire.Priority.FAULT,
+                    ),
+                    door_event(
+                        7,
+                        "access.granted",
+                        "north-gate",
+                        {
+                            "reader": "r1",
+                            "pass_id": "ab" * 12,
+                            "kind": "visitor",
+                            "subject": "v:x",
+                            "house": "3-2-301",
+                            "uses_left": 1,
+                        },
+                        ts=t0 + timedelta(seconds=6),
+                    ),
+                    door_event(
+                        8,
+                        "door.state",
+                        "side-door",
+                        {"state": "held"},
+                        ts=t0 + timedelta(seconds=7),
+                        building="5",
+                        unit="1",
+                    ),
+                ],
+            )
             side = await ws_wait(ws, "door", {"key": "s1/side-door"})
             assert side["state"] == "held" and side["registered"] is False and side["building"] == "5"
             doors = await doors_by_key(p)
@@ -87,8 +122,18 @@ async def test_door_events_update_the_list_and_the_socket_and_survive_a_restart(
             assert gate["tamper"] is True and gate["reader_offline"] is True
             assert gate["last_access"]["result"] == "granted" and gate["last_access"]["kind"] == "visitor"
             assert doors["s1/b3u2"]["state"] == "forced"
-            await publish(gw, [door_event(9, "door.tamper_restore", "north-gate", {"incident": "i1", "count": 1},
-                                          ts=t0 + timedelta(seconds=8))])
+            await publish(
+                gw,
+                [
+                    door_event(
+                        9,
+                        "door.tamper_restore",
+                        "north-gate",
+                        {"incident": "i1", "count": 1},
+                        ts=t0 + timedelta(seconds=8),
+                    )
+                ],
+            )
             gate = await ws_wait(ws, "door", {"key": "s1/north-gate", "tamper": False})
             assert gate["reader_offline"] is True
         finally:
@@ -124,9 +169,12 @@ async def test_remote_unlock_needs_a_reason_and_shows_the_answer(tmp_path: Path,
         body = await r.json()
         assert body["error"] == "not-sent" and body["command"]["status"] == "unsent"
         cid = body["command"]["id"]
-        await wait_for(lambda: p.services.store.read(lambda c: c.execute(
-            "SELECT status FROM door_commands WHERE id = ?", (cid,)).fetchone()[0] == "unsent"),
-            what="unsent stored")
+        await wait_for(
+            lambda: p.services.store.read(
+                lambda c: c.execute("SELECT status FROM door_commands WHERE id = ?", (cid,)).fetchone()[0] == "unsent"
+            ),
+            what="unsent stored",
+        )
         assert cmd3_id != cid
 
 
@@ -151,7 +199,7 @@ async def _unlock_walk(p: Portal, gw: Any, url: str) -> str:
         assert r.status == 202, await r.text()
         sent = (await r.json())["command"]
         assert sent["status"] == "pending" and sent["reason"] == "快递员送货 进门" and sent["by"] == "guard:guard1"
-        cmd = await next_command(gw)
+        cmd = await next_command(p, gw)
         assert cmd.id == sent["id"] and cmd.type == "unlock" and cmd.by == "guard:guard1"
         assert cmd.args == {"door": "b3u2", "reason": "快递员送货 进门"}
         life = (cmd.expires - cmd.ts).total_seconds()
@@ -164,7 +212,7 @@ async def _unlock_walk(p: Portal, gw: Any, url: str) -> str:
 
         # The gateway refuses: failed, with its reason.
         r = await api_post(p, url, {"reason": "住户忘带钥匙"})
-        cmd2 = await next_command(gw)
+        cmd2 = await next_command(p, gw)
         assert (await r.json())["command"]["id"] == cmd2.id
         await publish(gw, [result_event(2, cmd2.id, False, "b3u2", "controller offline")])
         failed = await ws_wait(ws, "unlock", {"id": cmd2.id, "status": "failed"})
@@ -172,7 +220,7 @@ async def _unlock_walk(p: Portal, gw: Any, url: str) -> str:
 
         # No answer: timeout after the wait.
         r = await api_post(p, "/api/doors/s1/north-gate/unlock", {"reason": "消防通道检查"})
-        cmd3 = await next_command(gw)
+        cmd3 = await next_command(p, gw)
         assert cmd3.args["door"] == "north-gate"
         await ws_wait(ws, "unlock", {"id": cmd3.id, "status": "timeout"}, timeout=WAIT_S + 5)
     finally:
@@ -180,21 +228,32 @@ async def _unlock_walk(p: Portal, gw: Any, url: str) -> str:
 
     # Audited: who, when, which door, why; and the orders with their outcomes, in the store.
     def audit(c: Any) -> list[tuple[str, ...]]:
-        return [tuple(r) for r in c.execute("SELECT actor, action, target, detail FROM audit"
-                                            " WHERE action = 'door.remote_unlock' ORDER BY id")]
+        return [
+            tuple(r)
+            for r in c.execute(
+                "SELECT actor, action, target, detail FROM audit WHERE action = 'door.remote_unlock' ORDER BY id"
+            )
+        ]
 
     assert await p.services.store.read(audit) == [
         ("guard:guard1", "door.remote_unlock", "door:s1/b3u2", "快递员送货 进门"),
         ("guard:guard1", "door.remote_unlock", "door:s1/b3u2", "住户忘带钥匙"),
         ("guard:guard1", "door.remote_unlock", "door:s1/north-gate", "消防通道检查"),
     ]
-    await wait_for(lambda: p.services.store.read(lambda c: c.execute(
-        "SELECT status FROM door_commands WHERE id = ?", (cmd3.id,)).fetchone()[0] == "timeout"),
-        what="timeout stored")
-    rows = await p.services.store.read(lambda c: [tuple(r) for r in c.execute(
-        "SELECT id, status, by_user FROM door_commands ORDER BY sent_at")])
-    assert rows == [(cmd.id, "opened", "guard:guard1"), (cmd2.id, "failed", "guard:guard1"),
-                    (cmd3.id, "timeout", "guard:guard1")]
+    await wait_for(
+        lambda: p.services.store.read(
+            lambda c: c.execute("SELECT status FROM door_commands WHERE id = ?", (cmd3.id,)).fetchone()[0] == "timeout"
+        ),
+        what="timeout stored",
+    )
+    rows = await p.services.store.read(
+        lambda c: [tuple(r) for r in c.execute("SELECT id, status, by_user FROM door_commands ORDER BY sent_at")]
+    )
+    assert rows == [
+        (cmd.id, "opened", "guard:guard1"),
+        (cmd2.id, "failed", "guard:guard1"),
+        (cmd3.id, "timeout", "guard:guard1"),
+    ]
     # A late answer still lands (the gateway's result is an ordinary durable event).
     await publish(gw, [result_event(3, cmd3.id, True, "north-gate")])
     r = await p.client.get(f"/api/doors/commands/{cmd3.id}")

@@ -15,14 +15,22 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import pytest
 from ulid import ULID
 
 from gateway import wire
-from gateway.broker import MosquittoProcess
+from gateway.tooling.broker import MosquittoProcess
 from tests import procs
-from tests.portal_support import Portal, add_user, running_portal, sign_in, wait_for, write_config
+from tests.portal_support import (
+    Portal,
+    add_user,
+    gateway_online,
+    portal_public_key,
+    running_portal,
+    sign_in,
+    wait_for,
+    write_config,
+)
 from tests.stubs import Stub, run_stub
 
 SITE, GW = "s1", "gw1"
@@ -37,21 +45,30 @@ class Site:
     broker: MosquittoProcess
 
     async def command(self, type_: str, **args: Any) -> None:
+        """Sent by the portal (signed with its key), as the console sends it."""
         now = wire.utcnow()
-        cmd = wire.Command(v=1, id=str(ULID()), type=type_, ts=now, expires=now + timedelta(seconds=30),
-                           by="test", args=args)
-        async with aiomqtt.Client("127.0.0.1", self.broker.port) as c:
-            await c.publish(wire.topic(SITE, GW, "cmd"), wire.encode(cmd), qos=1)
+        cmd = wire.Command(
+            v=wire.COMMAND_VERSION,
+            id=str(ULID()),
+            type=type_,
+            ts=now,
+            expires=now + timedelta(seconds=30),
+            by="test",
+            args=args,
+        )
+        await wait_for(lambda: self.portal.services.ingest.connected, what="the portal's broker link")
+        await self.portal.services.ingest.send_command(SITE, GW, cmd)
 
     async def events(self, type_: str) -> list[dict[str, Any]]:
         return [e for e in await self.portal.events(limit=500) if e["type"] == type_]
 
 
-def gateway_config(folder: Path, broker: MosquittoProcess, perimeter: Stub, indoor: Stub) -> Path:
+def gateway_config(folder: Path, broker: MosquittoProcess, perimeter: Stub, indoor: Stub, portal_key: Path) -> Path:
     host, port = perimeter.endpoint()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "gateway.yaml"
-    path.write_text(f"""
+    path.write_text(
+        f"""
 site: {SITE}
 gateway: {GW}
 data_dir: data
@@ -70,7 +87,11 @@ contact_id_lines:
   - {{name: cid-1, serial: {indoor.serial}, mode: panel}}
 indoor_panels:
   - {{name: flat-3-1-101, account: "1234", place: {{building: "3", unit: "1", house: "101"}}, test_interval_s: null}}
-""", encoding="utf-8")
+access:
+  public_keys: [{portal_key}]
+""",
+        encoding="utf-8",
+    )
     return path
 
 
@@ -80,11 +101,15 @@ async def site(tmp_path: Path, broker: MosquittoProcess) -> AsyncIterator[Site]:
         await add_user(portal, "guard1", "guard", "correct horse battery staple")
         r = await sign_in(portal, "guard1", "correct horse battery staple")
         assert r.status == 303
-        async with run_stub("firmware_stubs.perimeter_panel", "--tcp", "127.0.0.1:0", "--zones", "8") as perimeter, \
-                run_stub("firmware_stubs.indoor_panel", "--pty", "--account", "1234") as indoor:
-            cfg = gateway_config(tmp_path / "gw", broker, perimeter, indoor)
+        async with (
+            run_stub("firmware_stubs.perimeter_panel", "--tcp", "127.0.0.1:0", "--zones", "8") as perimeter,
+            run_stub("firmware_stubs.indoor_panel", "--pty", "--account", "1234") as indoor,
+        ):
+            portal_key = portal_public_key(portal)
+            cfg = gateway_config(tmp_path / "gw", broker, perimeter, indoor, portal_key)
             gateway = await asyncio.to_thread(lambda: procs.gateway(cfg, tmp_path / "logs").start())
             try:
+                await wait_for(lambda: gateway_online(portal, GW), timeout=20, what="the gateway online at the portal")
                 yield Site(portal, perimeter, indoor, gateway, broker)
             finally:
                 await asyncio.to_thread(gateway.stop)
@@ -135,7 +160,8 @@ async def test_disarmed_perimeter_raises_nothing_but_tamper_does(site: Site) -> 
     ],
 )
 async def test_indoor_panel_reports_reach_the_portal_with_the_house(
-        site: Site, path: str, body: dict[str, Any], type_: str, priority: int) -> None:
+    site: Site, path: str, body: dict[str, Any], type_: str, priority: int
+) -> None:
     await site.indoor.post(path, body)
     got = await wait_for(lambda: site.events(type_), timeout=20, what=type_)
     assert got[0]["priority"] == priority

@@ -23,12 +23,11 @@ import zxingcpp
 from PIL import Image
 from playwright.async_api import Page, async_playwright, expect
 
-from gateway.broker import MosquittoProcess
+from gateway.tooling.broker import MosquittoProcess
 from gateway.wire.passes import Pass, keyring, load_public_key, parse_pass, parse_revocations
-from portal.passes_issue import PUBLIC_KEY_FILE
 from tests import procs
 from tests.doors_support import door_gateway_config
-from tests.portal_support import SITE, Portal, running_portal, wait_for, write_config
+from tests.portal_support import SITE, Portal, portal_public_key, running_portal, wait_for, write_config
 from tests.registry_support import (
     ADMIN,
     ADMIN_PW,
@@ -85,8 +84,11 @@ async def scan_opens(p: Portal, door: Stub, reader: Stub, text: str, pass_id: st
     """Scan ``text``; the lock is pulsed once more and the grant reaches the portal. Returns the grant."""
     await reader.post("/scan", {"text": text})
     await wait_for(lambda: _at_least(door, n_pulses), timeout=10, what=f"relay pulse {n_pulses}")
-    (granted,) = await wait_for(lambda: door_events(p, "access.granted", pass_id), timeout=15,
-                                what=f"access.granted for {pass_id} at the portal")
+    (granted,) = await wait_for(
+        lambda: door_events(p, "access.granted", pass_id),
+        timeout=15,
+        what=f"access.granted for {pass_id} at the portal",
+    )
     return granted
 
 
@@ -94,23 +96,41 @@ async def _at_least(door: Stub, n: int) -> bool:
     return len(await pulses(door)) >= n
 
 
-async def test_phone_passes_open_the_unit_door_until_move_out(tmp_path: Path, broker: MosquittoProcess,
-                                                              artifacts: Path) -> None:
-    async with running_portal(write_config(tmp_path / "portal", broker, gateways=[(SITE, GW)])) as p, \
-            run_stub("firmware_stubs.door_controller", "--tcp", "127.0.0.1:0") as door, \
-            run_stub("firmware_stubs.qr_reader", "--pty") as reader, async_playwright() as pw:
+async def test_phone_passes_open_the_unit_door_until_move_out(
+    tmp_path: Path, broker: MosquittoProcess, artifacts: Path
+) -> None:
+    async with (
+        running_portal(write_config(tmp_path / "portal", broker, gateways=[(SITE, GW)])) as p,
+        run_stub("firmware_stubs.door_controller", "--tcp", "127.0.0.1:0") as door,
+        run_stub("firmware_stubs.qr_reader", "--pty") as reader,
+        async_playwright() as pw,
+    ):
         await wait_for(lambda: p.services.ingest.connected, what="portal connected")
         csrf = await admin_session(p)
         assert (await import_csv(p, csrf, estate_csv()))[0] == 200
-        r = await form(p, "/admin/registry/doors", {"site": SITE, "gateway": GW, "door": DOOR, "building": "3",
-                                                    "unit": "2", "label": "3幢2单元"}, csrf)
+        r = await form(
+            p,
+            "/admin/registry/doors",
+            {"site": SITE, "gateway": GW, "door": DOOR, "building": "3", "unit": "2", "label": "3幢2单元"},
+            csrf,
+        )
         assert r.status == 303, await r.text()
-        public_key = Path(p.services.cfg.data_dir).resolve() / PUBLIC_KEY_FILE
+        public_key = portal_public_key(p)
         ring = keyring([load_public_key(public_key)])
         code = await plate_code(p, "3", "2", "301")
         hid = await house_id(p, "3", "2", "301")
-        cfg = door_gateway_config(tmp_path / "gw", broker.port, door, reader, public_key=public_key, gateway=GW,
-                                  door_name=DOOR, reader_name=READER, held_open_s=30, reader_misses=4)
+        cfg = door_gateway_config(
+            tmp_path / "gw",
+            broker.port,
+            door,
+            reader,
+            public_key=public_key,
+            gateway=GW,
+            door_name=DOOR,
+            reader_name=READER,
+            held_open_s=30,
+            reader_misses=4,
+        )
         assert "PRIVATE" not in public_key.read_text() and "pass_signing_key.pem" not in cfg.read_text()
 
         async with gateway_process(cfg, tmp_path / "logs") as gateway:
@@ -179,8 +199,9 @@ async def test_phone_passes_open_the_unit_door_until_move_out(tmp_path: Path, br
 
                 # A fresh own QR, kept unused in its minute of life.
                 await ph.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
-                await expect(ph.locator("#my-pass")).not_to_have_attribute("data-pass-id", mine.pass_id.hex(),
-                                                                            timeout=T)
+                await expect(ph.locator("#my-pass")).not_to_have_attribute(
+                    "data-pass-id", mine.pass_id.hex(), timeout=T
+                )
                 kept_text, kept = await qr_text(ph, "#my-pass", ring)
                 assert kept.subject == me["subject"] and kept.pass_id != mine.pass_id
                 await ph.screenshot(path=str(artifacts / "phone_e2e_door_pass.png"), full_page=True)
@@ -188,6 +209,8 @@ async def test_phone_passes_open_the_unit_door_until_move_out(tmp_path: Path, br
                 # Move-out, recorded by the office: the new revocation list reaches the gateway.
                 await ad.goto(f"{p.origin}/admin/registry/houses/{hid}")
                 await ad.click(f"#moveout-{me['id']}")
+                await expect(ad.locator("#consequence")).to_contain_text("迁出")  # it asks first
+                await ad.click("#confirm-go")
                 await expect(ad.locator("#notice")).to_contain_text("已登记迁出")
                 pub = estate(p).publisher
                 assert pub is not None
@@ -202,9 +225,13 @@ async def test_phone_passes_open_the_unit_door_until_move_out(tmp_path: Path, br
                 version = await wait_for(listed, timeout=10, what="a revocation list naming the resident")
 
                 async def synced() -> list[dict[str, Any]]:
-                    return [e for e in await p.events(type="command.result", gateway=GW, limit=200)
-                            if e["data"].get("command") == "credentials.sync" and e["data"].get("ok") is True
-                            and int(e["data"].get("version", 0)) >= version]
+                    return [
+                        e
+                        for e in await p.events(type="command.result", gateway=GW, limit=200)
+                        if e["data"].get("command") == "credentials.sync"
+                        and e["data"].get("ok") is True
+                        and int(e["data"].get("version", 0)) >= version
+                    ]
 
                 await wait_for(synced, timeout=15, what=f"the gateway's ok for revocation list v{version}")
                 assert next(s for s in pub.status() if s["gateway"] == GW)["confirmed"] >= version
@@ -216,8 +243,11 @@ async def test_phone_passes_open_the_unit_door_until_move_out(tmp_path: Path, br
                 # At the door: both passes still within their lives are refused as revoked; no pulse.
                 for text, pid in ((kept_text, kept.pass_id.hex()), (v_text, visitor.pass_id.hex())):
                     await reader.post("/scan", {"text": text})
-                    (denied,) = await wait_for(lambda pid=pid: door_events(p, "access.denied", pid), timeout=15,
-                                               what=f"access.denied for {pid} at the portal")
+                    (denied,) = await wait_for(
+                        lambda pid=pid: door_events(p, "access.denied", pid),
+                        timeout=15,
+                        what=f"access.denied for {pid} at the portal",
+                    )
                     assert denied["data"]["reason"] == "revoked", denied
                     assert denied["place"]["door"] == DOOR
                 assert kept.not_after > time.time()  # refused for the revocation, not its age

@@ -32,11 +32,12 @@ from devices.contact_id import PanelMessage, ReceiverMessage, encode_heartbeat, 
 from devices.qr_reader import poll_bytes
 from gateway import wire
 from gateway.wire import passes
+from gateway.wire.commands import open_command, sign_command
 from portal import config as portal_config
-from portal.ingest import Ingest
-from portal.metrics import Metrics
 from portal.store import Store as PortalStore
-from tests.portal_support import write_config
+from portal.web.ingest import Ingest
+from portal.web.metrics import Metrics
+from tests.portal_support import store_key, write_config
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -67,38 +68,87 @@ def seeds(target: str, private: passes.Ed25519PrivateKey) -> list[bytes]:
     """A few valid inputs per target, made by the product's encoders (pymodbus's for Modbus, which the
     bus engine reads through), with some garbage and two frames in one read."""
     if target == "cid_panel":
-        msgs = [PanelMessage("1234", 18, "new", 131, 1, 15), PanelMessage("BCDE", 98, "restore", 401, 2, 7),
-                PanelMessage("0000", 18, "status", 602, 0, 0)]
+        msgs = [
+            PanelMessage("1234", 18, "new", 131, 1, 15),
+            PanelMessage("BCDE", 98, "restore", 401, 2, 7),
+            PanelMessage("0000", 18, "status", 602, 0, 0),
+        ]
         frames = [encode_panel(m, t) for m, t in zip(msgs, (b"\r\n", b"\r", b"\n"), strict=True)]
-        return [stream_input(frames[0]), stream_input(b"".join(frames), (5, 17, 40)),
-                stream_input(b"12A4181131010158\r\n" + b"\xff" * 40 + b"\n" + frames[1], (3,))]
+        return [
+            stream_input(frames[0]),
+            stream_input(b"".join(frames), (5, 17, 40)),
+            stream_input(b"12A4181131010158\r\n" + b"\xff" * 40 + b"\n" + frames[1], (3,)),
+        ]
     if target == "cid_receiver":
         msg = ReceiverMessage("01", "1", "1234", "new", 121, 1, 1)
-        return [stream_input(encode_receiver(msg)), stream_input(encode_heartbeat() + b"\r\n" + encode_receiver(msg),
-                                                                 (9, 30)),
-                stream_input(b"5011 18" + b"9" * 150 + b"\x14" + encode_receiver(msg))]
+        return [
+            stream_input(encode_receiver(msg)),
+            stream_input(encode_heartbeat() + b"\r\n" + encode_receiver(msg), (9, 30)),
+            stream_input(b"5011 18" + b"9" * 150 + b"\x14" + encode_receiver(msg)),
+        ]
     if target == "qr_lines":
-        return [stream_input(b"@3:GH1:ABCDEFGH\r\n"), stream_input(b"@17!\n" + poll_bytes(3) + b"hello\r", (4, 6)),
-                stream_input(b"\x00bad\r\n" + b"x" * 600 + b"\nok\n", (2,))]
+        return [
+            stream_input(b"@3:GH1:ABCDEFGH\r\n"),
+            stream_input(b"@17!\n" + poll_bytes(3) + b"hello\r", (4, 6)),
+            stream_input(b"\x00bad\r\n" + b"x" * 600 + b"\nok\n", (2,)),
+        ]
     if target == "passes":
-        fields = passes.PassFields(kind="visitor", site="s1", subject="v-1", not_before=1_700_000_000,
-                                   not_after=1_700_086_400, house="101", units=("3/1",), doors=("gate-1",), uses=3)
-        resident = passes.PassFields(kind="resident", site="s1", subject="alice", not_before=1_700_000_000,
-                                     not_after=1_700_000_600, gates=True, schedule="day")
-        rl = passes.RevocationList(version=7, issued_at=1_700_000_000, site="s1", passes=[b"p" * 12],
-                                   subjects=["alice"], blocked=["bob"])
-        return [passes.sign_pass(private, fields).encode(), passes.sign_pass(private, resident).encode() + b"\r\n",
-                passes.sign_revocations(private, rl).encode(), passes.encode_revocation_body(rl)]
+        fields = passes.PassFields(
+            kind="visitor",
+            site="s1",
+            subject="v-1",
+            not_before=1_700_000_000,
+            not_after=1_700_086_400,
+            house="101",
+            units=("3/1",),
+            doors=("gate-1",),
+            uses=3,
+        )
+        resident = passes.PassFields(
+            kind="resident",
+            site="s1",
+            subject="alice",
+            not_before=1_700_000_000,
+            not_after=1_700_000_600,
+            gates=True,
+            schedule="day",
+        )
+        rl = passes.RevocationList(
+            version=7, issued_at=1_700_000_000, site="s1", passes=[b"p" * 12], subjects=["alice"], blocked=["bob"]
+        )
+        return [
+            passes.sign_pass(private, fields).encode(),
+            passes.sign_pass(private, resident).encode() + b"\r\n",
+            passes.sign_revocations(private, rl).encode(),
+            passes.encode_revocation_body(rl),
+        ]
     if target == "wire":
         now = datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
-        cmd = wire.Command(v=1, id="c1", type="unlock", ts=now, expires=now, by="guard", args={"door": "d1"})
-        ev = [wire.Event(id=f"01J{n:023d}", seq=n, ts=now, type="zone.alarm", device="panel-1",
-                         place=wire.Place(site="s1", building="3", zone=f"z{n}"), point="in1",
-                         priority=wire.Priority.INTRUSION, data={"n": n}) for n in (1, 2)]
-        return [bytes([0]) + wire.encode(cmd), bytes([1]) + wire.encode(wire.Ack(v=1, seqs=[1, 2, 3])),
-                bytes([2]) + wire.encode(wire.Status(v=1, state="online", ts=now, version="1.0", fault="disk")),
-                bytes([3]) + wire.encode(wire.batch_events("s1", "gw1", ev)),
-                bytes([4]) + wire.topic("s1", "gw1", "events").encode()]
+        cmd = wire.Command(v=2, id="c1", type="unlock", ts=now, expires=now, by="guard", args={"door": "d1"})
+        signed = sign_command(private, cmd, site="s1", gateway="gw1")
+        ev = [
+            wire.Event(
+                id=f"01J{n:023d}",
+                seq=n,
+                ts=now,
+                type="zone.alarm",
+                device="panel-1",
+                place=wire.Place(site="s1", building="3", zone=f"z{n}"),
+                point="in1",
+                priority=wire.Priority.INTRUSION,
+                data={"n": n},
+            )
+            for n in (1, 2)
+        ]
+        return [
+            bytes([0]) + signed,
+            bytes([0]) + wire.encode(msgspec.structs.replace(cmd, v=1)),
+            bytes([5]) + wire.encode(msgspec.structs.replace(cmd, site="s1", gateway="gw1")),
+            bytes([1]) + wire.encode(wire.Ack(v=1, seqs=[1, 2, 3])),
+            bytes([2]) + wire.encode(wire.Status(v=1, state="online", ts=now, version="1.0", fault="disk")),
+            bytes([3]) + wire.encode(wire.batch_events("s1", "gw1", ev)),
+            bytes([4]) + wire.topic("s1", "gw1", "events").encode(),
+        ]
     if target == "modbus_rtu":
         framer = FramerRTU(DecodePDU(False))
         regs = framer.buildFrame(ReadHoldingRegistersResponse(registers=[1, 2, 0xBEEF], dev_id=UNIT))
@@ -107,13 +157,20 @@ def seeds(target: str, private: passes.Ed25519PrivateKey) -> list[bytes]:
         discrete = framer.buildFrame(ReadDiscreteInputsResponse(bits=[False, True], dev_id=UNIT))
         refused = framer.buildFrame(ExceptionResponse(3, 2, device_id=UNIT))
         other = framer.buildFrame(ReadHoldingRegistersResponse(registers=[5], dev_id=UNIT + 1))
-        return [stream_input(regs), stream_input(coils, (3,)), stream_input(b"\x00\xff" + discrete, (1, 4)),
-                stream_input(inputs), stream_input(refused), stream_input(other + regs, (7,))]
+        return [
+            stream_input(regs),
+            stream_input(coils, (3,)),
+            stream_input(b"\x00\xff" + discrete, (1, 4)),
+            stream_input(inputs),
+            stream_input(refused),
+            stream_input(other + regs, (7,)),
+        ]
     raise AssertionError(target)
 
 
-def run_target(target: str, tmp_path: Path, *, runs: int = RUNS, max_time: int = MAX_TIME_S,
-               prelude: str = "") -> tuple[int, str]:
+def run_target(
+    target: str, tmp_path: Path, *, runs: int = RUNS, max_time: int = MAX_TIME_S, prelude: str = ""
+) -> tuple[int, str]:
     """Run one harness in its own process on a freshly seeded corpus: (exit code, libFuzzer's output).
     ``prelude`` is Python run after the harness is imported and before fuzzing (the mutant tests)."""
     private, pub = _keys(tmp_path)
@@ -121,18 +178,35 @@ def run_target(target: str, tmp_path: Path, *, runs: int = RUNS, max_time: int =
     corpus.mkdir()
     for i, s in enumerate(seeds(target, private)):
         (corpus / f"seed-{i}").write_bytes(s)
-    flags = [f"-runs={runs}", f"-max_total_time={max_time}", "-timeout=20", "-rss_limit_mb=2048",
-             f"-artifact_prefix={tmp_path}/", "-print_final_stats=1", str(corpus)]
+    flags = [
+        f"-runs={runs}",
+        f"-max_total_time={max_time}",
+        "-timeout=20",
+        "-rss_limit_mb=2048",
+        f"-artifact_prefix={tmp_path}/",
+        "-print_final_stats=1",
+        str(corpus),
+    ]
     if prelude:
-        code = (f"import runpy, sys; sys.path.insert(0, {str(ROOT)!r}); "
-                f"h = runpy.run_path({str(HARNESS)!r}, run_name='harness'); {prelude}; "
-                f"h['main']([{str(HARNESS)!r}, {target!r}, *sys.argv[1:]])")
+        code = (
+            f"import runpy, sys; sys.path.insert(0, {str(ROOT)!r}); "
+            f"h = runpy.run_path({str(HARNESS)!r}, run_name='harness'); {prelude}; "
+            f"h['main']([{str(HARNESS)!r}, {target!r}, *sys.argv[1:]])"
+        )
         cmd = [sys.executable, "-c", code, *flags]
     else:
         cmd = [sys.executable, str(HARNESS), target, *flags]
     env = {**os.environ, "GATEHOUSE_FUZZ_PUBKEY": str(pub), "PYTHONHASHSEED": "0"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, errors="replace",
-                          timeout=max_time + 60, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=max_time + 60,
+        stdin=subprocess.DEVNULL,
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -164,6 +238,8 @@ MUTANTS = {
     "cid_panel": "import devices.contact_id as c; c.digit_sum = lambda s: 15",
     # The pass signature no longer checked: a pass with a changed body verifies.
     "passes": "import gateway.wire.passes as p; p._verify = lambda pre, raw, keys: (raw[:4].hex(), raw[4:-64])",
+    # The command signature no longer checked: a command with a changed body or signature is carried out.
+    "wire": "import gateway.wire.commands as c; c._verify = lambda key, sig, data: True",
     # The RTU CRC no longer checked: a PDU comes from a frame with a bad CRC.
     "modbus_rtu": "from pymodbus.framer import FramerRTU; FramerRTU.check_CRC = classmethod(lambda cls, d, c: True)",
 }
@@ -186,26 +262,37 @@ def test_atheris_target_catches_a_parser_with_its_check_switched_off(target: str
 BAD_UTF8_STATUS = b'{"v":1,"state":"online","ts":"2026-01-02T03:04:05.000006Z","\x97ersion":"1.0","fault":"disk"}'
 
 
-@pytest.mark.parametrize("payload", [
-    BAD_UTF8_STATUS,
-    b'{"\xff":1}',
-    b'{"v":1,"seqs":[1],"\xc3":0}',
-    b'{"v":1,"id":"c\x80","type":"unlock","ts":"2026-01-02T03:04:05Z","expires":"2026-01-02T03:04:05Z","by":"g"}',
-    b'{"v":1,"site":"s1","gateway":"gw1","events":[{"id":"\xed\xa0\x80"}]}',
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        BAD_UTF8_STATUS,
+        b'{"\xff":1}',
+        b'{"v":1,"seqs":[1],"\xc3":0}',
+        b'{"v":1,"id":"c\x80","type":"unlock","ts":"2026-01-02T03:04:05Z","expires":"2026-01-02T03:04:05Z","by":"g"}',
+        b'{"v":1,"site":"s1","gateway":"gw1","events":[{"id":"\xed\xa0\x80"}]}',
+    ],
+)
 def test_wire_decoders_refuse_strings_that_are_not_utf8_as_malformed(payload: bytes) -> None:
-    for decode in (wire.decode_status, wire.decode_ack, wire.decode_command,
-                   lambda b: wire.decode_batch(b, site="s1", gateway="gw1")):
+    for decode in (wire.decode_status, wire.decode_ack, lambda b: wire.decode_batch(b, site="s1", gateway="gw1")):
         with pytest.raises(wire.WireError) as e:
             decode(payload)
         assert e.value.reason in ("malformed", "schema"), e.value  # schema: a type error seen before the bytes
+    # The command decoders look at the version first (a v1 command is refused as unsigned before its fields).
+    v2 = payload.replace(b'"v":1', b'"v":2')
+    for decode, data, reasons in (
+        (wire.decode_command_body, v2, ("malformed", "schema")),
+        (lambda b: open_command(b, {}, site="s1", gateway="gw1"), payload, ("malformed", "schema", "unsigned")),
+    ):
+        with pytest.raises(wire.WireError) as e:
+            decode(data)
+        assert e.value.reason in reasons, e.value
     with pytest.raises(wire.WireError, match="not UTF-8"):
         wire.decode_status(BAD_UTF8_STATUS)
 
 
 async def test_portal_ingest_counts_a_payload_that_is_not_utf8(tmp_path: Path) -> None:
     cfg = portal_config.load(write_config(tmp_path / "portal", None))
-    store = PortalStore(tmp_path / "p.db")
+    store = PortalStore(tmp_path / "p.db", key=store_key(tmp_path / "p.db"))
     await store.start()
     try:
         ingest = Ingest(cfg, store, Metrics())
@@ -230,8 +317,13 @@ def test_revocation_body_with_a_string_that_is_not_utf8_is_malformed() -> None:
 def test_a_signed_pass_body_with_a_string_that_is_not_utf8_is_malformed_not_a_crash() -> None:
     """A body signed by a trusted key yet holding a non-UTF-8 site (a portal bug) is refused with PassError."""
     private, public = passes.generate_keypair()
-    good = msgspec.msgpack.decode(passes.encode_body(passes.PassFields(
-        kind="visitor", site="s1", subject="v-1", not_before=1_700_000_000, not_after=1_700_000_600)))
+    good = msgspec.msgpack.decode(
+        passes.encode_body(
+            passes.PassFields(
+                kind="visitor", site="s1", subject="v-1", not_before=1_700_000_000, not_after=1_700_000_600
+            )
+        )
+    )
     body = msgspec.msgpack.encode(good).replace(b"\xa2s1", b"\xa2s\xff")
     signed = bytes.fromhex(passes.key_id(public)) + body
     text = passes.PASS_PREFIX + passes._b32encode(signed + private.sign(passes.PASS_PREFIX.encode() + signed))

@@ -45,18 +45,20 @@ from devices.profiles import find_profile
 from devices.qr_reader import MAX_LINE, Line, LineFramer, Parsed, QrReaderLine, ReaderSpec, Refused, parse_line
 from gateway import config as gateway_config
 from gateway import wire
-from gateway.broker import MosquittoProcess
+from gateway.commands import CommandGuard
 from gateway.config import GatewayConfig, MqttConfig
 from gateway.store import Store as GatewayStore
+from gateway.tooling.broker import MosquittoProcess
 from gateway.uplink import Uplink
 from gateway.wire import passes
+from gateway.wire.commands import open_command, sign_command
 from portal import config as portal_config
-from portal.ingest import Ingest
-from portal.metrics import Metrics
 from portal.store import Store as PortalStore
-from tests.portal_support import batch_payload, event, write_config
+from portal.web.ingest import Ingest
+from portal.web.metrics import Metrics
+from tests.portal_support import batch_payload, event, store_key, write_config
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]  # minutes of bounded fuzzing: not in `make check`
 
 #: Examples per property; the counts the closing note reports.
 EXAMPLES = {
@@ -82,8 +84,14 @@ EXAMPLES = {
 
 
 def fuzz(name: str, **kw: Any) -> Callable[[Any], Any]:
-    return settings(max_examples=EXAMPLES[name], deadline=None, derandomize=True, print_blob=False,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much], **kw)
+    return settings(
+        max_examples=EXAMPLES[name],
+        deadline=None,
+        derandomize=True,
+        print_blob=False,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        **kw,
+    )
 
 
 def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -93,6 +101,7 @@ def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 # ================================================================ (a) Modbus
+
 
 def crc16(data: bytes) -> bytes:
     """Modbus CRC-16 (poly 0xA001, init 0xFFFF), low byte first; written here from the spec, not pymodbus."""
@@ -162,8 +171,8 @@ def crc_valid_bodies(data: bytes) -> set[bytes]:
     out = set()
     for i in range(len(data)):
         for j in range(i + 4, len(data) + 1):
-            if crc16(data[i:j - 2]) == data[j - 2:j]:
-                out.add(data[i + 1:j - 2])
+            if crc16(data[i : j - 2]) == data[j - 2 : j]:
+                out.add(data[i + 1 : j - 2])
     return out
 
 
@@ -174,8 +183,12 @@ def pdu_from_valid_span(probe: FramerProbe, pdu: Any, data: bytes) -> bool:
     dec = probe.ctx.framer.decoder
     for body in crc_valid_bodies(data):
         other = dec.decode(body)
-        if other is not None and type(other) is type(pdu) and other.bits == pdu.bits and \
-                other.registers == pdu.registers:
+        if (
+            other is not None
+            and type(other) is type(pdu)
+            and other.bits == pdu.bits
+            and other.registers == pdu.registers
+        ):
             return True
     return False
 
@@ -214,7 +227,7 @@ def rtu_case(draw: st.DrawFn) -> tuple[str, bytes, bytes | None]:
             bad[bit // 8] ^= 1 << (bit % 8)
         return kind, bytes(bad), None
     if kind == "truncated":
-        return kind, frame[:draw(st.integers(0, len(frame) - 1))], None
+        return kind, frame[: draw(st.integers(0, len(frame) - 1))], None
     if kind == "other-unit":
         return kind, rtu(draw(st.integers(1, 247).filter(lambda u: u != UNIT)), frame[1:-2]), None
     return kind, garbage + frame, frame
@@ -240,7 +253,7 @@ def test_modbus_rtu_framer_takes_values_only_from_crc_valid_frames_and_resyncs()
         good, values = after
         pdu2, closed2 = probe.answer(chunked(good, cuts), UNIT)
         assert not closed2 and pdu2 is not None
-        assert (pdu2.bits[:len(values)] if good[1] in (1, 2) else pdu2.registers) == values
+        assert (pdu2.bits[: len(values)] if good[1] in (1, 2) else pdu2.registers) == values
 
     try:
         prop()
@@ -342,7 +355,7 @@ class CorruptingPeer:
             tid, unit, pdu = int.from_bytes(req[:2], "big"), req[6], req[7:]
         fc, address, count = pdu[0], int.from_bytes(pdu[1:3], "big"), int.from_bytes(pdu[3:5], "big")
         base = 0 if fc == 1 else 8
-        body = bits_pdu(fc, self.bits[base + address: base + address + count])
+        body = bits_pdu(fc, self.bits[base + address : base + address + count])
         if not self.plan:
             self.clean_after_plan += 1
             return [rtu(unit, body) if self.framing == "rtu" else mbap(tid, unit, body)]
@@ -354,7 +367,7 @@ class CorruptingPeer:
                 bad[arg[0] % len(bad)] ^= 1 << arg[1]
                 return [bytes(bad)]
             if what == "truncate":
-                return [frame[:arg[0] % len(frame)]]
+                return [frame[: arg[0] % len(frame)]]
             if what == "garbage+valid":
                 return [arg[0] + frame]
             if what == "valid+garbage":
@@ -375,21 +388,29 @@ class CorruptingPeer:
 
 
 garbage_st = st.binary(min_size=1, max_size=24)
-rtu_plan_st = st.lists(st.one_of(
-    st.tuples(st.just("flip"), st.integers(0, 64), st.integers(0, 7)),
-    st.tuples(st.just("truncate"), st.integers(0, 64)),
-    st.tuples(st.just("garbage+valid"), garbage_st),
-    st.tuples(st.just("valid+garbage"), garbage_st),
-    st.tuples(st.just("other-unit"), st.integers(2, 247)),
-    st.tuples(st.just("garbage"), garbage_st),
-), min_size=1, max_size=6)
-mbap_plan_st = st.lists(st.one_of(
-    st.tuples(st.just("pid"), st.integers(1, 0xFFFF)),
-    st.tuples(st.just("tid"), st.integers(1, 1000)),
-    st.tuples(st.just("unit"), st.integers(2, 247)),
-    st.tuples(st.just("long"), st.integers(1, 200)),
-    st.tuples(st.just("garbage"), garbage_st),
-), min_size=1, max_size=5)
+rtu_plan_st = st.lists(
+    st.one_of(
+        st.tuples(st.just("flip"), st.integers(0, 64), st.integers(0, 7)),
+        st.tuples(st.just("truncate"), st.integers(0, 64)),
+        st.tuples(st.just("garbage+valid"), garbage_st),
+        st.tuples(st.just("valid+garbage"), garbage_st),
+        st.tuples(st.just("other-unit"), st.integers(2, 247)),
+        st.tuples(st.just("garbage"), garbage_st),
+    ),
+    min_size=1,
+    max_size=6,
+)
+mbap_plan_st = st.lists(
+    st.one_of(
+        st.tuples(st.just("pid"), st.integers(1, 0xFFFF)),
+        st.tuples(st.just("tid"), st.integers(1, 1000)),
+        st.tuples(st.just("unit"), st.integers(2, 247)),
+        st.tuples(st.just("long"), st.integers(1, 200)),
+        st.tuples(st.just("garbage"), garbage_st),
+    ),
+    min_size=1,
+    max_size=5,
+)
 
 
 async def _bus_against(framing: str, plan: list[tuple[Any, ...]], truth: list[bool]) -> None:
@@ -399,8 +420,19 @@ async def _bus_against(framing: str, plan: list[tuple[Any, ...]], truth: list[bo
     points = [f"output{n}" for n in range(1, 9)] + [f"input{n}" for n in range(1, 9)]
     async with CorruptingPeer(framing, plan, truth) as peer:
         kind = "modbus-rtu-over-tcp" if framing == "rtu" else "modbus-tcp"
-        spec = BusSpec("fz", kind, host="127.0.0.1", port=peer.port, timeout_ms=80, retries=1, inter_frame_ms=0,
-                       offline_after_misses=2, offline_poll_ms=40, reconnect_min_ms=20, reconnect_max_ms=100)
+        spec = BusSpec(
+            "fz",
+            kind,
+            host="127.0.0.1",
+            port=peer.port,
+            timeout_ms=80,
+            retries=1,
+            inter_frame_ms=0,
+            offline_after_misses=2,
+            offline_poll_ms=40,
+            reconnect_min_ms=20,
+            reconnect_max_ms=100,
+        )
         dev = DeviceSpec("io", find_profile("waveshare-modbus-rtu-io-8ch"), unit=1, poll_ms=15, groups={"outputs": 15})
 
         def latest() -> dict[str, Any]:
@@ -447,7 +479,9 @@ panel_msg_st = st.builds(
     account=st.text(alphabet=hexdig, min_size=4, max_size=4),
     message_type=st.sampled_from([18, 98]),
     qualifier=st.sampled_from(["new", "restore", "status"]),
-    code=st.integers(0, 999), partition=st.integers(0, 99), zone=st.integers(0, 999),
+    code=st.integers(0, 999),
+    partition=st.integers(0, 99),
+    zone=st.integers(0, 999),
 )
 receiver_msg_st = st.builds(
     ReceiverMessage,
@@ -456,7 +490,9 @@ receiver_msg_st = st.builds(
     # no "A": encode_receiver writes it as "0" while parse_receiver keeps it (a spelling, not a fuzzing matter)
     account=st.text(alphabet=hexdig, min_size=4, max_size=4),
     qualifier=st.sampled_from(["new", "restore", "status"]),
-    code=st.integers(0, 999), partition=st.integers(0, 99), zone=st.integers(0, 999),
+    code=st.integers(0, 999),
+    partition=st.integers(0, 99),
+    zone=st.integers(0, 999),
 )
 
 
@@ -474,7 +510,7 @@ def checksum_broken(frame: bytes, pos: int, repl: str) -> bytes | None:
     body = frame.rstrip(b"\r\n").decode()
     if DIGIT_VALUES[repl] == DIGIT_VALUES[body[pos]]:
         return None
-    return (body[:pos] + repl + body[pos + 1:]).encode() + b"\r\n"
+    return (body[:pos] + repl + body[pos + 1 :]).encode() + b"\r\n"
 
 
 @st.composite
@@ -502,8 +538,9 @@ def panel_stream(draw: st.DrawFn) -> tuple[bytes, list[PanelMessage]]:
 
 @fuzz("cid_panel")
 @given(stream=panel_stream(), cuts=st.lists(st.integers(0, 2000), max_size=8))
-def test_contact_id_panel_stream_yields_exactly_the_valid_frames(stream: tuple[bytes, list[PanelMessage]],
-                                                                 cuts: list[int]) -> None:
+def test_contact_id_panel_stream_yields_exactly_the_valid_frames(
+    stream: tuple[bytes, list[PanelMessage]], cuts: list[int]
+) -> None:
     data, good = stream
     framer = CidFramer("panel")
     out = [item for c in chunked(data, cuts) for item in framer.feed(c)]
@@ -537,8 +574,9 @@ def receiver_stream(draw: st.DrawFn) -> tuple[bytes, list[Any]]:
 
 @fuzz("cid_receiver")
 @given(stream=receiver_stream(), cuts=st.lists(st.integers(0, 2000), max_size=8))
-def test_contact_id_receiver_stream_yields_exactly_the_valid_lines(stream: tuple[bytes, list[Any]],
-                                                                   cuts: list[int]) -> None:
+def test_contact_id_receiver_stream_yields_exactly_the_valid_lines(
+    stream: tuple[bytes, list[Any]], cuts: list[int]
+) -> None:
     data, good = stream
     framer = CidFramer("receiver")
     out = [item for c in chunked(data, cuts) for item in framer.feed(c)]
@@ -554,12 +592,14 @@ printable_st = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=
 
 @st.composite
 def qr_stream(draw: st.DrawFn) -> tuple[bytes, bytes]:
-    junk = draw(st.one_of(
-        st.binary(max_size=80),  # anything: NUL, bad UTF-8, stray terminators
-        st.binary(min_size=MAX_LINE + 1, max_size=MAX_LINE + 300),  # overlong
-        st.text(max_size=40).map(lambda t: t.encode("utf-8")),  # UTF-8 that is not ASCII
-        st.builds(lambda a, t: b"@%d:" % a + t.encode(), st.integers(0, 999), printable_st),  # any address
-    ))
+    junk = draw(
+        st.one_of(
+            st.binary(max_size=80),  # anything: NUL, bad UTF-8, stray terminators
+            st.binary(min_size=MAX_LINE + 1, max_size=MAX_LINE + 300),  # overlong
+            st.text(max_size=40).map(lambda t: t.encode("utf-8")),  # UTF-8 that is not ASCII
+            st.builds(lambda a, t: b"@%d:" % a + t.encode(), st.integers(0, 999), printable_st),  # any address
+        )
+    )
     good = draw(printable_st).encode()
     term = draw(st.sampled_from([b"\r\n", b"\r", b"\n"]))
     return junk + term + good + term, good
@@ -582,14 +622,19 @@ def test_qr_framer_refuses_junk_and_accepts_the_next_good_line(stream: tuple[byt
 
 
 @fuzz("qr_driver")
-@given(junk=st.lists(st.one_of(st.binary(max_size=60), st.builds(lambda a, t: b"@%d:" % a + t.encode(),
-                                                                  st.integers(0, 400), printable_st)), max_size=5),
-       address=st.sampled_from([3, 17]), text=printable_st)
-def test_qr_driver_counts_each_refusal_and_scans_the_next_good_line(junk: list[bytes], address: int,
-                                                                    text: str) -> None:
+@given(
+    junk=st.lists(
+        st.one_of(
+            st.binary(max_size=60), st.builds(lambda a, t: b"@%d:" % a + t.encode(), st.integers(0, 400), printable_st)
+        ),
+        max_size=5,
+    ),
+    address=st.sampled_from([3, 17]),
+    text=printable_st,
+)
+def test_qr_driver_counts_each_refusal_and_scans_the_next_good_line(junk: list[bytes], address: int, text: str) -> None:
     events: list[Any] = []
-    line = QrReaderLine("l1", "/dev/null", [ReaderSpec("r3", address=3), ReaderSpec("r17", address=17)],
-                        events.append)
+    line = QrReaderLine("l1", "/dev/null", [ReaderSpec("r3", address=3), ReaderSpec("r17", address=17)], events.append)
     data = b"".join(j.replace(b"\r", b"").replace(b"\n", b"") + b"\n" for j in junk)
     data += b"@%d:%s\r\n" % (address, text.encode())
     framer = LineFramer()
@@ -609,19 +654,36 @@ def test_qr_driver_counts_each_refusal_and_scans_the_next_good_line(junk: list[b
 
 _PRIV, _PUB = passes.generate_keypair()
 _RING = passes.keyring([_PUB])
-_FIELDS = passes.PassFields(kind="visitor", site="s1", subject="v-1", not_before=1_700_000_000,
-                            not_after=1_700_086_400, house="101", units=("3/1",), doors=("gate-1",), uses=3)
+_FIELDS = passes.PassFields(
+    kind="visitor",
+    site="s1",
+    subject="v-1",
+    not_before=1_700_000_000,
+    not_after=1_700_086_400,
+    house="101",
+    units=("3/1",),
+    doors=("gate-1",),
+    uses=3,
+)
 _PASS = passes.sign_pass(_PRIV, _FIELDS)
-_RL = passes.sign_revocations(_PRIV, passes.RevocationList(version=7, issued_at=1_700_000_000, site="s1",
-                                                            passes=[b"p" * 12], subjects=["alice"], blocked=["bob"]))
+_RL = passes.sign_revocations(
+    _PRIV,
+    passes.RevocationList(
+        version=7, issued_at=1_700_000_000, site="s1", passes=[b"p" * 12], subjects=["alice"], blocked=["bob"]
+    ),
+)
 REASONS = {"malformed", "unknown-key", "bad-signature"}
 
 
 @fuzz("passes_arbitrary")
-@given(text=st.one_of(st.text(max_size=600), st.binary(max_size=600),
-                      st.text(alphabet=string.ascii_uppercase + "234567=", max_size=300).map(lambda t: "GH1:" + t),
-                      st.text(alphabet=string.ascii_letters + string.digits + "-_+/=", max_size=300)
-                      .map(lambda t: "GR1:" + t)))
+@given(
+    text=st.one_of(
+        st.text(max_size=600),
+        st.binary(max_size=600),
+        st.text(alphabet=string.ascii_uppercase + "234567=", max_size=300).map(lambda t: "GH1:" + t),
+        st.text(alphabet=string.ascii_letters + string.digits + "-_+/=", max_size=300).map(lambda t: "GR1:" + t),
+    )
+)
 def test_arbitrary_text_is_refused_with_a_reason(text: str | bytes) -> None:
     for parse in (passes.parse_pass, passes.parse_revocations):
         with pytest.raises(passes.PassError) as e:
@@ -630,17 +692,20 @@ def test_arbitrary_text_is_refused_with_a_reason(text: str | bytes) -> None:
 
 
 def _mutations(valid: str, alphabet: str) -> Any:
-    return st.tuples(st.integers(0, len(valid) - 1), st.sampled_from(alphabet + "=+/-_ !\x00é\n"),
-                     st.sampled_from(["replace", "insert", "delete"]))
+    return st.tuples(
+        st.integers(0, len(valid) - 1),
+        st.sampled_from(alphabet + "=+/-_ !\x00é\n"),
+        st.sampled_from(["replace", "insert", "delete"]),
+    )
 
 
 def _mutate(valid: str, m: tuple[int, str, str]) -> str:
     i, c, how = m
     if how == "replace":
-        return valid[:i] + c + valid[i + 1:]
+        return valid[:i] + c + valid[i + 1 :]
     if how == "insert":
         return valid[:i] + c + valid[i:]
-    return valid[:i] + valid[i + 1:]
+    return valid[:i] + valid[i + 1 :]
 
 
 @fuzz("passes_mutated")
@@ -667,23 +732,42 @@ def test_a_revocation_list_changed_in_one_character_never_verifies(m: tuple[int,
 # ================================================================ (e) MQTT payloads
 
 json_st = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=20,
 )
 _NOW = "2026-01-02T03:04:05.000006Z"
+_SITE, _GW = "s1", "gw1"
+_CMD_BODY = {
+    "v": 2,
+    "id": "c1",
+    "type": "unlock",
+    "ts": _NOW,
+    "expires": _NOW,
+    "by": "guard",
+    "args": {"door": "d1"},
+    "site": _SITE,
+    "gateway": _GW,
+}
+_FUZZ_KEY, _FUZZ_PUB = passes.generate_keypair()
+_FUZZ_RING = passes.keyring([_FUZZ_PUB])
 _VALID = {
-    "cmd": {"v": 1, "id": "c1", "type": "unlock", "ts": _NOW, "expires": _NOW, "by": "guard", "args": {"door": "d1"}},
+    "cmd": json.loads(
+        sign_command(_FUZZ_KEY, wire.decode_command_body(json.dumps(_CMD_BODY).encode()), site=_SITE, gateway=_GW)
+    ),
+    "cmd-body": _CMD_BODY,
     "ack": {"v": 1, "seqs": [1, 2, 3]},
     "status": {"v": 1, "state": "online", "ts": _NOW, "version": "1.0"},
     "events": json.loads(batch_payload([event(1), event(2)])),
 }
-_SITE, _GW = "s1", "gw1"
+_COMMAND_REASONS = {"unsigned", "unknown-key", "bad-signature", "wrong-gateway", "too-long"}
 
 
 def _decode_any(kind: str, payload: bytes) -> Any:
     if kind == "cmd":
-        return wire.decode_command(payload)
+        return open_command(payload, _FUZZ_RING, site=_SITE, gateway=_GW)
+    if kind == "cmd-body":
+        return wire.decode_command_body(payload)
     if kind == "ack":
         return wire.decode_ack(payload)
     if kind == "status":
@@ -695,12 +779,12 @@ def _only_wire_error(kind: str, payload: bytes) -> None:
     try:
         msg = _decode_any(kind, payload)
     except wire.WireError as e:
-        assert e.reason in {"malformed", "schema", "bad-version", "too-large", "topic-mismatch"}
+        assert e.reason in {"malformed", "schema", "bad-version", "too-large", "topic-mismatch", *_COMMAND_REASONS}
         return
     assert msgspec.json.decode(wire.encode(msg)) is not None  # what decodes also encodes
 
 
-kinds_st = st.sampled_from(["cmd", "ack", "status", "events"])
+kinds_st = st.sampled_from(["cmd", "cmd-body", "ack", "status", "events"])
 
 
 @fuzz("wire_bytes")
@@ -725,7 +809,7 @@ def _set_path(doc: Any, path: list[int], value: Any) -> Any:
         key = sorted(doc)[path[0] % len(doc)]
         return {**doc, key: _set_path(doc[key], path[1:], value)}
     i = path[0] % len(doc)
-    return [*doc[:i], _set_path(doc[i], path[1:], value), *doc[i + 1:]]
+    return [*doc[:i], _set_path(doc[i], path[1:], value), *doc[i + 1 :]]
 
 
 @fuzz("wire_mutated")
@@ -737,19 +821,32 @@ def test_wire_decoders_take_mutated_valid_payloads(kind: str, path: list[int], v
 def test_portal_ingest_counts_every_bad_payload_and_never_raises(tmp_path: Path) -> None:
     cfg = portal_config.load(write_config(tmp_path / "portal", None))
     topics = [wire.topic(_SITE, _GW, s) for s in ("events", "status", "cmd")] + [
-        wire.topic(_SITE, "gw9", "events"), "gatehouse/v1/s1", "gatehouse/v2/s1/gw1/events", "x/y/z/w/v"]
+        wire.topic(_SITE, "gw9", "events"),
+        "gatehouse/v1/s1",
+        "gatehouse/v2/s1/gw1/events",
+        "x/y/z/w/v",
+    ]
 
     async def scenario() -> None:
-        store = PortalStore(tmp_path / "p.db")
+        store = PortalStore(tmp_path / "p.db", key=store_key(tmp_path / "p.db"))
         await store.start()
         ingest = Ingest(cfg, store, Metrics())
         seen = {"n": 0, "bad": 0}
 
         @fuzz("portal_ingest")
-        @given(topic=st.sampled_from(topics), payload=st.one_of(
-            st.binary(max_size=200), json_st.map(lambda d: json.dumps(d).encode()),
-            st.builds(lambda k, p, v: json.dumps(_set_path(_VALID[k], p, v)).encode(),
-                      st.sampled_from(["events", "status"]), st.lists(st.integers(0, 50), max_size=4), json_st)))
+        @given(
+            topic=st.sampled_from(topics),
+            payload=st.one_of(
+                st.binary(max_size=200),
+                json_st.map(lambda d: json.dumps(d).encode()),
+                st.builds(
+                    lambda k, p, v: json.dumps(_set_path(_VALID[k], p, v)).encode(),
+                    st.sampled_from(["events", "status"]),
+                    st.lists(st.integers(0, 50), max_size=4),
+                    json_st,
+                ),
+            ),
+        )
         def prop(topic: str, payload: bytes) -> None:
             before = sum(ingest.rejections.values())
             fut = asyncio.run_coroutine_threadsafe(ingest.handle(topic, payload), loop)
@@ -774,20 +871,43 @@ def test_portal_ingest_counts_every_bad_payload_and_never_raises(tmp_path: Path)
     asyncio.run(scenario())
 
 
-async def test_gateway_uplink_counts_bad_commands_and_acks_and_stays_connected(
-        tmp_path: Path, broker: MosquittoProcess) -> None:
+async def test_gateway_uplink_hands_every_command_to_the_guard_counts_bad_acks_and_stays_connected(
+    tmp_path: Path, broker: MosquittoProcess
+) -> None:
+    """The uplink is transport only: every payload on the command topic goes to the gateway's command guard as it
+    came (only a correctly signed one is admitted there); a bad ack is counted; nothing costs the connection."""
     import aiomqtt
 
-    cfg = GatewayConfig(site=_SITE, gateway=_GW, mqtt=MqttConfig(host="127.0.0.1", port=broker.port,
-                                                               reconnect_min_s=0.05, reconnect_max_s=0.5))
-    got: list[wire.Command] = []
+    cfg = GatewayConfig(
+        site=_SITE,
+        gateway=_GW,
+        mqtt=MqttConfig(host="127.0.0.1", port=broker.port, reconnect_min_s=0.05, reconnect_max_s=0.5),
+    )
+    got: list[bytes] = []
 
-    async def on_command(cmd: wire.Command) -> None:
-        got.append(cmd)
+    async def on_command(payload: bytes) -> None:
+        got.append(payload)
 
-    bad = [b"", b"\xff\xfe", b"null", b"[]", b'{"v":2}', b'{"v":1,"args":' + b"[" * 5000 + b"]" * 5000 + b"}",
-           b"{" * 100_000, b'{"v": 1, "id": 5}', json.dumps({**_VALID["cmd"], "ts": "yesterday"}).encode(),
-           json.dumps({**_VALID["cmd"], "expires": "2026-01-02T03:04:05"}).encode(), b" " * 300_000]
+    bad = [
+        b"",
+        b"\xff\xfe",
+        b"null",
+        b"[]",
+        b'{"v":2}',
+        b'{"v":1,"args":' + b"[" * 5000 + b"]" * 5000 + b"}",
+        b"{" * 100_000,
+        b'{"v": 1, "id": 5}',
+        json.dumps({**_CMD_BODY, "v": 1}).encode(),
+        json.dumps({**_VALID["cmd"], "sig": _VALID["cmd"]["sig"][::-1]}).encode(),
+        b" " * 300_000,
+    ]
+    now = wire.utcnow()
+    good = sign_command(
+        _FUZZ_KEY,
+        wire.Command(v=2, id="c-good", type="unlock", ts=now, expires=now, by="guard"),
+        site=_SITE,
+        gateway=_GW,
+    )
     bad_acks = [b"{}", b'{"v":1,"seqs":[0]}', b'{"v":1,"seqs":"x"}', b"[" * 3000 + b"]" * 3000]
     async with GatewayStore(tmp_path / "gw.db", site=_SITE, gateway=_GW) as store:
         up = Uplink(cfg, store, on_command)
@@ -802,14 +922,19 @@ async def test_gateway_uplink_counts_bad_commands_and_acks_and_stays_connected(
                     await c.publish(wire.topic(_SITE, _GW, "cmd"), p, qos=1)
                 for p in bad_acks:
                     await c.publish(wire.topic(_SITE, _GW, "ack"), p, qos=1)
-                await c.publish(wire.topic(_SITE, _GW, "cmd"), json.dumps(_VALID["cmd"]).encode(), qos=1)
+                await c.publish(wire.topic(_SITE, _GW, "cmd"), good, qos=1)
             deadline = time.monotonic() + 15
-            while not got:
-                assert time.monotonic() < deadline, f"the good command never arrived; rejected {up.stats.rejected}"
+            while len(got) < len(bad) + 1:
+                assert time.monotonic() < deadline, f"only {len(got)} commands arrived; rejected {up.stats.rejected}"
                 await asyncio.sleep(0.02)
-            assert sum(up.stats.rejected.values()) == len(bad) + len(bad_acks), up.stats.rejected
-            assert got[0].id == "c1" and up.stats.commands == 1
+            assert got == [*bad, good]
+            assert sum(up.stats.rejected.values()) == len(bad_acks), up.stats.rejected
+            assert up.stats.commands == len(bad) + 1
             assert up.stats.connects == 1  # no payload cost the uplink its connection
+            guard = CommandGuard(_SITE, _GW, _FUZZ_RING, seen=store.seen_command)
+            admitted = [r for r in [await guard.admit(p) for p in got] if isinstance(r, wire.Command)]
+            assert [c.id for c in admitted] == ["c-good"]
+            assert sum(guard.refused.values()) == len(bad)
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -833,23 +958,58 @@ def _load_checked(path: Path, text: str | bytes) -> None:
             assert e.problems
             for problem in e.problems:
                 assert problem.startswith(f"{path}"), problem
-                rest = problem[len(str(path)):]
+                rest = problem[len(str(path)) :]
                 assert re.match(r":\d+: ", rest) or any(w in rest[:40] for w in _WHOLE_FILE), problem
 
 
-config_keys = st.sampled_from(["site", "gateway", "mqtt", "port", "host", "buses", "devices", "zones", "name",
-                               "kind", "unit", "doors", "readers", "access", "timezone", "gateways", "listen",
-                               "alarms", "site_maps", "data_dir", "<<", "checklists", "points", "serial"])
-yaml_scalar = (st.none() | st.booleans() | st.integers(-10**6, 10**20) | st.floats() | st.text(max_size=12)
-               | st.sampled_from(["s1", "gw1", "modbus-rtu", "/dev/ttyUSB0", "Asia/Shanghai", "12:00", "0123"]))
-yaml_doc = st.recursive(yaml_scalar, lambda inner: st.lists(inner, max_size=4)
-                        | st.dictionaries(config_keys | st.text(max_size=6), inner, max_size=5), max_leaves=25)
+config_keys = st.sampled_from(
+    [
+        "site",
+        "gateway",
+        "mqtt",
+        "port",
+        "host",
+        "buses",
+        "devices",
+        "zones",
+        "name",
+        "kind",
+        "unit",
+        "doors",
+        "readers",
+        "access",
+        "timezone",
+        "gateways",
+        "listen",
+        "alarms",
+        "site_maps",
+        "data_dir",
+        "<<",
+        "checklists",
+        "points",
+        "serial",
+    ]
+)
+yaml_scalar = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**6), 10**20)
+    | st.floats()
+    | st.text(max_size=12)
+    | st.sampled_from(["s1", "gw1", "modbus-rtu", "/dev/ttyUSB0", "Asia/Shanghai", "12:00", "0123"])
+)
+yaml_doc = st.recursive(
+    yaml_scalar,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(config_keys | st.text(max_size=6), inner, max_size=5),
+    max_leaves=25,
+)
 
 
 @fuzz("config_structures")
 @given(doc=st.dictionaries(config_keys, yaml_doc, max_size=6), flow=st.booleans())
-def test_config_loaders_take_arbitrary_yaml_structures(tmp_path_factory: pytest.TempPathFactory, doc: Any,
-                                                        flow: bool) -> None:
+def test_config_loaders_take_arbitrary_yaml_structures(
+    tmp_path_factory: pytest.TempPathFactory, doc: Any, flow: bool
+) -> None:
     from io import StringIO
 
     from ruamel.yaml import YAML
@@ -879,20 +1039,54 @@ def _portal_example() -> str:
     )
 
 
-_SNIPPETS = ["\x00", "\t", "'", '"', "{", "}", "[", "]", ": ", "- ", "&a ", "*a", "<<: *a", "!!binary ", "!x ",
-             "\n  ", "\n", "# ", "%YAML 1.1\n", "---\n", "...\n", "? ", "|", ">", "\\", "\ufeff", "é", "999999999999"]
+_SNIPPETS = [
+    "\x00",
+    "\t",
+    "'",
+    '"',
+    "{",
+    "}",
+    "[",
+    "]",
+    ": ",
+    "- ",
+    "&a ",
+    "*a",
+    "<<: *a",
+    "!!binary ",
+    "!x ",
+    "\n  ",
+    "\n",
+    "# ",
+    "%YAML 1.1\n",
+    "---\n",
+    "...\n",
+    "? ",
+    "|",
+    ">",
+    "\\",
+    "\ufeff",
+    "é",
+    "999999999999",
+]
 
 
 @fuzz("config_mutated")
-@given(which=st.sampled_from(["gateway", "portal"]),
-       edits=st.lists(st.tuples(st.integers(0, 5000), st.integers(0, 6),
-                                st.sampled_from(_SNIPPETS) | st.text(max_size=5)), min_size=1, max_size=4))
-def test_config_loaders_take_mutated_example_configs(tmp_path_factory: pytest.TempPathFactory, which: str,
-                                                      edits: list[tuple[int, int, str]]) -> None:
+@given(
+    which=st.sampled_from(["gateway", "portal"]),
+    edits=st.lists(
+        st.tuples(st.integers(0, 5000), st.integers(0, 6), st.sampled_from(_SNIPPETS) | st.text(max_size=5)),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_config_loaders_take_mutated_example_configs(
+    tmp_path_factory: pytest.TempPathFactory, which: str, edits: list[tuple[int, int, str]]
+) -> None:
     text = _GATEWAY_EXAMPLE if which == "gateway" else _portal_example()
     for pos, cut, ins in edits:
         i = pos % (len(text) + 1)
-        text = text[:i] + ins + text[i + cut:]
+        text = text[:i] + ins + text[i + cut :]
     _load_checked(tmp_path_factory.mktemp("cfg") / "c.yaml", text)
 
 
@@ -905,10 +1099,18 @@ def test_examples_load_before_mutation(tmp_path: Path) -> None:
 
 
 def test_yaml_alias_bombs_and_cycles_are_refused_with_a_line(tmp_path: Path) -> None:
-    laughs = "site: s1\ngateway: gw1\nx0: &a0 [" + ",".join(["x"] * 10) + "]\n" + "".join(
-        f"x{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]\n" for i in range(1, 9))
-    for text, what in ((laughs, "aliases are expanded"), ("&x [*x]\n", "contains it"),
-                       ('site: "a\\0b"\n', "NUL"), ("a: " + "[" * 80 + "]" * 80 + "\n", "nested deeper")):
+    laughs = (
+        "site: s1\ngateway: gw1\nx0: &a0 ["
+        + ",".join(["x"] * 10)
+        + "]\n"
+        + "".join(f"x{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]\n" for i in range(1, 9))
+    )
+    for text, what in (
+        (laughs, "aliases are expanded"),
+        ("&x [*x]\n", "contains it"),
+        ('site: "a\\0b"\n', "NUL"),
+        ("a: " + "[" * 80 + "]" * 80 + "\n", "nested deeper"),
+    ):
         path = tmp_path / "bomb.yaml"
         path.write_text(text, encoding="utf-8")
         t0 = time.monotonic()

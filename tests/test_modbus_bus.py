@@ -15,11 +15,14 @@ from typing import Any
 
 import pytest
 
-from devices.events import Availability, DeviceEvent, PointChanged, WritePoint, WriteResult
-from devices.modbus import BusDown, BusSpec, DeviceSpec, ModbusBus, scan_bus
-from devices.modbus_plan import DevicePlan, GroupPlan, PollScheduler, backoff_delay
+from common.backoff import backoff_delay
+from devices.events import Availability, DeviceCheck, DeviceEvent, PointChanged, WritePoint, WriteResult
+from devices.modbus import BusDown, BusSpec, DeviceSpec, ModbusBus
+from devices.modbus_plan import DevicePlan, GroupPlan, PollScheduler
 from devices.profiles import find_profile
-from tests.stubs import Stub, run_stub, start_stub, wait_until
+from gateway.tooling.scan import scan_bus
+from tests.stubs import Stub, run_stub, start_stub
+from tests.waiting import wait_for
 
 PANEL = "firmware_stubs.perimeter_panel"
 BOARD = "firmware_stubs.modbus_device"
@@ -95,14 +98,60 @@ def test_a_dead_unit_does_not_eat_the_poll_budget() -> None:
     assert polls[1] <= 3 + 20 / 2.0 + 1, polls  # three misses, then one probe every 2 s
 
 
+@pytest.mark.parametrize("devices", [10, 200, 2000])
+def test_the_cost_of_a_poll_does_not_grow_with_the_devices_on_the_bus(
+    devices: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Heap operations per poll stay at a couple whatever the number of devices (no scan of every device to choose
+    the next), polls that fall due together come out of one call, and the stagger and the rate are kept."""
+    from devices import modbus_plan
+
+    ops = [0]
+    push, pop = modbus_plan.heapq.heappush, modbus_plan.heapq.heappop
+
+    def counted_push(h: list[Any], x: Any) -> None:
+        ops[0] += 1
+        push(h, x)
+
+    def counted_pop(h: list[Any]) -> Any:
+        ops[0] += 1
+        return pop(h)
+
+    monkeypatch.setattr(modbus_plan.heapq, "heappush", counted_push)
+    monkeypatch.setattr(modbus_plan.heapq, "heappop", counted_pop)
+    interval = devices / 500  # 500 polls a second on the bus, whatever its size
+    s = PollScheduler(_plans(devices, interval=interval), now=0.0, offline_after=3, offline_retry_s=5)
+    ops[0] = 0
+    t, polls, wakeups = 0.0, [0] * devices, 0
+    while t < 10 * interval:
+        jobs = s.take_due(t, slack=interval / 10)
+        if not jobs:
+            t = s.next_job().due  # type: ignore[union-attr]
+            continue
+        wakeups += 1
+        for job in jobs:
+            t += 0.0005  # each answer takes half a millisecond
+            s.done(job, t, True)
+            polls[job.device] += 1
+    assert 2 * sum(polls) <= ops[0] <= 3 * sum(polls) + devices, (ops[0], sum(polls))  # a pop and a push a poll
+    assert min(polls) >= 9 and max(polls) <= 11, (min(polls), max(polls))  # every device at its rate
+    # Polls due within a tenth of the interval of each other come out of one call: one wake-up for several.
+    assert wakeups <= sum(polls) * (0.6 if devices < 50 else 0.2), (wakeups, sum(polls))
+    first = sorted(
+        d.due[0]
+        for d in PollScheduler(_plans(devices, interval=interval), now=0.0, offline_after=3, offline_retry_s=5).devices
+    )
+    assert first[0] == 0.0 and first[-1] == pytest.approx(interval * (devices - 1) / devices)  # still staggered
+
+
 def test_backoff_is_capped_exponential_with_full_jitter() -> None:
     rng = random.Random(7)
     for attempt in range(12):
         ceiling = min(5.0, 0.1 * 2**attempt)
-        samples = [backoff_delay(attempt, 0.1, 5.0, rng) for _ in range(300)]
+        samples = [backoff_delay(attempt, 0.1, 5.0, rng.random) for _ in range(300)]
         assert all(0.0 <= x <= ceiling for x in samples)
         assert max(samples) > 0.8 * ceiling and min(samples) < 0.2 * ceiling  # spread over the whole range
-    assert backoff_delay(10_000, 0.1, 5.0, rng) <= 5.0
+    assert backoff_delay(10_000, 0.1, 5.0, rng.random) <= 5.0
 
 
 # ---------------------------------------------------------------- against the stubs
@@ -115,10 +164,12 @@ class Recorder:
     def __call__(self, ev: DeviceEvent) -> None:
         self.events.append(ev)
 
-    def changes(self, device: str | None = None, point: str | None = None, initial: bool | None = None) -> list[
-            PointChanged]:
+    def changes(
+        self, device: str | None = None, point: str | None = None, initial: bool | None = None
+    ) -> list[PointChanged]:
         return [
-            e for e in self.events
+            e
+            for e in self.events
             if isinstance(e, PointChanged)
             and (device is None or e.device == device)
             and (point is None or e.point == point)
@@ -156,24 +207,29 @@ async def test_trip_is_one_point_changed_and_reads_are_merged() -> None:
     async with run_stub(PANEL, "--tcp", "127.0.0.1:0", "--zones", "8", *CTRL) as stub:
         dev = panel("pp1", poll_ms=50, status=200, outputs=200, levels=400)
         async with running(tcp_bus(stub), [dev], rec):
-            await wait_until(lambda: len(rec.changes(initial=True)) == 48 + 5 + 3 + 8, 5, "every point read once")
+            await wait_for(lambda: len(rec.changes(initial=True)) == 48 + 5 + 3 + 8, 5, "every point read once")
             assert rec.availability("pp1") == ["online"]
             assert [e.value for e in rec.changes(point="zone3_alarm")] == [False]
             await stub.post("/reset-counters")
             t0 = time.monotonic()
             await stub.post("/zones/3/trip")
-            await wait_until(lambda: rec.changes(point="zone3_alarm", initial=False), 3, "the trip")
+            await wait_for(lambda: rec.changes(point="zone3_alarm", initial=False), 3, "the trip")
             trip = rec.changes(point="zone3_alarm", initial=False)[0]
             assert trip.value is True and 0 < trip.mono - t0 < 1.0
             await stub.post("/zones/5/cut")
             await stub.post("/panel/power", {"state": "battery-low"})
-            await wait_until(lambda: rec.changes(point="power_battery_low", initial=False), 3, "battery low")
-            await wait_until(lambda: rec.changes(point="zone5_fence_kv", initial=False), 3, "the fence voltage")
+            await wait_for(lambda: rec.changes(point="power_battery_low", initial=False), 3, "battery low")
+            await wait_for(lambda: rec.changes(point="zone5_fence_kv", initial=False), 3, "the fence voltage")
             await asyncio.sleep(0.3)  # several more polls: nothing else changes
             later = {(e.point, e.value) for e in rec.changes(initial=False)}
             assert later == {
-                ("zone3_alarm", True), ("zone5_cut", True), ("zone5_fence_kv", 0.0), ("power_ac_ok", False),
-                ("power_on_battery", True), ("power_battery_low", True), ("battery_volts", 11.2),
+                ("zone3_alarm", True),
+                ("zone5_cut", True),
+                ("zone5_fence_kv", 0.0),
+                ("power_ac_ok", False),
+                ("power_on_battery", True),
+                ("power_battery_low", True),
+                ("battery_volts", 11.2),
             }, later
             assert len(rec.changes(initial=False)) == len(later), "a change was reported twice"
         st = await stub.state(recent=True)
@@ -193,7 +249,7 @@ async def test_write_goes_ahead_of_queued_polls_and_pulses() -> None:
         # there is always a queue of due polls.
         devs = [panel(f"pp{u}", unit=u, poll_ms=10, status=10, outputs=10, levels=10) for u in units]
         async with running(tcp_bus(stub, inter_frame_ms=5), devs, rec) as bus:
-            await wait_until(lambda: all(rec.availability(f"pp{u}") == ["online"] for u in units), 5, "all online")
+            await wait_for(lambda: all(rec.availability(f"pp{u}") == ["online"] for u in units), 5, "all online")
             await asyncio.sleep(0.2)
             t0 = time.monotonic()
             result = await bus.write(WritePoint("pp5", "siren", True, token="w1"))
@@ -212,7 +268,7 @@ async def test_write_goes_ahead_of_queued_polls_and_pulses() -> None:
             t0 = time.monotonic()
             result = await bus.write(WritePoint("pp2", "strobe", True, token="p1", pulse_ms=300))
             assert result.ok
-            await wait_until(lambda: any(w.token == "p1:reset" for w in rec.writes()), 3, "the reset")
+            await wait_for(lambda: any(w.token == "p1:reset" for w in rec.writes()), 3, "the reset")
             reset = next(w for w in rec.writes() if w.token == "p1:reset")
             assert reset.ok and 0.28 < reset.mono - t0 < 0.6
             recent = (await stub.state(recent=True))["panels"][0]["requests"]["recent"]
@@ -221,9 +277,14 @@ async def test_write_goes_ahead_of_queued_polls_and_pulses() -> None:
             assert (await stub.state())["panels"][0]["units"]["2"]["outputs"]["strobe"] is False
 
             # Bad commands are rejected and counted, not sent.
-            bad = [WritePoint("pp1", "zone1_alarm", True), WritePoint("pp1", "nope", True),
-                   WritePoint("nobody", "siren", True), WritePoint("pp1", "siren", 7),
-                   WritePoint("pp1", "siren_hold_s", 70000), WritePoint("pp1", "siren_hold_s", 5, pulse_ms=100)]
+            bad = [
+                WritePoint("pp1", "zone1_alarm", True),
+                WritePoint("pp1", "nope", True),
+                WritePoint("nobody", "siren", True),
+                WritePoint("pp1", "siren", 7),
+                WritePoint("pp1", "siren_hold_s", 70000),
+                WritePoint("pp1", "siren_hold_s", 5, pulse_ms=100),
+            ]
             for cmd in bad:
                 r = await bus.write(cmd)
                 assert not r.ok and r.detail, cmd
@@ -235,28 +296,126 @@ async def test_write_goes_ahead_of_queued_polls_and_pulses() -> None:
         await bus.write(WritePoint("pp1", "siren", True))
 
 
+async def test_a_reply_like_the_last_is_not_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bytes of an unchanged answer are compared, not decoded: a block is decoded on its first read and when
+    the device's answer changes, not at every poll."""
+    from devices.modbus_plan import Block
+
+    decoded: list[tuple[str, int]] = []
+    real = Block.decode_reply
+
+    def counted(self: Block, reply: bytes) -> Any:
+        decoded.append((self.table, self.address))
+        return real(self, reply)
+
+    monkeypatch.setattr(Block, "decode_reply", counted)
+    rec = Recorder()
+    dev = panel("pp1", poll_ms=20, status=20, outputs=20, levels=20)
+    async with run_stub(PANEL, "--tcp", "127.0.0.1:0", *CTRL) as stub, running(tcp_bus(stub), [dev], rec) as bus:
+        await wait_for(lambda: rec.availability("pp1") == ["online"], 5, "online")
+        await asyncio.sleep(0.5)
+        polls = bus.stats().devices["pp1"].polls
+        assert polls >= 40 and len(decoded) == 4, (polls, decoded)  # four blocks, each decoded once
+        await stub.post("/zones/2/trip")
+        await wait_for(lambda: rec.changes(point="zone2_alarm", initial=False), 3, "the trip")
+        await asyncio.sleep(0.2)
+        assert decoded.count(("discrete", 0)) == 2 and len(decoded) == 5, decoded
+
+
+async def test_tcp_garbage_is_counted_and_survived() -> None:
+    """A Modbus TCP peer that answers with mangled frames: our MBAP framing counts them as bad frames, takes the
+    unit offline, keeps the link, and resynchronises as soon as the answers are good again."""
+    rec = Recorder()
+    async with run_stub(PANEL, "--tcp", "127.0.0.1:0", "--units", "1-2", *CTRL) as stub:
+        devs = [panel(f"pp{u}", unit=u, poll_ms=60) for u in (1, 2)]
+        spec = tcp_bus(stub, timeout_ms=100, retries=1, offline_poll_ms=300)
+        async with running(spec, devs, rec) as bus:
+            await wait_for(lambda: all(rec.availability(f"pp{u}") == ["online"] for u in (1, 2)), 5, "online")
+            await stub.post("/garbage", {"on": True, "unit": 2})
+            await wait_for(lambda: rec.availability("pp2")[-1:] == ["offline"], 5, "pp2 offline")
+            await stub.post("/zones/1/trip", {"unit": 1})
+            await wait_for(lambda: rec.changes(device="pp1", point="zone1_alarm", initial=False), 3, "pp1 trip")
+            st = bus.stats()
+            assert st.devices["pp2"].errors.get("bad_frame", 0) >= 3, st.devices["pp2"].errors
+            assert st.devices["pp1"].error_count == 0 and st.restarts == 0 and bus.connected
+            await stub.post("/garbage", {"on": False})
+            await wait_for(lambda: rec.availability("pp2")[-1:] == ["online"], 3, "pp2 back")
+            await stub.post("/zones/3/trip", {"unit": 2})
+            await wait_for(lambda: rec.changes(device="pp2", point="zone3_alarm", initial=False), 3, "pp2 trip")
+
+
 async def test_flash_command_pulses_on_the_board() -> None:
     rec = Recorder()
     async with run_stub(BOARD, "--model", "relay-d", "--tcp", "127.0.0.1:0", *CTRL) as stub:
-        dev = DeviceSpec("door1", find_profile("waveshare-modbus-rtu-relay-d"), unit=1, poll_ms=50,
-                         groups={"relays": 50})
+        dev = DeviceSpec(
+            "door1", find_profile("waveshare-modbus-rtu-relay-d"), unit=1, poll_ms=50, groups={"relays": 50}
+        )
         async with running(tcp_bus(stub, kind="modbus-tcp"), [dev], rec) as bus:
-            await wait_until(lambda: len(rec.changes(initial=True)) == 16, 5, "initial reads")
+            await wait_for(lambda: len(rec.changes(initial=True)) == 24, 5, "initial reads")  # incl. the modes
             await stub.post("/inputs/4", {"active": True})
-            await wait_until(lambda: rec.changes(point="input4", initial=False), 3, "input 4")
+            await wait_for(lambda: rec.changes(point="input4", initial=False), 3, "input 4")
             await stub.post("/reset-counters")
             result = await bus.write(WritePoint("door1", "relay2", True, token="open", pulse_ms=450))
             assert result.ok
             st = (await stub.state(recent=True))["panels"][0]
             # One FC05 to 0x0201 carrying 5 x 100 ms: the board times the pulse itself.
             assert [(r["function"], r["address"]) for r in st["requests"]["recent"] if r["function"] == 5] == [
-                (5, 0x0201)]
+                (5, 0x0201)
+            ]
             assert [(f["channel"], f["on"], f["ms"]) for f in st["units"]["1"]["flashes"]] == [(2, True, 500)]
-            await wait_until(lambda: [e.value for e in rec.changes(point="relay2", initial=False)] == [True, False],
-                             3, "relay 2 on, then off by itself")
+            await wait_for(
+                lambda: [e.value for e in rec.changes(point="relay2", initial=False)] == [True, False],
+                3,
+                "relay 2 on, then off by itself",
+            )
             on, off = rec.changes(point="relay2", initial=False)
             assert 0.35 < off.mono - on.mono < 0.75
             assert not any(w.token.endswith(":reset") for w in rec.writes())
+
+
+async def test_a_write_the_board_echoes_but_does_not_carry_out_fails_its_read_back() -> None:
+    """Relay 3 in linkage mode (the maker's mode 1): function 05 is answered like any other, the relay stays
+    with its input. The bus reads it back at once and says so; the board's modes are checked as it is polled."""
+    rec = Recorder()
+    async with run_stub(BOARD, "--model", "relay-d", "--tcp", "127.0.0.1:0", *CTRL) as stub:
+        await stub.post("/modes", {"channel": 3, "mode": "linkage"})
+        dev = DeviceSpec("board", find_profile("waveshare-modbus-rtu-relay-d"), unit=1, poll_ms=50)
+        async with running(tcp_bus(stub), [dev], rec) as bus:
+            await wait_for(lambda: any(isinstance(e, DeviceCheck) for e in rec.events), 5, "the modes checked")
+            (check,) = [e for e in rec.events if isinstance(e, DeviceCheck)]
+            assert check.device == "board"
+            assert check.problems == ("relay3_mode = 1 (linkage), expected 0 (normal)",)
+            await stub.post("/reset-counters")
+            for cmd in (
+                WritePoint("board", "relay3", True, token="plain"),
+                WritePoint("board", "relay3", True, token="flash", pulse_ms=2000),
+            ):
+                r = await bus.write(cmd)
+                assert (r.ok, r.confirmed, r.failure) == (False, False, "not_moved"), r
+                assert r.detail == ("read-back: relay3 reads off after the write was answered (the relay did not move)")
+            recent = (await stub.state(recent=True))["panels"][0]["requests"]["recent"]
+            # each write, then its read-back (and one more look before it counts as not moved)
+            assert [
+                (x["function"], x["address"])
+                for x in recent
+                if x["function"] == 5 or (x["function"], x["count"]) == (1, 1)
+            ] == [(5, 2), (1, 2), (1, 2), (5, 0x0202), (1, 2), (1, 2)]
+            assert (await stub.state())["panels"][0]["units"]["1"]["ignored_writes"] == 2
+            # another relay in normal mode: confirmed by its read-back
+            r = await bus.write(WritePoint("board", "relay4", True, token="ok"))
+            assert (r.ok, r.confirmed, r.failure) == (True, True, "")
+            # the installer puts relay 3 back to normal mode with function 06: the next check says so
+            r = await bus.write(WritePoint("board", "relay3_mode", 0, token="mode"))
+            assert r.ok and r.confirmed
+            await wait_for(
+                lambda: [e.problems for e in rec.events if isinstance(e, DeviceCheck)][-1] == (),
+                5,
+                "the modes checked again",
+            )
+            # the board's flash command times at most 0x7FFF x 100 ms: a longer pulse is refused, not cut short
+            r = await bus.write(WritePoint("board", "relay5", True, token="long", pulse_ms=3_276_800))
+            assert (r.ok, r.failure) == (False, "rejected") and "3276700 ms" in r.detail
+            assert bus.stats().rejected_writes == 1
 
 
 async def test_silent_unit_goes_offline_while_its_neighbour_keeps_its_rate() -> None:
@@ -265,12 +424,12 @@ async def test_silent_unit_goes_offline_while_its_neighbour_keeps_its_rate() -> 
         devs = [panel(f"pp{u}", unit=u, poll_ms=100, status=60_000, outputs=60_000, levels=60_000) for u in (1, 2)]
         spec = tcp_bus(stub, timeout_ms=100, retries=0, offline_after_misses=3, offline_poll_ms=1000)
         async with running(spec, devs, rec) as bus:
-            await wait_until(lambda: rec.availability("pp2") == ["online"], 5, "pp2 online")
+            await wait_for(lambda: rec.availability("pp2") == ["online"], 5, "pp2 online")
             await asyncio.sleep(0.3)  # the slow groups have had their first read
             missed0 = bus.stats().devices["pp2"].missed_polls
             t0 = time.monotonic()
             await stub.post("/silent", {"on": True, "unit": 2})
-            await wait_until(lambda: rec.availability("pp2") == ["online", "offline"], 3, "pp2 offline")
+            await wait_for(lambda: rec.availability("pp2") == ["online", "offline"], 3, "pp2 offline")
             went = next(e for e in rec.events if isinstance(e, Availability) and e.state == "offline")
             assert went.mono - t0 < 3 * (0.1 + 0.1) + 0.25
             assert bus.stats().devices["pp2"].missed_polls - missed0 == 3
@@ -287,8 +446,47 @@ async def test_silent_unit_goes_offline_while_its_neighbour_keeps_its_rate() -> 
             assert rec.availability("pp1") == ["online"]
             assert bus.stats().devices["pp1"].missed_polls == 0
             await stub.post("/silent", {"on": False})
-            await wait_until(lambda: rec.availability("pp2") == ["online", "offline", "online"], 3, "pp2 back")
+            await wait_for(lambda: rec.availability("pp2") == ["online", "offline", "online"], 3, "pp2 back")
             assert bus.connected
+
+
+async def test_pipelined_polls_go_out_together_and_each_answer_finds_its_device() -> None:
+    rec = Recorder()
+    async with run_stub(PANEL, "--tcp", "127.0.0.1:0", "--units", "1-8", *CTRL) as stub:
+        devs = [panel(f"pp{u}", unit=u, poll_ms=50) for u in range(1, 9)]
+        async with running(tcp_bus(stub, max_in_flight=16), devs, rec) as bus:
+            await wait_for(lambda: all(rec.availability(f"pp{u}") == ["online"] for u in range(1, 9)), 5, "online")
+            await stub.post("/reset-counters")
+            for u in range(1, 9):  # each unit its own zone: an answer paired with the wrong request shows
+                await stub.post(f"/zones/{u}/trip", {"unit": u})
+            await wait_for(lambda: len(rec.changes(initial=False)) >= 8, 5, "eight trips")
+            await asyncio.sleep(0.3)  # more polls: nothing else changes
+            got = sorted((e.device, e.point, e.value) for e in rec.changes(initial=False))
+            assert got == [(f"pp{u}", f"zone{u}_alarm", True) for u in range(1, 9)], got
+            st = bus.stats()
+            assert all(not d.errors and not d.missed_polls for d in st.devices.values()), st.devices
+        requests = (await stub.state())["panels"][0]["requests"]
+    # The stub saw requests arrive before the earlier ones were answered: they were sent together.
+    assert requests["pipelined"] >= requests["total"] // 2, requests
+
+
+async def test_a_silent_unit_does_not_hold_back_the_answers_pipelined_with_it() -> None:
+    rec = Recorder()
+    async with run_stub(PANEL, "--tcp", "127.0.0.1:0", "--units", "1-3", *CTRL) as stub:
+        devs = [panel(f"pp{u}", unit=u, poll_ms=100, status=60_000, outputs=60_000, levels=60_000) for u in (1, 2, 3)]
+        spec = tcp_bus(stub, max_in_flight=8, timeout_ms=1500, retries=0, offline_after_misses=50)
+        async with running(spec, devs, rec) as bus:
+            await wait_for(lambda: rec.availability("pp3") == ["online"], 5, "online")
+            await asyncio.sleep(0.3)
+            t0 = time.monotonic()
+            await stub.post("/zones/4/trip", {"unit": 3})
+            await stub.post("/silent", {"on": True, "unit": 2})  # the next batch waits on unit 2's silence
+            await wait_for(lambda: rec.changes(device="pp3", point="zone4_alarm", initial=False), 5, "the trip")
+            # Taken as it arrived: not after the silence of 1.5 s that ends the batch it came with.
+            assert rec.changes(device="pp3", point="zone4_alarm", initial=False)[0].mono - t0 < 1.0
+            await wait_for(lambda: bus.stats().devices["pp2"].errors.get("timeout", 0) >= 1, 5, "a timeout")
+            assert bus.stats().devices["pp2"].missed_polls >= 1
+            assert not bus.stats().devices["pp3"].errors and not bus.stats().devices["pp1"].errors
 
 
 async def test_serial_server_reboot_is_recovered_and_writes_fail_fast_meanwhile() -> None:
@@ -296,25 +494,35 @@ async def test_serial_server_reboot_is_recovered_and_writes_fail_fast_meanwhile(
     stub = await start_stub(PANEL, "--rtu-over-tcp", "127.0.0.1:0", *CTRL)
     host, port = stub.endpoint()
     try:
-        spec = BusSpec("gw", "modbus-rtu-over-tcp", host=host, port=port, timeout_ms=150, retries=0,
-                       inter_frame_ms=5, reconnect_min_ms=50, reconnect_max_ms=400, offline_poll_ms=500)
+        spec = BusSpec(
+            "gw",
+            "modbus-rtu-over-tcp",
+            host=host,
+            port=port,
+            timeout_ms=150,
+            retries=0,
+            inter_frame_ms=5,
+            reconnect_min_ms=50,
+            reconnect_max_ms=400,
+            offline_poll_ms=500,
+        )
         async with running(spec, [panel("pp1", poll_ms=50)], rec) as bus:
-            await wait_until(lambda: rec.availability("pp1") == ["online"], 5, "online")
+            await wait_for(lambda: rec.availability("pp1") == ["online"], 5, "online")
             await stub.stop(signal.SIGKILL)  # the serial server loses power
             await stub.session.close()
-            await wait_until(lambda: not bus.connected, 3, "the link to drop")
+            await wait_for(lambda: not bus.connected, 3, "the link to drop")
             t0 = time.monotonic()
             with pytest.raises(BusDown):
                 await bus.write(WritePoint("pp1", "siren", True))
             assert time.monotonic() - t0 < 0.05
-            await wait_until(lambda: rec.availability("pp1")[-1:] == ["offline"], 3, "offline while down")
+            await wait_for(lambda: rec.availability("pp1")[-1:] == ["offline"], 3, "offline while down")
             await asyncio.sleep(0.8)  # a few failed reconnects
             failures = bus.stats().connect_failures
             assert failures >= 2
             stub = await start_stub(PANEL, "--rtu-over-tcp", f"127.0.0.1:{port}", *CTRL)
-            await wait_until(lambda: rec.availability("pp1")[-1:] == ["online"], 5, "online after the reboot")
+            await wait_for(lambda: rec.availability("pp1")[-1:] == ["online"], 5, "online after the reboot")
             await stub.post("/zones/2/trip")
-            await wait_until(lambda: rec.changes(point="zone2_alarm", initial=False), 3, "a trip after the reboot")
+            await wait_for(lambda: rec.changes(point="zone2_alarm", initial=False), 3, "a trip after the reboot")
             r = await bus.write(WritePoint("pp1", "siren", True, token="after"))
             assert r.ok
             st = bus.stats()
@@ -334,9 +542,9 @@ async def test_rtu_on_a_pseudo_terminal_paces_frames() -> None:
         spec = BusSpec("rs485", "modbus-rtu", serial=stub.serial, baudrate=9600, timeout_ms=200)
         assert spec.gap_ms == 30
         async with running(spec, devs, rec) as bus:
-            await wait_until(lambda: all(rec.availability(f"pp{u}") == ["online"] for u in (1, 2)), 5, "online")
+            await wait_for(lambda: all(rec.availability(f"pp{u}") == ["online"] for u in (1, 2)), 5, "online")
             await stub.post("/zones/16/touch", {"unit": 2})
-            await wait_until(lambda: rec.changes(device="pp2", point="zone16_touch", initial=False), 3, "touch")
+            await wait_for(lambda: rec.changes(device="pp2", point="zone16_touch", initial=False), 3, "touch")
             assert not rec.changes(device="pp1", point="zone16_touch", initial=False)
             r = await bus.write(WritePoint("pp1", "aux_output", True, token="a"))
             assert r.ok
@@ -351,21 +559,22 @@ async def test_rtu_garbage_is_counted_and_survived() -> None:
     rec = Recorder()
     async with run_stub(PANEL, "--rtu-pty", "--units", "1-2", *CTRL) as stub:
         devs = [panel(f"pp{u}", unit=u, poll_ms=60) for u in (1, 2)]
-        spec = BusSpec("rs485", "modbus-rtu", serial=stub.serial, timeout_ms=100, retries=1, inter_frame_ms=5,
-                       offline_poll_ms=300)
+        spec = BusSpec(
+            "rs485", "modbus-rtu", serial=stub.serial, timeout_ms=100, retries=1, inter_frame_ms=5, offline_poll_ms=300
+        )
         async with running(spec, devs, rec) as bus:
-            await wait_until(lambda: all(rec.availability(f"pp{u}") == ["online"] for u in (1, 2)), 5, "online")
+            await wait_for(lambda: all(rec.availability(f"pp{u}") == ["online"] for u in (1, 2)), 5, "online")
             await stub.post("/garbage", {"on": True, "unit": 2})
-            await wait_until(lambda: rec.availability("pp2")[-1:] == ["offline"], 3, "pp2 offline")
+            await wait_for(lambda: rec.availability("pp2")[-1:] == ["offline"], 3, "pp2 offline")
             await stub.post("/zones/1/trip", {"unit": 1})
-            await wait_until(lambda: rec.changes(device="pp1", point="zone1_alarm", initial=False), 3, "pp1 trip")
+            await wait_for(lambda: rec.changes(device="pp1", point="zone1_alarm", initial=False), 3, "pp1 trip")
             st = bus.stats()
             assert st.devices["pp2"].errors.get("bad_frame", 0) >= 3, st.devices["pp2"].errors
             assert st.devices["pp1"].error_count == 0
             assert st.restarts == 0 and bus.connected
             assert (await stub.state())["panels"][0]["requests"]["garbage_sent"] >= 3
             await stub.post("/garbage", {"on": False})
-            await wait_until(lambda: rec.availability("pp2")[-1:] == ["online"], 3, "pp2 back")
+            await wait_for(lambda: rec.availability("pp2")[-1:] == ["online"], 3, "pp2 back")
 
 
 async def test_a_failing_poll_loop_is_restarted(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -374,7 +583,7 @@ async def test_a_failing_poll_loop_is_restarted(monkeypatch: pytest.MonkeyPatch)
         run_stub(PANEL, "--tcp", "127.0.0.1:0", *CTRL) as stub,
         running(tcp_bus(stub), [panel("pp1", poll_ms=50)], rec) as bus,
     ):
-        await wait_until(lambda: rec.availability("pp1") == ["online"], 5, "online")
+        await wait_for(lambda: rec.availability("pp1") == ["online"], 5, "online")
         real: Callable[..., Any] = bus._apply  # fault injection: the next decode blows up once
         calls = {"n": 0}
 
@@ -385,9 +594,10 @@ async def test_a_failing_poll_loop_is_restarted(monkeypatch: pytest.MonkeyPatch)
             real(*a)
 
         monkeypatch.setattr(bus, "_apply", broken)
-        await wait_until(lambda: bus.stats().restarts == 1, 3, "a restart")
+        await stub.post("/zones/1/trip")  # a change: only a reply that differs from the last is decoded and applied
+        await wait_for(lambda: bus.stats().restarts == 1, 3, "a restart")
         await stub.post("/zones/4/trip")
-        await wait_until(lambda: rec.changes(point="zone4_alarm", initial=False), 5, "polling again")
+        await wait_for(lambda: rec.changes(point="zone4_alarm", initial=False), 5, "polling again")
         assert bus.stats().restarts == 1
 
 
@@ -414,3 +624,7 @@ def test_specs_are_validated() -> None:
     with pytest.raises(ValueError, match="share a unit id"):
         ModbusBus(spec, [panel("a"), panel("b")], Recorder())
     assert spec.gap_ms == 0 and BusSpec("c", "modbus-rtu-over-tcp", host="h", port=1).gap_ms == 30
+    with pytest.raises(ValueError, match="max_in_flight above 1 needs modbus-tcp"):
+        BusSpec("b", "modbus-rtu-over-tcp", host="h", port=1, max_in_flight=2)
+    with pytest.raises(ValueError, match="max_in_flight must be 1-255"):
+        BusSpec("b", "modbus-tcp", host="h", port=1, max_in_flight=0)

@@ -29,19 +29,25 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gateway import cli
-from gateway.broker import MosquittoProcess, free_port
+from gateway.tooling.broker import MosquittoProcess, free_port
 from gateway.wire import MAX_PAYLOAD_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "systemd" / "mosquitto-gatehouse.conf"
 ACL = ROOT / "systemd" / "gatehouse.acl"
 SITE = "estate-a"
+OTHER_SITE = "estate-b"
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def topic(gw: str, suffix: str) -> str:
-    return f"gatehouse/v1/{SITE}/{gw}/{suffix}"
+def topic(gw: str, suffix: str, site: str = SITE) -> str:
+    return f"gatehouse/v1/{site}/{gw}/{suffix}"
+
+
+def user(gw: str, site: str = SITE) -> str:
+    """A gateway's broker user, as `gatehouse broker add-user` takes it: SITE/GATEWAY."""
+    return f"{site}/{gw}"
 
 
 # ---------------------------------------------------------------- the broker, as shipped
@@ -52,25 +58,36 @@ def make_certs(folder: Path) -> dict[str, Path]:
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gatehouse test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-          .not_valid_after(now + dt.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"ca": folder / "ca.pem", "cert": folder / "broker.pem", "key": folder / "broker.key"}
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+    paths["key"].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     os.chmod(paths["key"], 0o600)
     return paths
 
@@ -91,8 +108,9 @@ def render_conf(folder: Path, *, plain_port: int, tls_port: int, passwd: Path, c
         text = text.replace(old, new)
     # What Debian's /etc/mosquitto/mosquitto.conf adds, here in the test's folder. Mosquitto started as
     # root drops to the user "mosquitto", which could not write a root-owned folder: "user" keeps us.
-    return text + (f"\npersistence_location {folder}/\nlog_dest file {folder}/mosquitto.log\n"
-                   f"user {getpass.getuser()}\n")
+    return text + (
+        f"\npersistence_location {folder}/\nlog_dest file {folder}/mosquitto.log\nuser {getpass.getuser()}\n"
+    )
 
 
 class SiteBroker(MosquittoProcess):
@@ -118,21 +136,40 @@ class Site:
         self.folder = tmp / "broker"
         self.certs = make_certs(tmp / "certs")
         self.passwd = tmp / "gatehouse.passwd"
-        self.passwords = {u: add_user(self.passwd, u, capsys) for u in ("gw-1", "gw-2", "portal")}
+        self.passwords = {
+            u: add_user(self.passwd, u, capsys)
+            for u in (user("gw-1"), user("gw-2"), user("gw-1", OTHER_SITE), "portal")
+        }
         self.plain_port, self.tls_port = free_port(), free_port()
-        conf = render_conf(self.folder, plain_port=self.plain_port, tls_port=self.tls_port, passwd=self.passwd,
-                           certs=self.certs)
+        conf = render_conf(
+            self.folder, plain_port=self.plain_port, tls_port=self.tls_port, passwd=self.passwd, certs=self.certs
+        )
         self.broker = SiteBroker(self.folder, conf, self.plain_port)
 
-    def client(self, user: str | None, *, password: str | None = None, tls: bool = True,
-               identifier: str | None = None, clean: bool = True) -> aiomqtt.Client:
+    def client(
+        self,
+        name: str | None,
+        *,
+        password: str | None = None,
+        tls: bool = True,
+        identifier: str | None = None,
+        clean: bool = True,
+    ) -> aiomqtt.Client:
+        """A client of broker user ``name``: "portal", or a gateway's name on SITE (or SITE/GATEWAY)."""
         ctx = None
         if tls:
             ctx = ssl.create_default_context(cafile=str(self.certs["ca"]))
+        username = name if name is None or name == "portal" or "/" in name else user(name)
         return aiomqtt.Client(
-            "127.0.0.1", self.tls_port if tls else self.plain_port, username=user,
-            password=password if password is not None else (self.passwords[user] if user else None),
-            tls_context=ctx, identifier=identifier, clean_session=clean, timeout=10)
+            "127.0.0.1",
+            self.tls_port if tls else self.plain_port,
+            username=username,
+            password=password if password is not None else (self.passwords[username] if username else None),
+            tls_context=ctx,
+            identifier=identifier,
+            clean_session=clean,
+            timeout=10,
+        )
 
 
 @pytest.fixture
@@ -173,23 +210,52 @@ async def connected(*clients: aiomqtt.Client) -> AsyncIterator[None]:
 # ---------------------------------------------------------------- tests
 
 
-def test_passwd_file_is_private_and_users_are_not_silently_replaced(tmp_path: Path,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.process  # mosquitto_passwd, run by gateway.tooling.provision
+def test_passwd_file_is_private_and_users_are_not_silently_replaced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     passwd = tmp_path / "gatehouse.passwd"
-    first = add_user(passwd, "gw-1", capsys)
+    first = add_user(passwd, "estate-a/gw-1", capsys)
     assert stat.S_IMODE(passwd.stat().st_mode) == 0o600
-    assert passwd.read_text().startswith("gw-1:$7$")  # hashed by mosquitto_passwd, not stored in clear
+    assert passwd.read_text().startswith("estate-a/gw-1:$7$")  # hashed by mosquitto_passwd, not stored in clear
     assert first not in passwd.read_text()
-    assert cli.main(["broker", "add-user", "gw-1", "--passwd-file", str(passwd)]) == 2
+    assert cli.main(["broker", "add-user", "estate-a/gw-1", "--passwd-file", str(passwd)]) == 2
     err = capsys.readouterr().err
-    assert f"broker add-user: {passwd} already has a user 'gw-1'; use --force to give it a new password" in err
+    assert f"broker add-user: {passwd} already has a user 'estate-a/gw-1'; use --force to give it a new password" in err
     pwfile = tmp_path / "pw"
     pwfile.write_text("correct horse battery staple\n")
-    assert cli.main(["broker", "add-user", "gw-1", "--passwd-file", str(passwd), "--password-file", str(pwfile),
-                     "--force"]) == 0
+    assert (
+        cli.main(
+            [
+                "broker",
+                "add-user",
+                "estate-a/gw-1",
+                "--passwd-file",
+                str(passwd),
+                "--password-file",
+                str(pwfile),
+                "--force",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "correct horse" not in out  # a password the installer gave is not echoed
-    assert [ln.split(":")[0] for ln in passwd.read_text().splitlines()] == ["gw-1"]
+    assert [ln.split(":")[0] for ln in passwd.read_text().splitlines()] == ["estate-a/gw-1"]
+
+
+@pytest.mark.parametrize(
+    "name", ["gw-1", "estate-a/", "/gw-1", "estate-a/gw-1/x", "estate-a/+", "#", "a b/gw-1", "estate-a/gw:1", "Portal"]
+)
+def test_a_broker_user_is_site_slash_gateway_or_the_portal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    """A bare gateway name would be one user for every site's gateway of that name; wildcards would match
+    topics of others. Both are refused before mosquitto_passwd is run."""
+    passwd = tmp_path / "gatehouse.passwd"
+    assert cli.main(["broker", "add-user", name, "--passwd-file", str(passwd)]) == 2
+    assert "a gateway's user is SITE/GATEWAY" in capsys.readouterr().err
+    assert not passwd.exists()
 
 
 async def test_a_gateway_cannot_publish_on_another_gateways_topics(site: Site) -> None:
@@ -222,13 +288,56 @@ async def gw_marker(site: Site, gw: str, payload: bytes) -> None:
         await c.publish(topic(gw, "status"), payload, qos=1)
 
 
+async def test_a_gateway_cannot_publish_as_another_sites_gateway_of_the_same_name(site: Site) -> None:
+    """estate-a/gw-1 and estate-b/gw-1: one gateway name on two sites, two users. Neither writes the other's
+    topics, nor reads the other's commands."""
+    portal = site.client("portal", tls=False)
+    a = site.client("estate-a/gw-1")
+    b = site.client("estate-b/gw-1")
+    async with connected(portal, a, b):
+        await portal.subscribe([("gatehouse/v1/+/+/events", 1), ("gatehouse/v1/+/+/status", 1)])
+        await b.subscribe(topic("gw-1", "cmd", OTHER_SITE), qos=1)
+        await a.subscribe(topic("gw-1", "cmd", OTHER_SITE), qos=1)  # refused by the ACL: never delivered
+        await a.publish(topic("gw-1", "events", OTHER_SITE), b"forged by estate-a/gw-1", qos=1)
+        await a.publish(topic("gw-1", "status", OTHER_SITE), b"forged status", qos=1, retain=True)
+        await a.publish(topic("gw-1", "events"), b"a's own event", qos=1)
+        await b.publish(topic("gw-1", "events", OTHER_SITE), b"b's own event", qos=1)
+        got = await collect_until(portal, b"b's own event")
+        assert got == [
+            (topic("gw-1", "events"), b"a's own event"),
+            (topic("gw-1", "events", OTHER_SITE), b"b's own event"),
+        ]
+        await portal.publish(topic("gw-1", "cmd", OTHER_SITE), b"cmd for estate-b/gw-1", qos=1)
+        assert await collect_until(b, b"cmd for estate-b/gw-1") == [
+            (topic("gw-1", "cmd", OTHER_SITE), b"cmd for estate-b/gw-1")
+        ]
+        await portal.publish(topic("gw-1", "cmd"), b"cmd for estate-a/gw-1", qos=1)
+        await a.subscribe(topic("gw-1", "cmd"), qos=1)
+        await portal.publish(topic("gw-1", "cmd"), b"marker for a", qos=1)
+        assert await collect_until(a, b"marker for a") == [(topic("gw-1", "cmd"), b"marker for a")]
+    late = site.client("portal", tls=False)
+    async with connected(late):
+        await late.subscribe(topic("gw-1", "status", OTHER_SITE), qos=1)
+        async with site.client("estate-b/gw-1") as b2:
+            await b2.publish(topic("gw-1", "status", OTHER_SITE), b"b marker", qos=1)
+        got = await collect_until(late, b"b marker")
+        assert (topic("gw-1", "status", OTHER_SITE), b"forged status") not in got
+
+
 async def test_a_gateway_reads_only_its_own_commands_and_no_events(site: Site) -> None:
     portal = site.client("portal")
     gw1 = site.client("gw-1")
     gw2 = site.client("gw-2")
     async with connected(portal, gw1, gw2):
-        await gw1.subscribe([(topic("gw-2", "cmd"), 1), (topic("gw-2", "ack"), 1), ("gatehouse/v1/+/+/events", 1),
-                             (topic("gw-1", "cmd"), 1), (topic("gw-1", "ack"), 1)])
+        await gw1.subscribe(
+            [
+                (topic("gw-2", "cmd"), 1),
+                (topic("gw-2", "ack"), 1),
+                ("gatehouse/v1/+/+/events", 1),
+                (topic("gw-1", "cmd"), 1),
+                (topic("gw-1", "ack"), 1),
+            ]
+        )
         await gw2.subscribe([(topic("gw-2", "cmd"), 1)])
         await portal.subscribe(topic("gw-2", "events"), qos=1)
         await portal.publish(topic("gw-2", "cmd"), b"cmd for gw-2", qos=1)
@@ -257,14 +366,18 @@ async def test_a_gateway_cannot_command_another_gateway(site: Site) -> None:
         assert await collect_until(gw2, b"real cmd") == [(topic("gw-2", "cmd"), b"real cmd")]
 
 
-@pytest.mark.parametrize("user,password,tls", [
-    (None, None, True),  # anonymous
-    (None, None, False),
-    ("gw-1", "not the password", True),
-    ("gw-9", "no such user", False),
-])
-async def test_anonymous_and_wrong_credentials_are_refused(site: Site, user: str | None, password: str | None,
-                                                           tls: bool) -> None:
+@pytest.mark.parametrize(
+    "user,password,tls",
+    [
+        (None, None, True),  # anonymous
+        (None, None, False),
+        ("gw-1", "not the password", True),
+        ("gw-9", "no such user", False),
+    ],
+)
+async def test_anonymous_and_wrong_credentials_are_refused(
+    site: Site, user: str | None, password: str | None, tls: bool
+) -> None:
     with pytest.raises(aiomqtt.MqttError):
         async with site.client(user, password=password, tls=tls):
             pass
@@ -272,8 +385,14 @@ async def test_anonymous_and_wrong_credentials_are_refused(site: Site, user: str
 
 async def test_tls_listener_needs_the_sites_ca(site: Site) -> None:
     other_ca = make_certs(site.folder.parent / "other")["ca"]
-    client = aiomqtt.Client("127.0.0.1", site.tls_port, username="gw-1", password=site.passwords["gw-1"],
-                            tls_context=ssl.create_default_context(cafile=str(other_ca)), timeout=10)
+    client = aiomqtt.Client(
+        "127.0.0.1",
+        site.tls_port,
+        username=user("gw-1"),
+        password=site.passwords[user("gw-1")],
+        tls_context=ssl.create_default_context(cafile=str(other_ca)),
+        timeout=10,
+    )
     with pytest.raises(aiomqtt.MqttError):
         async with client:
             pass
@@ -315,8 +434,11 @@ async def test_queued_messages_survive_a_broker_killed_right_after(site: Site) -
 
 def test_conf_limits_match_the_wire_contract() -> None:
     text = CONF.read_text(encoding="utf-8")
-    settings = dict(ln.split(None, 1) for ln in text.splitlines() if ln.strip() and not ln.startswith("#")
-                    and not ln.startswith("listener") and len(ln.split(None, 1)) == 2)
+    settings = dict(
+        ln.split(None, 1)
+        for ln in text.splitlines()
+        if ln.strip() and not ln.startswith("#") and not ln.startswith("listener") and len(ln.split(None, 1)) == 2
+    )
     assert int(settings["message_size_limit"]) >= MAX_PAYLOAD_BYTES
     assert settings["allow_anonymous"] == "false"
     assert settings["autosave_on_changes"] == "true" and int(settings["autosave_interval"]) >= 1

@@ -34,7 +34,8 @@ RECONNECT_MIN_S, RECONNECT_MAX_S = 0.1, 3.0
 def write_gateway_config(folder: Path, port: int, count: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "gateway.yaml"
-    path.write_text(f"""
+    path.write_text(
+        f"""
 site: {SITE}
 gateway: {GW}
 data_dir: data
@@ -42,7 +43,9 @@ mqtt: {{host: 127.0.0.1, port: {port}, keepalive_s: 5, reconnect_min_s: {RECONNE
         reconnect_max_s: {RECONNECT_MAX_S}}}
 uplink: {{resend_after_s: 2.0, resend_max_s: 8.0}}
 loadgen: {{count: {count}, rate: {RATE}}}
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     return path
 
 
@@ -76,8 +79,11 @@ class Rig:
 
     def portal_rows(self) -> list[tuple[int, int, float, float]]:
         """(seq, loadgen number, event time, stored time) of each stored event, in seq order."""
-        rows = procs.read_rows(self.portal_db, "SELECT seq, data, ts, received_at FROM events WHERE gateway = ? "
-                               "AND type = 'test.synthetic' ORDER BY seq", GW)
+        rows = procs.read_rows(
+            self.portal_db,
+            "SELECT seq, data, ts, received_at FROM events WHERE gateway = ? AND type = 'test.synthetic' ORDER BY seq",
+            GW,
+        )
         return [(s, json.loads(d)["n"], _ts(t), _ts(r)) for s, d, t, r in rows]
 
     def stored(self) -> int:
@@ -98,8 +104,9 @@ class Rig:
 
     def start_gateway(self, port: int) -> procs.Child:
         cfg = write_gateway_config(self.tmp / "gw", port, self.count)
-        self.gateway = self.ns.child("gateway", [procs.PY, "-m", "gateway.cli", "gateway", "run", "--config",
-                                                 str(cfg)], self.tmp / "logs")
+        self.gateway = self.ns.child(
+            "gateway", [procs.PY, "-m", "gateway.cli", "gateway", "run", "--config", str(cfg)], self.tmp / "logs"
+        )
         self.children.append(self.gateway)
         return self.gateway.start()
 
@@ -177,8 +184,10 @@ def test_delay_and_loss_latency_degrades_gracefully(rig_factory: Callable[[int],
     lat = [got - made for _, _, made, got in rig.portal_rows() if made < repaired - 1]
     p50, p99 = pct(lat, 50) * 1000, pct(lat, 99) * 1000
     connects = rig.gateway_log().count("uplink connected")
-    print(f"\n100 ms each way + 5 % loss, {RATE}/s: {len(lat)} events, p50 {p50:.0f} ms, p99 {p99:.0f} ms, "
-          f"max {max(lat) * 1000:.0f} ms; {dropped} packets dropped; {connects} connection(s)")
+    print(
+        f"\n100 ms each way + 5 % loss, {RATE}/s: {len(lat)} events, p50 {p50:.0f} ms, p99 {p99:.0f} ms, "
+        f"max {max(lat) * 1000:.0f} ms; {dropped} packets dropped; {connects} connection(s)"
+    )
     assert dropped > 0, "the loss rule never dropped a packet: the test did not test anything"
     assert len(lat) >= rig.count // 2
     assert p50 >= 100, f"p50 {p50:.0f} ms is below the one-way delay: the relay was not in the path"
@@ -218,8 +227,10 @@ def test_refused_then_blackholed_reconnects_with_backoff(rig_factory: Callable[[
     assert_exactly_once(rig)
 
     gaps = [b - a for a, b in itertools.pairwise(refused)]
-    print(f"\nrefused 10 s: {len(refused)} attempts, gaps {[round(g, 2) for g in gaps]} s; "
-          f"blackhole 15 s: {len(blackholed)} attempts, {noticed} disconnect(s) noticed")
+    print(
+        f"\nrefused 10 s: {len(refused)} attempts, gaps {[round(g, 2) for g in gaps]} s; "
+        f"blackhole 15 s: {len(blackholed)} attempts, {noticed} disconnect(s) noticed"
+    )
     assert 4 <= len(refused) <= 30, f"{len(refused)} attempts in 10 s: no backoff (or no retrying at all)"
     # Attempt n waits uniform(0, min(max, min * 2**n)); the first attempt's n is 0 or 1, and 0.5 s is slack
     # for a loaded machine. With these settings a fixed retry interval fails one check or the other, and

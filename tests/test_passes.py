@@ -43,8 +43,14 @@ QR_ALNUM = re.compile(r"^[0-9A-Z $%*+\-./:]+$")
 
 def resident(**kw: object) -> PassFields:
     base: dict[str, object] = dict(
-        kind="resident", site="lakeside", subject="P01J9Z3K", house="3-2-501", units=("3/2",), gates=True,
-        not_before=NOW, not_after=NOW + 60,
+        kind="resident",
+        site="lakeside",
+        subject="P01J9Z3K",
+        house="3-2-501",
+        units=("3/2",),
+        gates=True,
+        not_before=NOW,
+        not_after=NOW + 60,
     )
     base.update(kw)
     return PassFields(**base)  # type: ignore[arg-type]
@@ -52,8 +58,15 @@ def resident(**kw: object) -> PassFields:
 
 def visitor(**kw: object) -> PassFields:
     base: dict[str, object] = dict(
-        kind="visitor", site="lakeside", subject="V01J9Z3KQ7", house="3-2-501", units=("3/2",), gates=True,
-        not_before=NOW, not_after=NOW + 2 * 86400, uses=4,
+        kind="visitor",
+        site="lakeside",
+        subject="V01J9Z3KQ7",
+        house="3-2-501",
+        units=("3/2",),
+        gates=True,
+        not_before=NOW,
+        not_after=NOW + 2 * 86400,
+        uses=4,
     )
     base.update(kw)
     return PassFields(**base)  # type: ignore[arg-type]
@@ -71,8 +84,9 @@ def text_of(raw: bytes) -> str:
 # ---------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("fields", [resident(), visitor(), resident(units=(), doors=("gym",), gates=False,
-                                                                        schedule="cleaners", house="")])
+@pytest.mark.parametrize(
+    "fields", [resident(), visitor(), resident(units=(), doors=("gym",), gates=False, schedule="cleaners", house="")]
+)
 def test_round_trip_keeps_every_field(fields: PassFields) -> None:
     text = sign_pass(PRIV, fields)
     p = parse_pass(text, RING)
@@ -233,10 +247,10 @@ def test_non_canonical_base32_is_refused() -> None:
 
 def test_over_long_input_is_refused_before_decoding_and_fast() -> None:
     for junk in ("A" * 10_000, b"\xff" * 10_000, "GH1:" + "A" * 10_000_000, os.urandom(20_000)):
-        t0 = time.perf_counter()
+        t0 = time.thread_time()  # the work done: this thread's CPU time (a loaded machine may preempt it meanwhile)
         with pytest.raises(PassError) as e:
             parse_pass(junk, RING)
-        elapsed = time.perf_counter() - t0
+        elapsed = time.thread_time() - t0
         assert e.value.reason == "malformed"
         assert "longer than" in e.value.detail  # the length check came first: no decoding was tried
         assert elapsed < 0.005, elapsed

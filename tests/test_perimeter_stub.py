@@ -49,7 +49,9 @@ async def test_the_documented_map() -> None:
             await stub.post("/zones/7/trip")
             await stub.post("/zones/7/tamper")
             assert [i for i, b in enumerate((await c.read_discrete_inputs(0, count=96, device_id=1)).bits) if b] == [
-                6, 22]
+                6,
+                22,
+            ]
             await stub.post("/zones/7/restore")
             assert not any((await c.read_discrete_inputs(0, count=96, device_id=1)).bits)
 
@@ -85,9 +87,11 @@ async def test_the_documented_map() -> None:
             assert [z["fence_kv"] for z in st["zones"][:3]] == [8.0, 0.0, 0.3]
 
             # Past the map: Modbus exception 2 (illegal data address).
-            for resp in [await c.read_discrete_inputs(90, count=7, device_id=1),
-                         await c.read_input_registers(30, count=3, device_id=1),
-                         await c.write_coil(3, True, device_id=1)]:
+            for resp in [
+                await c.read_discrete_inputs(90, count=7, device_id=1),
+                await c.read_input_registers(30, count=3, device_id=1),
+                await c.write_coil(3, True, device_id=1),
+            ]:
                 assert resp.isError() and resp.exception_code == 2
             counts = (await stub.state())["panels"][0]["requests"]["by_function"]
             assert counts["2"] >= 10 and counts["4"] >= 5 and counts["15"] == 1
@@ -239,6 +243,51 @@ def test_waveshare_board_stub_commands() -> None:
             assert _rtu(port, bytes.fromhex("01 01 0000 0008"), 6) == bytes.fromhex("01 01 01 00")
             assert _rtu(port, bytes.fromhex("01 03 4000 0001"), 7) == bytes.fromhex("01 03 02 0001")
             assert _rtu(port, bytes.fromhex("01 02 0000 0008"), 6) == bytes.fromhex("01 02 01 00")
+        assert _stop(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _post(control: str, path: str, body: dict[str, object]) -> None:
+    req = urllib.request.Request(control + path, data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert json.load(r)["ok"] is True
+
+
+def test_waveshare_board_stub_control_modes_as_the_maker_documents_them() -> None:
+    """Holding 0x1000 + n is relay n+1's control mode (function 03, 06, 10): in linkage the relay follows its
+    input and a write is answered but changes nothing; toggle flips it on each activation of the input, edge
+    trigger on each change. The flash value is 1-0x7FFF."""
+    proc, info = _spawn("firmware_stubs.modbus_device", "--model", "relay-d", "--rtu-pty", *CTRL)
+    ctl = info["control"]
+    try:
+        with serial.Serial(info["serial"], 9600, timeout=1.0) as port:
+            assert _rtu(port, bytes.fromhex("01 03 1000 0008"), 21) == bytes.fromhex("01 03 10") + bytes(16)
+            # relay 1 to linkage (06), relays 2 and 3 to toggle and edge trigger (10)
+            assert _rtu(port, bytes.fromhex("01 06 1000 0001"), 8) == bytes.fromhex("01 06 1000 0001")
+            assert _rtu(port, bytes.fromhex("01 10 1001 0002 04 0002 0003"), 8) == bytes.fromhex("01 10 1001 0002")
+            assert _rtu(port, bytes.fromhex("01 03 1000 0004"), 13) == bytes.fromhex("01 03 08 0001 0002 0003 0000")
+            assert _rtu(port, bytes.fromhex("01 06 1000 0004"), 5) == bytes.fromhex("01 86 03")  # no mode 4
+            # linkage: the echo says on, the relay stays with its (inactive) input
+            assert _rtu(port, bytes.fromhex("01 05 0000 ff00"), 8) == bytes.fromhex("01 05 0000 ff00")
+            assert _rtu(port, bytes.fromhex("01 05 0200 000a"), 8) == bytes.fromhex("01 05 0200 000a")
+            assert _rtu(port, bytes.fromhex("01 01 0000 0008"), 6) == bytes.fromhex("01 01 01 00")
+            _post(ctl, "/inputs/1", {"active": True})
+            _post(ctl, "/inputs/2", {"active": True})
+            _post(ctl, "/inputs/3", {"active": True})
+            assert _rtu(port, bytes.fromhex("01 01 0000 0008"), 6) == bytes.fromhex("01 01 01 07")
+            _post(ctl, "/inputs/1", {"active": False})
+            _post(ctl, "/inputs/2", {"active": False})  # toggle: only an activation flips it
+            _post(ctl, "/inputs/3", {"active": False})  # edge trigger: every change flips it
+            assert _rtu(port, bytes.fromhex("01 01 0000 0008"), 6) == bytes.fromhex("01 01 01 02")
+            # normal mode again: writes move the relay; the flash value is limited to 0x7FFF
+            assert _rtu(port, bytes.fromhex("01 06 1000 0000"), 8) == bytes.fromhex("01 06 1000 0000")
+            assert _rtu(port, bytes.fromhex("01 05 0000 ff00"), 8) == bytes.fromhex("01 05 0000 ff00")
+            assert _rtu(port, bytes.fromhex("01 01 0000 0008"), 6) == bytes.fromhex("01 01 01 03")
+            assert _rtu(port, bytes.fromhex("01 05 0204 8000"), 5) == bytes.fromhex("01 85 03")
+            assert _rtu(port, bytes.fromhex("01 05 0204 7fff"), 8) == bytes.fromhex("01 05 0204 7fff")
         assert _stop(proc) == 0
     finally:
         if proc.poll() is None:

@@ -10,15 +10,28 @@ import io
 import time
 from pathlib import Path
 
+import aiohttp
 import zxingcpp
 from PIL import Image
 from playwright.async_api import Page, async_playwright, expect
 
 from gateway import wire
-from gateway.broker import MosquittoProcess
+from gateway.tooling.broker import MosquittoProcess
 from gateway.wire.passes import Pass, keyring, load_public_key, parse_pass, parse_revocations
-from portal.passes_issue import PUBLIC_KEY_FILE
-from tests.portal_support import GATEWAY, SITE, mqtt, running_portal, wait_for, write_config
+from portal.estate import registry as reg
+from portal.web.auth import PRE_CSRF_COOKIE
+from portal.web.i18n import Translator
+from tests.doors_support import estate_with_doors
+from tests.portal_support import (
+    GATEWAY,
+    SITE,
+    mqtt,
+    open_portal_command,
+    portal_public_key,
+    running_portal,
+    wait_for,
+    write_config,
+)
 from tests.registry_support import (
     ADMIN,
     ADMIN_PW,
@@ -29,6 +42,7 @@ from tests.registry_support import (
     plate_code,
     resident_row,
 )
+from tests.test_revocations import OWNER_PHONE, resident_browser
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -50,7 +64,7 @@ async def test_resident_walk_at_phone_size(tmp_path: Path, broker: MosquittoProc
         await wait_for(lambda: p.services.ingest.connected, what="portal connected")
         csrf = await admin_session(p)
         assert (await import_csv(p, csrf, estate_csv()))[0] == 200
-        ring = keyring([load_public_key(Path(p.services.cfg.data_dir) / PUBLIC_KEY_FILE)])
+        ring = keyring([load_public_key(portal_public_key(p))])
         code = await plate_code(p, "3", "2", "301")
         hid = await house_id(p, "3", "2", "301")
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
@@ -130,14 +144,19 @@ async def test_resident_walk_at_phone_size(tmp_path: Path, broker: MosquittoProc
             await expect(ph.locator("#my-pass")).to_have_attribute("data-state", "ok", timeout=T)
             await ad.goto(f"{p.origin}/admin/registry/houses/{hid}")
             await ad.click(f"#moveout-{me['id']}")
+            await expect(ad.locator("#consequence")).to_contain_text("迁出")  # it asks first, naming the consequence
+            await ad.click("#confirm-go")
             await expect(ad.locator("#notice")).to_contain_text("已登记迁出")
             await ph.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
             await expect(ph.locator("#my-pass")).to_have_attribute("data-state", "refused", timeout=T)
             await expect(ph.locator("#my-pass-status")).to_contain_text("通行码已失效")
             token = await ph.locator('meta[name="csrf-token"]').get_attribute("content")
-            r = await ph.request.post(f"{p.origin}/p/{code}/visitor", form={"hours": "2", "uses": "1",
-                                                                            "csrf": token or ""},
-                                      headers={"Origin": p.origin}, max_redirects=0)
+            r = await ph.request.post(
+                f"{p.origin}/p/{code}/visitor",
+                form={"hours": "2", "uses": "1", "csrf": token or ""},
+                headers={"Origin": p.origin},
+                max_redirects=0,
+            )
             assert r.status == 403 and "只有在住住户" in await r.text()
             await ph.reload()
             await expect(ph.locator("#not-active")).to_be_visible()
@@ -145,7 +164,7 @@ async def test_resident_walk_at_phone_size(tmp_path: Path, broker: MosquittoProc
 
             async with asyncio.timeout(15):
                 async for m in gw.messages:
-                    cmd = wire.decode_command(bytes(m.payload))  # type: ignore[arg-type]
+                    cmd = open_portal_command(p, m.payload)
                     if cmd.type != "credentials.sync":
                         continue
                     rl = parse_revocations(cmd.args["revocations"], ring)  # type: ignore[arg-type]
@@ -154,3 +173,27 @@ async def test_resident_walk_at_phone_size(tmp_path: Path, broker: MosquittoProc
                         break
         finally:
             await browser.close()
+
+
+async def test_a_plate_page_refused_by_its_guard_is_the_pages_own_answer(tmp_path: Path) -> None:
+    """The plate guard's refusals (raised as portal.web.views.Answer) come back as the handler's own answer: an
+    unknown plate's page sets the pre-session CSRF cookie as any page does, and a resident of another flat is refused
+    this flat's care and visitor-pass pages with the page that says why."""
+    async with running_portal(write_config(tmp_path, None)) as p:
+        await estate_with_doors(p)
+        async with aiohttp.ClientSession() as stranger, stranger.get(f"{p.origin}/p/{reg.new_plate_code()}") as r:
+            assert r.status == 404 and r.content_type == "text/html"
+            assert PRE_CSRF_COOKIE in r.cookies
+        phone, _ = await resident_browser(p, OWNER_PHONE, "301")
+        try:
+            other = await plate_code(p, "3", "2", "302")
+            for path, key in (
+                (f"/p/{other}/care", "care.not_resident"),
+                (f"/p/{other}/visitors", "visitor.not_active"),
+            ):
+                async with phone.get(path, allow_redirects=False) as r:
+                    text = await r.text()
+                    assert r.status == 403, (path, r.status)
+                    assert Translator("zh-CN")(key) in text, path
+        finally:
+            await phone.close()

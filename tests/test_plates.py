@@ -26,8 +26,8 @@ from PIL import Image, ImageFont
 from playwright.async_api import async_playwright
 from qrcode import util as qr_util
 
-from portal import plates
-from portal import registry as reg
+from portal.estate import plates
+from portal.estate import registry as reg
 from tests.portal_support import running_portal, write_config
 from tests.registry_support import (
     PEOPLE,
@@ -138,12 +138,18 @@ async def test_plates_decode_to_their_urls_as_png_svg_and_printed_sheets(tmp_pat
         assert decode(Image.open(io.BytesIO(shot))) == [want]
 
         # The printed sheet of building 3: its two entrances, then its three flats, in order.
-        bid = await p.services.store.read(lambda c: c.execute(
-            "SELECT id FROM reg_buildings WHERE code = '3'").fetchone()[0])
+        bid = await p.services.store.read(
+            lambda c: c.execute("SELECT id FROM reg_buildings WHERE code = '3'").fetchone()[0]
+        )
         specs = await p.services.store.read(lambda c: reg.plates_for(c, bid))
-        assert [s.address_zh for s in specs] == ["阳光花园3幢1单元", "阳光花园3幢2单元", "阳光花园3幢1单元101室",
-                                                 "阳光花园3幢1单元102室", "阳光花园3幢2单元301室",
-                                                 "阳光花园3幢2单元302室"]
+        assert [s.address_zh for s in specs] == [
+            "阳光花园3幢1单元",
+            "阳光花园3幢2单元",
+            "阳光花园3幢1单元101室",
+            "阳光花园3幢1单元102室",
+            "阳光花园3幢2单元301室",
+            "阳光花园3幢2单元302室",
+        ]
         r = await p.client.get(f"/admin/registry/buildings/{bid}/sheet.pdf")
         pdf = await r.read()
         assert r.status == 200 and r.headers["Content-Type"] == "application/pdf" and pdf.startswith(b"%PDF")
@@ -155,6 +161,7 @@ async def test_plates_decode_to_their_urls_as_png_svg_and_printed_sheets(tmp_pat
         assert html.count('<div class="plate">') == 6 and "阳光花园3幢2单元301室" in html
 
 
+@pytest.mark.process  # the sheet's worker processes, started deep in portal.plates
 def test_a_large_sheet_paginates_and_worker_processes_print_the_same_pdf() -> None:
     specs = [reg.PlateSpec(reg.new_plate_code(), "house", f"阳光花园9幢1单元{i}室", "") for i in range(1, 27)]
     specs[0] = reg.PlateSpec(specs[0].code, "entrance", "阳光花园9幢1单元", "单元门")
@@ -167,7 +174,7 @@ def test_a_large_sheet_paginates_and_worker_processes_print_the_same_pdf() -> No
     pages = pdf_pages(pdfs[2])
     assert len(pages) == 3
     for n, (size, page) in enumerate(pages):
-        check_sheet_page(size, page, specs[n * plates.PER_PAGE:(n + 1) * plates.PER_PAGE], base)
+        check_sheet_page(size, page, specs[n * plates.PER_PAGE : (n + 1) * plates.PER_PAGE], base)
 
 
 async def test_a_large_building_prints_through_worker_processes_from_the_portal(tmp_path: Path) -> None:
@@ -177,8 +184,9 @@ async def test_a_large_building_prints_through_worker_processes_from_the_portal(
     async with running_portal(write_config(tmp_path, None, extra=f"public_url: {PUBLIC}\n")) as p:
         csrf = await admin_session(p)
         assert (await import_csv(p, csrf, estate_csv("".join(flats[:220]))))[0] == 200
-        bid = await p.services.store.read(lambda c: c.execute(
-            "SELECT id FROM reg_buildings WHERE code = '7'").fetchone()[0])
+        bid = await p.services.store.read(
+            lambda c: c.execute("SELECT id FROM reg_buildings WHERE code = '7'").fetchone()[0]
+        )
         specs = await p.services.store.read(lambda c: reg.plates_for(c, bid))
         assert len(specs) == 222 >= plates.PARALLEL_MIN_PLATES
         me = psutil.Process()
@@ -188,7 +196,7 @@ async def test_a_large_building_prints_through_worker_processes_from_the_portal(
         while not request.done():
             for child in me.children():
                 with contextlib.suppress(psutil.Error):  # it may have finished meanwhile
-                    if "portal.plates" in " ".join(child.cmdline()):
+                    if "spawn_main" in " ".join(child.cmdline()):  # a ProcessPoolExecutor worker (spawn)
                         workers.add(child.pid)
             t0 = time.perf_counter()
             assert (await p.client.get("/api/health")).status == 200
@@ -201,9 +209,10 @@ async def test_a_large_building_prints_through_worker_processes_from_the_portal(
         pages = pdf_pages(pdf)
         assert len(pages) == 19
         for n in (0, 9, 18):
-            check_sheet_page(*pages[n], specs[n * plates.PER_PAGE:(n + 1) * plates.PER_PAGE], PUBLIC)
+            check_sheet_page(*pages[n], specs[n * plates.PER_PAGE : (n + 1) * plates.PER_PAGE], PUBLIC)
 
 
+@pytest.mark.process  # the sheet's worker processes, started deep in portal.plates
 def test_one_job_prints_a_pdf_a_building() -> None:
     def house(b: int, i: int) -> reg.PlateSpec:
         return reg.PlateSpec(reg.new_plate_code(), "house", f"阳光花园{b}幢1单元{i}室", "")
@@ -215,7 +224,8 @@ def test_one_job_prints_a_pdf_a_building() -> None:
         pages = pdf_pages(rendered.pdf)
         assert len(pages) == rendered.pages
         assert sorted(t for _, page in pages for t in decode(page)) == sorted(
-            plates.plate_url(PUBLIC, s.code) for s in sheet.plates)
+            plates.plate_url(PUBLIC, s.code) for s in sheet.plates
+        )
         assert re.search(rb"/Title <FEFF[0-9A-F]+>", rendered.pdf)
 
 
@@ -232,9 +242,12 @@ def test_sheets_refuse_nothing_to_print_and_a_file_that_is_not_a_font(tmp_path: 
 
 
 @settings(max_examples=40, deadline=None)
-@given(data=st.one_of(st.binary(min_size=1, max_size=500), st.text(min_size=1, max_size=200)),
-       ec=st.sampled_from([qrcode.ERROR_CORRECT_L, qrcode.ERROR_CORRECT_M, qrcode.ERROR_CORRECT_Q,
-                           qrcode.ERROR_CORRECT_H]))
+@given(
+    data=st.one_of(st.binary(min_size=1, max_size=500), st.text(min_size=1, max_size=200)),
+    ec=st.sampled_from(
+        [qrcode.ERROR_CORRECT_L, qrcode.ERROR_CORRECT_M, qrcode.ERROR_CORRECT_Q, qrcode.ERROR_CORRECT_H]
+    ),
+)
 def test_the_fast_encoder_makes_the_qrcode_librarys_own_symbols(data: bytes | str, ec: int) -> None:
     ref = qrcode.QRCode(error_correction=ec)
     ref.add_data(data)
@@ -271,7 +284,7 @@ async def test_a_reissued_plate_answers_exactly_like_an_unknown_one(tmp_path: Pa
         old = await plate_code(p, "3", "2", "301")
         before = await p.client.get(f"/p/{old}")
         assert before.status == 200 and "阳光花园3幢2单元301室" in await before.text()
-        r = await form(p, "/admin/registry/plates/reissue", {"kind": "house", "id": str(hid)}, csrf)
+        r = await form(p, "/admin/registry/plates/reissue", {"kind": "house", "id": str(hid), "confirmed": "yes"}, csrf)
         assert r.status == 303
         new = await plate_code(p, "3", "2", "301")
         assert new != old
@@ -335,3 +348,38 @@ async def test_public_pages_never_show_names_or_phone_numbers(tmp_path: Path) ->
         for path, html in pages.items():
             for s in secrets_:
                 assert s not in html, f"{s!r} on the public page {path}"
+
+
+@pytest.mark.process  # the sheet's worker processes, started deep in portal.plates
+def test_a_worker_killed_mid_job_fails_the_job_and_leaves_no_worker_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The OOM killer (or an operator) takes a sheet worker with its page: the job fails with a clear error once no
+    page has come for the stall limit, instead of waiting for ever, and no worker process is left running."""
+    monkeypatch.setattr(plates, "WORKER_STALL_S", 10.0)  # the first page (two interpreters started) comes within it
+    specs = [reg.PlateSpec(reg.new_plate_code(), "house", f"阳光花园9幢1单元{i}室", "") for i in range(1, 241)]
+    me = psutil.Process()
+
+    def workers() -> list[psutil.Process]:
+        found = []
+        for child in me.children():
+            with contextlib.suppress(psutil.Error):
+                if "spawn_main" in " ".join(child.cmdline()):
+                    found.append(child)
+        return found
+
+    killed: list[int] = []
+
+    def kill_one(_plates: int) -> None:  # as the first page is finished, the workers are busy with the next ones
+        if not killed:
+            victim = workers()[0]
+            victim.kill()
+            killed.append(victim.pid)
+
+    t0 = time.monotonic()
+    with pytest.raises(plates.SheetError, match="a sheet worker"):
+        plates.sheets_pdf(specs, "http://127.0.0.1:8080", workers=2, progress=kill_one)
+    assert killed, "the job failed before a worker was killed: the stall limit ran out before the first page"
+    assert time.monotonic() - t0 < 90
+    deadline = time.monotonic() + 10
+    while workers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert workers() == [], "a sheet worker outlived its failed job"

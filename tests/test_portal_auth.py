@@ -63,7 +63,7 @@ async def test_first_start_admin_must_change_password(tmp_path: Path) -> None:
         assert r.status == 303 and r.headers["Location"].startswith("/login")
     # The one-time password no longer works after a restart on the same store; the new one does.
     async with running_portal(write_config(tmp_path, None)) as p2:
-        assert p2.services.first_admin_password is None
+        assert p2.services.first_admin_file is None
         r = await sign_in(p2, "admin", otp)
         assert r.status == 401
         r = await sign_in(p2, "admin", new)
@@ -118,8 +118,7 @@ async def test_csrf_token_and_origin_are_required(tmp_path: Path) -> None:
         assert r.status == 403 and (await r.json())["error"] == "csrf"
         r = await p.client.post("/api/users", json=body, headers={"Origin": p.origin, "X-CSRF-Token": "nope"})
         assert r.status == 403
-        r = await p.client.post("/api/users", json=body,
-                                headers={"Origin": "http://127.0.0.1:1", "X-CSRF-Token": csrf})
+        r = await p.client.post("/api/users", json=body, headers={"Origin": "http://127.0.0.1:1", "X-CSRF-Token": csrf})
         assert r.status == 403
         r = await p.client.post("/api/users", json=body, headers={"Origin": p.origin, "X-CSRF-Token": csrf})
         assert r.status == 201, await r.text()
@@ -144,8 +143,11 @@ async def test_guard_cannot_open_admin_pages(tmp_path: Path) -> None:
         assert "没有权限" in await r.text()
         r = await post_form(p, "/users", {"name": "x1", "role": "guard", "password": GUARD_PW}, csrf=csrf)
         assert r.status == 403
-        r = await p.client.post("/api/users", json={"name": "x2", "role": "guard", "password": GUARD_PW},
-                                headers={"Origin": p.origin, "X-CSRF-Token": csrf})
+        r = await p.client.post(
+            "/api/users",
+            json={"name": "x2", "role": "guard", "password": GUARD_PW},
+            headers={"Origin": p.origin, "X-CSRF-Token": csrf},
+        )
         assert r.status == 403 and (await r.json())["error"] == "forbidden"
 
 
@@ -165,7 +167,7 @@ async def test_admin_creates_a_guard_who_must_change_the_password(tmp_path: Path
         r = await post_form(p, "/users", {"name": "guard7", "role": "guard", "password": GUARD_PW}, csrf=csrf)
         assert r.status == 200
         html = await r.text()
-        assert "已创建用户 guard7" in html and "<td>guard7</td>" in html
+        assert "已创建用户 guard7" in html and '<tr data-user="guard7"' in html
         # Names are escaped on the page.
         r = await post_form(p, "/users", {"name": "<b>x", "role": "guard", "password": GUARD_PW}, csrf=csrf)
         assert r.status == 400 and "<b>x" not in await r.text()
@@ -242,8 +244,12 @@ async def test_pages_escape_and_send_security_headers(tmp_path: Path) -> None:
         # An off-site next= is not followed after sign-in.
         await add_user(p, "guard1", "guard", GUARD_PW)
         page = await p.client.get("/login")
-        r = await post_form(p, "/login", {"user": "guard1", "password": GUARD_PW, "next": "//evil.example/x"},
-                            csrf=csrf_of(await page.text()))
+        r = await post_form(
+            p,
+            "/login",
+            {"user": "guard1", "password": GUARD_PW, "next": "//evil.example/x"},
+            csrf=csrf_of(await page.text()),
+        )
         assert r.headers["Location"] == "/console"
 
 
@@ -263,8 +269,20 @@ def test_adduser_command_and_config_errors(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, None)
     pw = tmp_path / "pw"
     pw.write_text(GUARD_PW + "\n")
-    cmd = [sys.executable, "-m", "portal", "adduser", "--config", str(cfg), "--user", "guard9", "--role", "guard",
-           "--password-file", str(pw)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "portal",
+        "adduser",
+        "--config",
+        str(cfg),
+        "--user",
+        "guard9",
+        "--role",
+        "guard",
+        "--password-file",
+        str(pw),
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert '"user": "guard9"' in r.stdout and GUARD_PW not in r.stdout + r.stderr
@@ -285,8 +303,13 @@ def test_adduser_command_and_config_errors(tmp_path: Path) -> None:
     bad.write_text("timezone: Mars/Olympus\n")
     with pytest.raises(ConfigError, match="time zone"):
         load(bad)
-    r = subprocess.run([sys.executable, "-m", "portal", "run", "--config", str(bad)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "portal", "run", "--config", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and str(bad) in r.stderr and "Traceback" not in r.stderr
 
 
@@ -295,11 +318,18 @@ def test_run_on_a_busy_port_fails_clearly_and_still_hands_out_the_admin_password
         s.bind(("127.0.0.1", 0))
         s.listen()
         cfg = write_config(tmp_path, None, port=s.getsockname()[1])
-        r = subprocess.run([sys.executable, "-m", "portal", "run", "--config", str(cfg)], cwd=ROOT,
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-m", "portal", "run", "--config", str(cfg)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert r.returncode == 1 and "address already in use" in r.stderr and "Traceback" not in r.stderr
     first = json.loads(r.stdout.splitlines()[0])["first_admin"]
-    assert first["user"] == "admin" and first["password"] not in r.stderr
+    password = Path(first["password_file"]).read_text().strip()
+    assert first["user"] == "admin" and len(password) >= 12
+    assert password not in r.stderr and password not in r.stdout
 
 
 @pytest.mark.parametrize("secure", [False, True])
@@ -313,8 +343,9 @@ async def test_session_cookie_flags(tmp_path: Path, secure: bool) -> None:
         assert bool(pre["secure"]) is secure and pre["samesite"] == "Strict"
         # (A client on plain http does not send Secure cookies back by itself: hand it over as a browser on TLS would.)
         form = {"user": "guard1", "password": GUARD_PW, "csrf": csrf_of(await page.text())}
-        r = await p.client.post("/login", data=form,
-                                headers={"Origin": origin}, cookies={"gh_csrf": pre.value}, allow_redirects=False)
+        r = await p.client.post(
+            "/login", data=form, headers={"Origin": origin}, cookies={"gh_csrf": pre.value}, allow_redirects=False
+        )
         assert r.status == 303
         morsel = r.cookies["gh_session"]
         assert morsel["httponly"] is True and morsel["samesite"] == "Lax" and morsel["path"] == "/"

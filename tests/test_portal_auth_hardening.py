@@ -9,30 +9,25 @@ with X-Forwarded-For. Only the clocks are fake.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import re
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import ClientResponse
 from argon2 import PasswordHasher
-from yarl import URL
 
-from portal import audit
-from portal import registry as reg
 from portal.app import Options
-from portal.auth import MAX_PASSWORD, AuthError, KnownAddresses, LockTable, address_key, check_new_password
 from portal.config import ConfigError, load
-from portal.estate import RESIDENT_ABSOLUTE_S, RESIDENT_IDLE_S
-from portal.store import get_user, insert_user
-from tests.portal_support import Portal, add_user, running_portal, write_config
+from portal.estate import registry as reg
+from portal.estate.service import RESIDENT_ABSOLUTE_S, RESIDENT_IDLE_S
+from portal.store import audit, get_user, insert_user
+from portal.web.auth import MAX_PASSWORD, AuthError, KnownAddresses, LockTable, address_key, check_new_password
+from tests.portal_support import Portal, add_user, devices, running_portal, write_config
 from tests.registry_support import estate, estate_csv
 
 PROXY = "trusted_proxies: ['127.0.0.1']\n"
@@ -40,7 +35,6 @@ ALICE_PW = "alice-password-0001"
 BOB_PW = "bob-password-00001"
 CAROL_PW = "carol-password-0001"
 WRONG = "not-her-password-1"
-META_CSRF = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
 ZHANG = "13812345678"  # an owner in estate_csv()
 LI = "13987654321"
 RESIDENT_PW = "zhangwei-2026"
@@ -50,80 +44,6 @@ def sha(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-class Device:
-    """One browser with its own cookie jar, connecting from ``addr`` when that is a loopback address,
-    else from 127.0.0.1 as a proxy that forwards for ``addr``."""
-
-    def __init__(self, p: Portal, addr: str | None) -> None:
-        self.p = p
-        local = addr is not None and addr.startswith("127.")
-        self.forwarded_for = addr if addr and not local else None
-        connector = aiohttp.TCPConnector(local_addr=(addr, 0)) if local else None
-        self.http = aiohttp.ClientSession(base_url=p.origin, cookie_jar=aiohttp.CookieJar(unsafe=True),
-                                          connector=connector)
-
-    def headers(self, addr: str | None = None) -> dict[str, str]:
-        a = addr or self.forwarded_for
-        return {"Origin": self.p.origin, **({"X-Forwarded-For": a} if a else {})}
-
-    async def get(self, path: str) -> ClientResponse:
-        return await self.http.get(path, headers=self.headers(), allow_redirects=False)
-
-    async def csrf(self, path: str = "/login") -> str:
-        r = await self.http.get(path, headers=self.headers())  # (follows a signed-in /login to the console)
-        m = META_CSRF.search(await r.text())
-        assert m, f"no CSRF token on {path} ({r.status})"
-        return m.group(1)
-
-    async def post(self, path: str, data: dict[str, str], *, csrf: str | None = None,
-                   addr: str | None = None) -> ClientResponse:
-        token = csrf if csrf is not None else await self.csrf("/m/login" if path.startswith("/m/") else "/login")
-        r = await self.http.post(path, data={**data, "csrf": token}, headers=self.headers(addr),
-                                 allow_redirects=False)
-        await r.read()
-        return r
-
-    async def sign_in(self, user: str, password: str, *, addr: str | None = None) -> ClientResponse:
-        return await self.post("/login", {"user": user, "password": password, "next": "/console"}, addr=addr)
-
-    async def resident_sign_in(self, phone: str, password: str) -> ClientResponse:
-        return await self.post("/m/login", {"phone": phone, "password": password, "next": "/m"})
-
-    def cookie(self, name: str) -> str | None:
-        for c in self.http.cookie_jar:
-            if c.key == name:
-                return c.value
-        return None
-
-    def plant(self, name: str, value: str) -> None:
-        self.http.cookie_jar.update_cookies({name: value}, URL(self.p.origin))
-
-    async def signed_in(self) -> bool:
-        r = await self.get("/api/events")
-        assert r.status in (200, 401), r.status
-        return r.status == 200
-
-    async def resident_signed_in(self) -> bool:
-        r = await self.get("/m")
-        assert r.status in (200, 303), r.status
-        return r.status == 200
-
-
-@contextlib.asynccontextmanager
-async def devices(p: Portal) -> AsyncIterator[Callable[..., Device]]:
-    made: list[Device] = []
-
-    def new(addr: str | None = None) -> Device:
-        made.append(Device(p, addr))
-        return made[-1]
-
-    try:
-        yield new
-    finally:
-        for d in made:
-            await d.http.close()
-
-
 async def audit_rows(p: Portal) -> list[dict[str, Any]]:
     await p.services.store.flush()
     return await p.services.store.read(lambda c: [dict(r) for r in c.execute("SELECT * FROM audit ORDER BY id")])
@@ -131,8 +51,11 @@ async def audit_rows(p: Portal) -> list[dict[str, Any]]:
 
 async def row_exists(p: Portal, table: str, token: str) -> bool:
     await p.services.store.flush()
-    return bool(await p.services.store.read(
-        lambda c: c.execute(f"SELECT count(*) FROM {table} WHERE id_hash = ?", (sha(token),)).fetchone()[0]))
+    return bool(
+        await p.services.store.read(
+            lambda c: c.execute(f"SELECT count(*) FROM {table} WHERE id_hash = ?", (sha(token),)).fetchone()[0]
+        )
+    )
 
 
 async def stored_hash(p: Portal, name: str) -> str:
@@ -181,15 +104,18 @@ async def test_hashes_carry_the_configured_cost_and_old_ones_are_redone_at_sign_
         assert (await stored_hash(p, "alice")).startswith("$argon2id$v=19$m=47104,t=2,p=1$")
 
 
-@pytest.mark.parametrize(("auth", "message"), [
-    ("{argon2_memory_kib: 4096}", "argon2_memory_kib"),
-    ("{argon2_memory_kib: 8192, argon2_time_cost: 1}", "argon2 cost too low"),
-    ("{argon2_time_cost: 0}", "argon2_time_cost"),
-    ("{argon2_parallelism: 64}", "argon2_parallelism"),
-    ("{max_failures_user_address: 1}", "max_failures_user_address"),
-    ("{failure_window_s: 3600, lock_max_s: 600}", "lock_max_s is below"),
-    ("{argon2_salt: 1}", "argon2_salt"),
-])
+@pytest.mark.parametrize(
+    ("auth", "message"),
+    [
+        ("{argon2_memory_kib: 4096}", "argon2_memory_kib"),
+        ("{argon2_memory_kib: 8192, argon2_time_cost: 1}", "argon2 cost too low"),
+        ("{argon2_time_cost: 0}", "argon2_time_cost"),
+        ("{argon2_parallelism: 64}", "argon2_parallelism"),
+        ("{max_failures_user_address: 1}", "max_failures_user_address"),
+        ("{failure_window_s: 3600, lock_max_s: 600}", "lock_max_s is below"),
+        ("{argon2_salt: 1}", "argon2_salt"),
+    ],
+)
 def test_auth_config_is_bounded(tmp_path: Path, auth: str, message: str) -> None:
     bad = tmp_path / "portal.yaml"
     bad.write_text(f"auth: {auth}\n")
@@ -204,9 +130,12 @@ def test_auth_config_is_bounded(tmp_path: Path, auth: str, message: str) -> None
 def test_password_rules_are_length_only_and_not_the_user_name() -> None:
     for pw in ["a" * 12, "abcdefghijkl", "密码密码密码密码密码密码", "            x", "x" * MAX_PASSWORD]:
         check_new_password(pw, "alice")  # no composition rules, any characters
-    for pw, name, key in [("a" * 11, "", "password.too_short"), ("x" * (MAX_PASSWORD + 1), "", "password.too_long"),
-                          ("guard.office1", "guard.office1", "password.is_name"),
-                          ("Guard.Office1", "guard.office1", "password.is_name")]:
+    for pw, name, key in [
+        ("a" * 11, "", "password.too_short"),
+        ("x" * (MAX_PASSWORD + 1), "", "password.too_long"),
+        ("guard.office1", "guard.office1", "password.is_name"),
+        ("Guard.Office1", "guard.office1", "password.is_name"),
+    ]:
         with pytest.raises(AuthError) as e:
             check_new_password(pw, name)
         assert e.value.key == key
@@ -219,8 +148,11 @@ async def test_password_rules_at_the_user_form_the_api_and_the_password_change(t
         assert (await d.sign_in("boss", "admin-password-0001")).status == 303
         csrf = await d.csrf("/console")
         for password, error in [("guard.office1", "is-name"), ("x" * 1025, "too-long"), ("x" * 11, "too-short")]:
-            r = await d.http.post("/api/users", json={"name": "guard.office1", "role": "guard", "password": password},
-                                  headers={**d.headers(), "X-CSRF-Token": csrf})
+            r = await d.http.post(
+                "/api/users",
+                json={"name": "guard.office1", "role": "guard", "password": password},
+                headers={**d.headers(), "X-CSRF-Token": csrf},
+            )
             assert r.status == 400 and (await r.json())["error"] == error, password
         r = await d.post("/users", {"name": "guard.office1", "role": "guard", "password": "GUARD.OFFICE1"}, csrf=csrf)
         assert r.status == 400 and "密码不能与用户名相同" in await r.text()
@@ -256,7 +188,7 @@ async def test_unknown_user_and_wrong_password_answer_alike_in_bytes_and_time(tm
         times: dict[str, list[float]] = {"alice1": [], "alicx1": []}
         answers: dict[str, list[tuple[int, dict[str, str], str]]] = {"alice1": [], "alicx1": []}
         for i in range(12):
-            for name in (("alice1", "alicx1") if i % 2 else ("alicx1", "alice1")):
+            for name in ("alice1", "alicx1") if i % 2 else ("alicx1", "alice1"):
                 t0 = time.perf_counter()
                 r = await d.post("/login", {"user": name, "password": WRONG, "next": "/console"}, csrf=csrf)
                 body = await r.text()
@@ -278,11 +210,11 @@ async def test_unknown_user_and_wrong_password_answer_alike_in_bytes_and_time(tm
 
 
 async def test_a_user_guessed_from_one_address_is_locked_there_only_and_the_lock_expires_and_doubles(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     now = [1000.0]
-    async with running_portal(write_config(tmp_path, None), Options(monotonic=lambda: now[0])) as p, \
-            devices(p) as new:
+    async with running_portal(write_config(tmp_path, None), Options(monotonic=lambda: now[0])) as p, devices(p) as new:
         await add_user(p, "alice", "guard", ALICE_PW)
         a, b, c = new("127.0.1.1"), new("127.0.1.2"), new("127.0.1.3")
         for i in range(10):
@@ -321,8 +253,10 @@ async def test_a_user_guessed_from_one_address_is_locked_there_only_and_the_lock
         mine = [(r["action"], r["remote"], r["detail"]) for r in rows if r["actor"] == "guard:alice"]
         assert mine.count(("signin.failed", "127.0.1.1", "wrong password")) == 20
         locks = [m for m in mine if m[0] == "signin.lock"]
-        assert locks == [("signin.lock", "127.0.1.1", "user+address locked for 900 s"),
-                         ("signin.lock", "127.0.1.1", "user+address locked for 1800 s")]
+        assert locks == [
+            ("signin.lock", "127.0.1.1", "user+address locked for 900 s"),
+            ("signin.lock", "127.0.1.1", "user+address locked for 1800 s"),
+        ]
         refused = [m for m in mine if m[0] == "signin.refused"]
         assert len(refused) == 2 and all(m[1] == "127.0.1.1" for m in refused)  # one per lock, not per attempt
         assert [m[1] for m in mine if m[0] == "signin"] == ["127.0.1.2", "127.0.1.1", "127.0.1.1"]
@@ -338,8 +272,7 @@ async def test_a_user_guessed_from_one_address_is_locked_there_only_and_the_lock
 
 async def test_an_address_spraying_many_user_names_is_locked_as_an_address(tmp_path: Path) -> None:
     now = [1000.0]
-    async with running_portal(write_config(tmp_path, None), Options(monotonic=lambda: now[0])) as p, \
-            devices(p) as new:
+    async with running_portal(write_config(tmp_path, None), Options(monotonic=lambda: now[0])) as p, devices(p) as new:
         await add_user(p, "bob", "guard", BOB_PW)
         await add_user(p, "carol", "guard", CAROL_PW)
         x = new("127.0.2.7")
@@ -364,8 +297,7 @@ async def test_an_address_spraying_many_user_names_is_locked_as_an_address(tmp_p
 
 async def test_many_addresses_cannot_lock_a_user_out_of_her_known_address(tmp_path: Path) -> None:
     now = [1000.0]
-    async with running_portal(write_config(tmp_path, None), Options(monotonic=lambda: now[0])) as p, \
-            devices(p) as new:
+    async with running_portal(write_config(tmp_path, None), Options(monotonic=lambda: now[0])) as p, devices(p) as new:
         await add_user(p, "alice", "guard", ALICE_PW)
         assert (await new("127.0.3.2").sign_in("alice", ALICE_PW)).status == 303  # her guardroom PC
         # (e) a botnet: 30 addresses, one guess each, then more.
@@ -401,7 +333,9 @@ async def test_the_address_is_the_client_behind_the_trusted_proxy_and_ipv6_count
         rows = [r for r in await audit_rows(p) if r["action"] in ("signin.failed", "signin.lock")]
         assert {r["remote"] for r in rows} == {*(f"2001:db8:1:2::{i + 1:x}" for i in range(20)), "127.0.5.5"}
         assert [(r["remote"], r["detail"]) for r in rows if r["action"] == "signin.lock"] == [
-            ("2001:db8:1:2::14", "address locked for 900 s"), ("127.0.5.5", "address locked for 900 s")]
+            ("2001:db8:1:2::14", "address locked for 900 s"),
+            ("127.0.5.5", "address locked for 900 s"),
+        ]
 
 
 def test_lock_tables_and_known_addresses_stay_bounded() -> None:
@@ -521,22 +455,25 @@ async def test_a_password_change_ends_the_users_other_sessions(tmp_path: Path) -
         old = d1.cookie("gh_session")
         assert old
         new_pw = "alice-new-password-2"
-        r = await d1.post("/password", {"current": ALICE_PW, "new": new_pw, "confirm": new_pw},
-                          csrf=await d1.csrf("/password"))
+        r = await d1.post(
+            "/password", {"current": ALICE_PW, "new": new_pw, "confirm": new_pw}, csrf=await d1.csrf("/password")
+        )
         assert r.status == 303
         assert r.cookies["gh_session"].value != old and await d1.signed_in()
         assert not await d2.signed_in() and not await row_exists(p, "sessions", old)
         assert await other.signed_in()  # other users keep theirs
-        rows = await p.services.store.read(lambda c: c.execute(
-            "SELECT count(*) FROM sessions s JOIN users u ON u.id = s.user_id WHERE u.name = 'alice'").fetchone()[0])
+        rows = await p.services.store.read(
+            lambda c: c.execute(
+                "SELECT count(*) FROM sessions s JOIN users u ON u.id = s.user_id WHERE u.name = 'alice'"
+            ).fetchone()[0]
+        )
         assert rows == 1
         assert [r["actor"] for r in await audit_rows(p) if r["action"] == "password.change"] == ["guard:alice"]
 
 
 async def test_wrong_current_passwords_at_a_password_change_are_locked_like_sign_ins(tmp_path: Path) -> None:
     now = [1000.0]
-    async with running_portal(write_config(tmp_path, None), Options(monotonic=lambda: now[0])) as p, \
-            devices(p) as new:
+    async with running_portal(write_config(tmp_path, None), Options(monotonic=lambda: now[0])) as p, devices(p) as new:
         await add_user(p, "alice", "guard", ALICE_PW)
         d = new()
         await d.sign_in("alice", ALICE_PW)
@@ -569,15 +506,23 @@ async def test_cookie_flags_in_the_set_cookie_headers(tmp_path: Path, secure: bo
             pre = set_cookie(await d.http.get(page_path), "gh_csrf")
             token = pre.split(";", 1)[0].split("=", 1)[1]
             # (A plain-http client keeps Secure cookies to itself: hand the token over as a browser on TLS would.)
-            r = await d.http.post(path, data={**form, "csrf": token}, headers={"Origin": origin},
-                                  cookies={"gh_csrf": token}, allow_redirects=False)
+            r = await d.http.post(
+                path,
+                data={**form, "csrf": token},
+                headers={"Origin": origin},
+                cookies={"gh_csrf": token},
+                allow_redirects=False,
+            )
             assert r.status == 303, (path, r.status)
             return pre, r
 
         pre, r = await sign_in("/login", "/login", {"user": "alice", "password": ALICE_PW})
         _, r2 = await sign_in("/m/login", "/m/login", {"phone": ZHANG, "password": RESIDENT_PW})
-        for line, samesite in [(pre, "Strict"), (set_cookie(r, "gh_session"), "Lax"),
-                               (set_cookie(r2, "gh_resident"), "Lax")]:
+        for line, samesite in [
+            (pre, "Strict"),
+            (set_cookie(r, "gh_session"), "Lax"),
+            (set_cookie(r2, "gh_resident"), "Lax"),
+        ]:
             attrs = {a.strip().split("=", 1)[0].lower(): a.strip() for a in line.split(";")[1:]}
             assert "httponly" in attrs, line
             assert attrs["samesite"] == f"SameSite={samesite}", line
@@ -597,8 +542,9 @@ async def load_estate(p: Portal) -> None:
 
 async def set_resident_password(p: Portal, phone: str, password: str = RESIDENT_PW) -> None:
     h = await estate(p).hash_password(password)
-    n = await p.services.store.run_write(lambda c: c.execute(
-        "UPDATE reg_people SET password_hash = ? WHERE phone = ?", (h, phone)).rowcount)
+    n = await p.services.store.run_write(
+        lambda c: c.execute("UPDATE reg_people SET password_hash = ? WHERE phone = ?", (h, phone)).rowcount
+    )
     assert n == 1
 
 
@@ -637,22 +583,23 @@ async def test_resident_sign_in_fixation_sign_out_and_password_change(tmp_path: 
         await d2.resident_sign_in(ZHANG, RESIDENT_PW)
         old = d1.cookie("gh_resident")
         assert old
-        r = await d1.post("/m/password", {"new": "zhangwei-2027", "confirm": "zhangwei-2027", "next": "/m"})
+        r = await d1.post(
+            "/m/password", {"current": RESIDENT_PW, "new": "zhangwei-2027", "confirm": "zhangwei-2027", "next": "/m"}
+        )
         assert r.status == 303 and r.cookies["gh_resident"].value != old
         assert await d1.resident_signed_in() and not await d2.resident_signed_in()
         # Failures and sign-outs are audited, the number masked, no password.
         assert (await new().resident_sign_in(ZHANG, WRONG)).status == 401
         rows = await audit_rows(p)
         failed = [(r["actor"], r["action"], r["target"], r["detail"]) for r in rows if r["action"] == "signin.failed"]
-        assert failed == [("public", "signin.failed", "phone:138****5678", "signin.failed")]
+        assert failed == [("public", "signin.failed", "phone:138****5678", "wrong secret")]
         assert sum(r["action"] == "signout" and r["actor"].startswith("resident:") for r in rows) == 1
         assert not any(s in str(rows) for s in (RESIDENT_PW, WRONG, ZHANG))
 
 
 async def test_resident_sessions_end_on_the_server_after_idle_and_absolute_timeouts(tmp_path: Path) -> None:
     now = [1_800_000_000.0]
-    async with running_portal(write_config(tmp_path, None), Options(clock=lambda: now[0])) as p, \
-            devices(p) as new:
+    async with running_portal(write_config(tmp_path, None), Options(clock=lambda: now[0])) as p, devices(p) as new:
         await load_estate(p)
         await set_resident_password(p, ZHANG)
         d = new()

@@ -6,6 +6,7 @@ a progress bar on a terminal and silence otherwise; every export and print is au
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import os
 import pwd
@@ -24,18 +25,22 @@ import pypdfium2 as pdfium
 import pytest
 import zxingcpp
 
+from portal.config import load
+from portal.patrol import model as patrol
+from portal.store import connect, storekey
 from tests.portal_support import ROOT, portal_process, write_config
-from tests.registry_support import estate_csv
+from tests.registry_support import estate_csv, plate_codes
 
 pytestmark = pytest.mark.timeout(180)
 
 PUBLIC = "https://wy.example.cn/estate"
 GATEHOUSE = Path(sys.executable).parent / "gatehouse"
 ACTOR = f"cli:{pwd.getpwuid(os.getuid()).pw_name}"
-# The export's own form: every column, natural order (building 10 after 5), vacant flats, an ended residency.
+# The export's own form: every column, natural order (building 10 after 5), vacant flats, an ended residency, a phone
+# with + kept from running as a formula in a spreadsheet (portal.web.csvcells).
 CANONICAL = (
     "site,site_name,building,unit,house,name,phone,role,move_in,move_out,lease_end,status\n"
-    "s1,阳光花园,3,1,101,Zhao Lei,+8613600002222,owner,2019-01-01,,,active\n"
+    "s1,阳光花园,3,1,101,Zhao Lei,'+8613600002222,owner,2019-01-01,,,active\n"
     "s1,阳光花园,3,1,102,,,,,,,\n"
     "s1,阳光花园,3,2,301,张伟,13812345678,owner,2020-05-01,,,active\n"
     "s1,阳光花园,3,2,301,李娜,13987654321,family,2020-05-01,,,active\n"
@@ -80,11 +85,12 @@ def dump(cfg: Path) -> list[str]:
 
 
 def plate_urls(cfg: Path, building: str | None = None, unit: str | None = None) -> set[str]:
-    """The URLs of the plates in use, straight from the store (entrances and houses)."""
-    rows = query(cfg, "SELECT p.code, b.code, u.code FROM plates p LEFT JOIN reg_houses h ON h.id = p.house_id"
-                      " JOIN reg_units u ON u.id = coalesce(p.unit_id, h.unit_id) JOIN reg_buildings b"
-                      " ON b.id = u.building_id WHERE p.withdrawn_at IS NULL")
-    return {f"{PUBLIC}/p/{code}" for code, b, u in rows if building in (None, b) and unit in (None, u)}
+    """The URLs of the plates in use, from the store (entrances and houses), opened with its key file."""
+    return {
+        f"{PUBLIC}/p/{code}"
+        for (b, u, _), code in plate_codes(cfg).items()
+        if building in (None, b) and unit in (None, u)
+    }
 
 
 def decoded(pdf: Path) -> list[list[str]]:
@@ -109,8 +115,13 @@ def on_a_terminal(*args: str | Path, timeout: float = 90) -> tuple[int, str, byt
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "portal", *map(str, args)], cwd=ROOT,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "portal", *map(str, args)],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=slave,
+        )
     finally:
         os.close(slave)
     screen = b""
@@ -151,12 +162,12 @@ def test_a_csv_with_bad_lines_imports_nothing_and_names_each_bad_line(tmp_path: 
     before = dump(cfg)
 
     bad = (
-        "s1,阳光花园,3,2,303,赵六,1381234,family,2021-01-01,,\n"          # line 8: phone too short
-        "s1,阳光花园,3号楼,2,304,,,,,,\n"                                   # line 9: building not a code
-        "s1,阳光花园,3,2,305,钱七,13811112222,tenant,2021-01-01,,\n"       # line 10: tenant without lease end
-        "s1,阳光花园,3,2,301,张伟,13812345678,owner,2020-05-01,,\n"        # line 11: repeats line 2
-        "s1,阳光花园,3,2,306,孙八,13833334444,boss,2021-13-01,,\n"         # line 12: role and date
-        "s1,阳光花园,3,2,307,周九,13855556666,family\n"                    # line 13: too few columns
+        "s1,阳光花园,3,2,303,赵六,1381234,family,2021-01-01,,\n"  # line 8: phone too short
+        "s1,阳光花园,3号楼,2,304,,,,,,\n"  # line 9: building not a code
+        "s1,阳光花园,3,2,305,钱七,13811112222,tenant,2021-01-01,,\n"  # line 10: tenant without lease end
+        "s1,阳光花园,3,2,301,张伟,13812345678,owner,2020-05-01,,\n"  # line 11: repeats line 2
+        "s1,阳光花园,3,2,306,孙八,13833334444,boss,2021-13-01,,\n"  # line 12: role and date
+        "s1,阳光花园,3,2,307,周九,13855556666,family\n"  # line 13: too few columns
     )
     path = tmp_path / "estate.csv"
     path.write_text(estate_csv(bad), encoding="utf-8")
@@ -191,8 +202,7 @@ def test_a_good_csv_imports_beside_the_running_portal_and_exports_back_identical
         assert r.stdout.startswith(f"{src}: 8 rows imported") and "houses 7, residents new 5" in r.stdout
 
         # The running portal serves what the command wrote: the plate of flat 3-2-301 opens its page.
-        (house_code,) = query(cfg, "SELECT p.code FROM plates p JOIN reg_houses h ON h.id = p.house_id"
-                                   " JOIN reg_units u ON u.id = h.unit_id WHERE h.code = '301' AND u.code = '2'")[0]
+        house_code = plate_codes(cfg)[("3", "2", "301")]
         with urllib.request.urlopen(f"{portal.url.rstrip('/')}/p/{house_code}", timeout=10) as resp:
             assert resp.status == 200 and "301" in resp.read().decode()
 
@@ -293,3 +303,45 @@ def test_plate_sheets_of_a_building_a_unit_and_the_estate_read_back_to_the_porta
     assert r.returncode == 2 and "set public_url" in r.stderr
     assert not nowhere.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+
+
+def test_plate_urls_list_every_plate_and_checkpoint_in_use_for_a_sign_maker(tmp_path: Path) -> None:
+    """``plates --urls``: CSV rows kind,place,url on stdout, the same addresses the sheets print (the store's codes),
+    the site's patrol checkpoints after the door plates (a withdrawn one not), none for one building; audited."""
+    cfg = config(tmp_path)
+    src = tmp_path / "estate.csv"
+    src.write_text(CANONICAL, encoding="utf-8")
+    assert cli("import-estate", "--config", cfg, src).returncode == 0
+    conf = load(cfg)
+    c = connect(conf.db_path, key=storekey.load(conf.key_path))
+    try:
+        with c:
+            gate = patrol.add_checkpoint(c, "s1", "南门岗亭", "office", "2026-01-01T00:00:00Z")
+            gone = patrol.add_checkpoint(c, "s1", "旧仓库", "office", "2026-01-01T00:00:00Z")
+            patrol.change_checkpoint(c, gone.id, "withdraw", "office", "2026-01-02T00:00:00Z")
+    finally:
+        c.close()
+
+    r = cli("plates", "--config", cfg, "--urls")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "kind,place,url"
+    rows = [tuple(x) for x in csv.reader(lines[1:])]
+    doors = [row for row in rows if row[0] != "checkpoint"]
+    assert {u for _, _, u in doors} == plate_urls(cfg) and len(doors) == len(plate_urls(cfg)) == 11
+    assert {k for k, _, _ in doors} == {"entrance", "house"}
+    assert ("entrance", "阳光花园3幢2单元", f"{PUBLIC}/p/{plate_codes(cfg)[('3', '2', None)]}") in doors
+    assert ("house", "阳光花园3幢2单元301室", f"{PUBLIC}/p/{plate_codes(cfg)[('3', '2', '301')]}") in doors
+    assert rows[len(doors) :] == [("checkpoint", "阳光花园 南门岗亭", f"{PUBLIC}/g/c/{gate.code}")]
+
+    r = cli("plates", "--config", cfg, "--building", "3", "--unit", "2", "--urls")
+    assert r.returncode == 0, r.stderr
+    assert {row[2] for row in csv.reader(r.stdout.splitlines()[1:])} == plate_urls(cfg, "3", "2")
+    assert [a for a in audit_rows(cfg) if a[1] == "plates.urls"] == [
+        (ACTOR, "plates.urls", "阳光花园", "12 plate addresses"),
+        (ACTOR, "plates.urls", "阳光花园 3幢2单元", "3 plate addresses"),
+    ]
+    r = cli("plates", "--config", cfg, "--urls", "-o", tmp_path / "x.pdf")
+    assert r.returncode == 2 and "not allowed with" in r.stderr
+    r = cli("plates", "--config", config(tmp_path / "bare", extra=""), "--urls")
+    assert r.returncode == 2 and "set public_url" in r.stderr and r.stdout == ""

@@ -9,7 +9,7 @@ from pathlib import Path
 from playwright.async_api import Page, async_playwright, expect
 
 from gateway import wire
-from gateway.broker import MosquittoProcess
+from gateway.tooling.broker import MosquittoProcess
 from tests.portal_support import (
     GATEWAY,
     SITE,
@@ -35,8 +35,9 @@ async def _row(page: Page, event_id: str) -> str:
     return await row.inner_text()
 
 
-async def test_console_shows_live_events_and_switches_language(tmp_path: Path, broker: MosquittoProcess,
-                                                                artifacts: Path) -> None:
+async def test_console_shows_live_events_and_switches_language(
+    tmp_path: Path, broker: MosquittoProcess, artifacts: Path
+) -> None:
     async with running_portal(write_config(tmp_path, broker)) as p, mqtt(broker) as gw, async_playwright() as pw:
         await wait_for(lambda: p.services.ingest.connected, what="portal connected")
         await add_user(p, "guard1", "guard", PW)
@@ -67,8 +68,9 @@ async def test_console_shows_live_events_and_switches_language(tmp_path: Path, b
             assert "火警" in text and "2026-03-02 00:30:05" in text and "5幢 1单元 1201室" in text
             assert "panel-1 / in2" in text
             assert await page.evaluate("window.__noReload") == 42
-            assert await page.locator(f'#events li[data-id="{fire.id}"]').get_attribute("class") == \
-                "event prio-fire new"
+            assert (
+                await page.locator(f'#events li[data-id="{fire.id}"]').get_attribute("class") == "event prio-fire new"
+            )
             # Rows stay newest first.
             ids = await page.locator("#events li").evaluate_all("rows => rows.map(r => r.dataset.id)")
             assert ids == sorted(ids, reverse=True)

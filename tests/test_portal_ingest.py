@@ -15,9 +15,9 @@ import msgspec
 import pytest
 
 from gateway import wire
-from gateway.broker import MosquittoProcess
-from portal.ingest import BrokerUnavailable, backoff_delay
-from portal.store import MIGRATIONS, GatewayState, Store, StoreBatch, add_seq
+from gateway.tooling.broker import MosquittoProcess
+from portal.store import SCHEMA_VERSION, GatewayState, Store, StoreBatch, add_seq
+from portal.web.ingest import BrokerUnavailable, backoff_delay
 from tests.portal_support import (
     GATEWAY,
     SITE,
@@ -28,9 +28,12 @@ from tests.portal_support import (
     event,
     mqtt,
     next_ack,
+    open_portal_command,
     portal_process,
     running_portal,
+    scrape_headers,
     sign_in,
+    store_key,
     wait_for,
     write_config,
 )
@@ -74,7 +77,7 @@ def test_backoff_is_capped_exponential_with_full_jitter() -> None:
 
 
 async def test_writer_commits_queued_batches_in_one_transaction(tmp_path: Path) -> None:
-    store = Store(tmp_path / "p.db")
+    store = Store(tmp_path / "p.db", key=store_key(tmp_path / "p.db"))
     await store.start()
     calls: list[int] = []
     store.add_commit_listener(lambda committed: calls.append(len(committed)))
@@ -88,15 +91,14 @@ async def test_writer_commits_queued_batches_in_one_transaction(tmp_path: Path) 
         await store.close()
     with sqlite3.connect(tmp_path / "p.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 5
 
 
 # ---------------------------------------------------------------- against the broker
 
 
-async def test_batch_is_stored_then_acked_and_a_resend_is_stored_once(tmp_path: Path,
-                                                                      broker: MosquittoProcess) -> None:
+async def test_batch_is_stored_then_acked_and_a_resend_is_stored_once(tmp_path: Path, broker: MosquittoProcess) -> None:
     async with running_portal(write_config(tmp_path, broker)) as p, mqtt(broker) as gw:
         await _ready(p)
         await gw.subscribe(ACK_TOPIC, qos=1)
@@ -127,7 +129,7 @@ async def test_batch_is_stored_then_acked_and_a_resend_is_stored_once(tmp_path: 
         assert health["status"] == "ok" and health["broker"]["connected"] is True
         g = health["gateways"][0]
         assert (g["last_seq"], g["contiguous_seq"], g["gaps_open"], g["events_stored"]) == (4, 4, 0, 4)
-        metrics = await (await p.client.get("/metrics")).text()
+        metrics = await (await p.client.get("/metrics", headers=p.scrape)).text()
         assert "gatehouse_portal_events_ingested_total 4.0" in metrics
         assert "gatehouse_portal_events_duplicate_total 4.0" in metrics
         assert "gatehouse_portal_ingest_latency_seconds_count 4.0" in metrics
@@ -150,8 +152,14 @@ async def test_bad_payloads_are_counted_and_dropped(tmp_path: Path, broker: Mosq
         ]
         for topic, payload in bad:
             await gw.publish(topic, payload, qos=1)
-        expected = {"malformed": 1, "bad-version": 1, "schema": 1, "too-large": 1, "unknown-gateway": 1,
-                    "topic-mismatch": 1}
+        expected = {
+            "malformed": 1,
+            "bad-version": 1,
+            "schema": 1,
+            "too-large": 1,
+            "unknown-gateway": 1,
+            "topic-mismatch": 1,
+        }
 
         async def counted() -> dict[str, Any] | None:
             h = await p.health()
@@ -164,7 +172,7 @@ async def test_bad_payloads_are_counted_and_dropped(tmp_path: Path, broker: Mosq
         ack = await next_ack(gw)
         assert ack.seqs == [2]  # no ack was ever sent for a rejected payload (next_ack would have seen it)
         assert sorted(e["seq"] for e in await p.events()) == [1, 2]
-        metrics = await (await p.client.get("/metrics")).text()
+        metrics = await (await p.client.get("/metrics", headers=p.scrape)).text()
         assert 'gatehouse_portal_rejections_total{reason="too-large"} 1.0' in metrics
     # The counters are in the store: a restarted portal still reports them.
     async with running_portal(write_config(tmp_path, broker)) as p2:
@@ -182,7 +190,12 @@ async def test_a_gap_is_noticed_and_closes_when_filled(tmp_path: Path, broker: M
         h = await p.health()
         g = h["gateways"][0]
         assert (g["contiguous_seq"], g["last_seq"], g["gaps_open"], g["missing"], g["gaps_noticed"]) == (
-            2, 6, 1, [[3, 4]], 1)
+            2,
+            6,
+            1,
+            [[3, 4]],
+            1,
+        )
         assert h["status"] == "degraded" and h["gaps_open"] == 1
         await gw.publish(EVENTS_TOPIC, batch_payload([evs[3]]), qos=1)
         await next_ack(gw)
@@ -196,16 +209,23 @@ async def test_a_gap_is_noticed_and_closes_when_filled(tmp_path: Path, broker: M
         assert h["status"] == "ok"
 
 
-async def test_a_reused_seq_with_a_new_id_is_not_acked(tmp_path: Path, broker: MosquittoProcess) -> None:
+async def test_a_reused_seq_with_a_new_id_is_stored_apart_and_acked(tmp_path: Path, broker: MosquittoProcess) -> None:
+    """A gateway whose store was reset numbers from 1 again: its events are stored (under numbers of their own,
+    the old rows untouched) and acknowledged, so an alarm is never held back by a number used before."""
     async with running_portal(write_config(tmp_path, broker)) as p, mqtt(broker) as gw:
         await _ready(p)
         await gw.subscribe(ACK_TOPIC, qos=1)
-        await gw.publish(EVENTS_TOPIC, batch_payload([event(1)]), qos=1)
+        first = event(1)
+        await gw.publish(EVENTS_TOPIC, batch_payload([first]), qos=1)
         assert (await next_ack(gw)).seqs == [1]
-        await gw.publish(EVENTS_TOPIC, batch_payload([event(1), event(2)]), qos=1)  # seq 1 under a new id
-        assert (await next_ack(gw)).seqs == [2]
+        again = event(1)  # seq 1 under a new id
+        await gw.publish(EVENTS_TOPIC, batch_payload([again, event(2)]), qos=1)
+        assert sorted((await next_ack(gw)).seqs) == [1, 2]
+        await gw.publish(EVENTS_TOPIC, batch_payload([again]), qos=1)  # its re-send is a duplicate, acked again
+        assert (await next_ack(gw)).seqs == [1]
         assert (await p.health())["rejections"] == {"seq-conflict": 1}
-        assert len(await p.events()) == 2
+        stored = {e["id"]: e["seq"] for e in await p.events()}
+        assert len(stored) == 3 and stored[first.id] == 1 and stored[again.id] == -1
 
 
 async def test_gateway_status_and_commands(tmp_path: Path, broker: MosquittoProcess) -> None:
@@ -224,12 +244,14 @@ async def test_gateway_status_and_commands(tmp_path: Path, broker: MosquittoProc
 
         await gw.subscribe(wire.topic(SITE, GATEWAY, "cmd"), qos=1)
         now = wire.utcnow()
-        cmd = wire.Command(v=1, id="c1", type="unlock", ts=now, expires=now, by="guard1", args={"door": "d1"})
+        cmd = wire.Command(v=2, id="c1", type="unlock", ts=now, expires=now, by="guard1", args={"door": "d1"})
         await p.services.ingest.send_command(SITE, GATEWAY, cmd)
         async with asyncio.timeout(10):
             async for m in gw.messages:
-                assert isinstance(m.payload, bytes)
-                assert wire.decode_command(m.payload) == cmd
+                # signed with the portal's key, for this gateway alone
+                assert open_portal_command(p, m.payload) == msgspec.structs.replace(cmd, site=SITE, gateway=GATEWAY)
+                with pytest.raises(wire.WireError, match="wrong-gateway"):
+                    open_portal_command(p, m.payload, gateway="gw2")
                 break
         with pytest.raises(ValueError, match="unknown gateway"):
             await p.services.ingest.send_command(SITE, "gw9", cmd)
@@ -245,8 +267,9 @@ async def test_portal_survives_a_broker_restart(tmp_path: Path, broker: Mosquitt
         assert (await p.client.get("/console")).status == 200
         now = wire.utcnow()
         with pytest.raises(BrokerUnavailable):
-            await p.services.ingest.send_command(SITE, GATEWAY, wire.Command(
-                v=1, id="c2", type="unlock", ts=now, expires=now, by="guard1"))
+            await p.services.ingest.send_command(
+                SITE, GATEWAY, wire.Command(v=2, id="c2", type="unlock", ts=now, expires=now, by="guard1")
+            )
         broker.start()
         await wait_for(lambda: p.services.ingest.connected, timeout=15, what="reconnect")
         async with mqtt(broker) as gw:
@@ -254,6 +277,28 @@ async def test_portal_survives_a_broker_restart(tmp_path: Path, broker: Mosquitt
             await gw.publish(EVENTS_TOPIC, batch_payload([event(1)]), qos=1)
             assert (await next_ack(gw)).seqs == [1]
         assert (await p.health())["broker"]["connects"] == 2
+
+
+async def test_a_password_file_others_can_read_is_told_and_retried_until_it_is_fixed(
+    tmp_path: Path, broker: MosquittoProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ingest's credentials error is kept for the health page, logged once (not at every retry), and the
+    ingest keeps retrying: fixing the file's mode is enough, no restart."""
+    secret = tmp_path / "mqtt.pass"
+    secret.write_text("pw\n", encoding="utf-8")
+    secret.chmod(0o644)
+    cfg = write_config(tmp_path, broker, mqtt_extra=("  username: portal", f"  password_file: {secret}"))
+    async with running_portal(cfg) as p:
+        ingest = p.services.ingest
+        await wait_for(lambda: "chmod 600" in (ingest.last_error or ""), what="the credentials error kept")
+        first = sum(r.getMessage().startswith("MQTT credentials:") for r in caplog.records)
+        await asyncio.sleep(0.5)  # several retries (reconnect_min_s 0.1)
+        assert not ingest.connected and ingest.connects == 0
+        told = [r for r in caplog.records if r.getMessage().startswith("MQTT credentials:")]
+        assert len(told) == first == 1, [r.getMessage() for r in told]
+        secret.chmod(0o600)
+        await wait_for(lambda: ingest.connected, timeout=15, what="connected once the file is private")
+        assert (await p.health())["broker"]["connects"] == 1
 
 
 async def test_slow_console_socket_is_dropped_without_holding_up_others(tmp_path: Path) -> None:
@@ -308,9 +353,22 @@ async def test_portal_process_end_to_end_with_restart(tmp_path: Path, broker: Mo
     cfg = write_config(tmp_path, broker, client_id="portal-e2e")
     (tmp_path / "pw").write_text(PW)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "portal", "adduser", "--config", str(cfg), "--user", "guard1", "--role", "guard",
-        "--password-file", str(tmp_path / "pw"), cwd=Path(__file__).parent.parent,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "portal",
+        "adduser",
+        "--config",
+        str(cfg),
+        "--user",
+        "guard1",
+        "--role",
+        "guard",
+        "--password-file",
+        str(tmp_path / "pw"),
+        cwd=Path(__file__).parent.parent,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
     _, err = await proc.communicate()
     assert proc.returncode == 0, err
 
@@ -318,8 +376,12 @@ async def test_portal_process_end_to_end_with_restart(tmp_path: Path, broker: Mo
         async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
             async with http.get(url + "login") as r:
                 token = csrf_of(await r.text())
-            async with http.post(url + "login", data={"user": "guard1", "password": PW, "csrf": token},
-                                 headers={"Origin": url.rstrip("/")}, allow_redirects=False) as r:
+            async with http.post(
+                url + "login",
+                data={"user": "guard1", "password": PW, "csrf": token},
+                headers={"Origin": url.rstrip("/")},
+                allow_redirects=False,
+            ) as r:
                 assert r.status == 303
             async with http.get(url + "api/events") as r:
                 assert r.status == 200
@@ -329,10 +391,13 @@ async def test_portal_process_end_to_end_with_restart(tmp_path: Path, broker: Mo
         await gw.subscribe(ACK_TOPIC, qos=1)
         with portal_process(cfg) as pp:
             assert pp.url.startswith("http://127.0.0.1:")
-            assert pp.first_admin is not None and len(pp.first_admin["password"]) >= 12
+            assert pp.first_admin is not None
+            otp = Path(pp.first_admin["password_file"]).read_text().strip()
+            assert len(otp) >= 12
             async with aiohttp.ClientSession() as http:
+
                 async def connected() -> bool:
-                    async with http.get(pp.url + "api/health") as r:
+                    async with http.get(pp.url + "api/health", headers=scrape_headers(cfg)) as r:
                         return bool((await r.json())["broker"]["connected"])
 
                 await wait_for(connected, what="process connected")
@@ -341,7 +406,7 @@ async def test_portal_process_end_to_end_with_restart(tmp_path: Path, broker: Mo
             assert [e["seq"] for e in await fetch_events(pp.url)] == [2, 1]
             assert pp.stop() == 0
             log = pp.stderr_path.read_text()
-            assert "portal stopped" in log and pp.first_admin["password"] not in log
+            assert "portal stopped" in log and otp not in log
         # Published while the portal is down: the broker keeps it for the portal's persistent session.
         await gw.publish(EVENTS_TOPIC, batch_payload([event(3)]), qos=1)
         with portal_process(cfg) as pp2:

@@ -23,14 +23,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from portal import limits
 from portal.app import create_app
-from portal.auth import public
 from portal.config import load
+from portal.web import limits
+from portal.web.auth import public
 from tests.portal_support import ROOT, Portal, running_portal, write_config
 from tests.registry_support import admin_session, estate_csv, import_csv
 
-TRACE_MARKS = (b"Traceback", b'File "', b"site-packages", b".py\", line")
+TRACE_MARKS = (b"Traceback", b'File "', b"site-packages", b'.py", line')
 
 
 # ---------------------------------------------------------------- helpers
@@ -119,6 +119,7 @@ def test_marks_and_defaults(tmp_path: Path) -> None:
     def handler() -> Any:
         async def h(request: web.Request) -> web.Response:
             return web.Response()
+
         return h
 
     h = handler()
@@ -135,8 +136,10 @@ async def test_declared_length_over_the_cap_is_refused_before_the_body_is_read(p
     p, csrf = portal
     port = port_of(p)
     # Headers only, a 10 MB body announced and never sent: the 413 must come without waiting for it.
-    head = (f"POST /api/users HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: {p.origin}\r\nX-CSRF-Token: {csrf}\r\n"
-            f"Cookie: {cookie_header(p)}\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n\r\n")
+    head = (
+        f"POST /api/users HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: {p.origin}\r\nX-CSRF-Token: {csrf}\r\n"
+        f"Cookie: {cookie_header(p)}\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n\r\n"
+    )
     t0 = time.monotonic()
     resp = await raw(port, head.encode(), timeout=5.0)
     assert status_of(resp) == 413, resp[:300]
@@ -146,18 +149,23 @@ async def test_declared_length_over_the_cap_is_refused_before_the_body_is_read(p
     assert json.loads(body_of(resp)) == {"error": "too-large", "max_bytes": 8192}
 
     # A page's form gets a short page, not JSON; the CSV import has its own larger cap (32 MiB).
-    r = await p.client.post("/users", data={"name": "x" * 9000, "role": "guard", "csrf": csrf},
-                            headers={"Origin": p.origin}, allow_redirects=False)
+    r = await p.client.post(
+        "/users",
+        data={"name": "x" * 9000, "role": "guard", "csrf": csrf},
+        headers={"Origin": p.origin},
+        allow_redirects=False,
+    )
     assert r.status == 413 and r.content_type == "text/html" and "8192" in await r.text()
-    head = (f"POST /api/registry/import HTTP/1.1\r\nHost: x\r\nOrigin: {p.origin}\r\nX-CSRF-Token: {csrf}\r\n"
-            f"Cookie: {cookie_header(p)}\r\nContent-Type: text/csv\r\nContent-Length: {32 * 1024 * 1024 + 1}\r\n\r\n")
+    head = (
+        f"POST /api/registry/import HTTP/1.1\r\nHost: x\r\nOrigin: {p.origin}\r\nX-CSRF-Token: {csrf}\r\n"
+        f"Cookie: {cookie_header(p)}\r\nContent-Type: text/csv\r\nContent-Length: {32 * 1024 * 1024 + 1}\r\n\r\n"
+    )
     resp = await raw(port, head.encode(), timeout=5.0)
     assert status_of(resp) == 413
     assert json.loads(body_of(resp))["max_bytes"] == 32 * 1024 * 1024
 
 
-async def test_bodies_under_the_cap_pass_and_the_import_takes_more_than_the_default(
-        portal: tuple[Portal, str]) -> None:
+async def test_bodies_under_the_cap_pass_and_the_import_takes_more_than_the_default(portal: tuple[Portal, str]) -> None:
     p, csrf = portal
     ok = {"name": "guard7", "role": "guard", "password": "guard-password-0007"}
     r = await p.client.post("/api/users", data=json.dumps(ok), headers=api_headers(p, csrf))
@@ -171,7 +179,7 @@ async def test_bodies_under_the_cap_pass_and_the_import_takes_more_than_the_defa
 
 async def chunks(data: bytes, size: int = 1024) -> AsyncIterator[bytes]:
     for i in range(0, len(data), size):
-        yield data[i:i + size]
+        yield data[i : i + size]
 
 
 async def test_chunked_and_compressed_bodies_are_counted_as_they_are_read(portal: tuple[Portal, str]) -> None:
@@ -189,8 +197,12 @@ async def test_chunked_and_compressed_bodies_are_counted_as_they_are_read(portal
 
     # A chunked form to a page: the same cap, a page back. The connection is not reused after a refusal.
     form = b"name=" + b"u" * 20_000 + b"&role=guard&csrf=" + csrf.encode()
-    r = await p.client.post("/users", data=chunks(form), allow_redirects=False,
-                            headers={"Origin": p.origin, "Content-Type": "application/x-www-form-urlencoded"})
+    r = await p.client.post(
+        "/users",
+        data=chunks(form),
+        allow_redirects=False,
+        headers={"Origin": p.origin, "Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert r.status == 413 and r.content_type == "text/html"
     assert (await p.health())["status"] in ("ok", "degraded")  # the portal still answers
 
@@ -235,12 +247,19 @@ MALFORMED: list[tuple[str, bytes]] = [
     ("a control byte in a header", b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n"),
     ("a non-numeric Content-Length", b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"),
     ("two Content-Lengths", b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"),
-    ("Content-Length and chunked", b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
-                                   b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
-    ("a bad chunk size", b"POST /login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                         b"zz\r\nabc\r\n0\r\n\r\n"),
-    ("a chunk longer than said", b"POST /login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-                                 b"Content-Type: application/x-www-form-urlencoded\r\n\r\n2\r\nabcdef\r\n0\r\n\r\n"),
+    (
+        "Content-Length and chunked",
+        b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ),
+    (
+        "a bad chunk size",
+        b"POST /login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    ),
+    (
+        "a chunk longer than said",
+        b"POST /login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n\r\n2\r\nabcdef\r\n0\r\n\r\n",
+    ),
     ("an unknown transfer coding", b"POST /login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: bogus\r\n\r\n"),
     ("a bare LF request", b"GET / HTTP/1.1\nHost: x\n\n"),
 ]
@@ -261,8 +280,15 @@ async def test_malformed_requests_to_the_application_get_a_4xx(portal: tuple[Por
     cookie = cookie_header(p)
 
     def req(method: str, target: str, *headers: str, body: bytes = b"") -> bytes:
-        lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", f"Origin: {p.origin}",
-                 f"X-CSRF-Token: {csrf}", f"Cookie: {cookie}", "Connection: close", *headers]
+        lines = [
+            f"{method} {target} HTTP/1.1",
+            f"Host: 127.0.0.1:{port}",
+            f"Origin: {p.origin}",
+            f"X-CSRF-Token: {csrf}",
+            f"Cookie: {cookie}",
+            "Connection: close",
+            *headers,
+        ]
         if body or method == "POST":
             lines.append(f"Content-Length: {len(body)}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
@@ -278,21 +304,57 @@ async def test_malformed_requests_to_the_application_get_a_4xx(portal: tuple[Por
         ("a huge integer", req("GET", "/api/events?limit=" + "9" * 4000), 400),
         ("an access-log time that is not one", req("GET", "/api/access-log?from=" + "%00" * 30), 400),
         ("bad JSON", req("POST", "/api/users", "Content-Type: application/json", body=b'{"name": '), 400),
-        ("JSON in invalid UTF-8", req("POST", "/api/users", "Content-Type: application/json",
-                                      body=b'{"name": "\xff\xfe"}'), 400),
-        ("JSON nested absurdly deep", req("POST", "/api/users", "Content-Type: application/json",
-                                          body=b"[" * 4000 + b"]" * 4000), 400),
+        (
+            "JSON in invalid UTF-8",
+            req("POST", "/api/users", "Content-Type: application/json", body=b'{"name": "\xff\xfe"}'),
+            400,
+        ),
+        (
+            "JSON nested absurdly deep",
+            req("POST", "/api/users", "Content-Type: application/json", body=b"[" * 4000 + b"]" * 4000),
+            400,
+        ),
         ("the wrong content type", req("POST", "/api/users", "Content-Type: text/plain", body=b"{}"), 400),
-        ("invalid UTF-8 in a form", req("POST", "/users", "Content-Type: application/x-www-form-urlencoded",
-                                        body=b"name=\xff\xfe&role=guard&csrf=" + csrf.encode()), 400),
-        ("a form with a bad charset", req("POST", "/users", "Content-Type: application/x-www-form-urlencoded; "
-                                          "charset=no-such-codec", body=b"name=a&csrf=" + csrf.encode()), 415),
-        ("multipart without a boundary", req("POST", "/users", "Content-Type: multipart/form-data",
-                                             body=b"--x\r\n\r\n"), 400),
-        ("multipart that ends early", req("POST", "/users", "Content-Type: multipart/form-data; boundary=xx",
-                                          body=b"--xx\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nabc"), 400),
-        ("a CSV import that is not UTF-8", req("POST", "/api/registry/import?dry_run=1", "Content-Type: text/csv",
-                                               body=b"\xff\xfe\x00garbage"), 422),
+        (
+            "invalid UTF-8 in a form",
+            req(
+                "POST",
+                "/users",
+                "Content-Type: application/x-www-form-urlencoded",
+                body=b"name=\xff\xfe&role=guard&csrf=" + csrf.encode(),
+            ),
+            400,
+        ),
+        (
+            "a form with a bad charset",
+            req(
+                "POST",
+                "/users",
+                "Content-Type: application/x-www-form-urlencoded; charset=no-such-codec",
+                body=b"name=a&csrf=" + csrf.encode(),
+            ),
+            415,
+        ),
+        (
+            "multipart without a boundary",
+            req("POST", "/users", "Content-Type: multipart/form-data", body=b"--x\r\n\r\n"),
+            400,
+        ),
+        (
+            "multipart that ends early",
+            req(
+                "POST",
+                "/users",
+                "Content-Type: multipart/form-data; boundary=xx",
+                body=b'--xx\r\nContent-Disposition: form-data; name="a"\r\n\r\nabc',
+            ),
+            400,
+        ),
+        (
+            "a CSV import that is not UTF-8",
+            req("POST", "/api/registry/import?dry_run=1", "Content-Type: text/csv", body=b"\xff\xfe\x00garbage"),
+            422,
+        ),
     ]
     for what, data, want in cases:
         resp = await raw(port, data)
@@ -304,7 +366,8 @@ async def test_malformed_requests_to_the_application_get_a_4xx(portal: tuple[Por
 
 
 async def test_an_unhandled_error_is_a_generic_500_and_the_trace_only_in_the_log(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     @public
     async def boom(request: web.Request) -> web.Response:
         raise RuntimeError("secret detail /srv/portal/x.py")
@@ -370,8 +433,14 @@ def test_the_compiled_http_parser_is_in_use() -> None:
 def test_the_portal_refuses_to_start_on_the_pure_python_parser(tmp_path: Path) -> None:
     config = write_config(tmp_path, None)
     env = {**os.environ, "AIOHTTP_NO_EXTENSIONS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "portal", "run", "--config", str(config)], cwd=ROOT, env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "portal", "run", "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+    )
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
     assert b"pure-Python HTTP parser" in proc.stderr
     assert b'"ready"' not in proc.stdout and b"first_admin" not in proc.stdout

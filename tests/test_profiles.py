@@ -40,8 +40,14 @@ def test_perimeter_panel_layout_matches_the_documented_map() -> None:
     """The map in docs/profiles.md: kind-major discrete inputs with a stride of 16 per kind."""
     for zones in (8, 16):
         p = find_profile(f"perimeter-panel-{zones}")
-        kinds = [("alarm", "zone_alarm"), ("tamper", "zone_tamper"), ("fault", "zone_fault"),
-                 ("touch", "fence_touch"), ("cut", "fence_cut"), ("short", "fence_short")]
+        kinds = [
+            ("alarm", "zone_alarm"),
+            ("tamper", "zone_tamper"),
+            ("fault", "zone_fault"),
+            ("touch", "fence_touch"),
+            ("cut", "fence_cut"),
+            ("short", "fence_short"),
+        ]
         for k, (suffix, kind) in enumerate(kinds):
             for z in range(1, zones + 1):
                 pt = p.point(f"zone{z}_{suffix}")
@@ -108,8 +114,10 @@ def test_decode(table: str, dtype: str, extra: dict[str, object], raw: list[int]
         assert value == expected and type(value) is type(expected)
 
 
-@pytest.mark.parametrize(("table", "dtype", "extra", "raw", "expected"),
-                         [c for c in DECODE_CASES if c[0] in ("coil", "holding") and c[1] != "bit"])
+@pytest.mark.parametrize(
+    ("table", "dtype", "extra", "raw", "expected"),
+    [c for c in DECODE_CASES if c[0] in ("coil", "holding") and c[1] != "bit"],
+)
 def test_encode_round_trips(table: str, dtype: str, extra: dict[str, object], raw: list[int], expected: object) -> None:
     count = 1 if table in BIT_TABLES or dtype in ("uint16", "int16") else 2
     p = _pt(table, dtype, count, **extra)
@@ -124,8 +132,17 @@ def test_decode_uses_the_offset_within_a_block() -> None:
 
 @pytest.mark.parametrize(
     ("dtype", "value"),
-    [("uint16", -1), ("uint16", 65536), ("int16", 40000), ("uint32", 2**32), ("int32", -(2**31) - 1),
-     ("uint16", "12"), ("uint16", True), ("float32", float("nan")), ("float32", 1e39)],
+    [
+        ("uint16", -1),
+        ("uint16", 65536),
+        ("int16", 40000),
+        ("uint32", 2**32),
+        ("int32", -(2**31) - 1),
+        ("uint16", "12"),
+        ("uint16", True),
+        ("float32", float("nan")),
+        ("float32", 1e39),
+    ],
 )
 def test_encode_refuses_values_that_do_not_fit(dtype: str, value: object) -> None:
     count = 1 if dtype in ("uint16", "int16") else 2
@@ -150,7 +167,11 @@ def test_block_planning_respects_limits_and_gaps() -> None:
     bits = [PointSpec(f"b{a}", "discrete", a, "bool", 1) for a in range(10)]
     plan = plan_blocks(bits + pts[:1], BlockLimits(max_bits=4))
     assert [(b.table, b.address, b.count) for b in plan] == [
-        ("discrete", 0, 4), ("discrete", 4, 4), ("discrete", 8, 2), ("holding", 0, 1)]
+        ("discrete", 0, 4),
+        ("discrete", 4, 4),
+        ("discrete", 8, 2),
+        ("holding", 0, 1),
+    ]
     # Bits of one register share the read.
     flags = [PointSpec(f"f{b}", "input", 0, "bit", 1, bit=b) for b in range(4)]
     (blk,) = plan_blocks(flags, BlockLimits())
@@ -175,8 +196,11 @@ def _write(tmp: Path, body: str, name: str = "bad") -> Path:
 
 BAD = [
     ("points:\n  a: {table: holding, address: 0, colour: red}\n", 4, "unknown key 'colour'"),
-    ("points:\n  a: {table: holding, address: 0, dtype: uint32, count: 1}\n", 4,
-     "dtype uint32 takes 2 registers, count 1 does not fit"),
+    (
+        "points:\n  a: {table: holding, address: 0, dtype: uint32, count: 1}\n",
+        4,
+        "dtype uint32 takes 2 registers, count 1 does not fit",
+    ),
     ("points:\n  a: {table: coil, address: 0, dtype: uint16}\n", 4, "dtype must be bool"),
     ("points:\n  a: {table: input, address: 0, dtype: bool}\n", 4, "use dtype bit"),
     ("points:\n  a: {table: input, address: 0, dtype: bit}\n", 4, "'bit' is required"),
@@ -187,29 +211,102 @@ BAD = [
     ("points:\n  a: {table: holding, address: 0, scale: 0}\n", 4, "non-zero number"),
     ("points:\n  a: {table: holding, address: 0, kind: banana}\n", 4, "'kind' must be one of"),
     ("points:\n  a: {table: holding, address: 0, group: fast}\n", 4, "group 'fast' is not defined"),
-    ("points:\n  a: {table: holding, address: 4}\n  b: {table: holding, address: 3, dtype: uint32}\n", None,
-     "points 'b' and 'a' overlap in the holding table at address 4"),
+    (
+        "points:\n  a: {table: holding, address: 4}\n  b: {table: holding, address: 3, dtype: uint32}\n",
+        None,
+        "points 'b' and 'a' overlap in the holding table at address 4",
+    ),
     ("points:\n  a: {table: coil, address: 1}\n  b: {table: coil, address: 1}\n", None, "overlap in the coil table"),
-    ("points:\n  a: {table: input, address: 0, dtype: bit, bit: 2}\n"
-     "  b: {table: input, address: 0, dtype: bit, bit: 2}\n", None, "overlap"),
+    (
+        "points:\n  a: {table: input, address: 0, dtype: bit, bit: 2}\n"
+        "  b: {table: input, address: 0, dtype: bit, bit: 2}\n",
+        None,
+        "overlap",
+    ),
     ("points:\n  a: {table: coil, address: 0}\n  a: {table: coil, address: 1}\n", None, "not valid YAML"),
-    ("series:\n  - {name: 'z{n}', repeat: 2, table: coil, address: 0}\n"
-     "points:\n  z2: {table: coil, address: 9}\n", None, "point 'z2' is defined twice"),
+    (
+        "series:\n  - {name: 'z{n}', repeat: 2, table: coil, address: 0}\npoints:\n  z2: {table: coil, address: 9}\n",
+        None,
+        "point 'z2' is defined twice",
+    ),
     ("series:\n  - {name: zone, repeat: 2, table: coil, address: 0}\n", 4, "must contain {n}"),
     ("points: {}\n", None, "no points"),
-    ("pulse: {method: flash, on_base: 512, off_base: 1024, unit_ms: 100}\n"
-     "points:\n  a: {table: discrete, address: 0}\n", None, "no writable coil"),
-    ("groups:\n  slow: {poll_ms: 1000}\npoints:\n  a: {table: coil, address: 0}\n", None,
-     "group(s) slow have no points"),
-    ("groups:\n  cfg: {poll: false, poll_ms: 10}\npoints:\n  a: {table: coil, address: 0, group: cfg}\n", 4,
-     "makes no sense"),
-    ("blocks: {max_registers: 1}\npoints:\n  a: {table: holding, address: 0, dtype: float32}\n", None,
-     "takes 2 registers but blocks.max_registers is 1"),
-    ("identify: {table: holding, address: 0, count: 2, expect: [1]}\npoints:\n  a: {table: coil, address: 0}\n",
-     3, "list of 2 values"),
+    (
+        "pulse: {method: flash, on_base: 512, off_base: 1024, unit_ms: 100}\n"
+        "points:\n  a: {table: discrete, address: 0}\n",
+        None,
+        "no writable coil",
+    ),
+    (
+        "groups:\n  slow: {poll_ms: 1000}\npoints:\n  a: {table: coil, address: 0}\n",
+        None,
+        "group(s) slow have no points",
+    ),
+    (
+        "groups:\n  cfg: {poll: false, poll_ms: 10}\npoints:\n  a: {table: coil, address: 0, group: cfg}\n",
+        4,
+        "makes no sense",
+    ),
+    (
+        "blocks: {max_registers: 1}\npoints:\n  a: {table: holding, address: 0, dtype: float32}\n",
+        None,
+        "takes 2 registers but blocks.max_registers is 1",
+    ),
+    (
+        "identify: {table: holding, address: 0, count: 2, expect: [1]}\npoints:\n  a: {table: coil, address: 0}\n",
+        3,
+        "list of 2 values",
+    ),
     ("colour: red\npoints:\n  a: {table: coil, address: 0}\n", 3, "unknown key 'colour'"),
     ("points:\n  A-1: {table: coil, address: 0}\n", 4, "not a valid point name"),
+    # documented values and the settings a device must hold
+    ("points:\n  m: {table: holding, address: 0, scale: 0.1, expect: 0}\n", 4, "'expect' needs a whole-number"),
+    ("points:\n  m: {table: holding, address: 0, expect: [normal]}\n", 4, "'expect' must be a value or a list"),
+    ("points:\n  m: {table: holding, address: 0, expect: []}\n", 4, "'expect' must be a value or a list"),
+    ("points:\n  m: {table: holding, address: 0, values: {normal: 0}}\n", 4, "'values' maps whole numbers"),
+    ("points:\n  m: {table: holding, address: 0, values: [normal]}\n", 4, "'values' must map raw values"),
+    ("points:\n  m: {table: holding, address: 0, dtype: float32, values: {0: off}}\n", 4, "'values' names whole"),
+    # probes that tell a model from others answering the same identification
+    (
+        "identify: {table: holding, address: 0, count: 1, probes: [{table: input, address: 1, refused: true,"
+        " expect: [1]}]}\npoints:\n  a: {table: coil, address: 0}\n",
+        3,
+        "'refused' and 'expect' exclude",
+    ),
+    (
+        "identify: {table: holding, address: 0, count: 1, probes: [{table: input, address: 65535, count: 2}]}\n"
+        "points:\n  a: {table: coil, address: 0}\n",
+        3,
+        "runs past 65535",
+    ),
+    (
+        "identify: {table: holding, address: 0, count: 1, probes: {table: input}}\npoints:\n  a: {table: coil,"
+        " address: 0}\n",
+        3,
+        "'probes' must be a list",
+    ),
+    (
+        "identify: {table: holding, address: 0, count: 1, probes: [{table: input, address: 0, colour: red}]}\n"
+        "points:\n  a: {table: coil, address: 0}\n",
+        3,
+        "unknown key 'colour'",
+    ),
 ]
+
+
+def test_expected_settings_are_checked_with_the_makers_names() -> None:
+    p = find_profile("waveshare-modbus-rtu-relay-d").point("relay3_mode")
+    assert (p.address, p.expect, dict(p.values)) == (
+        0x1002,
+        (0,),
+        {0: "normal", 1: "linkage", 2: "toggle", 3: "edge_trigger"},
+    )
+    assert p.check(0) is None
+    assert p.check(1) == "relay3_mode = 1 (linkage), expected 0 (normal)"
+    assert p.check(7) == "relay3_mode = 7, expected 0 (normal)"
+    relay = find_profile("waveshare-modbus-rtu-relay-d")
+    assert relay.pulse_limit_ms() == 0x7FFF * 100 and relay.identify is not None and relay.identify.probes
+    assert find_profile("waveshare-modbus-rtu-io-8ch").point("output1_mode").expect == (0,)
 
 
 @pytest.mark.parametrize(("body", "line", "message"), BAD)

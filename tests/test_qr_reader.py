@@ -15,7 +15,8 @@ import pytest
 
 from devices.events import Availability, Scan
 from devices.qr_reader import MAX_LINE, Line, LineFramer, Parsed, QrReaderLine, ReaderSpec, Refused, parse_line
-from tests.stubs import run_stub, wait_until
+from tests.stubs import run_stub
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,8 +43,7 @@ PASS = b"GH1:" + b"A" * 200
         ([b"caf\xc3\xa9\r"], [Refused("garbage", 5, b"caf\xc3\xa9")]),  # UTF-8 is refused, not decoded
         ([b"A" * MAX_LINE + b"\r"], [Line(b"A" * MAX_LINE)]),
         ([b"A" * (MAX_LINE + 1) + b"\rOK\r"], [Refused("overlong", MAX_LINE + 1, b"A" * 16), Line(b"OK")]),
-        ([b"A" * 300, b"B" * 300, b"C" * 300, b"\r\nOK\r\n"],
-         [Refused("overlong", 900, b"A" * 16), Line(b"OK")]),
+        ([b"A" * 300, b"B" * 300, b"C" * 300, b"\r\nOK\r\n"], [Refused("overlong", 900, b"A" * 16), Line(b"OK")]),
         ([b"\x00" * 2000 + b"\n"], [Refused("overlong", 2000, b"\x00" * 16)]),
     ],
 )
@@ -148,7 +148,7 @@ async def test_scans_garbage_and_overlong_lines_on_a_real_pty(pty: Pty) -> None:
         pty.write(PASS + b"\r")
         pty.write(b"\x1b[A\x00\xff junk\r\n" + b"Z" * 700 + b"\r\n")
         pty.write(b"SECOND\n")
-        await wait_until(lambda: len(rec.scans()) == 2, 5, "two scans")
+        await wait_for(lambda: len(rec.scans()) == 2, 5, "two scans")
         assert rec.scans() == [("qr-1", PASS.decode()), ("qr-1", "SECOND")]
         st = line.stats()
         assert (st["scans"], st["rejected_garbage"], st["rejected_overlong"]) == (2, 1, 1)
@@ -169,10 +169,10 @@ async def test_addressed_readers_and_heartbeats(pty: Pty) -> None:
         line.heartbeat()
         assert pty.read_available() == b"@1?\r\n@2?\r\n"
         pty.write(b"@1!\r\n@2!\r\n")
-        await wait_until(lambda: line.availability() == {"qr-a": "online", "qr-b": "online"}, 5, "both online")
+        await wait_for(lambda: line.availability() == {"qr-a": "online", "qr-b": "online"}, 5, "both online")
         pty.write(b"@2:" + PASS + b"\r@9:" + PASS + b"\r" + PASS + b"\r")
-        await wait_until(lambda: rec.scans() == [("qr-b", PASS.decode())], 5, "the scan from reader 2")
-        await wait_until(lambda: line.stats()["rejected_unaddressed"] == 1, 5, "the unaddressed line counted")
+        await wait_for(lambda: rec.scans() == [("qr-b", PASS.decode())], 5, "the scan from reader 2")
+        await wait_for(lambda: line.stats()["rejected_unaddressed"] == 1, 5, "the unaddressed line counted")
         assert line.stats()["rejected_unknown_address"] == 1
         # Reader 1 falls silent; reader 2 keeps answering.
         for _ in range(2):
@@ -180,7 +180,7 @@ async def test_addressed_readers_and_heartbeats(pty: Pty) -> None:
             line.heartbeat()
             assert pty.read_available() == b"@1?\r\n@2?\r\n"
             pty.write(b"@2!\r\n")
-            await wait_until(lambda: line.stats()["heartbeats"] >= 3, 5, "reader 2's answer")
+            await wait_for(lambda: line.stats()["heartbeats"] >= 3, 5, "reader 2's answer")
         assert rec.availability("qr-a") == ["online"]  # one miss so far
         clock.t += 5.0
         line.heartbeat()
@@ -193,7 +193,7 @@ async def test_addressed_readers_and_heartbeats(pty: Pty) -> None:
         line.heartbeat()  # not due yet: nothing sent
         assert pty.read_available(0.2) == b""
         pty.write(b"@1:" + PASS + b"\r\n")  # any line brings it back
-        await wait_until(lambda: rec.availability("qr-a") == ["online", "offline", "online"], 5, "reader 1 back")
+        await wait_for(lambda: rec.availability("qr-a") == ["online", "offline", "online"], 5, "reader 1 back")
 
 
 async def test_a_missing_port_is_offline_and_recovers(tmp_path: os.PathLike[str]) -> None:
@@ -204,12 +204,12 @@ async def test_a_missing_port_is_offline_and_recovers(tmp_path: os.PathLike[str]
     line = QrReaderLine("l1", link, [ReaderSpec("qr-1")], rec, reconnect_min=0.05, reconnect_max=0.2)
     try:
         async with line:
-            await wait_until(lambda: rec.availability("qr-1") == ["offline"], 5, "offline: no such port")
+            await wait_for(lambda: rec.availability("qr-1") == ["offline"], 5, "offline: no such port")
             os.symlink(path, link)
             await asyncio.wait_for(line.wait_open(), 5)
             assert rec.availability("qr-1") == ["offline", "online"]
             os.write(master, b"HELLO\r")
-            await wait_until(lambda: rec.scans() == [("qr-1", "HELLO")], 5, "a scan")
+            await wait_for(lambda: rec.scans() == [("qr-1", "HELLO")], 5, "a scan")
     finally:
         os.close(master)
         os.close(slave)
@@ -248,7 +248,9 @@ async def test_the_reader_stub_speaks_the_documented_protocol() -> None:
             assert len(w) == 3 and 0.05 <= w[2] - w[0] < 0.5
             st = await stub.state()
             assert [(x["address"], x["offline"], x["polls"], x["answers"]) for x in st["readers"]] == [
-                (1, False, 2, 2), (7, True, 2, 1)]
+                (1, False, 2, 2),
+                (7, True, 2, 1),
+            ]
         finally:
             os.close(fd)
 
@@ -256,17 +258,18 @@ async def test_the_reader_stub_speaks_the_documented_protocol() -> None:
 async def test_the_reader_stub_into_the_driver_plain_cr() -> None:
     rec = Recorder()
     async with run_stub("firmware_stubs.qr_reader", "--pty") as stub:
-        line = QrReaderLine("l1", stub.serial, [ReaderSpec("qr-1", heartbeat_s=0.2, offline_after_misses=2)], rec,
-                            check_interval=0.05)
+        line = QrReaderLine(
+            "l1", stub.serial, [ReaderSpec("qr-1", heartbeat_s=0.2, offline_after_misses=2)], rec, check_interval=0.05
+        )
         async with line:
-            await wait_until(lambda: rec.availability("qr-1") == ["online"], 5, "the answer to the first poll")
+            await wait_for(lambda: rec.availability("qr-1") == ["online"], 5, "the answer to the first poll")
             await stub.post("/garbage")
             await stub.post("/overlong")
             await stub.post("/scan", {"text": "GH1:OK"})
-            await wait_until(lambda: rec.scans() == [("qr-1", "GH1:OK")], 5, "the scan")
+            await wait_for(lambda: rec.scans() == [("qr-1", "GH1:OK")], 5, "the scan")
             await stub.post("/offline", {"on": True})
-            await wait_until(lambda: rec.availability("qr-1") == ["online", "offline"], 5, "offline")
+            await wait_for(lambda: rec.availability("qr-1") == ["online", "offline"], 5, "offline")
             await stub.post("/offline", {"on": False})
-            await wait_until(lambda: rec.availability("qr-1") == ["online", "offline", "online"], 5, "back")
+            await wait_for(lambda: rec.availability("qr-1") == ["online", "offline", "online"], 5, "back")
             st = line.stats()
             assert (st["rejected_garbage"], st["rejected_overlong"], st["scans"]) == (1, 1, 1)

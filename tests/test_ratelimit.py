@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from portal import registry as reg
 from portal.config import ConfigError, parse
-from portal.ratelimit import RateLimiter, client_address, networks
+from portal.estate import registry as reg
+from portal.web.ratelimit import RateLimiter, client_address, networks
 from tests.portal_support import running_portal, write_config
 from tests.registry_support import admin_session, estate_csv, form, house_id, import_csv, plate_code
 
@@ -59,28 +59,32 @@ def test_buckets_are_bounded_and_the_oldest_key_is_forgotten_first() -> None:
         RateLimiter(0, 60)
 
 
-@pytest.mark.parametrize(("peer", "forwarded_for", "client"), [
-    ("203.0.113.9", ["6.6.6.6"], "203.0.113.9"),  # an untrusted peer's header is ignored
-    ("10.0.0.0", ["6.6.6.6"], "6.6.6.6"),
-    ("127.0.0.1", [], "127.0.0.1"),
-    ("127.0.0.1", ["203.0.113.7"], "203.0.113.7"),
-    ("127.0.0.1", ["6.6.6.6, 203.0.113.7"], "203.0.113.7"),  # what the client wrote stands left of its address
-    ("127.0.0.1", ["6.6.6.6", "203.0.113.7"], "203.0.113.7"),  # several headers make one list
-    ("127.0.0.1", ["6.6.6.6, 203.0.113.7, 10.1.2.3"], "203.0.113.7"),  # through two trusted proxies
-    ("127.0.0.1", ["10.1.2.3"], "10.1.2.3"),  # only proxies on the way: the farthest one
-    ("127.0.0.1", ["203.0.113.7, not-an-address"], "127.0.0.1"),  # unreadable: stop at the last proxy believed
-    ("127.0.0.1", ["not-an-address, 203.0.113.7"], "203.0.113.7"),
-    ("127.0.0.1", ["", " 203.0.113.7:51234 "], "203.0.113.7"),
-    ("127.0.0.1", ["[2001:db8::7]:443"], "2001:db8::7"),
-    ("127.0.0.1", ["2001:DB8:0:0::7"], "2001:db8::7"),  # one spelling, one bucket
-    ("::ffff:127.0.0.1", ["203.0.113.7"], "203.0.113.7"),  # a dual-stack listener's view of an IPv4 proxy
-    ("fd00::1", ["203.0.113.7"], "203.0.113.7"),
-    ("fe80::1", ["203.0.113.7"], "fe80::1"),
-    (None, ["203.0.113.7"], None),
-    ("", ["203.0.113.7"], ""),
-])
+@pytest.mark.parametrize(
+    ("peer", "forwarded_for", "client"),
+    [
+        ("203.0.113.9", ["6.6.6.6"], "203.0.113.9"),  # an untrusted peer's header is ignored
+        ("10.0.0.0", ["6.6.6.6"], "6.6.6.6"),
+        ("127.0.0.1", [], "127.0.0.1"),
+        ("127.0.0.1", ["203.0.113.7"], "203.0.113.7"),
+        ("127.0.0.1", ["6.6.6.6, 203.0.113.7"], "203.0.113.7"),  # what the client wrote stands left of its address
+        ("127.0.0.1", ["6.6.6.6", "203.0.113.7"], "203.0.113.7"),  # several headers make one list
+        ("127.0.0.1", ["6.6.6.6, 203.0.113.7, 10.1.2.3"], "203.0.113.7"),  # through two trusted proxies
+        ("127.0.0.1", ["10.1.2.3"], "10.1.2.3"),  # only proxies on the way: the farthest one
+        ("127.0.0.1", ["203.0.113.7, not-an-address"], "127.0.0.1"),  # unreadable: stop at the last proxy believed
+        ("127.0.0.1", ["not-an-address, 203.0.113.7"], "203.0.113.7"),
+        ("127.0.0.1", ["", " 203.0.113.7:51234 "], "203.0.113.7"),
+        ("127.0.0.1", ["[2001:db8::7]:443"], "2001:db8::7"),
+        ("127.0.0.1", ["2001:DB8:0:0::7"], "2001:db8::7"),  # one spelling, one bucket
+        ("::ffff:127.0.0.1", ["203.0.113.7"], "203.0.113.7"),  # a dual-stack listener's view of an IPv4 proxy
+        ("fd00::1", ["203.0.113.7"], "203.0.113.7"),
+        ("fe80::1", ["203.0.113.7"], "fe80::1"),
+        (None, ["203.0.113.7"], None),
+        ("", ["203.0.113.7"], ""),
+    ],
+)
 def test_the_client_is_the_right_most_address_no_trusted_proxy_added(
-        peer: str | None, forwarded_for: list[str], client: str | None) -> None:
+    peer: str | None, forwarded_for: list[str], client: str | None
+) -> None:
     assert client_address(peer, forwarded_for, TRUSTED) == client
     assert client_address(peer, forwarded_for, ()) == peer  # no proxies configured: the header is never read
 
@@ -99,7 +103,10 @@ def test_trusted_proxies_must_be_networks(tmp_path: Path) -> None:
 
 
 async def test_behind_a_trusted_proxy_every_resident_has_a_bucket_of_their_own(tmp_path: Path) -> None:
-    extra = "trusted_proxies: [127.0.0.1]\nphone: {bad_codes_per_10min: 3, scans_per_min: 1000}\n"
+    extra = (
+        "trusted_proxies: [127.0.0.1]\nphone: {bad_codes_per_10min: 3, scans_per_min: 1000}\n"
+        "public_url: https://wy.example.cn\n"
+    )  # plates print to it
     async with running_portal(write_config(tmp_path, None, extra=extra)) as p:
         csrf = await admin_session(p)
         assert (await import_csv(p, csrf, estate_csv()))[0] == 200
@@ -113,13 +120,16 @@ async def test_behind_a_trusted_proxy_every_resident_has_a_bucket_of_their_own(t
             assert (await p.client.get(f"/p/{good}", headers={"X-Forwarded-For": xff})).status == 200, xff
         assert (await p.client.get(f"/p/{good}")).status == 200  # the proxy itself
         # The audit trail names the client too, not the proxy.
-        bid = await p.services.store.read(lambda c: c.execute(
-            "SELECT id FROM reg_buildings WHERE code = '3'").fetchone()[0])
-        r = await p.client.get(f"/admin/registry/buildings/{bid}/sheet.pdf",
-                               headers={"X-Forwarded-For": "198.51.100.4"})
+        bid = await p.services.store.read(
+            lambda c: c.execute("SELECT id FROM reg_buildings WHERE code = '3'").fetchone()[0]
+        )
+        r = await p.client.get(
+            f"/admin/registry/buildings/{bid}/sheet.pdf", headers={"X-Forwarded-For": "198.51.100.4"}
+        )
         assert r.status == 200
-        remote = await p.services.store.read(lambda c: c.execute(
-            "SELECT remote FROM audit WHERE action = 'plates.print'").fetchone()[0])
+        remote = await p.services.store.read(
+            lambda c: c.execute("SELECT remote FROM audit WHERE action = 'plates.print'").fetchone()[0]
+        )
         assert remote == "198.51.100.4"
 
 
@@ -130,8 +140,10 @@ async def test_a_spoofed_forwarded_for_from_an_untrusted_peer_is_ignored(tmp_pat
         csrf = await admin_session(p)
         assert (await import_csv(p, csrf, estate_csv()))[0] == 200
         good = await plate_code(p, "3", "2", "301")
-        statuses = [(await p.client.get(f"/p/{reg.new_plate_code()}",
-                                        headers={"X-Forwarded-For": f"203.0.113.{i}"})).status for i in range(5)]
+        statuses = [
+            (await p.client.get(f"/p/{reg.new_plate_code()}", headers={"X-Forwarded-For": f"203.0.113.{i}"})).status
+            for i in range(5)
+        ]
         assert statuses == [404, 404, 404, 429, 429]  # a fresh made-up address each time bought nothing
         assert (await p.client.get(f"/p/{good}", headers={"X-Forwarded-For": "198.51.100.1"})).status == 429
 
@@ -147,7 +159,9 @@ async def test_an_unknown_code_takes_as_long_as_a_withdrawn_one(tmp_path: Path) 
         assert (await import_csv(p, csrf, estate_csv()))[0] == 200
         hid = await house_id(p, "3", "2", "301")
         withdrawn = await plate_code(p, "3", "2", "301")
-        assert (await form(p, "/admin/registry/plates/reissue", {"kind": "house", "id": str(hid)}, csrf)).status == 303
+        assert (
+            await form(p, "/admin/registry/plates/reissue", {"kind": "house", "id": str(hid), "confirmed": "yes"}, csrf)
+        ).status == 303
         assert await plate_code(p, "3", "2", "301") != withdrawn
 
         async def fetch(kind: str) -> float:

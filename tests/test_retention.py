@@ -26,13 +26,26 @@ import pytest
 from ulid import ULID
 
 from gateway import wire
-from portal import audit
-from portal import registry as reg
-from portal.access_log import names_of
 from portal.config import ConfigError, load, parse
-from portal.retention import FORMER_RESIDENT, Policy, purge, purge_store
-from portal.store import FnOp, Store, StoreBatch, Tx, connect, insert_user, open_db, ts_text
-from tests.portal_support import GATEWAY, ROOT, SITE, running_portal, wait_for, write_config
+from portal.doors.access_log import names_of
+from portal.estate import registry as reg
+from portal.estate.retention import FORMER_RESIDENT, Policy, purge, purge_store
+from portal.store import (
+    Conn,
+    FnOp,
+    Store,
+    StoreBatch,
+    Target,
+    Tx,
+    audit,
+    connect,
+    db,
+    insert_user,
+    open_db,
+    ts_text,
+)
+from portal.store.storekey import StoreKey
+from tests.portal_support import GATEWAY, ROOT, SITE, running_portal, store_key, wait_for, write_config
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 TZ = ZoneInfo("Asia/Shanghai")
@@ -55,8 +68,8 @@ def day(days: int) -> str:
     return (TODAY - timedelta(days=days)).isoformat()
 
 
-def tx(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-    conn.execute("BEGIN IMMEDIATE")
+def tx(conn: Conn, fn: Callable[[Conn], Any]) -> Any:
+    conn.begin()
     try:
         out = fn(conn)
         conn.execute("COMMIT")
@@ -66,16 +79,16 @@ def tx(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Any
     return out
 
 
-def one(conn: sqlite3.Connection, sql: str, *args: Any) -> Any:
+def one(conn: Conn, sql: str, *args: Any) -> Any:
     row = conn.execute(sql, args).fetchone()
     return None if row is None else row[0]
 
 
-def rows(conn: sqlite3.Connection, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+def rows(conn: Conn, sql: str, *args: Any) -> list[tuple[Any, ...]]:
     return [tuple(r) for r in conn.execute(sql, args)]
 
 
-def column(conn: sqlite3.Connection, sql: str, *args: Any) -> list[Any]:
+def column(conn: Conn, sql: str, *args: Any) -> list[Any]:
     return [r[0] for r in conn.execute(sql, args)]
 
 
@@ -94,36 +107,59 @@ PEOPLE_CSV = (
 
 
 def access_event(seq: int, ts: datetime, subject: str, *, gateway_type: str = "access.granted") -> wire.Event:
-    return wire.Event(id=str(ULID.from_datetime(ts)), seq=seq, ts=ts, type=gateway_type, device="door-1",
-                      place=wire.Place(site=SITE, building="3", unit="2", door="d1"), point="r1",
-                      priority=wire.Priority.ROUTINE,
-                      data={"subject": subject, "house": "3-2-301", "kind": "resident", "reader": "r1"})
+    return wire.Event(
+        id=str(ULID.from_datetime(ts)),
+        seq=seq,
+        ts=ts,
+        type=gateway_type,
+        device="door-1",
+        place=wire.Place(site=SITE, building="3", unit="2", door="d1"),
+        point="r1",
+        priority=wire.Priority.ROUTINE,
+        data={"subject": subject, "house": "3-2-301", "kind": "resident", "reader": "r1"},
+    )
 
 
 def alarm_event(seq: int, ts: datetime) -> wire.Event:
-    return wire.Event(id=str(ULID.from_datetime(ts)), seq=seq, ts=ts, type="zone.alarm", device="fence-1",
-                      place=wire.Place(site=SITE, zone="P1"), point="in1", priority=wire.Priority.INTRUSION,
-                      data={"zone": "P1"})
+    return wire.Event(
+        id=str(ULID.from_datetime(ts)),
+        seq=seq,
+        ts=ts,
+        type="zone.alarm",
+        device="fence-1",
+        place=wire.Place(site=SITE, zone="P1"),
+        point="in1",
+        priority=wire.Priority.INTRUSION,
+        data={"zone": "P1"},
+    )
 
 
-def store_events(conn: sqlite3.Connection, events: list[wire.Event], gateway: str = GATEWAY) -> None:
+def store_events(conn: Conn, events: list[wire.Event], gateway: str = GATEWAY) -> None:
     """Through the store's own op (its triggers fill the access log), in one transaction."""
     tx(conn, lambda c: StoreBatch(wire.batch_events(SITE, gateway, events)).apply(Tx(c, {})))
 
 
-def person_id(conn: sqlite3.Connection, phone: str) -> int:
+def person_id(conn: Conn, phone: str) -> int:
     return int(one(conn, "SELECT id FROM reg_people WHERE phone = ?", phone))
 
 
-def subject_of(conn: sqlite3.Connection, phone: str, house: str) -> str:
-    return str(one(conn, "SELECT r.subject FROM reg_residents r JOIN reg_people p ON p.id = r.person_id"
-                         " JOIN reg_houses h ON h.id = r.house_id WHERE p.phone = ? AND h.code = ?", phone, house))
+def subject_of(conn: Conn, phone: str, house: str) -> str:
+    return str(
+        one(
+            conn,
+            "SELECT r.subject FROM reg_residents r JOIN reg_people p ON p.id = r.person_id"
+            " JOIN reg_houses h ON h.id = r.house_id WHERE p.phone = ? AND h.code = ?",
+            phone,
+            house,
+        )
+    )
 
 
-def seed(conn: sqlite3.Connection) -> dict[str, Any]:
+def seed(conn: Conn) -> dict[str, Any]:
     """One row past the policy and one within it in every table the purge touches (defaults: 365 days for the
     security logs, 30 for former residents and visitor names, 90 for work items)."""
-    def old_audit(c: sqlite3.Connection) -> None:  # the trail is written in time order: a year old first
+
+    def old_audit(c: Conn) -> None:  # the trail is written in time order: a year old first
         for i in range(5):
             audit.write(c, "admin:alice", "view.house", f"house:{i}", "", "10.0.0.9", at=at(400 - i))
 
@@ -136,7 +172,7 @@ def seed(conn: sqlite3.Connection) -> dict[str, Any]:
     gone_res = int(one(conn, "SELECT id FROM reg_residents WHERE person_id = ?", gone))
     gone_subject = subject_of(conn, "13800000001", "301")
 
-    def more(c: sqlite3.Connection) -> None:
+    def more(c: Conn) -> None:
         # a registration rejected 40 days ago (purged) and one pending since long ago (kept)
         rej = reg.register(c, house, "13800000005", "被拒戊", "owner", None, None)
         c.execute("UPDATE reg_residents SET status = 'rejected', decided_at = ? WHERE id = ?", (at(40), rej))
@@ -145,72 +181,149 @@ def seed(conn: sqlite3.Connection) -> dict[str, Any]:
         # sign-in: staff sessions, residents' phone sessions, one-time codes
         uid = insert_user(c, "alice", "admin", "x", False)
         now_s = NOW.timestamp()
-        c.executemany("INSERT INTO sessions (id_hash, user_id, csrf_token, created, last_seen) VALUES (?, ?, '', ?, ?)",
-                      [("s-idle", uid, now_s - 7200, now_s - 7200), ("s-old", uid, now_s - 13 * 3600, now_s - 60),
-                       ("s-live", uid, now_s - 600, now_s - 60)])
-        c.executemany("INSERT INTO resident_sessions (id_hash, person_id, created, last_seen) VALUES (?, ?, ?, ?)",
-                      [("r-idle", stays, now_s - 20 * 86400, now_s - 15 * 86400),
-                       ("r-live", stays, now_s - 86400, now_s - 60), ("r-gone", gone, now_s - 86400, now_s - 60)])
+        c.executemany(
+            "INSERT INTO sessions (id_hash, user_id, csrf_token, created, last_seen) VALUES (?, ?, '', ?, ?)",
+            [
+                ("s-idle", uid, now_s - 7200, now_s - 7200),
+                ("s-old", uid, now_s - 13 * 3600, now_s - 60),
+                ("s-live", uid, now_s - 600, now_s - 60),
+            ],
+        )
+        c.executemany(
+            "INSERT INTO resident_sessions (id_hash, person_id, created, last_seen) VALUES (?, ?, ?, ?)",
+            [
+                ("r-idle", stays, now_s - 20 * 86400, now_s - 15 * 86400),
+                ("r-live", stays, now_s - 86400, now_s - 60),
+                ("r-gone", gone, now_s - 86400, now_s - 60),
+            ],
+        )
         c.execute("UPDATE reg_people SET otc_hash = 'h1', otc_expires = ? WHERE id = ?", (now_s - 10, stays))
-        c.execute("UPDATE reg_people SET otc_hash = 'h2', otc_expires = ? WHERE phone = '13800000002'",
-                  (now_s + 3600,))
+        c.execute("UPDATE reg_people SET otc_hash = 'h2', otc_expires = ? WHERE phone = '13800000002'", (now_s + 3600,))
         # work items: finished long ago (anonymised), open long ago and finished lately (kept)
         notes = json.dumps([{"at": at(95), "by": "guard:bob", "status": "closed", "note": "回电 13912345678"}])
-        for text, status, updated in (("漏水，请联系 13912345678", "closed", at(95)), ("门锁坏了", "open", at(200)),
-                                      ("电梯异响", "resolved", at(10))):
-            c.execute("INSERT INTO work_items (kind, house_id, text, photo, photo_type, status, notes, created_at,"
-                      " updated_at) VALUES ('problem', ?, ?, x'ffd8ff', 'image/jpeg', ?, ?, ?, ?)",
-                      (house, text, status, notes, updated, updated))
+        for text, status, updated in (
+            ("漏水，请联系 13912345678", "closed", at(95)),
+            ("门锁坏了", "open", at(200)),
+            ("电梯异响", "resolved", at(10)),
+        ):
+            c.execute(
+                "INSERT INTO work_items (kind, house_id, text, photo, photo_type, status, notes, created_at,"
+                " updated_at) VALUES ('problem', ?, ?, ?, 'image/jpeg', ?, ?, ?, ?)",
+                (house, text, b"\xff\xd8\xff", status, notes, updated, updated),
+            )
         # visitors at the guardroom: expired a year ago (deleted), 40 days ago (name cleared), 5 days ago (kept)
         for subj, name, expired in (("v:old", "访客甲", 400), ("v:mid", "访客乙", 40), ("v:new", "访客丙", 5)):
-            c.execute("INSERT INTO guard_visitors (subject, name, site, building, unit, house, house_id, pass_id,"
-                      " pass_text, not_before, not_after, uses, note, created_at, created_by) VALUES"
-                      " (?, ?, 's1', '3', '2', '301', ?, 'aa', 'QR', ?, ?, 1, '手机 139', ?, 'guard:bob')",
-                      (subj, name, house, unix(expired + 1), unix(expired), at(expired + 1)))
+            c.execute(
+                "INSERT INTO guard_visitors (subject, name, site, building, unit, house, house_id, pass_id,"
+                " sealed, not_before, not_after, uses, note, created_at, created_by) VALUES"
+                " (?, ?, 's1', '3', '2', '301', ?, 'aa', 'QR', ?, ?, 1, '手机 139', ?, 'guard:bob')",
+                (subj, name, house, unix(expired + 1), unix(expired), at(expired + 1)),
+            )
         # visitor passes residents issued: one expired a year ago (deleted) and one by the former resident (kept)
         for token, expired in (("t-old", 400), ("t-gone", 20)):
-            c.execute("INSERT INTO visitor_passes (token_hash, resident_id, pass_id, subject, pass_text, not_before,"
-                      " not_after, uses, created_at) VALUES (?, ?, 'bb', 'v:x', 'QR', ?, ?, 1, ?)",
-                      (token, gone_res, unix(expired + 1), unix(expired), at(expired + 1)))
+            c.execute(
+                "INSERT INTO visitor_passes (token_hash, resident_id, pass_id, subject, sealed, not_before,"
+                " not_after, uses, created_at) VALUES (?, ?, 'bb', 'v:x', 'QR', ?, ?, 1, ?)",
+                (token, gone_res, unix(expired + 1), unix(expired), at(expired + 1)),
+            )
         # incidents: closed a year ago with its log (deleted); open since a year ago and closed lately (kept)
-        for key, state, created, closed in (("I-old", "closed", 400, 399), ("I-open", "new", 400, None),
-                                            ("I-new", "closed", 30, 29)):
+        for key, state, created, closed in (
+            ("I-old", "closed", 400, 399),
+            ("I-open", "new", 400, None),
+            ("I-new", "closed", 30, 29),
+        ):
             iid = c.execute(
                 "INSERT INTO incidents (key, site, gateway, kind, type, priority, place, first_event, opened_at,"
                 " created_at, last_event_at, state, closed_at, updated_at) VALUES (?, 's1', 'gw1', 'intrusion',"
-                " 'zone.alarm', 3, '{}', 'e', ?, ?, ?, ?, ?, ?)",
-                (key, at(created), at(created), at(created), state, at(closed) if closed else None,
-                 at(closed or created))).lastrowid
-            c.executemany("INSERT INTO incident_log (incident_id, at, actor, action) VALUES (?, ?, 'guard:bob', ?)",
-                          [(iid, at(created), a) for a in ("alarm", "ack", "close")])
+                " 'zone.alarm', 3, '{}', 'e', ?, ?, ?, ?, ?, ?) RETURNING id",
+                (
+                    key,
+                    at(created),
+                    at(created),
+                    at(created),
+                    state,
+                    at(closed) if closed else None,
+                    at(closed or created),
+                ),
+            ).fetchone()[0]
+            c.executemany(
+                "INSERT INTO incident_log (incident_id, at, actor, action) VALUES (?, ?, 'guard:bob', ?)",
+                [(iid, at(created), a) for a in ("alarm", "ack", "close")],
+            )
         for cid, sent in (("c-old", 400), ("c-new", 100)):
-            c.execute("INSERT INTO door_commands (id, site, gateway, door, reason, by_user, sent_at, status)"
-                      " VALUES (?, 's1', 'gw1', 'd1', '送快递', 'guard:bob', ?, 'opened')", (cid, at(sent)))
-            c.execute("INSERT INTO console_commands (id, site, gateway, type, args, by_user, sent_at, status)"
-                      " VALUES (?, 's1', 'gw1', 'arm', '{}', 'guard:bob', ?, 'ok')", (cid, at(sent)))
+            c.execute(
+                "INSERT INTO door_commands (id, site, gateway, door, reason, by_user, sent_at, status)"
+                " VALUES (?, 's1', 'gw1', 'd1', '送快递', 'guard:bob', ?, 'opened')",
+                (cid, at(sent)),
+            )
+            c.execute(
+                "INSERT INTO console_commands (id, site, gateway, type, args, by_user, sent_at, status)"
+                " VALUES (?, 's1', 'gw1', 'arm', '{}', 'guard:bob', ?, 'ok')",
+                (cid, at(sent)),
+            )
         for i in range(3):
             audit.write(c, "guard:bob", "signin", "guard:bob", "", "10.0.0.8", at=at(100 - i))
 
     tx(conn, more)
     # events: a year-old access and alarm (deleted), recent ones (kept); the former resident's door opening lately
-    store_events(conn, [access_event(1, ago(400), gone_subject), alarm_event(2, ago(399)),
-                        access_event(3, ago(100), gone_subject), alarm_event(4, ago(99))])
+    store_events(
+        conn,
+        [
+            access_event(1, ago(400), gone_subject),
+            alarm_event(2, ago(399)),
+            access_event(3, ago(100), gone_subject),
+            alarm_event(4, ago(99)),
+        ],
+    )
     store_events(conn, [alarm_event(1, ago(500))], gateway="gw2")  # a gateway's newest event stays, however old
     return {"gone": gone, "stays": stays, "gone_subject": gone_subject, "house": house}
 
 
-EXPECTED = {"sessions": 2, "resident_sessions": 1, "signin_codes": 1, "former_residents": 2, "work_items": 1,
-            "visitor_names": 2, "guard_visitors": 1, "visitor_passes": 1, "access_log": 1, "events": 2,
-            "incident_log": 3, "incidents": 1, "door_commands": 1, "console_commands": 1, "audit": 5}
+EXPECTED = {
+    "sessions": 2,
+    "resident_sessions": 1,
+    "signin_codes": 1,
+    "former_residents": 2,
+    "work_items": 1,
+    "visitor_names": 2,
+    "guard_visitors": 1,
+    "visitor_passes": 1,
+    "access_log": 1,
+    "events": 2,
+    "incident_log": 3,
+    "incidents": 1,
+    "door_commands": 1,
+    "console_commands": 1,
+    "care_contacts": 0,
+    "care_alerts": 0,
+    "patrol_visits": 0,
+    "patrol_scans": 0,
+    "patrol_rounds": 0,
+    "audit": 5,
+}
 
 
-def fresh(tmp_path: Path, name: str = "portal.db") -> tuple[sqlite3.Connection, dict[str, Any]]:
-    conn = open_db(tmp_path / name)
+NewStore = Callable[[str], Target]
+
+
+def fresh(new_store: NewStore, name: str = "portal.db", key: StoreKey | None = None) -> tuple[Conn, dict[str, Any]]:
+    target = new_store(name)
+    conn = open_db(target, key or store_key(target))
     return conn, seed(conn)
 
 
-def snapshot(conn: sqlite3.Connection) -> dict[str, list[tuple[Any, ...]]]:
-    tables = column(conn, "SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name")
+def broken_references(conn: Conn) -> list[tuple[Any, ...]]:
+    """SQLite's check of the foreign keys (PostgreSQL refuses a broken one at the statement)."""
+    return rows(conn, "PRAGMA foreign_key_check") if db.dialect_of(conn) == db.SQLITE else []
+
+
+def snapshot(conn: Conn) -> dict[str, list[tuple[Any, ...]]]:
+    tables = column(
+        conn,
+        "SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name"
+        if db.dialect_of(conn) == db.SQLITE
+        else "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
+    )
     return {t: [tuple(r) for r in conn.execute(f"SELECT * FROM {t} ORDER BY 1")] for t in tables}
 
 
@@ -238,19 +351,37 @@ def test_config_section_is_strict_and_defaults_are_the_documented_ones(tmp_path:
         parse(path, "retention:\n  visitors_days: -1\n")
     assert e.value.problems[0].startswith(f"{path}:2: ")
     p = Policy.from_config(parse(path, "sessions: {idle_timeout_s: 600}\n"))
-    assert (p.audit_days, p.access_log_days, p.events_days, p.former_residents_days, p.visitors_days,
-            p.work_items_days, p.session_idle_s, p.chunk_rows) == (365, 365, 365, 30, 30, 90, 600, 2000)
+    assert (
+        p.audit_days,
+        p.access_log_days,
+        p.events_days,
+        p.former_residents_days,
+        p.visitors_days,
+        p.work_items_days,
+        p.session_idle_s,
+        p.chunk_rows,
+    ) == (365, 365, 365, 30, 30, 90, 600, 2000)
     doc = (ROOT / "docs" / "retention.md").read_text(encoding="utf-8")
-    for k in ("audit_days", "access_log_days", "events_days", "incidents_days", "commands_days",
-              "former_residents_days", "visitors_days", "work_items_days", "start_delay_s", "chunk_rows"):
+    for k in (
+        "audit_days",
+        "access_log_days",
+        "events_days",
+        "incidents_days",
+        "commands_days",
+        "former_residents_days",
+        "visitors_days",
+        "work_items_days",
+        "start_delay_s",
+        "chunk_rows",
+    ):
         assert f"`{k}`" in doc, k
 
 
 # ---------------------------------------------------------------- what goes and what stays
 
 
-def test_each_table_old_rows_go_young_rows_stay(tmp_path: Path) -> None:
-    conn, _ = fresh(tmp_path)
+def test_each_table_old_rows_go_young_rows_stay(new_store: NewStore) -> None:
+    conn, _ = fresh(new_store)
     try:
         rep = purge(conn, Policy(), NOW)
         assert rep.counts == EXPECTED and not rep.dry_run
@@ -258,27 +389,45 @@ def test_each_table_old_rows_go_young_rows_stay(tmp_path: Path) -> None:
         assert column(conn, "SELECT id_hash FROM resident_sessions ORDER BY 1") == ["r-live"]  # r-gone: purged person
         assert rows(conn, "SELECT otc_hash FROM reg_people WHERE otc_expires IS NOT NULL") == [("h2",)]
         items = rows(conn, "SELECT status, text, photo IS NULL, notes FROM work_items ORDER BY id")
-        assert items[0] == ("closed", "", 1, json.dumps([{"at": at(95), "by": "guard:bob", "status": "closed",
-                                                          "note": ""}]))
+        assert items[0] == (
+            "closed",
+            "",
+            1,
+            json.dumps([{"at": at(95), "by": "guard:bob", "status": "closed", "note": ""}]),
+        )
         assert [tuple(r)[:3] for r in items[1:]] == [("open", "门锁坏了", 0), ("resolved", "电梯异响", 0)]
         assert rows(conn, "SELECT subject, name, note FROM guard_visitors ORDER BY id") == [
-            ("v:mid", "", ""), ("v:new", "访客丙", "手机 139")]
+            ("v:mid", "", ""),
+            ("v:new", "访客丙", "手机 139"),
+        ]
         assert column(conn, "SELECT token_hash FROM visitor_passes") == ["t-gone"]
         assert column(conn, "SELECT ts FROM access_log") == [at(100)]
         assert rows(conn, "SELECT gateway, seq FROM events ORDER BY gateway, seq") == [
-            ("gw1", 3), ("gw1", 4), ("gw2", 1)]
+            ("gw1", 3),
+            ("gw1", 4),
+            ("gw2", 1),
+        ]
         assert column(conn, "SELECT key FROM incidents ORDER BY id") == ["I-open", "I-new"]
         assert one(conn, "SELECT count(*) FROM incident_log") == 6
-        assert column(conn, "SELECT id FROM door_commands") == column(conn, "SELECT id FROM console_commands") == [
-            "c-new"]
+        assert (
+            column(conn, "SELECT id FROM door_commands") == column(conn, "SELECT id FROM console_commands") == ["c-new"]
+        )
         kept = rows(conn, "SELECT action, at FROM audit ORDER BY id")
-        assert [a for a, _ in kept] == ["import.csv", "signin", "signin", "signin", "retention.purge"]
+        assert [a for a, _ in kept] == [
+            "import.csv",
+            "register.request",
+            "register.request",
+            "signin",
+            "signin",
+            "signin",
+            "retention.purge",
+        ]
         assert all(t >= at(365) for _, t in kept)
-        assert audit.verify(conn) == audit.Verdict(True, 5)
+        assert audit.verify(conn) == audit.Verdict(True, 7)
         row = conn.execute("SELECT actor, target, detail FROM audit WHERE action = 'retention.purge'").fetchone()
         assert row[0] == "system:retention" and row[1].startswith("audit-epoch:")
         assert json.loads(row[2]) == EXPECTED
-        assert rows(conn, "PRAGMA foreign_key_check") == []
+        assert broken_references(conn) == []
         # a second run the same day finds nothing more (its own audit row is the only change)
         again = purge(conn, Policy(), NOW)
         assert sum(again.counts.values()) == 0 and audit.verify(conn).ok
@@ -286,13 +435,15 @@ def test_each_table_old_rows_go_young_rows_stay(tmp_path: Path) -> None:
         conn.close()
 
 
-def test_a_moved_out_resident_is_anonymised_after_n_days_and_history_stays_consistent(tmp_path: Path) -> None:
-    conn, s = fresh(tmp_path)
+def test_a_moved_out_resident_is_anonymised_after_n_days_and_history_stays_consistent(new_store: NewStore) -> None:
+    conn, s = fresh(new_store)
     try:
         rejected = person_id(conn, "13800000005")
         purge(conn, Policy(former_residents_days=30), NOW)
-        people = {r[0]: tuple(r)[1:] for r in conn.execute(
-            "SELECT id, name, phone, password_hash, purged_at IS NOT NULL FROM reg_people")}
+        people = {
+            r[0]: tuple(r)[1:]
+            for r in conn.execute("SELECT id, name, phone, password_hash, purged_at IS NOT NULL FROM reg_people")
+        }
         gone = s["gone"]
         assert people[gone] == (FORMER_RESIDENT, f"purged:{gone}", None, 1)
         assert people[rejected] == (FORMER_RESIDENT, f"purged:{rejected}", None, 1)
@@ -304,10 +455,10 @@ def test_a_moved_out_resident_is_anonymised_after_n_days_and_history_stays_consi
         assert names_of(conn, {s["gone_subject"]}) == {s["gone_subject"]: FORMER_RESIDENT}
         assert one(conn, "SELECT count(*) FROM access_log WHERE subject = ?", s["gone_subject"]) == 1
         assert one(conn, "SELECT count(*) FROM visitor_passes WHERE token_hash = 't-gone'") == 1
-        assert rows(conn, "PRAGMA foreign_key_check") == []
+        assert broken_references(conn) == []
     finally:
         conn.close()
-    conn2, _ = fresh(tmp_path, "day29.db")  # with 32 days, 31 days after the move-out is too early
+    conn2, _ = fresh(new_store, "day29.db")  # with 32 days, 31 days after the move-out is too early
     try:
         rep = purge(conn2, Policy(former_residents_days=32), NOW)
         assert rep.counts["former_residents"] == 1  # only the registration rejected 40 days ago
@@ -316,20 +467,24 @@ def test_a_moved_out_resident_is_anonymised_after_n_days_and_history_stays_consi
         conn2.close()
 
 
-def test_access_events_stay_as_long_as_the_access_log(tmp_path: Path) -> None:
+def test_access_events_stay_as_long_as_the_access_log(new_store: NewStore) -> None:
     """events_days shorter than access_log_days: alarm events go, access events stay with their log rows."""
-    conn, _ = fresh(tmp_path)
+    conn, _ = fresh(new_store)
     try:
         rep = purge(conn, Policy(events_days=200, access_log_days=450), NOW)
         assert rep.counts["access_log"] == 0 and rep.counts["events"] == 1
         assert rows(conn, "SELECT gateway, seq FROM events ORDER BY gateway, seq") == [
-            ("gw1", 1), ("gw1", 3), ("gw1", 4), ("gw2", 1)]
+            ("gw1", 1),
+            ("gw1", 3),
+            ("gw1", 4),
+            ("gw2", 1),
+        ]
     finally:
         conn.close()
 
 
-def test_a_dry_run_changes_nothing_and_counts_what_a_run_does(tmp_path: Path) -> None:
-    conn, _ = fresh(tmp_path)
+def test_a_dry_run_changes_nothing_and_counts_what_a_run_does(new_store: NewStore) -> None:
+    conn, _ = fresh(new_store)
     try:
         before = snapshot(conn)
         rep = purge(conn, Policy(), NOW, dry_run=True)
@@ -342,10 +497,11 @@ def test_a_dry_run_changes_nothing_and_counts_what_a_run_does(tmp_path: Path) ->
 # ---------------------------------------------------------------- the audit chain after pruning
 
 
-def chain(tmp_path: Path, name: str, old: int = 230, young: int = 20) -> sqlite3.Connection:
-    conn = open_db(tmp_path / name)
+def chain(new_store: NewStore, name: str, old: int = 230, young: int = 20) -> Conn:
+    target = new_store(name)
+    conn = open_db(target, store_key(target))
 
-    def fill(c: sqlite3.Connection) -> None:
+    def fill(c: Conn) -> None:
         for i in range(old):
             audit.write(c, "admin:alice", "view.house", f"house:{i}", "", "", at=at(400 - i / 100))
         for i in range(young):
@@ -355,12 +511,12 @@ def chain(tmp_path: Path, name: str, old: int = 230, young: int = 20) -> sqlite3
     return conn
 
 
-def kept_ids(conn: sqlite3.Connection) -> list[int]:
+def kept_ids(conn: Conn) -> list[int]:
     return column(conn, "SELECT id FROM audit ORDER BY id")
 
 
-def test_audit_verifies_after_pruning_and_still_finds_tampering(tmp_path: Path) -> None:
-    conn = chain(tmp_path, "a.db")
+def test_audit_verifies_after_pruning_and_still_finds_tampering(new_store: NewStore) -> None:
+    conn = chain(new_store, "a.db")
     try:
         rep = purge(conn, Policy(chunk_rows=100), NOW)
         assert rep.counts["audit"] == 230
@@ -379,8 +535,8 @@ def test_audit_verifies_after_pruning_and_still_finds_tampering(tmp_path: Path) 
     finally:
         conn.close()
 
-    def pruned(name: str) -> sqlite3.Connection:
-        c = chain(tmp_path, name)
+    def pruned(name: str) -> Conn:
+        c = chain(new_store, name)
         purge(c, Policy(chunk_rows=100), NOW)
         for i in range(3):
             tx(c, lambda c, i=i: audit.write(c, "guard:bob", "view.incident", f"incident:{i}"))
@@ -437,8 +593,8 @@ def test_audit_verifies_after_pruning_and_still_finds_tampering(tmp_path: Path) 
     c.close()
 
 
-def test_an_interrupted_audit_prune_verifies_and_the_next_run_finishes_it(tmp_path: Path) -> None:
-    conn = chain(tmp_path, "a.db")
+def test_an_interrupted_audit_prune_verifies_and_the_next_run_finishes_it(new_store: NewStore) -> None:
+    conn = chain(new_store, "a.db")
     try:
         upto, planned, _ = tx(conn, lambda c: audit.claim(c, "system:retention", at(365), lambda n: f'{{"audit":{n}}}'))
         assert planned == 230
@@ -454,8 +610,14 @@ def test_an_interrupted_audit_prune_verifies_and_the_next_run_finishes_it(tmp_pa
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "portal", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "portal", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 async def test_the_purge_command_on_a_real_file(tmp_path: Path) -> None:
@@ -463,7 +625,7 @@ async def test_the_purge_command_on_a_real_file(tmp_path: Path) -> None:
     r = await asyncio.to_thread(cli, "purge", "--config", str(cfg))
     assert r.returncode == 2 and "no store" in r.stderr, r.stderr
     db = load(cfg).db_path
-    conn, _ = fresh(db.parent, db.name)
+    conn, _ = fresh(lambda name: db, key=load(cfg).store_key())  # the key file the portal of cfg uses
     conn.close()
     before = (db.stat().st_size, snapshot_file(db))
     r = await asyncio.to_thread(cli, "purge", "--config", str(cfg), "--dry-run")
@@ -503,7 +665,8 @@ async def test_the_portal_purges_after_start_up(tmp_path: Path) -> None:
     store_events(conn, [alarm_event(1, ago(400)), alarm_event(2, ago(1))])
     conn.close()
     async with running_portal(cfg) as p:
-        def done(c: sqlite3.Connection) -> Any:
+
+        def done(c: Conn) -> Any:
             return c.execute("SELECT actor, detail FROM audit WHERE action = 'retention.purge'").fetchone()
 
         row = await wait_for(lambda: p.services.store.read(done), timeout=20, what="the start-up purge")
@@ -522,12 +685,18 @@ def bulk_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     db = tmp_path_factory.mktemp("bulk") / "portal.db"
     conn = open_db(db)
     try:
-        tx(conn, lambda c: c.executemany(
-            "INSERT INTO events (id, site, gateway, seq, ts, type, device, place, data, priority, received_at)"
-            " VALUES (?, 's1', 'gw1', ?, ?, 'access.granted', 'door-1', '{\"site\":\"s1\",\"door\":\"d1\"}',"
-            " '{\"subject\":\"r:x\",\"house\":\"3-2-301\"}', 1, ?)",
-            ((str(ULID.from_datetime(ago(400))), i, ts_text(ago(400) + timedelta(seconds=i)), at(400))
-             for i in range(1, N_BULK + 1))))
+        tx(
+            conn,
+            lambda c: c.executemany(
+                "INSERT INTO events (id, site, gateway, seq, ts, type, device, place, data, priority, received_at)"
+                " VALUES (?, 's1', 'gw1', ?, ?, 'access.granted', 'door-1', '{\"site\":\"s1\",\"door\":\"d1\"}',"
+                ' \'{"subject":"r:x","house":"3-2-301"}\', 1, ?)',
+                (
+                    (str(ULID.from_datetime(ago(400))), i, ts_text(ago(400) + timedelta(seconds=i)), at(400))
+                    for i in range(1, N_BULK + 1)
+                ),
+            ),
+        )
         assert one(conn, "SELECT count(*) FROM access_log") == N_BULK
     finally:
         conn.close()  # the last connection checkpoints the WAL: the file alone is the store
@@ -540,10 +709,11 @@ def copy_of(src: Path, folder: Path) -> Path:
     return db
 
 
+@pytest.mark.slow  # fifty thousand rows: not in `make check`
 async def test_fifty_thousand_rows_go_in_chunks_while_the_portal_writes_on(bulk_db: Path, tmp_path: Path) -> None:
     """The daily run: chunks are ops on the store's writer, between the other writers' ops."""
     db = copy_of(bulk_db, tmp_path)
-    store = Store(db)
+    store = Store(db, key=store_key(db))
     await store.start()
     waits: list[float] = []
     stop = asyncio.Event()
@@ -562,20 +732,24 @@ async def test_fifty_thousand_rows_go_in_chunks_while_the_portal_writes_on(bulk_
         rep = await purge_store(store, Policy(), NOW)
         stop.set()
         await task
-        left = await store.read(lambda c: (one(c, "SELECT count(*) FROM events"),
-                                           one(c, "SELECT count(*) FROM access_log")))
+        left = await store.read(
+            lambda c: (one(c, "SELECT count(*) FROM events"), one(c, "SELECT count(*) FROM access_log"))
+        )
         verdict = await store.read(audit.verify)
     finally:
         await store.close()
-    print(f"\nstore: 50,000 access events: {rep.transactions} chunks, {rep.seconds:.2f} s, longest chunk"
-          f" {rep.longest_chunk_s * 1000:.0f} ms; {len(waits)} concurrent writes, longest wait"
-          f" {max(waits) * 1000:.0f} ms")
+    print(
+        f"\nstore: 50,000 access events: {rep.transactions} chunks, {rep.seconds:.2f} s, longest chunk"
+        f" {rep.longest_chunk_s * 1000:.0f} ms; {len(waits)} concurrent writes, longest wait"
+        f" {max(waits) * 1000:.0f} ms"
+    )
     assert rep.counts["access_log"] == N_BULK and rep.counts["events"] == N_BULK - 1 and left == (1, 0)
     assert rep.transactions >= 50  # 25 chunks of 2,000 for each table
     assert len(waits) >= 5 and max(waits) < 1.0
     assert verdict.ok
 
 
+@pytest.mark.slow  # fifty thousand rows: not in `make check`
 def test_fifty_thousand_rows_from_the_command_line_beside_a_running_portal(bulk_db: Path, tmp_path: Path) -> None:
     """``python -m portal purge``'s path: its own connection; another connection's writes still get in."""
     db = copy_of(bulk_db, tmp_path)
@@ -584,7 +758,7 @@ def test_fifty_thousand_rows_from_the_command_line_beside_a_running_portal(bulk_
     errors: list[BaseException] = []
 
     def other_writer() -> None:
-        conn = connect(db)
+        conn = connect(db, key=store_key(db))
         try:
             while not done.is_set():
                 t0 = time.monotonic()
@@ -596,7 +770,7 @@ def test_fifty_thousand_rows_from_the_command_line_beside_a_running_portal(bulk_
         finally:
             conn.close()
 
-    conn = connect(db)
+    conn = connect(db, key=store_key(db))
     t = threading.Thread(target=other_writer, name="test.other-writer")
     t.start()
     try:
@@ -605,9 +779,91 @@ def test_fifty_thousand_rows_from_the_command_line_beside_a_running_portal(bulk_
         done.set()
         t.join(timeout=30)
         conn.close()
-    print(f"\ncli: 50,000 access events: {rep.transactions} chunks, {rep.seconds:.2f} s, longest chunk"
-          f" {rep.longest_chunk_s * 1000:.0f} ms; {len(waits)} concurrent writes, longest wait"
-          f" {max(waits) * 1000:.0f} ms")
+    print(
+        f"\ncli: 50,000 access events: {rep.transactions} chunks, {rep.seconds:.2f} s, longest chunk"
+        f" {rep.longest_chunk_s * 1000:.0f} ms; {len(waits)} concurrent writes, longest wait"
+        f" {max(waits) * 1000:.0f} ms"
+    )
     assert not errors and not t.is_alive()
     assert rep.counts["access_log"] == N_BULK and rep.counts["events"] == N_BULK - 1
     assert rep.transactions >= 50 and len(waits) >= 5 and max(waits) < 1.0
+
+
+# ---------------------------------------------------------------- care and patrols
+
+
+def test_care_and_patrol_records_go_with_their_purposes(tmp_path: Path) -> None:
+    """An ended care household's contact and who was cared for go 30 days after the end (the consent record and
+    the alerts' history stay); a year-old care alert goes with its closed incident, never while it is open; patrol
+    scans, visits and rounds are security logs kept as long as the access log."""
+    from portal.alarms import incidents as alarms
+    from portal.care import model as care_model
+    from portal.care import watch as care_watch
+    from portal.patrol import model as patrol_model
+
+    conn = open_db(tmp_path / "portal.db", store_key(tmp_path / "portal.db"))
+    imported, errors = reg.parse_import(PEOPLE_CSV.encode())
+    assert not errors, errors
+    tx(conn, lambda c: reg.apply_import(c, imported, "admin:alice"))
+    owner = person_id(conn, "13800000004")
+    houses = {code: int(one(conn, "SELECT id FROM reg_houses WHERE code = ?", code)) for code in ("301", "302", "303")}
+
+    def care(c: sqlite3.Connection) -> dict[str, int]:
+        ids = {}
+        for code, ended in (("301", None), ("302", 10), ("303", 40)):
+            s = care_model.Settings(
+                (owner,), f"联系{code}", "女儿", "13655556666", 24, False, "00:00", "05:00", "本人", "written", at(500)
+            )
+            ids[code] = care_model.enrol(c, houses[code], SITE, s, "admin:alice", at(500))
+            if ended is not None:
+                care_model.end(c, ids[code], "admin:alice", at(ended))
+        for code in ("303", "302"):  # year-old alerts: 303's closed below, 302's still open
+            h = care_model.household(c, ids[code])
+            assert h is not None
+            care_watch.raise_alert(c, h, "no_activity", at(400), {"hours": 24})
+        alarms.feed(c, now=at(400))
+        iid = int(
+            one(
+                c,
+                "SELECT k.incident_id FROM care_alerts a JOIN incident_keys k ON k.key = a.incident_key"
+                " WHERE a.care_id = ?",
+                ids["303"],
+            )
+        )
+        alarms.settle(c, iid, "admin:alice", "false", "checked", now=at(399))
+        return ids
+
+    ids = tx(conn, care)
+
+    def patrol(c: sqlite3.Connection) -> None:
+        cp = patrol_model.add_checkpoint(c, SITE, "北门", "admin:alice", at(500))
+        form = patrol_model.RouteForm("全天", "00:00", "23:59", 60, 30, 30, False, "", True, (cp.id,))
+        patrol_model.save_route(c, None, SITE, form, "admin:alice", at(500))
+        for days, nonce in ((400, "old"), (10, "young")):
+            patrol_model.scan(c, cp, "bob", nonce, ago(days), TZ)
+
+    tx(conn, patrol)
+    rep = purge(conn, Policy(), NOW)
+    assert (rep.counts["care_contacts"], rep.counts["care_alerts"]) == (1, 1)
+    assert (rep.counts["patrol_visits"], rep.counts["patrol_scans"]) == (1, 1)
+    assert (
+        rep.counts["patrol_rounds"] >= 1
+        and one(conn, "SELECT count(*) FROM patrol_rounds WHERE late_at < ?", at(365)) == 0
+    )
+    contacts = {
+        code: rows(
+            conn,
+            "SELECT contact_name, contact_phone, consent_by, consent_how FROM care_households WHERE id = ?",
+            ids[code],
+        )[0]
+        for code in ids
+    }
+    assert contacts["303"] == ("", "", "本人", "written")
+    assert contacts["302"][:2] == ("联系302", "13655556666") and contacts["301"][:2] == ("联系301", "13655556666")
+    assert column(conn, "SELECT care_id FROM care_people ORDER BY care_id") == [ids["301"], ids["302"]]
+    assert column(conn, "SELECT care_id FROM care_alerts") == [ids["302"]]  # its incident is still open
+    assert column(conn, "SELECT nonce FROM patrol_scans") == ["young"]
+    assert one(conn, "SELECT count(*) FROM patrol_visits") == 1
+    assert one(conn, "SELECT count(*) FROM patrol_rounds WHERE round_at = (SELECT round_at FROM patrol_visits)") == 1
+    assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    conn.close()

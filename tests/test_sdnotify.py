@@ -70,8 +70,9 @@ def test_watchdog_for_another_pid_is_ignored() -> None:
     assert n.watchdog_s is None
 
 
-def test_a_vanished_socket_is_logged_once_until_it_works_again(tmp_path: Path,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_a_vanished_socket_is_logged_once_until_it_works_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = str(tmp_path / "notify.sock")
     n = Notifier({"NOTIFY_SOCKET": path})
     with caplog.at_level("WARNING", logger="common.sdnotify"):

@@ -51,6 +51,28 @@ async def test_event_outbox_and_state_in_one_transaction(tmp_path: Path) -> None
     conn.close()
 
 
+def test_schema_v1_is_the_one_sqlite_utils_made(tmp_path: Path) -> None:
+    """The released step 1, now plain SQL (the daemon no longer loads sqlite-utils), makes the same schema, word
+    for word, as sqlite-utils made when it was released."""
+    import sqlite_utils
+
+    db = sqlite_utils.Database(sqlite3.connect(":memory:"))
+    db["events"].create(
+        {"seq": int, "id": str, "ts": str, "type": str, "priority": int, "body": bytes},
+        pk="seq",
+        not_null={"id", "ts", "type", "body"},
+    )
+    db["events"].create_index(["id"], unique=True)
+    db["events"].create_index(["ts"])
+    db["outbox"].create({"seq": int}, pk="seq", foreign_keys=[("seq", "events", "seq")])
+    db["state"].create({"key": str, "value": bytes}, pk="key")
+    db["commands_seen"].create({"id": str, "ts": str}, pk="id")
+    conn = open_db(tmp_path / "gw.db")
+    schema = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
+    assert conn.execute(schema).fetchall() == db.conn.execute(schema).fetchall()
+    conn.close()
+
+
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "gw.db"
     open_db(path).close()
@@ -70,11 +92,12 @@ async def test_full_disk_keeps_events_in_memory_until_space_returns(tmp_path: Pa
         await store.append(_drafts(1))
         conn = await asyncio.get_running_loop().run_in_executor(store._executor, store._conn)
         pages = await asyncio.get_running_loop().run_in_executor(
-            store._executor, lambda: conn.execute("PRAGMA page_count").fetchone()[0])
+            store._executor, lambda: conn.execute("PRAGMA page_count").fetchone()[0]
+        )
         await asyncio.get_running_loop().run_in_executor(
-            store._executor, lambda: conn.execute(f"PRAGMA max_page_count={pages}"))
-        big = [Draft(type="zone.alarm", device="p1", place=PLACE, data={"pad": "x" * 2000, "n": i})
-               for i in range(200)]
+            store._executor, lambda: conn.execute(f"PRAGMA max_page_count={pages}")
+        )
+        big = [Draft(type="zone.alarm", device="p1", place=PLACE, data={"pad": "x" * 2000, "n": i}) for i in range(200)]
         fut = store.submit(big)
         for _ in range(200):
             if store.fault:
@@ -83,7 +106,8 @@ async def test_full_disk_keeps_events_in_memory_until_space_returns(tmp_path: Pa
         assert store.fault and "full" in store.fault
         assert not fut.done()
         await asyncio.get_running_loop().run_in_executor(
-            store._executor, lambda: conn.execute("PRAGMA max_page_count=1073741823"))
+            store._executor, lambda: conn.execute("PRAGMA max_page_count=1073741823")
+        )
         events = await asyncio.wait_for(fut, 10)
         assert [e.seq for e in events] == list(range(2, 202))
         assert store.fault is None
@@ -94,7 +118,11 @@ async def test_backlog_is_bounded(tmp_path: Path) -> None:
     async with Store(tmp_path / "gw.db", site="s1", gateway="gw1", ring_max=10) as store:
         ok = store.submit(_drafts(8))
         refused = store.submit(_drafts(5))
+        # an alarm is never refused for lack of room (nor the routine events in the same transaction)
+        alarm = Draft(type="zone.alarm", device="p1", place=wire.Place(site="s1"), priority=wire.Priority.INTRUSION)
+        taken = store.submit([*_drafts(3), alarm])
         with pytest.raises(StoreError, match="backlog"):
             await refused
         assert len(await ok) == 8
+        assert [e.type for e in await taken][-1] == "zone.alarm"
         assert store.dropped == 5

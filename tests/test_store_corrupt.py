@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from gateway import wire
-from gateway.broker import MosquittoProcess
 from gateway.credentials import open_access_db
 from gateway.events import Draft
 from gateway.store import MIGRATIONS, Store, StoreError, move_aside, open_db, replace_if_corrupt
+from gateway.tooling.broker import MosquittoProcess
 from tests import procs
 
 PLACE = wire.Place(site="s1", zone="z1")
@@ -27,8 +27,12 @@ async def _real_store(path: Path, n: int = 3000) -> int:
     """A store with ``n`` events (many pages), closed (so its WAL is checkpointed into the file); its size."""
     async with Store(path, site="s1", gateway="gw1") as store:
         for i in range(0, n, 500):
-            await store.append([Draft(type="zone.alarm", device="p1", place=PLACE, data={"n": i + j, "pad": "x" * 200})
-                                for j in range(500)])
+            await store.append(
+                [
+                    Draft(type="zone.alarm", device="p1", place=PLACE, data={"n": i + j, "pad": "x" * 200})
+                    for j in range(500)
+                ]
+            )
     assert not Path(f"{path}-wal").exists()
     return path.stat().st_size
 
@@ -145,12 +149,15 @@ def test_gateway_starts_on_a_corrupt_store(tmp_path: Path, broker: MosquittoProc
     _random_bytes(store)
     damaged = store.read_bytes()
     cfg = tmp_path / "gateway.yaml"
-    cfg.write_text(f"""
+    cfg.write_text(
+        f"""
 site: s1
 gateway: gw1
 data_dir: {data}
 mqtt: {{host: 127.0.0.1, port: {broker.port}, reconnect_min_s: 0.1, reconnect_max_s: 1.0}}
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     gw = procs.gateway(cfg, tmp_path / "logs")
     try:
         gw.start(timeout=30)

@@ -35,8 +35,7 @@ async def _acked(store: Store, seqs: list[int]) -> None:
 
 async def test_old_acknowledged_events_go_unacknowledged_and_recent_ones_stay(tmp_path: Path) -> None:
     path = tmp_path / "gw.db"
-    async with Store(path, site="s1", gateway="gw1", wall=lambda: NOW, retention_days=30,
-                     prune_every_s=3600) as store:
+    async with Store(path, site="s1", gateway="gw1", wall=lambda: NOW, retention_days=30, prune_every_s=3600) as store:
         old = await store.append(_drafts(10, NOW - timedelta(days=40)))  # seqs 1..10
         await store.append(_drafts(5, NOW - timedelta(days=1), 10))  # seqs 11..15
         await _acked(store, [e.seq for e in old if e.seq not in (3, 7)] + [11, 12])
@@ -52,15 +51,15 @@ async def test_old_acknowledged_events_go_unacknowledged_and_recent_ones_stay(tm
 
 async def test_row_bound_keeps_the_newest_and_seqs_continue_after_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "gw.db"
-    async with Store(path, site="s1", gateway="gw1", wall=lambda: NOW, retention_rows=20,
-                     prune_every_s=3600) as store:
+    async with Store(path, site="s1", gateway="gw1", wall=lambda: NOW, retention_rows=20, prune_every_s=3600) as store:
         evs = await store.append(_drafts(50, NOW))
         await _acked(store, [e.seq for e in evs])
         assert await store.prune_now() == 30
         assert _seqs(path) == list(range(31, 51))
     # Everything acknowledged and old: all but the newest event go, so the next seq is still known.
-    async with Store(path, site="s1", gateway="gw1", wall=lambda: NOW + timedelta(days=400),
-                     retention_days=1, prune_every_s=3600) as store:
+    async with Store(
+        path, site="s1", gateway="gw1", wall=lambda: NOW + timedelta(days=400), retention_days=1, prune_every_s=3600
+    ) as store:
         assert await store.prune_now() == 19
         assert _seqs(path) == [50]
         assert [e.seq for e in await store.append(_drafts(1, NOW))] == [51]
@@ -69,8 +68,9 @@ async def test_row_bound_keeps_the_newest_and_seqs_continue_after_a_restart(tmp_
 async def test_the_writer_prunes_in_small_chunks_while_idle(tmp_path: Path) -> None:
     path = tmp_path / "gw.db"
     wall = [NOW]
-    async with Store(path, site="s1", gateway="gw1", wall=lambda: wall[0], retention_days=1, prune_chunk=7,
-                     prune_every_s=0.05) as store:
+    async with Store(
+        path, site="s1", gateway="gw1", wall=lambda: wall[0], retention_days=1, prune_chunk=7, prune_every_s=0.05
+    ) as store:
         evs = await store.append(_drafts(40, NOW))
         await _acked(store, [e.seq for e in evs[:30]])
         seen = await store.seen_command("cmd-1", NOW)

@@ -32,7 +32,8 @@ async def _swallowing_task() -> tuple[asyncio.Task[None], list[asyncio.Future[No
 
 
 async def test_cancel_again_stops_a_task_that_swallowed_the_cancel(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(tasks, "CANCEL_AGAIN_S", 0.05)
     task, replies = await _swallowing_task()
     replies[-1].set_result(None)  # the reply lands in the turn the cancel does
@@ -44,7 +45,8 @@ async def test_cancel_again_stops_a_task_that_swallowed_the_cancel(
 
 
 async def test_a_task_that_fails_while_stopping_is_logged_and_the_others_still_stop(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async def fails_on_cancel() -> None:
         try:
             await asyncio.sleep(60)
@@ -79,8 +81,10 @@ async def test_the_caller_cancelled_stops_a_task_that_lost_its_cancel(monkeypatc
     """An asyncio.TaskGroup waits for ever here: it cancels its tasks once."""
     monkeypatch.setattr(tasks, "CANCEL_AGAIN_S", 0.05)
     swallowed: list[str] = []
-    children = [asyncio.create_task(_stubborn(swallowed), name="status"),
-                asyncio.create_task(asyncio.sleep(60), name="receive")]
+    children = [
+        asyncio.create_task(_stubborn(swallowed), name="status"),
+        asyncio.create_task(asyncio.sleep(60), name="receive"),
+    ]
     runner = asyncio.create_task(tasks.run_until_first_ends("uplink", children))
     await asyncio.sleep(0.01)
     runner.cancel()
@@ -98,8 +102,10 @@ async def test_the_first_error_is_raised_plain_and_the_others_stopped(caplog: py
         raise ConnectionResetError("broker gone")
 
     swallowed: list[str] = []
-    children = [asyncio.create_task(_stubborn(swallowed), name="send"),
-                asyncio.create_task(connection_lost(), name="receive")]
+    children = [
+        asyncio.create_task(_stubborn(swallowed), name="send"),
+        asyncio.create_task(connection_lost(), name="receive"),
+    ]
     with caplog.at_level(logging.ERROR, logger="common.tasks"), pytest.raises(ConnectionResetError, match="broker"):
         await asyncio.wait_for(tasks.run_until_first_ends("uplink", children), 5)
     assert children[0].cancelled() and swallowed == ["cancel"]
@@ -107,7 +113,9 @@ async def test_the_first_error_is_raised_plain_and_the_others_stopped(caplog: py
 
 
 async def test_a_task_that_returns_ends_the_others() -> None:
-    children = [asyncio.create_task(asyncio.sleep(0.01), name="receive"),
-                asyncio.create_task(asyncio.sleep(60), name="acks")]
+    children = [
+        asyncio.create_task(asyncio.sleep(0.01), name="receive"),
+        asyncio.create_task(asyncio.sleep(60), name="acks"),
+    ]
     await asyncio.wait_for(tasks.run_until_first_ends("ingest", children), 2)
     assert children[0].done() and not children[0].cancelled() and children[1].cancelled()

@@ -17,25 +17,36 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gateway import wire
-from gateway.broker import MosquittoProcess
 from gateway.config import GatewayConfig, MqttConfig, TlsConfig
 from gateway.events import Draft
 from gateway.store import Store
+from gateway.tooling.broker import MosquittoProcess
 from gateway.uplink import Uplink
 
 
-def _cert(subject: str, issuer_key: ec.EllipticCurvePrivateKey | None = None,
-          issuer: x509.Name | None = None, ca: bool = False) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def _cert(
+    subject: str,
+    issuer_key: ec.EllipticCurvePrivateKey | None = None,
+    issuer: x509.Name | None = None,
+    ca: bool = False,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     now = dt.datetime.now(dt.UTC)
-    b = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer or name).public_key(key.public_key())
-         .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-         .not_valid_after(now + dt.timedelta(days=1))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer or name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if not ca:
-        b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                            critical=False)
+        b = b.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        )
     return key, b.sign(issuer_key or key, hashes.SHA256())
 
 
@@ -43,8 +54,11 @@ def _write(path: Path, *, cert: x509.Certificate | None = None, key: ec.Elliptic
     if cert is not None:
         path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     if key is not None:
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
         path.chmod(0o600)
     return path
 
@@ -57,8 +71,9 @@ def _tls_broker(tmp: Path) -> tuple[MosquittoProcess, Path, int]:
     _write(tmp / "server.key", key=srv_key)
     passwd = tmp / "passwd"
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "gw1", "s3cret-gw1-password"], check=True)
-    broker = MosquittoProcess(tmp / "broker", password_file=passwd,
-                              tls=(ca_pem, tmp / "server.pem", tmp / "server.key"))
+    broker = MosquittoProcess(
+        tmp / "broker", password_file=passwd, tls=(ca_pem, tmp / "server.pem", tmp / "server.key")
+    )
     return broker.start(), ca_pem, broker.port
 
 
@@ -66,9 +81,19 @@ def _cfg(tmp: Path, port: int, ca: Path, password: str) -> GatewayConfig:
     pw = tmp / f"mqtt-{password}.pass"
     pw.write_text(password + "\n")
     pw.chmod(0o600)
-    return GatewayConfig(site="s1", gateway="gw1", mqtt=MqttConfig(
-        host="127.0.0.1", port=port, username="gw1", password_file=str(pw), tls=TlsConfig(ca_file=str(ca)),
-        reconnect_min_s=0.05, reconnect_max_s=0.3))
+    return GatewayConfig(
+        site="s1",
+        gateway="gw1",
+        mqtt=MqttConfig(
+            host="127.0.0.1",
+            port=port,
+            username="gw1",
+            password_file=str(pw),
+            tls=TlsConfig(ca_file=str(ca)),
+            reconnect_min_s=0.05,
+            reconnect_max_s=0.3,
+        ),
+    )
 
 
 async def test_events_flow_over_tls_with_password(tmp_path: Path) -> None:
@@ -79,8 +104,9 @@ async def test_events_flow_over_tls_with_password(tmp_path: Path) -> None:
             task = asyncio.create_task(up.run())
             try:
                 ctx = ssl.create_default_context(cafile=str(ca))
-                async with aiomqtt.Client("127.0.0.1", port, username="gw1", password="s3cret-gw1-password",
-                                          tls_context=ctx) as portal:
+                async with aiomqtt.Client(
+                    "127.0.0.1", port, username="gw1", password="s3cret-gw1-password", tls_context=ctx
+                ) as portal:
                     await portal.subscribe(wire.subscription("events"), qos=1)
                     await store.append([Draft(type="zone.alarm", device="p", place=wire.Place(site="s1"))])
                     async with asyncio.timeout(15):

@@ -28,7 +28,7 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +37,9 @@ import aiomqtt
 import pytest
 
 from gateway import wire
-from gateway.broker import MosquittoProcess
+from gateway.tooling.broker import MosquittoProcess
 from tests import procs
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -56,7 +57,8 @@ REPO = Path(__file__).resolve().parents[1]
 def write_config(folder: Path, broker_port: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "gateway.yaml"
-    path.write_text(f"""
+    path.write_text(
+        f"""
 site: {SITE}
 gateway: {GW}
 data_dir: data
@@ -64,7 +66,9 @@ mqtt: {{host: 127.0.0.1, port: {broker_port}, reconnect_min_s: 0.1, reconnect_ma
 uplink: {{window: {WINDOW}, resend_after_s: {RESEND_AFTER_S}, resend_max_s: {RESEND_MAX_S}}}
 loadgen: {{count: {COUNT}, rate: {RATE}}}
 local_api: {{enabled: false}}
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     return path
 
 
@@ -179,17 +183,36 @@ class Service:
         self.notify = notify
         logdir.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(logdir / f"{name}.log")
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "PYTHONFAULTHANDLER")}
-        env.update(PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1",  # as the unit's Environment= line
-                   NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC=str(int(WATCHDOG_S * 1e6)))
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "PYTHONFAULTHANDLER")
+        }
+        env.update(
+            PYTHONUNBUFFERED="1",
+            PYTHONDONTWRITEBYTECODE="1",  # as the unit's Environment= line
+            NOTIFY_SOCKET=str(notify.path),
+            WATCHDOG_USEC=str(int(WATCHDOG_S * 1e6)),
+        )
         # systemd sets WATCHDOG_PID in the forked child, to its own pid, before exec; so does this sh.
         # ulimit: no core file in the repo when SIGABRT ends it (the journal's coredump handling is systemd's).
-        args = ["sh", "-c", 'ulimit -c 0; export WATCHDOG_PID=$$; exec "$@"', "sh",
-                procs.PY, "-m", "gateway.cli", "gateway", "run", "--config", str(config)]
+        args = [
+            "sh",
+            "-c",
+            'ulimit -c 0; export WATCHDOG_PID=$$; exec "$@"',
+            "sh",
+            procs.PY,
+            "-m",
+            "gateway.cli",
+            "gateway",
+            "run",
+            "--config",
+            str(config),
+        ]
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self.journal.w, stderr=self.journal.w,
-                                     env=env, cwd=REPO)
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=self.journal.w, stderr=self.journal.w, env=env, cwd=REPO
+        )
         self.pid = self.proc.pid
 
     @property
@@ -199,13 +222,21 @@ class Service:
     def pings(self, since: float = 0.0) -> list[float]:
         return [t for t in self.notify.of(self.pid, "WATCHDOG") if t >= since]
 
+    def journal_tail(self) -> str:
+        return f"--- {self.name}\n{self.journal.text()[-3000:]}"
+
     def last_fed(self) -> float:
         """Where systemd's watchdog timer was last reset: READY=1, or the last WATCHDOG=1 since."""
         return max([*self.notify.of(self.pid, "READY"), *self.pings()])
 
     async def ready(self, timeout: float = 30.0) -> float:
-        got = await until(lambda: self.notify.of(self.pid, "READY") or not self.alive, timeout, f"{self.name} READY=1",
-                          self)
+        got = await wait_for(
+            lambda: self.notify.of(self.pid, "READY") or not self.alive,
+            timeout,
+            f"{self.name} READY=1",
+            step=0.02,
+            context=self.journal_tail,
+        )
         assert self.alive, f"{self.name} exited before READY=1:\n{self.journal.text()[-3000:]}"
         return float(got[0])
 
@@ -292,7 +323,7 @@ class Portal:
 async def running(portal: Portal) -> AsyncIterator[Portal]:
     task = asyncio.create_task(portal.run(), name="test-portal")
     try:
-        await until(lambda: portal.subscribed.is_set() or task.done(), 10, "the portal's subscription")
+        await wait_for(lambda: portal.subscribed.is_set() or task.done(), 10, "the portal's subscription", step=0.02)
         if task.done():
             task.result()
         yield portal
@@ -300,18 +331,6 @@ async def running(portal: Portal) -> AsyncIterator[Portal]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-async def until(check: Callable[[], Any], timeout: float, what: str, svc: Service | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            log = f"\n--- {svc.name}\n{svc.journal.text()[-3000:]}" if svc is not None else ""
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}{log}")
-        await asyncio.sleep(0.02)
 
 
 def gaps(times: list[float]) -> list[float]:
@@ -322,7 +341,8 @@ def gaps(times: list[float]) -> list[float]:
 
 
 async def test_a_hung_loop_starves_the_watchdog_and_the_restart_loses_nothing(
-        tmp_path: Path, broker: MosquittoProcess) -> None:
+    tmp_path: Path, broker: MosquittoProcess
+) -> None:
     cfg = write_config(tmp_path / "gw", broker.port)
     db = tmp_path / "gw" / "data" / "gateway.db"
     logs = tmp_path / "logs"
@@ -335,11 +355,27 @@ async def test_a_hung_loop_starves_the_watchdog_and_the_restart_loses_nothing(
             try:
                 ready_at = await first.ready()
                 figures["ready_s"] = round(ready_at - first.started, 2)
-                await until(lambda: len(procs.read_rows(db, "SELECT seq FROM events")) == COUNT, 15,
-                            f"all {COUNT} synthetic events stored", first)
-                await until(lambda: "re-sending" in first.journal.text(), 10,
-                            "the uplink's re-send log line, the portal being silent", first)
-                await until(lambda: len(first.pings(ready_at)) >= 4, 10, "four WATCHDOG=1 after READY=1", first)
+                await wait_for(
+                    lambda: len(procs.read_rows(db, "SELECT seq FROM events")) == COUNT,
+                    15,
+                    f"all {COUNT} synthetic events stored",
+                    step=0.02,
+                    context=first.journal_tail,
+                )
+                await wait_for(
+                    lambda: "re-sending" in first.journal.text(),
+                    10,
+                    "the uplink's re-send log line, the portal being silent",
+                    step=0.02,
+                    context=first.journal_tail,
+                )
+                await wait_for(
+                    lambda: len(first.pings(ready_at)) >= 4,
+                    10,
+                    "four WATCHDOG=1 after READY=1",
+                    step=0.02,
+                    context=first.journal_tail,
+                )
                 fed = [ready_at, *first.pings(ready_at)]
                 assert max(gaps(fed)) < WATCHDOG_S * 0.75, f"a healthy loop fed the watchdog late: {gaps(fed)}"
                 assert min(gaps(fed)) > WATCHDOG_S * 0.25, f"fed far more often than half the period: {gaps(fed)}"
@@ -348,19 +384,29 @@ async def test_a_hung_loop_starves_the_watchdog_and_the_restart_loses_nothing(
                 # -- the journal hangs; the gateway's next log line blocks its loop, the process lives on
                 stalled_at = time.monotonic()
                 figures["journal_filler_bytes"] = first.journal.stall()
-                await until(first.loop_blocked_on_journal, RESEND_MAX_S + 3,
-                            "the event loop blocked in write(2) to the full journal", first)
+                await wait_for(
+                    first.loop_blocked_on_journal,
+                    RESEND_MAX_S + 3,
+                    "the event loop blocked in write(2) to the full journal",
+                    step=0.02,
+                    context=first.journal_tail,
+                )
                 hung_at = time.monotonic()
                 figures["stall_to_hang_s"] = round(hung_at - stalled_at, 2)
                 # systemd's timer: WATCHDOG_USEC after the last WATCHDOG=1 it heard.
-                await until(lambda: time.monotonic() - first.last_fed() > WATCHDOG_S, WATCHDOG_S + 1,
-                            "the watchdog to time out")
+                await wait_for(
+                    lambda: time.monotonic() - first.last_fed() > WATCHDOG_S,
+                    WATCHDOG_S + 1,
+                    "the watchdog to time out",
+                    step=0.02,
+                )
                 timeout_at = time.monotonic()
                 assert timeout_at - hung_at < WATCHDOG_S + 0.3, "the watchdog timed out late after the hang"
                 late = first.pings(hung_at + 0.1)
                 assert not late, f"a hung loop fed the watchdog: {[round(t - hung_at, 3) for t in late]}"
-                assert first.alive and first.process_state() == "S" and first.loop_blocked_on_journal(), \
+                assert first.alive and first.process_state() == "S" and first.loop_blocked_on_journal(), (
                     "at the timeout the gateway must be alive, asleep (not stopped) and still blocked"
+                )
                 figures["last_feed_to_timeout_s"] = round(timeout_at - first.last_fed(), 2)
 
                 # -- systemd: WatchdogSignal=SIGABRT, SIGKILL after TimeoutAbortSec
@@ -386,11 +432,27 @@ async def test_a_hung_loop_starves_the_watchdog_and_the_restart_loses_nothing(
             try:
                 ready_at = await second.ready()
                 figures["restart_ready_s"] = round(ready_at - second.started, 2)
-                await until(lambda: set(portal.first_seen()) >= set(range(1, COUNT + 1)), 20,
-                            f"all {COUNT} events at the broker", second)
-                await until(lambda: not procs.read_rows(db, "SELECT seq FROM outbox LIMIT 1"), 10,
-                            "the outbox drained by the portal's acks", second)
-                await until(lambda: len(second.pings(ready_at)) >= 3, 10, "WATCHDOG=1 from the new process", second)
+                await wait_for(
+                    lambda: set(portal.first_seen()) >= set(range(1, COUNT + 1)),
+                    20,
+                    f"all {COUNT} events at the broker",
+                    step=0.02,
+                    context=second.journal_tail,
+                )
+                await wait_for(
+                    lambda: not procs.read_rows(db, "SELECT seq FROM outbox LIMIT 1"),
+                    10,
+                    "the outbox drained by the portal's acks",
+                    step=0.02,
+                    context=second.journal_tail,
+                )
+                await wait_for(
+                    lambda: len(second.pings(ready_at)) >= 3,
+                    10,
+                    "WATCHDOG=1 from the new process",
+                    step=0.02,
+                    context=second.journal_tail,
+                )
                 fed = [ready_at, *second.pings(ready_at)]
                 assert max(gaps(fed)) < WATCHDOG_S * 0.75, f"the new process fed the watchdog late: {gaps(fed)}"
                 figures["restart_feed_interval_s"] = [round(g, 3) for g in gaps(fed)]
@@ -413,8 +475,9 @@ async def test_a_hung_loop_starves_the_watchdog_and_the_restart_loses_nothing(
     assert len({e["id"] for e in distinct}) == COUNT, "one id per event"
     assert [e["data"]["n"] for e in distinct] == list(range(1, COUNT + 1)), "every synthetic event produced once"
     first_seen = portal.first_seen()
-    assert all(first_seen[s] > second.started for s in never_sent), \
+    assert all(first_seen[s] > second.started for s in never_sent), (
         "events never published before the kill must have come from the restarted gateway's store"
+    )
     assert len(procs.read_rows(db, "SELECT seq FROM events")) == COUNT, "the restart produced nothing twice"
     figures["copies_at_broker"] = len(portal.copies)
     print(f"watchdog restart figures: {json.dumps(figures)}")

@@ -1,0 +1,199 @@
+"""An estate joins the centre over a WAN that goes silent for a minute: nothing is lost.
+
+Two Mosquitto processes: the estate's, with the bridge exactly as scripts/estate-bridge.sh renders it from
+systemd/mosquitto-estate-bridge.conf, and the centre's, reached through a relay the test controls (the WAN). A real
+gateway (with its load generator: routine events, an alarm or a tamper every 10th) talks to the estate's broker; the
+centre's portal talks to the centre's. For a full minute the relay drops every byte both ways and leaves new
+connections hanging, as a WAN that loses its packets does: no RST, no FIN, each end must notice by itself. That is
+the point of the minute: long enough for the bridge's keepalive to give up and for the gateway to re-send its
+unacknowledged window several times into the estate's queue, where the copies wait with the rest.
+
+Checked: the centre's console shows the estate's link down while the WAN is silent (the bridge's last will) and
+up again after; nothing is stored during the cut; afterwards every event is stored exactly once and in sequence,
+and the gateway's outbox is empty, so every acknowledgement made its way back across the bridge (an event leaves
+the outbox only when the centre's portal has stored it and said so).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.tooling.broker import MosquittoProcess
+from tests import procs
+from tests.balancer import Balancer
+from tests.portal_support import ROOT, add_user, devices, running_portal, write_config
+
+pytestmark = pytest.mark.slow
+
+SITE, GW = "s1", "gw1"
+COUNT = 900
+RATE = 10.0  # events a second: the flow goes on through the cut (90 s in all)
+CUT_S = 60.0
+KEEPALIVE_S = 10
+
+
+def render_bridge(tmp: Path, centre_port: int) -> Path:
+    """The shipped bridge, rendered by the shipped script into a folder the estate's broker includes."""
+    pw = tmp / "bridge.password"
+    pw.write_text("bridge-secret-pw\n")
+    pw.chmod(0o600)
+    inc = tmp / "estate-conf.d"
+    inc.mkdir()
+    out = inc / "centre-bridge.conf"
+    r = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "scripts" / "estate-bridge.sh"),
+            "--site",
+            SITE,
+            "--centre",
+            f"127.0.0.1:{centre_port}",
+            "--user",
+            f"bridge-{SITE}",
+            "--password-file",
+            str(pw),
+            "--plain",
+            "--keepalive",
+            str(KEEPALIVE_S),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert f"user bridge-{SITE}" in r.stdout  # the ACL block for the centre's broker
+    return inc
+
+
+def test_the_bridge_script_refuses_what_would_leak_or_not_work(tmp_path: Path) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("pw\n")
+    pw.chmod(0o644)
+    base = [
+        "bash",
+        str(ROOT / "scripts" / "estate-bridge.sh"),
+        "--centre",
+        "c.example:8883",
+        "--user",
+        "bridge-s1",
+        "--out",
+        str(tmp_path / "out.conf"),
+    ]
+    cases = {
+        "readable by others": [*base, "--site", "s1", "--password-file", str(pw), "--plain"],
+        "--site": [*base, "--site", "s1/../#", "--password-file", str(pw), "--plain"],
+        "--cafile": [*base, "--site", "s1", "--password-file", str(pw)],
+    }
+    pw2 = tmp_path / "pw2"
+    pw2.write_text("pw\n")
+    pw2.chmod(0o600)
+    cases["--cafile"][cases["--cafile"].index(str(pw))] = str(pw2)
+    for needle, args in cases.items():
+        r = subprocess.run(args, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and needle in r.stderr, (needle, r.stderr)
+        assert not (tmp_path / "out.conf").exists()
+
+
+async def test_an_estate_bridged_in_loses_nothing_while_the_wan_is_silent_for_a_minute(tmp_path: Path) -> None:
+    centre = MosquittoProcess(tmp_path / "centre").start()
+    wan = await Balancer([("127.0.0.1", centre.port)]).start()
+    estate = MosquittoProcess(tmp_path / "estate", extra_conf=f"include_dir {render_bridge(tmp_path, wan.port)}")
+    estate.start()
+    gw_cfg = tmp_path / "gw" / "gateway.yaml"
+    gw_cfg.parent.mkdir()
+    gw_cfg.write_text(
+        f"""site: {SITE}
+gateway: {GW}
+data_dir: data
+mqtt: {{host: 127.0.0.1, port: {estate.port}, reconnect_min_s: 0.1, reconnect_max_s: 1.0}}
+uplink: {{resend_after_s: 1.0, resend_max_s: 8.0}}
+loadgen: {{count: {COUNT}, rate: {RATE}, alarm_every: 10}}
+""",
+        encoding="utf-8",
+    )
+    gateway = procs.gateway(gw_cfg, tmp_path / "logs")
+    outbox = tmp_path / "gw" / "data" / "gateway.db"
+    cfg = write_config(tmp_path / "portal", centre, client_id="centre-portal")
+
+    def logs() -> str:
+        return f"{gateway.tail()}\n--- estate broker\n" + (estate.folder / "mosquitto.log").read_text()[-3000:]
+
+    try:
+        async with running_portal(cfg) as p:
+            await add_user(p, "guard1", "guard", "guard1-password-long")
+            store = p.services.store
+
+            async def count() -> int:
+                return int((await store.read(lambda c: c.execute("SELECT count(*) FROM events").fetchone()))[0])
+
+            async with devices(p) as new:
+                guard = new()
+                assert (await guard.sign_in("guard1", "guard1-password-long")).status == 303
+
+                async def link() -> str:
+                    r = await guard.get("/api/centre")
+                    assert r.status == 200
+                    [estate_row] = (await r.json())["estates"]
+                    return str(estate_row["link"])
+
+                async def until(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+                    deadline = time.monotonic() + timeout
+                    while time.monotonic() < deadline:
+                        if await cond():
+                            return
+                        await asyncio.sleep(0.2)
+                    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs()}")
+
+                gateway.start(wait_ready=False)
+
+                async def flowing() -> bool:
+                    return await count() >= 50 and await link() == "up"
+
+                await until(flowing, 60, "events across the bridge and its link up")
+                wan.blackhole(True)
+                cut_at = time.monotonic()
+
+                async def down() -> bool:
+                    return await link() == "down"
+
+                await until(down, 3 * KEEPALIVE_S + 10, "the centre to see the estate's link down")
+                frozen = await count()
+                await asyncio.sleep(max(0.0, CUT_S - (time.monotonic() - cut_at)))
+                assert await count() == frozen  # nothing crossed the silent WAN
+                assert procs.read_rows(outbox, "SELECT count(*) FROM outbox")[0][0] > 0  # kept at the estate
+                wan.blackhole(False)
+                wan.cut()  # what hung on the dead link is gone: the bridge reconnects
+
+                async def all_in() -> bool:
+                    rows = procs.read_rows(outbox, "SELECT count(*) FROM outbox")
+                    return await count() >= COUNT and bool(rows) and rows[0][0] == 0 and await link() == "up"
+
+                await until(all_in, 120, "every event stored and acknowledged across the bridge")
+
+            rows = await store.read(
+                lambda c: [
+                    tuple(r)
+                    for r in c.execute(
+                        "SELECT seq, id, data FROM events WHERE site = ? AND gateway = ? ORDER BY seq", (SITE, GW)
+                    )
+                ]
+            )
+            assert [r[0] for r in rows] == list(range(1, COUNT + 1))
+            assert len({r[1] for r in rows}) == COUNT
+            assert frozen < COUNT  # the cut fell in the middle of the flow
+            snap = store.gateways[(SITE, GW)]
+            assert (snap.contiguous_seq, snap.max_seq, snap.events_stored) == (COUNT, COUNT, COUNT)
+            assert p.services.ingest.health()["rejections"] == {}
+    finally:
+        gateway.stop()
+        estate.stop()
+        await wan.close()
+        centre.stop()

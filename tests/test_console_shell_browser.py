@@ -1,0 +1,320 @@
+"""The guard hears every alarm on every console page, in real headless Chromium fed by a real Mosquitto.
+
+What "rings" means here is measured, not assumed: the console shell's siren runs through a WebAudio AnalyserNode
+and ``#sound[data-heard-ms]`` counts the milliseconds of non-silent audio the browser actually rendered; a page
+rings when that count grows. Nothing here evaluates script in the page before checking whether it may play sound
+(Playwright's evaluate counts as a user gesture); attributes are read from outside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from gateway import wire
+from gateway.tooling.broker import MosquittoProcess, free_port
+from tests.portal_support import (
+    GATEWAY,
+    ROOT,
+    SITE,
+    add_user,
+    batch_payload,
+    mqtt,
+    portal_process,
+    running_portal,
+    wait_for,
+    write_config,
+)
+from tests.test_alarm_board import ZONE, ev
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+KIOSK = [*FLAGS, "--autoplay-policy=no-user-gesture-required"]  # the guardroom's kiosk browser (docs/install.md)
+PW = "guard-password-0001"
+EVENTS_TOPIC = wire.topic(SITE, GATEWAY, "events")
+T = 10_000
+#: Every console page a guard can be on (the nav link that leads there, the path).
+PAGES = [
+    ("/board", "/board"),
+    ("/reports", "/reports"),
+    ("/board/map", "/board/map"),
+    ("/doors", "/doors"),
+    ("/visitors", "/visitors"),
+    ("/access-log", "/access-log"),
+    ("/admin/registry", "/admin/registry"),
+    ("/stations", "/stations"),
+    ("/patrol/report", "/patrol/report"),
+    ("/password", "/password"),
+    ("/console", "/console"),
+]
+
+
+async def heard_ms(page: Page) -> int:
+    return int(await page.locator("#sound").get_attribute("data-heard-ms") or 0)
+
+
+async def rings(page: Page, timeout: float = 10.0) -> bool:
+    """The siren's played time grows by at least 300 ms: sound is really being rendered on this page."""
+    first = await heard_ms(page)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        await page.wait_for_timeout(200)
+        if await heard_ms(page) - first >= 300:
+            return True
+    return False
+
+
+async def silent(page: Page, for_ms: int = 800) -> bool:
+    first = await heard_ms(page)
+    await page.wait_for_timeout(for_ms)
+    return await heard_ms(page) == first
+
+
+async def sign_in(page: Page, origin: str, path: str = "/console") -> None:
+    await page.goto(origin + path)
+    await page.fill("#user", "guard1")
+    await page.fill("#password", PW)
+    await page.click("#submit")
+    await page.wait_for_url(f"**{path}")
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "online", timeout=T)
+
+
+async def watch_errors(page: Page, errors: list[str]) -> None:
+    page.on(
+        "console",
+        lambda m: (
+            errors.append(m.text) if m.type == "error" and not m.text.startswith("Failed to load resource") else None
+        ),
+    )
+    page.on("pageerror", lambda e: errors.append(str(e)))
+
+
+async def test_every_console_page_rings_and_shows_the_banner(
+    tmp_path: Path, broker: MosquittoProcess, artifacts: Path
+) -> None:
+    async with running_portal(write_config(tmp_path, broker)) as p, mqtt(broker) as gw, async_playwright() as pw:
+        await wait_for(lambda: p.services.ingest.connected, what="portal connected")
+        await add_user(p, "guard1", "guard", PW)
+        browser: Browser = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        kiosk: Browser = await pw.chromium.launch(executable_path=CHROMIUM, args=KIOSK, headless=True)
+        errors: list[str] = []
+        try:
+            page = await (await browser.new_context(viewport={"width": 1280, "height": 900})).new_page()
+            await watch_errors(page, errors)
+            await sign_in(page, p.origin)
+            # The sign-in click carries over to the console (same origin): sound works, nothing rings yet.
+            await expect(page.locator("#sound")).to_have_attribute("data-state", "off", timeout=T)
+            await expect(page.locator("#sound-blocked")).to_be_hidden()
+            assert await silent(page)
+
+            # 值班台 shows the zone's label, not its codes.
+            zone = {"zone": "car-park", "kind": "intrusion", "label": "停车场对射", "zone_type": "instant"}
+            alarm = ev(1, "zone.alarm", incident="Z1", data=zone, place={"zone": "car-park"}, ts=datetime.now(UTC))
+            alarm = wire.Event(
+                id=alarm.id,
+                seq=1,
+                ts=alarm.ts,
+                type=alarm.type,
+                device="panel-1",
+                point="zone1_alarm",
+                place=alarm.place,
+                priority=alarm.priority,
+                data=alarm.data,
+            )
+            await gw.publish(EVENTS_TOPIC, batch_payload([alarm]), qos=1)
+            row = page.locator(f'#events li[data-id="{alarm.id}"]')
+            await expect(row).to_contain_text("停车场对射", timeout=T)
+            text = await row.inner_text()
+            assert "car-park" not in text and "zone1_alarm" not in text and "panel-1" not in text, text
+
+            # The landing page rings and shows the banner; so does every other console page, reached by its link.
+            await expect(page.locator("#banner")).to_be_visible(timeout=T)
+            await expect(page.locator("#banner .where")).to_contain_text("停车场对射")
+            assert await rings(page), "the console page does not ring"
+            for link, path in PAGES:
+                await page.locator(f'a[href="{link}"]').first.click()
+                await page.wait_for_url(f"**{path}")
+                await expect(page.locator("#banner")).to_be_visible(timeout=T)
+                assert await rings(page), f"{path} does not ring"
+                await expect(page.locator("#sound")).to_have_attribute("data-state", "ringing")
+            await page.screenshot(path=str(artifacts / "console-ringing.png"), full_page=True)
+
+            # A console opened without any gesture (a reload, a browser started by hand): it may not play; the
+            # page says so, is not ready, and stays silent until the one click of the step.
+            quiet_ctx = await browser.new_context(viewport={"width": 1100, "height": 800})
+            await quiet_ctx.add_cookies(await page.context.cookies())
+            quiet = await quiet_ctx.new_page()
+            await watch_errors(quiet, errors)
+            await quiet.goto(p.origin + "/doors")
+            await expect(quiet.locator("#sound-blocked")).to_be_visible(timeout=T)
+            await expect(quiet.locator("#sound")).to_have_attribute("data-state", "blocked")
+            await expect(quiet.locator("body")).to_have_class("doors-page not-ready")
+            assert await silent(quiet)
+            await quiet.screenshot(path=str(artifacts / "console-sound-step.png"), full_page=True)
+            await quiet.click("#enable-sound")
+            assert await rings(quiet), "the one-click step did not unlock the siren"
+            await expect(quiet.locator("#sound-blocked")).to_be_hidden()
+            # ... and the unlock holds for the rest of the session (links keep it, same origin).
+            await quiet.locator('a[href="/board"]').first.click()
+            await quiet.wait_for_url("**/board")
+            assert await rings(quiet)
+            await quiet_ctx.close()
+
+            # The guardroom's kiosk browser (autoplay allowed): every page rings with nobody clicking anything.
+            kctx = await kiosk.new_context(viewport={"width": 1280, "height": 900})
+            await kctx.add_cookies(await page.context.cookies())
+            kpage = await kctx.new_page()
+            await watch_errors(kpage, errors)
+            for _, path in PAGES:
+                await kpage.goto(p.origin + path)
+                await expect(kpage.locator("#conn")).to_have_attribute("data-state", "online", timeout=T)
+                assert await rings(kpage), f"kiosk {path} does not ring"
+            # The sound check page plays the siren on demand once the alarm is taken.
+            # Acknowledging from the banner on a page that is not the board stops the siren everywhere.
+            await kpage.goto(p.origin + "/doors")
+            await kpage.click("#banner button.ack")
+            await expect(kpage.locator("#banner")).to_be_hidden(timeout=T)
+            await expect(kpage.locator("#sound")).to_have_attribute("data-state", "off", timeout=T)
+            assert await silent(kpage)
+            await expect(page.locator("#banner")).to_be_hidden(timeout=T)
+            await expect(page.locator("#sound")).to_have_attribute("data-state", "off", timeout=T)
+            await kpage.goto(p.origin + "/sound")
+            assert await silent(kpage)
+            await kpage.click("#play-siren")
+            assert await rings(kpage), "the sound check page does not play the siren"
+            await kctx.close()
+            assert errors == []
+        finally:
+            await browser.close()
+            await kiosk.close()
+
+
+# ---------------------------------------------------------------- a console that cannot prove it is live
+
+
+def _adduser(config: Path, name: str, role: str) -> None:
+    pw_file = config.parent / f"{name}.pw"
+    pw_file.write_text(PW)
+    pw_file.chmod(0o600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "portal",
+            "adduser",
+            "--config",
+            str(config),
+            "--user",
+            name,
+            "--role",
+            role,
+            "--password-file",
+            str(pw_file),
+        ],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
+
+
+async def _stale_within(page: Page, since: float, limit_s: float) -> float:
+    """Wait for the red takeover; returns how long after ``since`` (monotonic) it covered the page."""
+    await expect(page.locator("#stale")).to_be_visible(timeout=int(limit_s * 1000) + 2000)
+    took = time.monotonic() - since
+    assert took <= limit_s, f"the takeover came after {took:.1f} s"
+    return took
+
+
+async def test_a_console_that_cannot_prove_it_is_live_turns_red_and_rings(
+    tmp_path: Path, broker: MosquittoProcess, artifacts: Path
+) -> None:
+    port = free_port()
+    config = write_config(tmp_path, broker, port=port)
+    with portal_process(config) as first:
+        first.stop()  # the store exists now: add the guard with the portal's own command, then start for real
+    _adduser(config, "guard1", "guard")
+    proc = portal_process(config)
+    pp = proc.__enter__()
+    try:
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=KIOSK, headless=True)
+            try:
+                ctx = await browser.new_context(viewport={"width": 1280, "height": 900})
+                page = await ctx.new_page()
+                await sign_in(page, pp.url.rstrip("/"), "/board")
+                await expect(page.locator("#stale")).to_be_hidden()
+                assert await silent(page)
+
+                # The portal dies (as by the OOM killer: no goodbye on the socket).
+                pp.proc.send_signal(signal.SIGKILL)
+                pp.proc.wait()
+                killed = time.monotonic()
+                took = await _stale_within(page, killed, 10.0)
+                await expect(page.locator("#stale h1")).to_have_text("报警看板已断开")
+                await expect(page.locator("#conn")).to_have_attribute("data-state", "stale")
+                assert await rings(page), "the disconnected board does not ring"
+                await page.screenshot(path=str(artifacts / "board-disconnected.png"))
+
+                # Alarms keep coming while it is down; the broker keeps them for the portal.
+                async with mqtt(broker) as gw:
+                    now = datetime.now(UTC)
+                    await gw.publish(
+                        EVENTS_TOPIC,
+                        batch_payload(
+                            [
+                                ev(1, "zone.alarm", incident="D1", data=ZONE, ts=now),
+                                ev(
+                                    2,
+                                    "zone.alarm",
+                                    incident="D2",
+                                    data={**ZONE, "zone": "P2", "label": "东围栏"},
+                                    place={"zone": "P2"},
+                                    ts=now,
+                                ),
+                            ]
+                        ),
+                        qos=1,
+                    )
+                # Back up on the same address: the page reconnects by itself and shows what it missed.
+                proc.__exit__(None, None, None)
+                proc = portal_process(config)
+                pp = proc.__enter__()
+                await expect(page.locator("#stale")).to_be_hidden(timeout=20_000)
+                await expect(page.locator("#missed")).to_be_visible(timeout=T)
+                await expect(page.locator("#missed")).to_have_attribute("data-count", "2")
+                await expect(page.locator("#incidents li.incident")).to_have_count(2, timeout=T)
+                await expect(page.locator("#banner")).to_be_visible()
+                assert await rings(page)
+                await expect(page.locator("#conn")).to_have_attribute("data-state", "online")
+
+                # The session ends (signed out in another tab): the board asks for a sign-in, red and ringing.
+                other = await ctx.new_page()
+                await other.goto(pp.url + "console")
+                await other.click("#logout")
+                await other.wait_for_url("**/login")
+                ended = time.monotonic()
+                await _stale_within(page, ended, 10.0)
+                await expect(page.locator("#stale .signin")).to_be_visible()
+                await expect(page.locator("#stale .why")).to_contain_text("登录已失效")
+                assert await rings(page)
+                # Signing in again from the takeover brings the board back, with both alarms.
+                await page.click("#stale-signin")
+                await page.wait_for_url("**/login**")
+                await page.fill("#user", "guard1")
+                await page.fill("#password", PW)
+                await page.click("#submit")
+                await page.wait_for_url("**/board")
+                await expect(page.locator("#incidents li.incident")).to_have_count(2, timeout=T)
+                await expect(page.locator("#stale")).to_be_hidden()
+                print(f"\ntakeover {took:.1f} s after the portal was killed")
+            finally:
+                await browser.close()
+    finally:
+        proc.__exit__(None, None, None)

@@ -1,0 +1,94 @@
+"""The bus's own Modbus TCP framing against a real pymodbus stub that spoils one answer at a time: an answer with
+another transaction id, a frame cut short, an exception reply, garbage, a connection closed halfway through an
+answer. Each is counted as what it is, the polls around it keep their devices, and no change is lost or told
+twice."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from devices.modbus import BusSpec, DeviceSpec, ModbusBus
+from devices.profiles import find_profile
+from tests.stubs import run_stub
+from tests.test_modbus_bus import Recorder
+from tests.waiting import wait_for
+
+PANEL = "firmware_stubs.perimeter_panel"
+UNITS = (1, 2, 3)
+
+pytestmark = pytest.mark.timeout(60)
+
+# What the device whose answer was spoilt counts (a spoilt answer is retried at once and the retry is answered).
+EXPECTED = {
+    "wrong-tid": {"bad_frame": 1},  # no answer to the request: the frame that came is no answer
+    "truncate": {"bad_frame": 1},  # part of a frame came and never the rest
+    "garbage": {"bad_frame": 1},
+    "exception": {"exception": 1},  # the device is there and refused: not retried, not a missed poll
+}
+
+
+def _devices() -> list[DeviceSpec]:
+    pp = find_profile("perimeter-panel-8")
+    # The inputs every 50 ms; the other groups slowly, so that the spoilt answer is most likely an input poll's.
+    slow = {"status": 60_000, "outputs": 60_000, "levels": 60_000}
+    return [DeviceSpec(f"pp{u}", pp, unit=u, poll_ms=50, groups=slow) for u in UNITS]
+
+
+async def _trips_told_once(rec: Recorder) -> None:
+    for u in UNITS:
+        await wait_for(
+            lambda u=u: rec.changes(device=f"pp{u}", point=f"zone{u}_alarm", initial=False), 5, f"pp{u}'s trip"
+        )
+    await asyncio.sleep(0.3)  # more polls: nothing else changes, nothing is told twice
+    got = sorted((e.device, e.point, e.value) for e in rec.changes(initial=False))
+    assert got == [(f"pp{u}", f"zone{u}_alarm", True) for u in UNITS], got
+
+
+@pytest.mark.parametrize("mode", sorted(EXPECTED))
+async def test_a_spoilt_answer_is_counted_as_what_it_is_and_nothing_is_lost(mode: str) -> None:
+    rec = Recorder()
+    async with run_stub(
+        PANEL, "--tcp", "127.0.0.1:0", "--units", "1-3", "--zones", "8", "--control", "127.0.0.1:0"
+    ) as stub:
+        host, port = stub.endpoint()
+        spec = BusSpec("t1", "modbus-tcp", host=host, port=port, timeout_ms=1000, retries=1)
+        async with ModbusBus(spec, _devices(), rec) as bus:
+            await wait_for(lambda: all(rec.availability(f"pp{u}") == ["online"] for u in UNITS), 5, "all online")
+            await stub.post("/mangle", {"mode": mode, "unit": 2})
+            for u in UNITS:
+                await stub.post(f"/zones/{u}/trip", {"unit": u})
+            await wait_for(lambda: bus.stats().devices["pp2"].errors, 5, "the spoilt answer")
+            await _trips_told_once(rec)
+            st = bus.stats()
+            assert (await stub.state())["panels"][0]["requests"]["mangled"] == 1
+            assert st.devices["pp2"].errors == EXPECTED[mode], st.devices["pp2"].errors
+            for name, d in st.devices.items():
+                assert d.missed_polls == 0, (name, d)
+                if name != "pp2":
+                    assert not d.errors, (name, d.errors)
+            assert st.link_drops == 0 and st.restarts == 0 and bus.connected
+            assert all(rec.availability(f"pp{u}") == ["online"] for u in UNITS)
+
+
+async def test_a_connection_closed_halfway_through_an_answer_is_a_dropped_link_and_reconnected() -> None:
+    rec = Recorder()
+    async with run_stub(
+        PANEL, "--tcp", "127.0.0.1:0", "--units", "1-3", "--zones", "8", "--control", "127.0.0.1:0"
+    ) as stub:
+        host, port = stub.endpoint()
+        spec = BusSpec("t1", "modbus-tcp", host=host, port=port, timeout_ms=1000, retries=1, reconnect_min_ms=50)
+        async with ModbusBus(spec, _devices(), rec) as bus:
+            await wait_for(lambda: all(rec.availability(f"pp{u}") == ["online"] for u in UNITS), 5, "all online")
+            await stub.post("/mangle", {"mode": "close", "unit": 2})
+            await wait_for(lambda: bus.stats().link_drops == 1, 5, "the dropped link")
+            for u in UNITS:
+                await stub.post(f"/zones/{u}/trip", {"unit": u})
+            await _trips_told_once(rec)
+            st = bus.stats()
+            assert st.link_drops == 1 and st.connects == 2 and st.restarts == 0 and bus.connected
+            for name, d in st.devices.items():
+                assert not d.errors, (name, d.errors)  # no answer was taken for another, none was garbled
+                assert d.missed_polls <= 1, (name, d)  # at most the poll the link went down under
+            assert all(rec.availability(f"pp{u}") == ["online"] for u in UNITS)  # three misses make offline
