@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint bench clean system-deps browser-deps test-deps install
+.PHONY: demo test check lint format bench clean system-deps browser-deps test-deps install
 
 $(VENV)/bin/python:
 	@$(PY) -c "import ensurepip, venv" 2>/dev/null || { \
@@ -37,17 +37,42 @@ browser-deps:
 demo: system-deps $(STAMP)
 	$(BIN)/gatehouse demo $(DEMO_ARGS)
 
-# What only the tests need: nftables (packet loss inside a private network namespace) and libfaketime (a gateway
-# process whose wall clock jumps).
+# What only the tests need: nftables (packet loss inside a private network namespace), libfaketime (a gateway
+# process whose wall clock jumps) and PostgreSQL (the tests start their own server from its initdb and pg_ctl, under
+# /usr/lib/postgresql/<version>/bin, to run the portal's store on it).
 test-deps:
-	@{ command -v nft >/dev/null 2>&1 && [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 -o -e \
+	@{ { command -v nft || [ -x /usr/sbin/nft ]; } >/dev/null 2>&1 && [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 -o -e \
 	  /usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1 ]; } || { \
 	  echo "installing nftables and faketime with apt"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables faketime; }
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
+	  echo "installing postgresql with apt"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
 
+# The static checks: lint, types, the architecture's import contracts. (`ruff format --check .` joins them once the
+# tree has been formatted: `make format`.)
+STATIC = $(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports --no-logo && $(BIN)/mypy
+
+# TEST_WORKERS=3 runs the suite in three processes (pytest-xdist, a worker that finishes early takes queued tests
+# from the others): most tests wait on brokers, gateways, portals and browsers. Not the default yet: on a machine
+# already busy with other jobs, three workers made a few tight real-time tests (uplink re-send timers) fail.
+TEST_WORKERS ?= 0
+
+# The whole suite. A few tests need root outside any namespace (a tmpfs, a port given to dialout, a command run as
+# `nobody`: tests/privileged.py): a normal user is asked for the sudo password once, here, and they use `sudo -n`.
 test: system-deps browser-deps test-deps $(TEST_STAMP)
-	$(BIN)/ruff check .
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(STATIC)
+	@[ "$$(id -u)" = 0 ] || sudo -v
+	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal) $(PYTEST_ARGS)
+
+# The edit-test loop: the static checks and the tests that start no process (tests/tiers.py finds which), less the
+# long ones (slow: bounded fuzzing, bulk rows).
+check: $(TEST_STAMP)
+	$(STATIC)
+	$(BIN)/python -m pytest -q -m "not process and not slow" $(PYTEST_ARGS)
+
+format: $(TEST_STAMP)
+	$(BIN)/ruff format .
 
 # Install the services on this Debian / Raspberry Pi OS machine (see docs/install.md), e.g.
 # `make install INSTALL_ARGS="--portal --broker"`; INSTALL_ARGS=--dry-run shows the steps only.
@@ -55,7 +80,7 @@ install:
 	$(SUDO) scripts/install.sh $(INSTALL_ARGS)
 
 lint: $(TEST_STAMP)
-	$(BIN)/ruff check .
+	$(STATIC)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

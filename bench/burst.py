@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.children import pct, start, stop  # noqa: E402
-from gateway.broker import MosquittoProcess  # noqa: E402
+from gateway.tooling.broker import MosquittoProcess  # noqa: E402
 
 PY = sys.executable
 QUIET_S = 4.0
@@ -51,8 +51,9 @@ def portal_rows(db: Path) -> list[tuple[int, int, int, str, str]]:
     """(pk, seq, priority, ts, received_at) of the burst's events at the portal, in arrival order."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     try:
-        return conn.execute("SELECT pk, seq, priority, ts, received_at FROM events WHERE type LIKE 'test.%'"
-                            " ORDER BY pk").fetchall()
+        return conn.execute(
+            "SELECT pk, seq, priority, ts, received_at FROM events WHERE type LIKE 'test.%' ORDER BY pk"
+        ).fetchall()
     except sqlite3.OperationalError:
         return []
     finally:
@@ -77,8 +78,11 @@ async def sign_in(http: aiohttp.ClientSession, url: str, user: str) -> None:
     page = await (await http.get(url + "login")).text()
     m = re.search(r'name="csrf" value="([^"]+)"', page)
     assert m, "no sign-in form"
-    r = await http.post(url + "login", data={"user": user, "password": GUARD_PW, "csrf": m.group(1)},
-                        headers={"Origin": url.rstrip("/")})
+    r = await http.post(
+        url + "login",
+        data={"user": user, "password": GUARD_PW, "csrf": m.group(1)},
+        headers={"Origin": url.rstrip("/")},
+    )
     assert r.status == 200, f"sign-in failed: {r.status}"
 
 
@@ -98,17 +102,32 @@ async def _run(tmp: Path, broker: MosquittoProcess, args: argparse.Namespace) ->
         f"mqtt: {{host: 127.0.0.1, port: {broker.port}}}\n"
         f"uplink: {{window: {args.window}, batch_max: {args.batch}}}\n"
         f"loadgen: {{count: {args.events}, rate: {args.rate}, alarm_every: {args.alarm_every}, "
-        f"start_after_s: {QUIET_S}}}\n")
+        f"start_after_s: {QUIET_S}}}\n"
+    )
     pcfg = tmp / "portal" / "portal.yaml"
-    pcfg.write_text(f"data_dir: data\nlog_level: WARNING\nlisten: {{host: 127.0.0.1, port: 0}}\n"
-                    f"mqtt: {{host: 127.0.0.1, port: {broker.port}}}\ngateways: [{{site: bench, gateway: gw1}}]\n"
-                    "ws_queue_max: 8192\n")
+    pcfg.write_text(
+        f"data_dir: data\nlog_level: WARNING\nlisten: {{host: 127.0.0.1, port: 0}}\n"
+        f"mqtt: {{host: 127.0.0.1, port: {broker.port}}}\ngateways: [{{site: bench, gateway: gw1}}]\n"
+        "ws_queue_max: 8192\n"
+    )
     pw = tmp / "guard.pass"
     pw.write_text(GUARD_PW)
     pw.chmod(0o600)
-    add = await asyncio.create_subprocess_exec(PY, "-m", "portal", "adduser", "--config", str(pcfg), "--user",
-                                               "guard", "--role", "guard", "--password-file", str(pw),
-                                               stdout=asyncio.subprocess.DEVNULL)
+    add = await asyncio.create_subprocess_exec(
+        PY,
+        "-m",
+        "portal",
+        "adduser",
+        "--config",
+        str(pcfg),
+        "--user",
+        "guard",
+        "--role",
+        "guard",
+        "--password-file",
+        str(pw),
+        stdout=asyncio.subprocess.DEVNULL,
+    )
     await add.wait()
     portal, pinfo = await start("portal", [PY, "-m", "portal", "run", "--config", str(pcfg)], tmp / "portal.log")
     url = pinfo["url"]
@@ -133,8 +152,11 @@ async def _run(tmp: Path, broker: MosquittoProcess, args: argparse.Namespace) ->
                             opened[n] = _ts(inc["opened_at"])
 
                 listener = asyncio.create_task(listen())
-                gateway, _ = await start("gateway", [PY, "-m", "gateway.cli", "gateway", "run", "--config",
-                                                     str(tmp / "gw" / "gateway.yaml")], tmp / "gateway.log")
+                gateway, _ = await start(
+                    "gateway",
+                    [PY, "-m", "gateway.cli", "gateway", "run", "--config", str(tmp / "gw" / "gateway.yaml")],
+                    tmp / "gateway.log",
+                )
                 proc = psutil.Process(gateway.pid)
                 await asyncio.sleep(QUIET_S - 1.0)
                 baseline = proc.memory_info().rss / 2**20
@@ -176,9 +198,17 @@ async def _run(tmp: Path, broker: MosquittoProcess, args: argparse.Namespace) ->
         lat["alarm" if prio >= 20 else "routine"].append((_ts(got) - _ts(ts)) * 1000)
     console = [(incidents[n] - opened[n]) * 1000 for n in incidents]
     made = sorted(_ts(ts) for _, _, _, ts, _ in rows)
-    return {"events": len(rows), "distinct_seqs": len({r[1] for r in rows}), "burst_s": made[-1] - made[0],
-            "lat": lat, "console": console, "jump": overtaken(rows), "baseline_mb": baseline,
-            "peak_mb": max(rss, default=baseline), "http_ms": http_ms}
+    return {
+        "events": len(rows),
+        "distinct_seqs": len({r[1] for r in rows}),
+        "burst_s": made[-1] - made[0],
+        "lat": lat,
+        "console": console,
+        "jump": overtaken(rows),
+        "baseline_mb": baseline,
+        "peak_mb": max(rss, default=baseline),
+        "http_ms": http_ms,
+    }
 
 
 def main() -> None:
@@ -200,26 +230,48 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     a, n, c = r["lat"]["alarm"], r["lat"]["routine"], r["console"]
     hc, hh = r["http_ms"]["console"], r["http_ms"]["health"]
-    print(f"burst: {r['events']:,} events ({len(a)} alarms/tamper) made in {r['burst_s']:.2f} s, "
-          f"{r['distinct_seqs']:,} distinct seqs at the portal; uplink window {args.window}, batch {args.batch}")
-    print(f"to the portal's store: alarms p50 {pct(a, 50):.0f} ms, p99 {pct(a, 99):.0f} ms; "
-          f"routine p50 {pct(n, 50):.0f} ms, p99 {pct(n, 99):.0f} ms")
+    print(
+        f"burst: {r['events']:,} events ({len(a)} alarms/tamper) made in {r['burst_s']:.2f} s, "
+        f"{r['distinct_seqs']:,} distinct seqs at the portal; uplink window {args.window}, batch {args.batch}"
+    )
+    print(
+        f"to the portal's store: alarms p50 {pct(a, 50):.0f} ms, p99 {pct(a, 99):.0f} ms; "
+        f"routine p50 {pct(n, 50):.0f} ms, p99 {pct(n, 99):.0f} ms"
+    )
     print(f"alarm incidents on the console socket: {len(c)}, p50 {pct(c, 50):.0f} ms, p99 {pct(c, 99):.0f} ms")
     print(f"alarms overtook (median) {statistics.median(r['jump']) * 100:.0f}% of the routine events made before them")
-    print(f"gateway RSS {r['baseline_mb']:.1f} MB before, {r['peak_mb']:.1f} MB at peak "
-          f"(+{r['peak_mb'] - r['baseline_mb']:.1f} MB)")
-    print(f"portal during the burst: GET /console p50 {pct(hc, 50):.0f} ms, max {max(hc):.0f} ms ({len(hc)} requests); "
-          f"GET /api/health p50 {pct(hh, 50):.0f} ms, max {max(hh):.0f} ms")
-    print(json.dumps({
-        "events": r["events"], "alarms": len(a), "burst_s": round(r["burst_s"], 2), "window": args.window,
-        "alarm_p50_ms": round(pct(a, 50), 1), "alarm_p99_ms": round(pct(a, 99), 1),
-        "routine_p50_ms": round(pct(n, 50), 1), "routine_p99_ms": round(pct(n, 99), 1),
-        "console_incident_p50_ms": round(pct(c, 50), 1), "console_incident_p99_ms": round(pct(c, 99), 1),
-        "incidents_on_console": len(c), "alarm_overtook_median": round(statistics.median(r["jump"]), 3),
-        "gateway_rss_mb_before": round(r["baseline_mb"], 1), "gateway_rss_mb_peak": round(r["peak_mb"], 1),
-        "console_get_p50_ms": round(pct(hc, 50), 1), "console_get_max_ms": round(max(hc), 1),
-        "health_get_p50_ms": round(pct(hh, 50), 1), "health_get_max_ms": round(max(hh), 1),
-    }))
+    print(
+        f"gateway RSS {r['baseline_mb']:.1f} MB before, {r['peak_mb']:.1f} MB at peak "
+        f"(+{r['peak_mb'] - r['baseline_mb']:.1f} MB)"
+    )
+    print(
+        f"portal during the burst: GET /console p50 {pct(hc, 50):.0f} ms, max {max(hc):.0f} ms ({len(hc)} requests); "
+        f"GET /api/health p50 {pct(hh, 50):.0f} ms, max {max(hh):.0f} ms"
+    )
+    print(
+        json.dumps(
+            {
+                "events": r["events"],
+                "alarms": len(a),
+                "burst_s": round(r["burst_s"], 2),
+                "window": args.window,
+                "alarm_p50_ms": round(pct(a, 50), 1),
+                "alarm_p99_ms": round(pct(a, 99), 1),
+                "routine_p50_ms": round(pct(n, 50), 1),
+                "routine_p99_ms": round(pct(n, 99), 1),
+                "console_incident_p50_ms": round(pct(c, 50), 1),
+                "console_incident_p99_ms": round(pct(c, 99), 1),
+                "incidents_on_console": len(c),
+                "alarm_overtook_median": round(statistics.median(r["jump"]), 3),
+                "gateway_rss_mb_before": round(r["baseline_mb"], 1),
+                "gateway_rss_mb_peak": round(r["peak_mb"], 1),
+                "console_get_p50_ms": round(pct(hc, 50), 1),
+                "console_get_max_ms": round(max(hc), 1),
+                "health_get_p50_ms": round(pct(hh, 50), 1),
+                "health_get_max_ms": round(max(hh), 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

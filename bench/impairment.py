@@ -79,15 +79,18 @@ mqtt: {{host: 127.0.0.1, port: {relay.port}}}
 uplink: {{resend_after_s: 2.0, resend_max_s: 8.0}}
 loadgen: {{count: {count}, rate: {rate}}}
 """)
-            gateway = ns.child("gateway", [procs.PY, "-m", "gateway.cli", "gateway", "run", "--config", str(gcfg)],
-                               tmp / "logs")
+            gateway = ns.child(
+                "gateway", [procs.PY, "-m", "gateway.cli", "gateway", "run", "--config", str(gcfg)], tmp / "logs"
+            )
             started.append(gateway.start())
             db = tmp / "portal" / "data" / "portal.db"
             deadline = time.monotonic() + 30
             while not _rows(db):
                 if time.monotonic() > deadline or not gateway.alive or not portal.alive:
-                    raise SystemExit(f"no event reached the portal\n--- gateway\n{gateway.tail(1500)}\n"
-                                     f"--- portal\n{portal.tail(1500)}")
+                    raise SystemExit(
+                        f"no event reached the portal\n--- gateway\n{gateway.tail(1500)}\n"
+                        f"--- portal\n{portal.tail(1500)}"
+                    )
                 time.sleep(0.1)
             switches = []
             for delay_ms, loss in CONDITIONS:
@@ -113,8 +116,17 @@ loadgen: {{count: {count}, rate: {rate}}}
     for i, (delay_ms, loss) in enumerate(CONDITIONS):
         lo, hi = switches[i] + SETTLE_S, switches[i + 1]
         lat = [(got - made) * 1000 for _, made, got in rows if lo <= made < hi]
-        results.append({"delay_ms": delay_ms, "loss_pct": loss, "events": len(lat), "p50_ms": pct(lat, 50),
-                        "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99), "max_ms": max(lat)})
+        results.append(
+            {
+                "delay_ms": delay_ms,
+                "loss_pct": loss,
+                "events": len(lat),
+                "p50_ms": pct(lat, 50),
+                "p95_ms": pct(lat, 95),
+                "p99_ms": pct(lat, 99),
+                "max_ms": max(lat),
+            }
+        )
     return results
 
 
@@ -131,8 +143,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gatehouse-bench-") as d:
         results = run(Path(d), args.rate, args.window)
     for r in results:
-        print(f"{r['delay_ms']:>3} ms each way, {r['loss_pct']} % loss: {r['events']} events, "
-              f"p50 {r['p50_ms']:.0f} ms, p95 {r['p95_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, max {r['max_ms']:.0f} ms")
+        print(
+            f"{r['delay_ms']:>3} ms each way, {r['loss_pct']} % loss: {r['events']} events, "
+            f"p50 {r['p50_ms']:.0f} ms, p95 {r['p95_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, max {r['max_ms']:.0f} ms"
+        )
     out: dict[str, float] = {"rate_per_s": args.rate}
     for r in results:
         key = f"delay{r['delay_ms']}_loss{r['loss_pct']}"

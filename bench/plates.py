@@ -22,6 +22,7 @@ import os
 import random
 import select
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -35,9 +36,9 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from portal import plates  # noqa: E402
-from portal import registry as reg  # noqa: E402
-from portal.store import open_db  # noqa: E402
+from portal.estate import plates  # noqa: E402
+from portal.estate import registry as reg  # noqa: E402
+from portal.store import open_db, storekey  # noqa: E402
 
 BUILDINGS = 25
 UNITS = 2
@@ -60,8 +61,13 @@ def estate_csv(flats: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def open_store(data_dir: Path) -> sqlite3.Connection:
+    """The store the portal started on ``data_dir`` will use, with its store key (sealed plate codes)."""
+    return open_db(data_dir / "portal.db", storekey.open_for(data_dir / storekey.KEY_FILE, data_dir / "portal.db"))
+
+
 def build_store(data_dir: Path, flats: int) -> tuple[float, int]:
-    conn = open_db(data_dir / "portal.db")
+    conn = open_store(data_dir)
     try:
         t0 = time.perf_counter()
         rows, errors = reg.parse_import(estate_csv(flats).encode())
@@ -77,10 +83,11 @@ def build_store(data_dir: Path, flats: int) -> tuple[float, int]:
 
 
 def render_sheets(data_dir: Path, out: Path, base: str, workers: int | None) -> dict[str, float]:
-    conn = open_db(data_dir / "portal.db")
+    conn = open_store(data_dir)
     try:
-        buildings = conn.execute("SELECT b.id, b.code, s.name FROM reg_buildings b JOIN reg_sites s"
-                                 " ON s.id = b.site_id").fetchall()
+        buildings = conn.execute(
+            "SELECT b.id, b.code, s.name FROM reg_buildings b JOIN reg_sites s ON s.id = b.site_id"
+        ).fetchall()
         sheets = [plates.Sheet(f"{b['name']} {b['code']}幢", reg.plates_for(conn, b["id"])) for b in buildings]
     finally:
         conn.close()
@@ -93,22 +100,42 @@ def render_sheets(data_dir: Path, out: Path, base: str, workers: int | None) -> 
         (out / f"building-{b['code']}.pdf").write_bytes(sheet.pdf)
     dt = time.perf_counter() - t0
     bar.close()
-    return {"plates": total, "pages": sum(s.pages for s in done), "pdfs": len(done), "seconds": round(dt, 2),
-            "plates_per_s": round(total / dt, 1), "pdf_mb": round(sum(len(s.pdf) for s in done) / 1e6, 2),
-            "worker_processes": used}
+    return {
+        "plates": total,
+        "pages": sum(s.pages for s in done),
+        "pdfs": len(done),
+        "seconds": round(dt, 2),
+        "plates_per_s": round(total / dt, 1),
+        "pdf_mb": round(sum(len(s.pdf) for s in done) / 1e6, 2),
+        "worker_processes": used,
+    }
 
 
 def start_portal(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
     cfg = folder / "portal.yaml"
-    cfg.write_text("\n".join([
-        "site_name: 阳光花园", "data_dir: data", "listen: {host: 127.0.0.1, port: 0}",
-        "mqtt: {host: 127.0.0.1, port: 1, reconnect_min_s: 5, reconnect_max_s: 60}",
-        "gateways: [{site: s1, gateway: gw1}]", "log_level: WARNING",
-        "phone: {scans_per_min: 1000000}",  # the per-address limit would otherwise stop a one-address load
-    ]) + "\n", encoding="utf-8")
+    cfg.write_text(
+        "\n".join(
+            [
+                "site_name: 阳光花园",
+                "data_dir: data",
+                "listen: {host: 127.0.0.1, port: 0}",
+                "mqtt: {host: 127.0.0.1, port: 1, reconnect_min_s: 5, reconnect_max_s: 60}",
+                "gateways: [{site: s1, gateway: gw1}]",
+                "log_level: WARNING",
+                "phone: {scans_per_min: 1000000}",  # the per-address limit would otherwise stop a one-address load
+            ]
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     err = open(folder / "portal.stderr", "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen([sys.executable, "-m", "portal", "run", "--config", str(cfg)], cwd=ROOT,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "portal", "run", "--config", str(cfg)],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=err,
+    )
     err.close()
     assert proc.stdout is not None
     deadline = time.monotonic() + 30
@@ -159,8 +186,15 @@ async def load(url: str, codes: list[str], duration: float, concurrency: int) ->
         dt = time.perf_counter() - t0
     lat.sort()
     q = statistics.quantiles(lat, n=100)
-    return {"requests": len(lat), "errors": errors, "seconds": round(dt, 2), "rps": round(len(lat) / dt, 1),
-            "p50_ms": round(q[49] * 1000, 2), "p99_ms": round(q[98] * 1000, 2), "concurrency": concurrency}
+    return {
+        "requests": len(lat),
+        "errors": errors,
+        "seconds": round(dt, 2),
+        "rps": round(len(lat) / dt, 1),
+        "p50_ms": round(q[49] * 1000, 2),
+        "p99_ms": round(q[98] * 1000, 2),
+        "concurrency": concurrency,
+    }
 
 
 def main() -> None:
@@ -168,8 +202,9 @@ def main() -> None:
     ap.add_argument("--flats", type=int, default=5000)
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--workers", type=int, help="sheet worker processes (0: render in this process;"
-                    " default: one a core)")
+    ap.add_argument(
+        "--workers", type=int, help="sheet worker processes (0: render in this process; default: one a core)"
+    )
     ap.add_argument("--keep", help="keep the store and the PDFs in this folder")
     a = ap.parse_args()
     if not (1 <= a.flats <= 100_000 and 1 <= a.duration <= 120 and 1 <= a.concurrency <= 512):
@@ -186,11 +221,17 @@ def main() -> None:
         import_s, houses = build_store(data, a.flats)
         print(f"estate: {houses} flats imported in {import_s:.2f} s", flush=True)
         sheets = render_sheets(data, pdfs, "https://wy.example.cn", a.workers)
-        print(f"sheets: {sheets['plates']} plates on {sheets['pages']} A4 pages in {sheets['pdfs']} PDFs in "
-              f"{sheets['seconds']} s ({sheets['plates_per_s']} plates/s, {sheets['pdf_mb']} MB of PDF, "
-              f"{sheets['worker_processes']} worker processes)", flush=True)
-        conn = open_db(data / "portal.db")
-        codes = [r[0] for r in conn.execute("SELECT code FROM plates WHERE kind = 'house' AND withdrawn_at IS NULL")]
+        print(
+            f"sheets: {sheets['plates']} plates on {sheets['pages']} A4 pages in {sheets['pdfs']} PDFs in "
+            f"{sheets['seconds']} s ({sheets['plates_per_s']} plates/s, {sheets['pdf_mb']} MB of PDF, "
+            f"{sheets['worker_processes']} worker processes)",
+            flush=True,
+        )
+        conn = open_store(data)
+        codes = [
+            reg.plate_code(conn, "house", r[0]) or ""
+            for r in conn.execute("SELECT house_id FROM plates WHERE kind = 'house' AND withdrawn_at IS NULL")
+        ]
         conn.close()
         proc, url = start_portal(folder)
         try:
@@ -204,20 +245,39 @@ def main() -> None:
                 proc.wait()
             if proc.stdout:
                 proc.stdout.close()
-        print(f"house page: {page['rps']} requests/s, p50 {page['p50_ms']} ms, p99 {page['p99_ms']} ms "
-              f"({page['requests']} requests, {page['errors']} errors, {page['concurrency']} in flight)", flush=True)
+        print(
+            f"house page: {page['rps']} requests/s, p50 {page['p50_ms']} ms, p99 {page['p99_ms']} ms "
+            f"({page['requests']} requests, {page['errors']} errors, {page['concurrency']} in flight)",
+            flush=True,
+        )
         total = time.perf_counter() - started
         print(f"total: {total:.1f} s", flush=True)
-        print(json.dumps({
-            "bench": "plates", "cpus": plates.cpu_count(), "flats": houses, "estate_import_s": round(import_s, 2),
-            "sheet_plates": sheets["plates"], "sheet_pages": sheets["pages"], "sheet_pdf_files": sheets["pdfs"],
-            "sheet_pdf_mb": sheets["pdf_mb"], "sheet_render_s": sheets["seconds"],
-            "sheet_plates_per_s": sheets["plates_per_s"], "sheet_worker_processes": sheets["worker_processes"],
-            "house_page_requests": page["requests"], "house_page_errors": page["errors"],
-            "house_page_duration_s": page["seconds"], "house_page_requests_per_s": page["rps"],
-            "house_page_p50_ms": page["p50_ms"], "house_page_p99_ms": page["p99_ms"],
-            "house_page_concurrency": page["concurrency"], "bench_total_s": round(total, 1),
-        }, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "bench": "plates",
+                    "cpus": plates.cpu_count(),
+                    "flats": houses,
+                    "estate_import_s": round(import_s, 2),
+                    "sheet_plates": sheets["plates"],
+                    "sheet_pages": sheets["pages"],
+                    "sheet_pdf_files": sheets["pdfs"],
+                    "sheet_pdf_mb": sheets["pdf_mb"],
+                    "sheet_render_s": sheets["seconds"],
+                    "sheet_plates_per_s": sheets["plates_per_s"],
+                    "sheet_worker_processes": sheets["worker_processes"],
+                    "house_page_requests": page["requests"],
+                    "house_page_errors": page["errors"],
+                    "house_page_duration_s": page["seconds"],
+                    "house_page_requests_per_s": page["rps"],
+                    "house_page_p50_ms": page["p50_ms"],
+                    "house_page_p99_ms": page["p99_ms"],
+                    "house_page_concurrency": page["concurrency"],
+                    "bench_total_s": round(total, 1),
+                },
+                ensure_ascii=False,
+            )
+        )
 
 
 if __name__ == "__main__":

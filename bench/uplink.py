@@ -30,7 +30,7 @@ import paho.mqtt.client as mqtt
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.broker import MosquittoProcess  # noqa: E402
+from gateway.tooling.broker import MosquittoProcess  # noqa: E402
 from tests import procs  # noqa: E402
 
 
@@ -112,8 +112,14 @@ gateways: [{{site: bench, gateway: {name}}}]
     def pct(p: float) -> float:
         return lat[min(len(lat) - 1, int(p / 100 * len(lat)))]
 
-    return {"events": len(rows), "events_per_s": len(rows) / span, "p50_ms": pct(50), "p95_ms": pct(95),
-            "p99_ms": pct(99), "mean_ms": statistics.fmean(lat)}
+    return {
+        "events": len(rows),
+        "events_per_s": len(rows) / span,
+        "p50_ms": pct(50),
+        "p95_ms": pct(95),
+        "p99_ms": pct(99),
+        "mean_ms": statistics.fmean(lat),
+    }
 
 
 def main() -> None:
@@ -129,22 +135,30 @@ def main() -> None:
             ceil = ceiling(broker.port, args.ceiling_messages)
             print(f"ceiling: one paho client, QoS 1, 260-byte messages: {ceil:,.0f} msg/s")
             thr = run_pipeline(tmp, broker, "gwmax", args.events, 1e9)
-            print(f"durable: {thr['events']:,} events gateway engine -> portal rows: {thr['events_per_s']:,.0f} "
-                  f"events/s ({thr['events_per_s'] / ceil:.2f}x the ceiling)")
+            print(
+                f"durable: {thr['events']:,} events gateway engine -> portal rows: {thr['events_per_s']:,.0f} "
+                f"events/s ({thr['events_per_s'] / ceil:.2f}x the ceiling)"
+            )
             lat = run_pipeline(tmp, broker, "gw1k", args.rate_events, 1000)
-            print(f"latency at 1,000 events/s over {lat['events']:,} events: p50 {lat['p50_ms']:.1f} ms, "
-                  f"p95 {lat['p95_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms")
+            print(
+                f"latency at 1,000 events/s over {lat['events']:,} events: p50 {lat['p50_ms']:.1f} ms, "
+                f"p95 {lat['p95_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms"
+            )
         finally:
             broker.stop()
-    print(json.dumps({
-        "ceiling_paho_qos1_msgs_per_s": round(ceil),
-        "durable_events_per_s": round(thr["events_per_s"]),
-        "ratio_to_ceiling": round(thr["events_per_s"] / ceil, 3),
-        "throughput_run_p99_ms": round(thr["p99_ms"], 1),
-        "at_1000_per_s_p50_ms": round(lat["p50_ms"], 2),
-        "at_1000_per_s_p95_ms": round(lat["p95_ms"], 2),
-        "at_1000_per_s_p99_ms": round(lat["p99_ms"], 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "ceiling_paho_qos1_msgs_per_s": round(ceil),
+                "durable_events_per_s": round(thr["events_per_s"]),
+                "ratio_to_ceiling": round(thr["events_per_s"] / ceil, 3),
+                "throughput_run_p99_ms": round(thr["p99_ms"], 1),
+                "at_1000_per_s_p50_ms": round(lat["p50_ms"], 2),
+                "at_1000_per_s_p95_ms": round(lat["p95_ms"], 2),
+                "at_1000_per_s_p99_ms": round(lat["p99_ms"], 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -172,7 +172,7 @@ if has_role broker; then
             echo "broker: /etc/mosquitto/certs/$f is missing; see docs/install.md (TLS for the broker)" >&2
         fi
     done
-    echo "broker: add users with: sudo gatehouse broker add-user portal; sudo gatehouse broker add-user <gateway>"
+    echo "broker: add users with: sudo gatehouse broker add-user portal; sudo gatehouse broker add-user <site>/<gateway>"
     if [ "$ENABLE" = 1 ]; then
         run systemctl enable mosquitto
         run systemctl restart mosquitto
