@@ -16,7 +16,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, Route, async_playwright, expect
 
 from gateway import wire
 from gateway.tooling.broker import MosquittoProcess, free_port
@@ -318,3 +318,40 @@ async def test_a_console_that_cannot_prove_it_is_live_turns_red_and_rings(
                 await browser.close()
     finally:
         proc.__exit__(None, None, None)
+
+
+async def test_an_alarm_that_arrives_while_the_page_loads_still_rings(
+    tmp_path: Path, broker: MosquittoProcess, artifacts: Path
+) -> None:
+    """The page asks /api/board for what is open when its socket opens; the answer can have been read before an alarm
+    the socket then delivers. That late snapshot must not silence the alarm: the shell must still ring."""
+    async with running_portal(write_config(tmp_path, broker)) as p, mqtt(broker) as gw, async_playwright() as pw:
+        await wait_for(lambda: p.services.ingest.connected, what="portal connected")
+        await add_user(p, "guard1", "guard", PW)
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=KIOSK, headless=True)
+        try:
+            page = await (await browser.new_context(viewport={"width": 1280, "height": 900})).new_page()
+            await sign_in(page, p.origin)
+            read: list[str] = []
+            release = asyncio.Event()
+
+            async def hold(route: Route) -> None:
+                answer = await route.fetch()  # read now, before the alarm exists
+                read.append(route.request.url)
+                await release.wait()
+                await route.fulfill(response=answer)
+
+            await page.route("**/api/board*", hold)
+            await page.goto(p.origin + "/board")
+            await wait_for(lambda: len(read) >= 2, what="the board's and the shell's snapshots read")
+
+            alarm = ev(1, "zone.alarm", incident="Z1", data=ZONE, ts=datetime.now(UTC))
+            await gw.publish(EVENTS_TOPIC, batch_payload([alarm]), qos=1)
+            await expect(page.locator("#incidents li.incident")).to_have_count(1, timeout=T)
+            release.set()
+            await page.wait_for_timeout(500)  # both stale snapshots have been applied by now
+            await expect(page.locator("#incidents li.incident")).to_have_count(1)
+            await expect(page.locator("#banner")).to_be_visible(timeout=T)
+            assert await rings(page), "a snapshot read before the alarm silenced it"
+        finally:
+            await browser.close()

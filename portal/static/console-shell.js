@@ -180,11 +180,28 @@
 
   // ------------------------------------------------------------ open alarms: the banner and what rings
 
+  // What the socket told while a snapshot (/api/board) was on its way: the snapshot may have been read before it,
+  // so it must not undo it (an alarm that arrives while the page loads must ring).
+  var during = [];  // one {id: newest incident the socket gave, open or closed} per snapshot in flight
+
   function upsert(inc) {
     if (!inc || typeof inc.id !== "number") { return; }
+    during.forEach(function (told) {
+      var seen = told[inc.id];
+      if (!seen || seen.version <= inc.version) { told[inc.id] = inc; }
+    });
     var known = GH.incidents[inc.id];
     if (known && known.version > inc.version) { return; }
     if (inc.state === "closed") { delete GH.incidents[inc.id]; } else { GH.incidents[inc.id] = inc; }
+  }
+
+  function resetFrom(body, told) {
+    GH.incidents = {};
+    (body.incidents || []).concat(body.closed || []).forEach(function (i) {
+      var later = told[i.id];
+      if (!later || later.version < i.version) { told[i.id] = i; }
+    });
+    Object.keys(told).forEach(function (k) { upsert(told[k]); });
   }
 
   function unacknowledged() {
@@ -233,14 +250,17 @@
   var knownMax = 0;
   function load(reconnected, downSince) {
     if (!cfg.rings) { return; }
+    var told = {};
+    during.push(told);
+    var done = function () { during = during.filter(function (x) { return x !== told; }); };
     fetch("/api/board", { credentials: "same-origin" }).then(function (r) {
       if (r.status === 401) { sessionEnded(); return null; }
       return r.ok ? r.json() : null;
     }).then(function (body) {
+      done();
       if (!body) { return; }
       var before = knownMax;
-      GH.incidents = {};
-      (body.incidents || []).forEach(upsert);
+      resetFrom(body, told);
       var fresh = (body.incidents || []).filter(function (i) { return i.id > before; });
       (body.incidents || []).concat(body.closed || []).forEach(function (i) { knownMax = Math.max(knownMax, i.id); });
       if (reconnected && missedEl) {
@@ -252,7 +272,7 @@
         emit("missed", fresh);
       }
       decide();
-    }).catch(function () { /* the socket retries and loads again */ });
+    }).catch(function () { done(); /* the socket retries and loads again */ });
   }
 
   // ------------------------------------------------------------ the socket and the proof of life
