@@ -8,6 +8,11 @@ import asyncio
 import logging
 import os
 import sys
+import traceback
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -20,12 +25,57 @@ def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
 
 
+def load_config_apart(config_path: str) -> GatewayConfig:
+    """:func:`gateway.config.load` in a forked child, the config handed back as MessagePack: the same config,
+    the same :class:`~gateway.config.ConfigError`.
+
+    Reading a config is the daemon's largest allocation and happens once: the YAML tree with every line number,
+    the validation, the profiles. Done in the daemon, it leaves ~6 MB of Python's memory pools touched and
+    pinned for good by the few objects that outlive it (a config of 50 panels and 800 zones), a seventh of what
+    the daemon needs on a Pi. The child takes that with it when it exits. Without ``os.fork``, in process."""
+    import msgspec
+
+    from gateway import config
+
+    if not hasattr(os, "fork"):
+        return config.load(config_path)
+    r, w = os.pipe()
+    pid = os.fork()  # before the event loop and any thread
+    if pid == 0:
+        code = 0
+        try:
+            os.close(r)
+            try:
+                out = b"C" + msgspec.msgpack.encode(config.load(config_path))
+            except config.ConfigError as e:
+                out = b"E" + msgspec.msgpack.encode(e.problems)
+            except BaseException:
+                out = b"X" + traceback.format_exc().encode()
+            with os.fdopen(w, "wb") as f:
+                f.write(out)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read()
+    _, status = os.waitpid(pid, 0)
+    kind, body = out[:1], out[1:]
+    if kind == b"C":
+        return msgspec.msgpack.decode(body, type=config.GatewayConfig)
+    if kind == b"E":
+        raise config.ConfigError(msgspec.msgpack.decode(body, type=list[str]))
+    detail = body.decode(errors="replace") or f"exit status {os.waitstatus_to_exitcode(status)}"
+    raise RuntimeError(f"reading the config failed:\n{detail}")
+
+
 def run_gateway(config_path: str) -> int:
     """The daemon until SIGTERM. 2 when the config is not valid (each problem with its file and line)."""
     from gateway import app, config
 
     try:
-        cfg = config.load(config_path)
+        cfg = load_config_apart(config_path)
     except config.ConfigError as e:
         print(f"gatehouse: config error:\n{e}", file=sys.stderr)
         return 2
