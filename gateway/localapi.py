@@ -278,6 +278,7 @@ class LocalApi:
             "version": __version__,
             "ready": gw.ready.is_set(),
             "uptime_s": round(now - gw.started, 1),
+            "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],  # uvloop or asyncio
             "broker": {
                 "host": cfg.mqtt.host,
                 "port": cfg.mqtt.port,

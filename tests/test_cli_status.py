@@ -338,6 +338,7 @@ async def test_uplink_counters_in_metrics_after_the_broker_dropped(tmp_path: Pat
     assert metric("gatehouse_uplink_window_shrinks_total") == b["window_shrinks"] >= 1
     assert metric("gatehouse_uplink_window") == b["window"] < 200  # halved to 100, growing back slowly
     assert metric("gatehouse_uplink_in_flight") == b["in_flight"] == 0
+    assert st["event_loop"] == "asyncio"  # the default; GATEHOUSE_EVENT_LOOP=uvloop for the other
     assert metric("gatehouse_uplink_late_acks_total") == b["late_acks"]
     assert metric("gatehouse_uplink_ignored_acks_total") == b["ignored_acks"]
     assert metric("gatehouse_uplink_acks_total") == b["acks"] >= 300
