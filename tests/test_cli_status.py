@@ -273,6 +273,7 @@ async def test_status_of_a_config_whose_port_another_gateway_answers(tmp_path: P
             await asyncio.to_thread(child.stop)
 
 
+@pytest.mark.realtime  # a pause held against resend_after on the wall clock
 async def test_uplink_counters_in_metrics_after_the_broker_dropped(tmp_path: Path) -> None:
     """``gatehouse gateway run`` (its load generator making 300 events, each sent alone) behind a Mosquitto that
     keeps 60 messages for an absent portal and drops the rest. Once the portal is back and everything is

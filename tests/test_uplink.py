@@ -253,6 +253,7 @@ async def _paused_episode(store: Store, up: Uplink, acker: Acker, n: int, pause_
     return up.stats.resent_events - resent0
 
 
+@pytest.mark.realtime  # a pause held against resend_after on the wall clock
 async def test_the_window_adapts_to_a_broker_that_drops_for_a_paused_portal(tmp_path: Path) -> None:
     """Mosquitto keeps 60 messages for the absent portal (max_queued_messages) and drops the rest; every event rides
     alone (batch_max 1). With a window of 200, the first pause loses what did not fit; the window halves on each
