@@ -286,11 +286,15 @@ async def throughput(name: str, fleet: Fleet, seconds: float, window: int, batch
     async def feed() -> None:
         resent = time.monotonic()
         while running:
+            # every batch there is room for, published at once: awaited one by one, the broker's PUBACK for each
+            # (a round trip through a loaded machine) bounded the load this generator offers, whatever the layout
+            sends = []
             for g in fleet.gws:
                 room = window - len(g.inflight)
                 while room >= batch:
-                    await fleet.publish(g, g.events(batch))
+                    sends.append(fleet.publish(g, g.events(batch)))
                     room -= batch
+            await asyncio.gather(*sends)
             if time.monotonic() - resent > 1.0:  # a look at every gateway's window: once a second is enough
                 await fleet.resend_stale()
                 resent = time.monotonic()
