@@ -19,6 +19,11 @@ numbers and window of unacknowledged events, re-sent when no ack comes. Measured
 Aims (issue 19): 3 instances store at least as much per second as the one SQLite portal; alarm p99 under 200 ms;
 consoles back within 5 s. Run it on a quiet machine; it ends with one JSON line.
 
+The generator publishes ``--publish-window`` batches (8) before it awaits their PUBACKs: awaiting each in turn, its
+own round trip to the broker bounded every layout (the more processes on the machine, the slower), so the figures
+measured the generator. ``--broker-conf`` adds a line to the run's Mosquitto, for diagnosis only (the default is the
+broker as shipped, saving its store after every change); the JSON says so when it is used.
+
 Usage: python bench/centre.py [--seconds 3] [--alarms 200] [--alarms-per-s 50] [--gateways 200] [--estates 20]
 """
 
@@ -454,18 +459,27 @@ async def main() -> None:
     ap.add_argument(
         "--publish-window", type=int, default=8, help="batches the generator publishes before awaiting their PUBACKs"
     )
+    ap.add_argument(
+        "--broker-conf",
+        action="append",
+        default=[],
+        help="a line more for the run's Mosquitto (diagnosis, e.g. 'autosave_interval 10000'; said in the JSON)",
+    )
     ap.add_argument("--batch-max", type=int, default=256, help="the portals' store.batch_max (every layout)")
     ap.add_argument("--limit", type=float, default=180.0, help="give up (and say so in the JSON) after this long")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gatehouse-bench-centre-"))
     t_start = time.monotonic()
-    broker = MosquittoProcess(tmp / "broker", max_queued=100_000).start()
+    extra = "\n".join(args.broker_conf)  # diagnosis only: the default is the broker as shipped
+    broker = MosquittoProcess(tmp / "broker", max_queued=100_000, extra_conf=extra).start()
     pg = PostgresServer(durable=True)
     pg_up = asyncio.create_task(asyncio.to_thread(pg.start))  # initdb beside the SQLite portal's start
     results: dict[str, Any] = {
         "gateways": args.gateways,
         "estates": args.estates,
         "measured_s_per_layout": args.seconds,
+        "publish_window": args.publish_window,
+        **({"broker_conf": args.broker_conf} if args.broker_conf else {}),
     }
     rates: dict[str, float] = {}
     try:
