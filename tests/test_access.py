@@ -447,6 +447,7 @@ def test_replayed(rig: Rig, clock: Clock) -> None:
     ["", "A" * 10_000, b"\x00\xff" * 5_000, os.urandom(300), "GH1:" + "A" * 200, "hello", "GH1:\x00"],
     ids=["empty", "10k", "binary-10k", "random", "base32-junk", "text", "nul"],
 )
+@pytest.mark.realtime
 def test_junk_is_malformed_quickly_and_writes_nothing(rig: Rig, clock: Clock, junk: str | bytes) -> None:
     rig.decider.apply_revocations(revocations(1, clock))
     before = (rig.db.conn.total_changes, rig.rows(), rig.decider.revocation_version)
@@ -843,6 +844,7 @@ def test_config_cross_checks(tmp_path: Path, old: str, new: str, message: str) -
 # ---------------------------------------------------------------- speed
 
 
+@pytest.mark.realtime
 def test_decide_is_well_under_a_millisecond(rig: Rig, clock: Clock) -> None:
     texts = [resident(clock, subject=f"P{i}") for i in range(300)]
     rig.decider.apply_revocations(

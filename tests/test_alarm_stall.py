@@ -36,7 +36,7 @@ from tests.portal_support import (
 )
 from tests.stubs import Stub, run_stub
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.realtime]
 
 SITE, GW = "s1", "gw1"
 STALL_S = 6.0  # every commit stalls this long while the flag file exists

@@ -31,7 +31,7 @@ from tests.portal_support import sign_in_console
 from tests.portal_support import write_config as write_portal_config
 from tests.test_uplink import Acker, _cfg, _until, running
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.realtime]
 
 PLACE = wire.Place(site="s1")
 EVENTS, RATE, ALARM_EVERY = 1000, 1000, 20

@@ -83,7 +83,9 @@ async def gateway_process(cfg: Path, logdir: Path) -> AsyncIterator[procs.Child]
 
 async def qr_text(page: Page, selector: str) -> str:
     shot = await page.locator(selector).screenshot()
-    found = [r.text for r in zxingcpp.read_barcodes(Image.open(io.BytesIO(shot)))]
+    found = [
+        r.text for r in zxingcpp.read_barcodes(Image.open(io.BytesIO(shot)), formats=zxingcpp.BarcodeFormat.QRCode)
+    ]
     assert len(found) == 1, found
     return found[0]
 
@@ -264,7 +266,9 @@ async def test_care_alert_from_the_field_at_the_configured_hour_and_ok_clears_it
 def pdf_codes(data: bytes) -> list[str]:
     pdf = pypdfium2.PdfDocument(data)
     return sorted(
-        r.text for i in range(len(pdf)) for r in zxingcpp.read_barcodes(pdf[i].render(scale=300 / 72).to_pil())
+        r.text
+        for i in range(len(pdf))
+        for r in zxingcpp.read_barcodes(pdf[i].render(scale=300 / 72).to_pil(), formats=zxingcpp.BarcodeFormat.QRCode)
     )
 
 

@@ -7,10 +7,11 @@ down (its last will on the centre's broker, as systemd/mosquitto-estate-bridge.c
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, Route, async_playwright, expect
 
 from gateway import wire
 from gateway.tooling.broker import MosquittoProcess
@@ -127,5 +128,46 @@ async def test_the_centre_console_shows_every_estate_live_and_rings_for_any(
             body = await (await other.request.get(p.origin + "/api/centre")).json()
             assert [e["site"] for e in body["estates"]] == ["s2"]
             assert errors == []
+        finally:
+            await browser.close()
+
+
+async def test_an_alarm_told_while_the_table_is_being_fetched_is_not_lost(
+    tmp_path: Path, broker: MosquittoProcess
+) -> None:
+    """The table is fetched again when the socket tells of a change; a change told while that fetch is on its way may
+    be missing from its answer, so the page must fetch once more rather than sit on a table that leaves it out."""
+    cfg = write_config(tmp_path, broker, gateways=GATEWAYS)
+    async with running_portal(cfg) as p, mqtt(broker) as gw, async_playwright() as pw:
+        await wait_for(lambda: p.services.ingest.connected, what="portal connected")
+        await add_user(p, "guard1", "guard", PW)
+        browser: Browser = await pw.chromium.launch(executable_path=CHROMIUM, args=KIOSK, headless=True)
+        try:
+            page = await (await browser.new_context(viewport={"width": 1280, "height": 900})).new_page()
+            await sign_in(page, p.origin, "guard1", "/centre")
+            read: list[str] = []
+            release = asyncio.Event()
+
+            async def hold_the_first(route: Route) -> None:
+                if read:
+                    await route.continue_()
+                    return
+                answer = await route.fetch()
+                read.append(route.request.url)
+                await release.wait()
+                await route.fulfill(response=answer)
+
+            await page.route("**/centre/estates", hold_the_first)
+            fire = ev(1, "zone.alarm", prio=wire.Priority.FIRE, site="s3", ts=datetime.now(UTC))
+            await gw.publish(wire.topic("s3", "gw4", "events"), batch_payload([fire], site="s3", gateway="gw4"), qos=1)
+            await wait_for(lambda: bool(read), what="the table fetched after the fire")
+            intrusion = ev(1, "zone.alarm", site="s1", ts=datetime.now(UTC), place={"zone": "north"})
+            await gw.publish(
+                wire.topic("s1", "gw1", "events"), batch_payload([intrusion], site="s1", gateway="gw1"), qos=1
+            )
+            await expect(page.locator("#banner .more")).not_to_have_text("", timeout=T)  # the socket told of both
+            release.set()
+            await expect(page.locator("#total-unacked strong")).to_have_text("2", timeout=T)
+            await expect(page.locator('tr[data-site="s1"] .unacked-pill')).to_have_text("1 条未确认")
         finally:
             await browser.close()

@@ -44,7 +44,7 @@ from tests.portal_support import write_config as write_portal_config
 from tests.stubs import Stub, run_stub
 from tests.waiting import wait_for
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = [pytest.mark.timeout(150), pytest.mark.realtime]
 
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 SITE, GW = "s1", "gw1"

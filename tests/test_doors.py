@@ -644,6 +644,7 @@ async def wait_stored(store: Store, type_: str, n: int = 1, timeout: float = 5.0
         await asyncio.sleep(0.02)
 
 
+@pytest.mark.realtime
 async def test_a_scan_on_the_reader_line_opens_the_door_controller(tmp_path: Path) -> None:
     door = DOORS[0]
     async with (

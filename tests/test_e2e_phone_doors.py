@@ -66,7 +66,9 @@ async def gateway_process(cfg: Path, logdir: Path) -> AsyncIterator[procs.Child]
 async def qr_text(page: Page, selector: str, ring: dict[str, Any]) -> tuple[str, Pass]:
     """The one QR code shown in ``selector``, read from a screenshot: (its text, the pass it verifies as)."""
     shot = await page.locator(selector).screenshot()
-    found = [r.text for r in zxingcpp.read_barcodes(Image.open(io.BytesIO(shot)))]
+    found = [
+        r.text for r in zxingcpp.read_barcodes(Image.open(io.BytesIO(shot)), formats=zxingcpp.BarcodeFormat.QRCode)
+    ]
     assert len(found) == 1, found
     return found[0], parse_pass(found[0], ring)
 

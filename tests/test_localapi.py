@@ -370,6 +370,7 @@ async def test_get_with_a_body_gets_400(server: LocalHttpServer, routes: Routes)
     assert routes.calls == 0
 
 
+@pytest.mark.realtime
 async def test_slow_client_gets_408_at_the_deadline(server: LocalHttpServer) -> None:
     t0 = time.monotonic()
     code, _, _ = split_response(await exchange(port_of(server), b"GET /status HTTP/1.1\r\nHo"))

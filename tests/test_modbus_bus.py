@@ -241,6 +241,7 @@ async def test_trip_is_one_point_changed_and_reads_are_merged() -> None:
     assert sum(1 for r in recent if r["function"] == 2) >= 10
 
 
+@pytest.mark.realtime
 async def test_write_goes_ahead_of_queued_polls_and_pulses() -> None:
     rec = Recorder()
     units = list(range(1, 9))
@@ -418,6 +419,7 @@ async def test_a_write_the_board_echoes_but_does_not_carry_out_fails_its_read_ba
             assert bus.stats().rejected_writes == 1
 
 
+@pytest.mark.realtime
 async def test_silent_unit_goes_offline_while_its_neighbour_keeps_its_rate() -> None:
     rec = Recorder()
     async with run_stub(PANEL, "--tcp", "127.0.0.1:0", "--units", "1-2", *CTRL) as stub:
@@ -534,6 +536,7 @@ async def test_serial_server_reboot_is_recovered_and_writes_fail_fast_meanwhile(
         await stub.session.close()
 
 
+@pytest.mark.realtime
 async def test_rtu_on_a_pseudo_terminal_paces_frames() -> None:
     rec = Recorder()
     async with run_stub(PANEL, "--rtu-pty", "--units", "1-2", "--zones", "16", *CTRL) as stub:

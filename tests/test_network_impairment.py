@@ -24,7 +24,7 @@ from tests import procs
 from tests.netns_support import Impairment, Netns, NetnsMosquitto, Relay, missing_requirements, start_relay
 from tests.portal_support import write_config as write_portal_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.realtime]
 
 SITE, GW = "s1", "gw1"
 RATE = 50  # events per second

@@ -53,7 +53,9 @@ T = 10_000  # ms: generous but bounded waits in the page
 
 async def qr_of(page: Page, selector: str, ring: dict[str, object]) -> Pass:
     shot = await page.locator(selector).screenshot()
-    found = [r.text for r in zxingcpp.read_barcodes(Image.open(io.BytesIO(shot)))]
+    found = [
+        r.text for r in zxingcpp.read_barcodes(Image.open(io.BytesIO(shot)), formats=zxingcpp.BarcodeFormat.QRCode)
+    ]
     assert len(found) == 1, found
     return parse_pass(found[0], ring)  # type: ignore[arg-type]
 

@@ -709,6 +709,7 @@ def copy_of(src: Path, folder: Path) -> Path:
     return db
 
 
+@pytest.mark.realtime
 @pytest.mark.slow  # fifty thousand rows: not in `make check`
 async def test_fifty_thousand_rows_go_in_chunks_while_the_portal_writes_on(bulk_db: Path, tmp_path: Path) -> None:
     """The daily run: chunks are ops on the store's writer, between the other writers' ops."""
@@ -749,6 +750,7 @@ async def test_fifty_thousand_rows_go_in_chunks_while_the_portal_writes_on(bulk_
     assert verdict.ok
 
 
+@pytest.mark.realtime
 @pytest.mark.slow  # fifty thousand rows: not in `make check`
 def test_fifty_thousand_rows_from_the_command_line_beside_a_running_portal(bulk_db: Path, tmp_path: Path) -> None:
     """``python -m portal purge``'s path: its own connection; another connection's writes still get in."""

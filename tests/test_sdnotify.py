@@ -48,6 +48,7 @@ def test_without_systemd_nothing_is_sent() -> None:
     assert n.watchdog_s is None
 
 
+@pytest.mark.realtime
 async def test_watchdog_fed_while_loop_runs_and_not_while_hung(notify_socket: tuple[socket.socket, str]) -> None:
     s, path = notify_socket
     n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})  # 0.2 s: fed every 0.1 s

@@ -90,6 +90,7 @@ async def test_events_are_forgotten_only_when_acknowledged(tmp_path: Path, broke
             assert sorted(set(acker.seen)) == list(range(1, 51))
 
 
+@pytest.mark.realtime
 async def test_a_portal_working_through_a_backlog_gets_no_resends(tmp_path: Path, broker: MosquittoProcess) -> None:
     """Acks keep coming, each batch slower than the re-send time: the portal is busy, not lost; re-sending the
     window then would only bury it in copies."""
@@ -104,6 +105,7 @@ async def test_a_portal_working_through_a_backlog_gets_no_resends(tmp_path: Path
             assert acker.seen == list(range(1, 41))
 
 
+@pytest.mark.realtime
 async def test_a_lost_batch_is_resent_though_later_ones_are_acknowledged(
     tmp_path: Path, broker: MosquittoProcess
 ) -> None:
@@ -126,6 +128,7 @@ async def test_a_lost_batch_is_resent_though_later_ones_are_acknowledged(
             assert acker.seen.count(5) == 1 and up.stats.resends == 1
 
 
+@pytest.mark.realtime
 @pytest.mark.parametrize("priority", [wire.Priority.ROUTINE, wire.Priority.TAMPER], ids=["routine", "urgent"])
 async def test_only_the_dropped_event_is_resent_not_what_follows_it(
     tmp_path: Path, broker: MosquittoProcess, priority: wire.Priority

@@ -41,7 +41,7 @@ from gateway.tooling.broker import MosquittoProcess
 from tests import procs
 from tests.waiting import wait_for
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.realtime]
 
 SITE, GW = "s1", "gw1"
 WATCHDOG_S = 1.5  # WATCHDOG_USEC; the unit says WatchdogSec=30s

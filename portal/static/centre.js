@@ -6,21 +6,29 @@
   "use strict";
   if (!window.GH) { return; }
   var GH = window.GH;
-  var pending = false;
+  var pending = false;  // a fetch is due or on its way
+  var sent = false;  // ... and on its way: its answer may have been read before what the socket tells now
+  var again = false;  // so fetch once more when it is back
   var last = 0;
   var MIN_MS = 1000;
 
+  function settled() {
+    pending = sent = false;
+    if (again) { again = false; refresh(); }
+  }
+
   function refresh() {
-    if (pending) { return; }
+    if (pending) { again = again || sent; return; }
     var wait = Math.max(0, last + MIN_MS - Date.now());
     pending = true;
     window.setTimeout(function () {
       last = Date.now();
+      sent = true;
       fetch("/centre/estates", { credentials: "same-origin" }).then(function (r) {
         if (r.status === 401) { GH.sessionEnded(); return null; }
         return r.ok ? r.text() : null;
       }).then(function (html) {
-        pending = false;
+        settled();
         if (html == null) { return; }
         var box = document.getElementById("centre-estates");
         if (!box) { return; }
@@ -28,7 +36,7 @@
         tmp.innerHTML = html;
         var fresh = tmp.querySelector("#centre-estates");
         if (fresh) { box.replaceWith(fresh); }
-      }, function () { pending = false; });
+      }, settled);
     }, wait);
   }
 
