@@ -197,6 +197,7 @@ class SlowLink:
             dst.close()
 
 
+@pytest.mark.realtime  # the acks' time against the wall clock
 async def test_acks_to_many_gateways_are_not_sent_one_puback_at_a_time(
     tmp_path: Path, broker: MosquittoProcess
 ) -> None:
