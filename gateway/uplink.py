@@ -50,7 +50,7 @@ import aiomqtt
 
 from common.backoff import backoff_delays
 from common.configfile import read_secret
-from common.tasks import run_until_first_ends
+from common.tasks import cancel_and_wait, run_until_first_ends
 from gateway import __version__, wire
 from gateway.config import GatewayConfig
 from gateway.store import Store
@@ -273,9 +273,9 @@ class Uplink:
             )
         finally:
             self._serving = False
-            for t in list(self._publishes):
-                t.cancel()
-            await asyncio.gather(*self._publishes, return_exceptions=True)
+            await cancel_and_wait(
+                "uplink publishes", list(self._publishes)
+            )  # each an aiomqtt publish: see common.tasks
 
     def send_now(self, rows: list[tuple[int, bytes]]) -> bool:
         """Publish urgent events (seq, encoded event) before their commit; True if they went out. While the link is
@@ -374,9 +374,7 @@ class Uplink:
                 elif self.stats.last_ack_mono is not None and self._clock() - self.stats.last_ack_mono < 1:
                     resend_after = up.resend_after_s
         finally:
-            for t in publishes:
-                t.cancel()
-            await asyncio.gather(*publishes, return_exceptions=True)
+            await cancel_and_wait("uplink sends", publishes)
 
     async def _next_rows(self, limit: int) -> tuple[list[tuple[int, bytes]], bool]:
         """The next rows to send, urgent lane first; and whether they are urgent. Urgent rows already sent before

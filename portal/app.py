@@ -7,7 +7,6 @@ stop the ingest (no new events), close the console sockets, then commit what is 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import random
@@ -24,6 +23,7 @@ import jinja2
 from aiohttp import web
 
 from common.sdnotify import Notifier
+from common.tasks import cancel_and_wait
 from portal import alarms, care, centre, doors, estate, grid, openapi, patrol
 from portal.config import PortalConfig
 from portal.estate import retention
@@ -172,11 +172,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             ("centre", lambda: centre.stop(app)),  # after the store: its last commits still tell the others
             ("worker threads", lambda: shutdown_executor(cpu)),
         ]
-        for task in (beats, housekeeping, purging):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait("timers", [t for t in (beats, housekeeping, purging) if t is not None])
         for name, step in steps:  # each step tried even if an earlier one failed
             try:
                 await step()

@@ -23,6 +23,7 @@ import aiomqtt
 import pytest
 from ulid import ULID
 
+from common.tasks import cancel_and_wait
 from gateway import wire
 from gateway.tooling.broker import MosquittoProcess
 from portal.store import Postgres, connect
@@ -152,8 +153,7 @@ async def test_an_instance_killed_mid_batch_loses_and_duplicates_nothing(
                 )
                 print(f"B acknowledged everything {time.monotonic() - t_kill:.1f} s after the kill")
             finally:
-                reader.cancel()
-                await asyncio.gather(reader, return_exceptions=True)
+                await cancel_and_wait("the test's reader", [reader])
 
         total = 2 * BATCH * len(GATEWAYS)
         assert query(pg_target, "SELECT count(*), count(DISTINCT id) FROM events") == [(total, total)]

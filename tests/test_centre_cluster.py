@@ -69,6 +69,7 @@ async def stored(target: Postgres) -> int:
     return int((await asyncio.to_thread(query, target, "SELECT count(*) FROM events"))[0][0])
 
 
+@pytest.mark.realtime  # B's console must see what the others stored within a second of commit-order slack
 async def test_three_instances_store_a_flood_exactly_once_while_two_are_killed(
     tmp_path: Path, broker: MosquittoProcess, pg_target: Postgres
 ) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from common.tasks import cancel_and_wait
 from gateway import wire
 from gateway.tooling.broker import MosquittoProcess
 from gateway.wire.passes import (
@@ -267,8 +268,7 @@ async def site(tmp_path: Path, broker: MosquittoProcess) -> AsyncIterator[Site]:
                 assert r["ok"] is True, r
                 yield s
             finally:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
+                await cancel_and_wait("the test's watcher", [watcher])
                 await asyncio.to_thread(gw.stop)
     finally:
         await asyncio.to_thread(portal.stop)

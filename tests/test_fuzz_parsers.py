@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from pymodbus.exceptions import ModbusException
 
 from common.configfile import ConfigError
+from common.tasks import cancel_and_wait
 from devices.contact_id import (
     DC4,
     DIGIT_VALUES,
@@ -936,8 +937,7 @@ async def test_gateway_uplink_hands_every_command_to_the_guard_counts_bad_acks_a
             assert [c.id for c in admitted] == ["c-good"]
             assert sum(guard.refused.values()) == len(bad)
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait("the test's task", [task])
 
 
 # ================================================================ (f) config files

@@ -16,6 +16,7 @@ import aiomqtt
 import msgspec
 import pytest
 
+from common.tasks import cancel_and_wait
 from devices.events import PointChanged
 from gateway import wire
 from gateway.config import GatewayConfig
@@ -65,8 +66,7 @@ async def listener(broker: MosquittoProcess) -> AsyncIterator[list[dict[str, Any
         try:
             yield seen
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait("the test's task", [task])
 
 
 async def test_an_unclaimed_input_is_reported_with_its_value(

@@ -4,6 +4,7 @@ gaps, status, commands, broker restarts, and one run of the real ``python -m por
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import sys
@@ -133,6 +134,98 @@ async def test_batch_is_stored_then_acked_and_a_resend_is_stored_once(tmp_path: 
         assert "gatehouse_portal_events_ingested_total 4.0" in metrics
         assert "gatehouse_portal_events_duplicate_total 4.0" in metrics
         assert "gatehouse_portal_ingest_latency_seconds_count 4.0" in metrics
+
+
+class SlowLink:
+    """A TCP relay that delivers every byte ``delay_s`` late in each direction, in order: the portal's link to a
+    broker across a WAN (or a broker that is slow to answer), so that each PUBACK is a round trip away."""
+
+    def __init__(self, port: int, delay_s: float) -> None:
+        self.target, self.delay_s = port, delay_s
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> SlowLink:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target)
+        for src, dst in ((reader, up_w), (up_r, writer)):
+            t = asyncio.create_task(self._pipe(src, dst), name="slow-link")
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        late: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                due, data = await late.get()
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                if not data:
+                    dst.close()
+                    return
+                dst.write(data)
+                await dst.drain()
+
+        out = asyncio.create_task(deliver(), name="slow-link.deliver")
+        try:
+            while True:
+                data = await src.read(65536)
+                await late.put((loop.time() + self.delay_s, data))
+                if not data:
+                    break
+            await out
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            out.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
+                await out
+            dst.close()
+
+
+@pytest.mark.realtime  # the acks' time against the wall clock
+async def test_acks_to_many_gateways_are_not_sent_one_puback_at_a_time(
+    tmp_path: Path, broker: MosquittoProcess
+) -> None:
+    """30 gateways' batches stored together: their 30 acks go out at once, not each after the broker's PUBACK for
+    the one before (a round trip apiece: 30 round trips of 0.3 s on this link before the last gateway hears)."""
+    gws = [(SITE, f"gw-{i:02d}") for i in range(30)]
+    async with SlowLink(broker.port, delay_s=0.15) as link:
+        cfg = write_config(tmp_path, broker, gateways=gws)
+        cfg.write_text(cfg.read_text(encoding="utf-8").replace(f"port: {broker.port}", f"port: {link.port}"))
+        async with running_portal(cfg) as p, mqtt(broker) as gw:
+            await wait_for(lambda: p.services.ingest.connected, what="portal connected to the broker")
+            await gw.subscribe(wire.subscription("ack"), qos=1)
+            await asyncio.sleep(0.5)  # the portal's subscriptions are through the link
+            for site, g in gws:
+                await gw.publish(wire.topic(site, g, "events"), batch_payload([event(1)], gateway=g), qos=1)
+            t0 = asyncio.get_running_loop().time()
+            acked: set[str] = set()
+            async with asyncio.timeout(30):
+                async for m in gw.messages:
+                    if str(m.topic).endswith("/ack"):
+                        acked.add(wire.parse_topic(str(m.topic))[1])
+                        if len(acked) == len(gws):
+                            break
+            took = asyncio.get_running_loop().time() - t0
+            # pipelined: the batches' trip in, a commit, the acks' trip out and a round trip or two (about 1 s);
+            # one PUBACK at a time: at least 30 x 0.3 s
+            assert took < 4.0, f"30 acks took {took:.1f} s"
+            assert p.services.ingest.acks_sent <= len(gws)  # one message per gateway, none lost or doubled
 
 
 async def test_bad_payloads_are_counted_and_dropped(tmp_path: Path, broker: MosquittoProcess) -> None:

@@ -124,3 +124,54 @@ async def test_two_stores_on_one_database_store_overlapping_resends_once(pg_targ
     assert sorted(rows(pg_target, "SELECT gateway, contiguous_seq, events_stored, open_gaps FROM gateways")) == [
         (gw, 1000, 1000, "[]") for gw in sorted(gws)
     ]
+
+
+async def test_a_before_commit_step_that_fails_leaves_the_batches_stored_once_and_the_notice_only_if_committed(
+    pg_target: Postgres,
+) -> None:
+    """The batches' bookkeeping, the notice to the other instances and the COMMIT go in one pipeline: a notice the
+    server refuses (or a step that raises before sending) must neither lose the batches nor store them twice, and
+    a notice that was sent is delivered with the commit and never without it."""
+    import psycopg
+
+    calls: list[str] = []
+
+    def step(conn: Any, done: list[tuple[Any, Any]]) -> None:
+        calls.append("x")
+        n = len(calls)
+        if n == 1:
+            raise RuntimeError("before-commit bug")  # raises before sending anything
+        if n == 3:
+            conn.execute("SELECT pg_notify(?, repeat('x', 9000))", ("gh_test",))  # refused: payload too long
+        else:
+            conn.execute("SELECT pg_notify(?, ?)", ("gh_test", f"call {n}"))
+
+    listener = await psycopg.AsyncConnection.connect(pg_target.dsn, autocommit=True, passfile=str(pg_target.passfile))
+    await listener.execute("LISTEN gh_test")
+    store = Store(pg_target)
+    await store.start()
+    store.set_before_commit(step)
+    try:
+        ids: dict[tuple[str, int], str] = {}
+        first = [await store.enqueue(StoreBatch(batch(g, range(1, 21), ids))) for g in ("gw1", "gw2")]
+        r1 = [await f for f in first]  # call 1 raised: the transaction ran again, the step (call 2) in a savepoint
+        second = [await store.enqueue(StoreBatch(batch(g, range(21, 41), ids))) for g in ("gw1", "gw2")]
+        r2 = [await f for f in second]  # call 3 was refused by the server: again, call 4 in a savepoint
+        assert [r.ack_seqs for r in r1 + r2] == [list(range(1, 21))] * 2 + [list(range(21, 41))] * 2
+        assert all(len(r.new_events) == 20 and r.duplicates == 0 for r in r1 + r2)
+        assert rows(pg_target, "SELECT gateway, count(*), min(seq), max(seq) FROM events GROUP BY 1 ORDER BY 1") == [
+            ("gw1", 40, 1, 40),
+            ("gw2", 40, 1, 40),
+        ]
+        assert rows(pg_target, "SELECT gateway, contiguous_seq, events_stored FROM gateways ORDER BY 1") == [
+            ("gw1", 40, 40),
+            ("gw2", 40, 40),
+        ]
+        got: list[str] = []
+        gen = listener.notifies(timeout=2.0)
+        async for n in gen:
+            got.append(n.payload)
+        assert got == ["call 2", "call 4"]  # the refused and the unsent ones: nothing; the committed: once each
+    finally:
+        await store.close()
+        await listener.close()

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from common.tasks import cancel_and_wait
 from gateway import wire
 from gateway.config import GatewayConfig, MqttConfig, TlsConfig
 from gateway.events import Draft
@@ -115,8 +116,7 @@ async def test_events_flow_over_tls_with_password(tmp_path: Path) -> None:
                     assert [e.type for e in batch.events] == ["zone.alarm"]
                 assert up.stats.connected
             finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                await cancel_and_wait("the test's task", [task])
     finally:
         broker.stop()
 
@@ -133,7 +133,6 @@ async def test_wrong_password_or_untrusted_broker_never_connects(tmp_path: Path)
                 task = asyncio.create_task(up.run())
                 await asyncio.sleep(1.5)  # several attempts at the configured backoff
                 assert up.stats.connects == 0 and not up.stats.connected
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                await cancel_and_wait("the test's task", [task])
     finally:
         broker.stop()

@@ -759,18 +759,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stdout_to_devnull() -> None:
+    """The reader of stdout has gone: send what is still buffered nowhere, so that Python's own flush at exit does not
+    print "Exception ignored ... BrokenPipeError" after we have handled it."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        ns = build_parser().parse_args(argv)  # argparse's own --help and usage text ignore a closed pipe
+        try:
+            ns = build_parser().parse_args(argv)
+        except SystemExit:
+            # --help or a usage error: argparse has written its text and exits with its own status, which stands
+            # even if nobody reads the text (some Python 3.11 releases' argparse ignore the failed write, some not).
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                _stdout_to_devnull()
+            raise
         rc = int(ns.func(ns) or 0)
         sys.stdout.flush()  # here, so a reader gone away is met inside the try, not at exit
     except BrokenPipeError:
         # Output piped to `head` (or a pager quit early): the reader has what it wanted. No traceback; the
-        # exit status a shell gives a process killed by SIGPIPE. stdout goes to /dev/null so that Python's
-        # own flush at exit does not complain again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        # exit status a shell gives a process killed by SIGPIPE.
+        _stdout_to_devnull()
         return 128 + 13
     return rc
 

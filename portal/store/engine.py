@@ -19,6 +19,7 @@ sequence bookkeeping, read again inside each transaction, is never stale.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -333,12 +334,11 @@ class PgConnection:
         its shared form and then each gateway's own lock, in one order, so batches of different gateways commit
         side by side while everything else (the incident feed's cursor over ``events.pk`` above all) still waits
         for all of them and sees every row in commit order."""
-        self.execute("BEGIN")
-        if gateways is None:
-            self.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
-            return
-        self.execute("SELECT pg_advisory_xact_lock_shared(?)", (WRITE_LOCK,))
-        self.lock_gateways(gateways)
+        # BEGIN and the lock in one round trip (two statements, no parameters: the simple query protocol)
+        fn = "pg_advisory_xact_lock" if gateways is None else "pg_advisory_xact_lock_shared"
+        self.execute(f"BEGIN; SELECT {fn}({int(WRITE_LOCK)})")
+        if gateways is not None:
+            self.lock_gateways(gateways)
 
     def lock_gateways(self, gateways: Iterable[tuple[str, str]]) -> None:
         """Inside a transaction begun with the shared lock: take these gateways' own locks, in one order (a
@@ -349,6 +349,19 @@ class PgConnection:
             self.execute(
                 "SELECT count(pg_advisory_xact_lock(?, k)) FROM unnest(?::integer[]) AS k", (GATEWAY_LOCK_CLASS, keys)
             )
+
+    @contextlib.contextmanager
+    def pipeline(self) -> Iterator[None]:
+        """Statements sent together, their results read at the end (psycopg's pipeline mode): one round trip for
+        what needs no answer before the next (a transaction's last writes, its notifications and its COMMIT). A
+        statement's error is raised at the end, as a :class:`PgError`; the statements after it did not run."""
+        import psycopg
+
+        try:
+            with self.raw.pipeline():
+                yield
+        except psycopg.Error as e:
+            raise _translate(e) from e
 
     def commit(self) -> None:
         if self.in_transaction:

@@ -227,6 +227,7 @@ class StoreBatch(Op):
     def __init__(self, batch: wire.EventBatch) -> None:
         self.batch = batch
         self._rows: list[tuple[Any, ...]] | None = None
+        self._shown: list[dict[str, Any]] | None = None  # the rows as the API shows them, but for received_at
         self._inserted: set[str] | None = None  # what insert_early inserted of it, for apply
 
     def gateway_locks(self) -> frozenset[tuple[str, str]]:
@@ -259,6 +260,9 @@ class StoreBatch(Op):
             )
             for ev in b.events
         ]
+        # parsed here, before the transaction: under a shared store's gateway locks every millisecond of Python
+        # is a millisecond the other instances wait
+        self._shown = [event_dict(r) for r in self._rows]
 
     def apply(self, tx: Tx) -> BatchResult:
         b = self.batch
@@ -268,8 +272,8 @@ class StoreBatch(Op):
         inserted, self._inserted = self._inserted, None
         if inserted is None:
             self._stamp(now_text())  # received now, under the transaction's locks (early rows: when inserted)
-        rows = self._rows
-        assert rows is not None
+        rows, shown = self._rows, self._shown
+        assert rows is not None and shown is not None
         received = rows[0][-1] if rows else now_text()
         acks: list[int] = []
         new: list[dict[str, Any]] = []
@@ -288,7 +292,7 @@ class StoreBatch(Op):
                     ([ev.id for ev in b.events if ev.id not in inserted],),
                 )
             }
-        for ev, row in zip(b.events, rows, strict=True):
+        for ev, row, seen in zip(b.events, rows, shown, strict=True):
             if inserted is not None:
                 fresh = ev.id in inserted
                 inserted.discard(ev.id)  # the same id twice in one batch: the second is a re-send
@@ -303,7 +307,7 @@ class StoreBatch(Op):
                 )
             if fresh:
                 acks.append(ev.seq)
-                new.append(event_dict(row))
+                new.append({**seen, "received_at": row[-1]})
                 continue
             if owners is not None:
                 owner = owners.get(ev.id)
@@ -862,7 +866,10 @@ class Store:
                 conn.begin()
             if wrote_early:
                 # an op that fails now runs the whole transaction again without early writes (its early rows are
-                # outside any savepoint of its own): no savepoints, and the gateways' rows in two statements
+                # outside any savepoint of its own): no savepoints, the gateways' rows read in one statement, and
+                # their rows written, the other instances told and the transaction committed in one round trip
+                # (a pipeline): what the gateways' locks are held through is that round trip and the commit's
+                # flush, not four round trips each waiting for this thread's turn at the GIL
                 assert scope is not None
                 tx.read_ahead(scope)
                 for op in ops:
@@ -870,38 +877,47 @@ class Store:
                         out.append((True, op.apply(tx)))
                     except Exception as e:
                         raise _Redo() from e
-                tx.write_back()
-            for op in ops if not wrote_early else ():
-                before = {k: v for k, v in self._states.items()}
-                conn.execute("SAVEPOINT op")
                 try:
-                    value = op.apply(tx)
-                except Exception as e:
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    self._states.clear()
-                    self._states.update(before)
-                    out.append((False, e))
-                    if not isinstance(e, StoreConflict | ValueError):
-                        log.exception("store op %s failed", type(op).__name__)
-                else:
-                    conn.execute("RELEASE op")
-                    out.append((True, value))
-            done = [(op, v) for op, (ok, v) in zip(ops, out, strict=True) if ok]
-            if self._before_commit is not None and done and wrote_early:
-                try:  # no savepoint (two round trips under the gateways' locks): a failure runs it all again
-                    self._before_commit(conn, done)
-                except Exception as e:
+                    with conn.pipeline():
+                        tx.write_back()
+                        if self._before_commit is not None and out:
+                            self._before_commit(conn, [(op, v) for op, (_ok, v) in zip(ops, out, strict=True)])
+                        conn.execute("COMMIT")
+                except Error as e:
+                    if getattr(conn, "broken", False) or getattr(e, "sqlstate", None) in _RETRY_STATES:
+                        raise
+                    raise _Redo() from e  # a notice refused, say: again with the before-commit step in a savepoint
+                except StoreError:
+                    raise
+                except Exception as e:  # the before-commit step failed before sending anything
                     raise _Redo() from e
-            elif self._before_commit is not None and done:
-                conn.execute("SAVEPOINT before_commit")
-                try:
-                    self._before_commit(conn, done)
-                except Exception:
-                    conn.execute("ROLLBACK TO before_commit")
-                    log.exception("the store's before-commit step failed (the ops commit without it)")
-                conn.execute("RELEASE before_commit")
-            conn.execute("COMMIT")
+            else:
+                for op in ops:
+                    before = {k: v for k, v in self._states.items()}
+                    conn.execute("SAVEPOINT op")
+                    try:
+                        value = op.apply(tx)
+                    except Exception as e:
+                        conn.execute("ROLLBACK TO op")
+                        conn.execute("RELEASE op")
+                        self._states.clear()
+                        self._states.update(before)
+                        out.append((False, e))
+                        if not isinstance(e, StoreConflict | ValueError):
+                            log.exception("store op %s failed", type(op).__name__)
+                    else:
+                        conn.execute("RELEASE op")
+                        out.append((True, value))
+                done = [(op, v) for op, (ok, v) in zip(ops, out, strict=True) if ok]
+                if self._before_commit is not None and done:
+                    conn.execute("SAVEPOINT before_commit")
+                    try:
+                        self._before_commit(conn, done)
+                    except Exception:
+                        conn.execute("ROLLBACK TO before_commit")
+                        log.exception("the store's before-commit step failed (the ops commit without it)")
+                    conn.execute("RELEASE before_commit")
+                conn.execute("COMMIT")
         except _ROLLBACK as e:
             with contextlib.suppress(*Error, StoreError):
                 if self._wconn is not None and self._wconn.in_transaction:

@@ -48,6 +48,8 @@ log = logging.getLogger("portal.ingest")
 #: Most seqs one Ack carries; a commit spanning more for one gateway sends several.
 ACK_CHUNK = 5000
 ACK_QUEUE_MAX = 10_000
+#: gateways whose acks are published at once, before their PUBACKs are awaited together
+ACK_PIPELINE = 256
 LOG_ONCE_MAX = 1000
 #: A seq gap is normal for a moment (a gateway sends alarms ahead of routine events queued before them);
 #: it is logged as a warning only if still open after this long.
@@ -225,17 +227,35 @@ class Ingest:
                 log.exception("handling a message on %s failed", str(msg.topic)[:200])
 
     async def _publish_acks(self, client: aiomqtt.Client) -> None:
+        """Publish the acks as commits queue them: whatever has queued meanwhile at once, one message per gateway
+        (its seqs merged), their PUBACKs awaited together. One ack at a time, each waiting for the broker's PUBACK
+        before the next, bounded a busy portal to one ack per round trip to the broker: the acks queued up behind,
+        the gateways' windows stayed full, and more instances stored no more (bench/centre.py)."""
         while True:
-            site, gw, seqs = await self._acks.get()
-            try:
-                ack = wire.Ack(v=wire.SCHEMA_VERSION, seqs=seqs)
-                await client.publish(wire.topic(site, gw, "ack"), wire.encode(ack), qos=1)
-            except aiomqtt.MqttError:
+            first = await self._acks.get()
+            merged: dict[tuple[str, str], set[int]] = defaultdict(set)
+            merged[(first[0], first[1])].update(first[2])
+            while len(merged) < ACK_PIPELINE and not self._acks.empty():
+                site, gw, seqs = self._acks.get_nowait()
+                merged[(site, gw)].update(seqs)
+            sends = []
+            for (site, gw), acked in merged.items():
+                ordered = sorted(acked)
+                for i in range(0, len(ordered), ACK_CHUNK):
+                    ack = wire.Ack(v=wire.SCHEMA_VERSION, seqs=ordered[i : i + ACK_CHUNK])
+                    sends.append(client.publish(wire.topic(site, gw, "ack"), wire.encode(ack), qos=1))
+            results = await asyncio.gather(*sends, return_exceptions=True)
+            failed: BaseException | None = None
+            for r in results:
+                if r is None:
+                    self.acks_sent += 1
+                    self.metrics.acks_sent.inc()
+                    continue
                 # The gateway re-sends what stays unacknowledged and gets a fresh ack then.
                 self.acks_dropped += 1
-                raise
-            self.acks_sent += 1
-            self.metrics.acks_sent.inc()
+                failed = failed or r
+            if failed is not None:
+                raise failed
 
     # -- incoming messages
 
