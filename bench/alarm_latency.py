@@ -28,12 +28,16 @@ in the writer thread inside the transaction, as an SD card's fsync can take). ``
 Gatehouse on one bus with that many panels at the same total input rate (500 polls/s), CPU per input poll and
 per request at each size. Numbers mean something only on a quiet machine.
 
+``--loops asyncio,uvloop`` runs Gatehouse once on each event loop (``GATEHOUSE_EVENT_LOOP``), in the same run, against
+the same naive baseline.
+
 ``--in-flight N`` sets the gateway's buses' ``max_in_flight`` (Modbus TCP pipelining: the polls due together go
 out in one write; the default, 1, is the configuration's default, one request at a time). The naive loop never
 pipelines.
 
 Usage: python bench/alarm_latency.py [--runs 1] [--window 8] [--flips 30] [--panels 50] [--stall-s 0]
                                      [--layouts one-bus,per-endpoint] [--scale 10,50,200] [--floor] [--in-flight 1]
+                                     [--loops asyncio,uvloop]
 
 The default (one 8 s window per system and layout, 30 flips: the reference rate of 200 a minute) runs in under a
 minute; ``--runs 3 --window 60 --flips 200`` is the reference protocol (three interleaved runs of a minute).
@@ -68,6 +72,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.children import pct, start, stop  # noqa: E402
 from gateway import wire  # noqa: E402
+from gateway.daemon import DEFAULT_LOOP, LOOP_ENV  # noqa: E402
 from gateway.store import STALL_ENV  # noqa: E402
 from gateway.tooling.broker import MosquittoProcess  # noqa: E402
 from gateway.wire.commands import sign_command  # noqa: E402
@@ -235,11 +240,18 @@ async def run_gatehouse(
     stall_s: float,
     poll_ms: int = POLL_MS,
     in_flight: int = 1,
+    loop: str = "",
 ) -> Result:
     (tmp / "gw").mkdir(parents=True)
     (tmp / "gw" / "gateway.yaml").write_text(gateway_yaml(layout, broker.port, poll_ms, in_flight))
     save_public_key(tmp / "gw" / "portal.pub.pem", PORTAL_PUBLIC)
-    env = {**os.environ, STALL_ENV: str(stall_s)} if stall_s > 0 else None
+    env = dict(os.environ)
+    if stall_s > 0:
+        env[STALL_ENV] = str(stall_s)
+    if loop:
+        env[LOOP_ENV] = loop
+    else:
+        env.pop(LOOP_ENV, None)  # the daemon's default loop
     arrived: dict[str, float] = {}
     async with aiomqtt.Client("127.0.0.1", broker.port, identifier=f"bench-portal-{ULID()}") as c:
         await c.subscribe(wire.topic("bench", "gw1", "events"), qos=1)
@@ -424,7 +436,7 @@ async def start_layout(name: str, panels: int, tmp: Path) -> tuple[asyncio.subpr
 
 def line(label: str, s: dict[str, Any]) -> str:
     return (
-        f"  {label:<10} {s['input_polls_per_s']:>5} input polls/s ({s['requests_per_s']} requests/s), "
+        f"  {label:<18} {s['input_polls_per_s']:>5} input polls/s ({s['requests_per_s']} requests/s), "
         f"CPU {s['cpu_pct']:>5.1f}% = {s['cpu_ms_per_input_poll']:.3f} ms per input poll, "
         f"RSS {s['rss_mb']:.0f} MB; {s['changes_seen']}/{s['flips']} changes, latency p50 "
         f"{s['latency_p50_ms']} / p99 {s['latency_p99_ms']} / max {s['latency_max_ms']} ms"
@@ -449,6 +461,12 @@ async def main() -> None:
         default=1,
         help="the gateway's buses' max_in_flight (Modbus TCP pipelining; 1, the default, is off)",
     )
+    ap.add_argument(
+        "--loops",
+        default="",
+        help=f"Gatehouse on each of these event loops (asyncio,uvloop), in the same run; default: the daemon's own "
+        f"({LOOP_ENV} unset: {DEFAULT_LOOP})",
+    )
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--scale", default="", help="panel counts on one bus for the scale table, e.g. 10,50,200")
     ap.add_argument("--floor", action="store_true", help="also the CPU per request of a bare asyncio loop (one bus)")
@@ -458,8 +476,12 @@ async def main() -> None:
     if any(x not in LAYOUTS for x in layouts) or not 1 <= args.panels <= 247 or args.flips > args.panels * ZONES:
         raise SystemExit(f"layouts are {', '.join(LAYOUTS)}; panels 1-247; at most panels x {ZONES} flips")
     scale = [int(x) for x in args.scale.split(",") if x]
+    loops = [x for x in args.loops.split(",") if x] or [""]
+    if any(x not in ("asyncio", "uvloop") for x in loops if x):
+        raise SystemExit("loops are asyncio, uvloop")
+    systems = [f"gatehouse[{x}]" if x else "gatehouse" for x in loops]
     tmp = Path(tempfile.mkdtemp(prefix="gatehouse-bench-"))
-    results: dict[str, dict[str, Result]] = {x: {"gatehouse": Result(), "naive": Result()} for x in layouts}
+    results: dict[str, dict[str, Result]] = {x: {**{g: Result() for g in systems}, "naive": Result()} for x in layouts}
     scale_results: dict[int, dict[str, Result]] = {}
     floor: float | None = None
     try:
@@ -470,10 +492,11 @@ async def main() -> None:
                     for name in layouts:
                         stub, layout = await start_layout(name, args.panels, tmp / f"r{run}")
                         try:
-                            order = ["gatehouse", "naive"] if run % 2 == 0 else ["naive", "gatehouse"]
+                            order = [*systems, "naive"]
+                            order = order[run % len(order) :] + order[: run % len(order)]  # interleaved
                             for system in order:
                                 where = tmp / f"r{run}" / name / system
-                                if system == "gatehouse":
+                                if system != "naive":
                                     r = await run_gatehouse(
                                         where,
                                         broker,
@@ -483,6 +506,7 @@ async def main() -> None:
                                         args.flips,
                                         args.stall_s,
                                         in_flight=args.in_flight,
+                                        loop=loops[systems.index(system)],
                                     )
                                 else:
                                     r = await run_naive(where, broker, layout, http, args.window, args.flips)
@@ -534,6 +558,7 @@ async def main() -> None:
         "flips_per_window": args.flips,
         "store_commit_stall_s": args.stall_s,
         "gatehouse_max_in_flight": args.in_flight,
+        "gatehouse_loops": [x or f"default ({DEFAULT_LOOP})" for x in loops],
     }
     stall = f", every store commit stalled {args.stall_s:g} s" if args.stall_s else ""
     pipelined = f", Gatehouse's buses pipelining {args.in_flight} requests" if args.in_flight > 1 else ""
@@ -542,17 +567,20 @@ async def main() -> None:
         f"{args.flips} flips{stall}{pipelined}"
     )
     for name in layouts:
-        g, nv = results[name]["gatehouse"].summary(), results[name]["naive"].summary()
-        ratio = g["cpu_ms_per_input_poll"] / nv["cpu_ms_per_input_poll"] if nv["cpu_ms_per_input_poll"] else None
+        nv = results[name]["naive"].summary()
         print(f"{name}:")
-        print(line("Gatehouse", g))
+        entry: dict[str, Any] = {"naive": nv}
+        for system in systems:
+            g = results[name][system].summary()
+            ratio = g["cpu_ms_per_input_poll"] / nv["cpu_ms_per_input_poll"] if nv["cpu_ms_per_input_poll"] else None
+            label = system.replace("gatehouse", "Gatehouse")
+            print(line(label, g))
+            print(f"    CPU per input poll, {label} / naive: {ratio:.2f}" if ratio else "    no naive CPU figure")
+            key = system.replace("[", "_").rstrip("]")
+            entry[key] = g
+            entry[f"{key}_cpu_per_input_poll_ratio_to_naive"] = round(ratio, 2) if ratio else None
         print(line("naive", nv))
-        print(f"  CPU per input poll, Gatehouse / naive: {ratio:.2f}" if ratio else "  no naive CPU figure")
-        out[name.replace("-", "_")] = {
-            "gatehouse": g,
-            "naive": nv,
-            "cpu_per_input_poll_ratio_to_naive": round(ratio, 2) if ratio else None,
-        }
+        out[name.replace("-", "_")] = entry
     if floor is not None:
         print(f"floor: a bare asyncio request/response loop on one connection, {floor:.4f} ms CPU per request")
         out["floor_bare_asyncio_cpu_ms_per_request"] = round(floor, 4)

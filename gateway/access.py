@@ -93,10 +93,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gateway.config import AccessConfig, DoorConfig, GatewayConfig, ScheduleConfig
 from gateway.credentials import (
@@ -105,7 +103,11 @@ from gateway.credentials import (
     UsedPasses,
     open_access_db,
 )
+from gateway.wire.ed25519 import PublicKey, as_public_key
 from gateway.wire.passes import Pass, PassError, load_public_keys, parse_pass, parse_revocations
+
+if TYPE_CHECKING:
+    from gateway.wire.passes import VerifyingKey
 
 log = logging.getLogger(__name__)
 
@@ -240,19 +242,24 @@ class AccessDecider:
         *,
         site: str,
         doors: Sequence[DoorConfig],
-        public_keys: Mapping[str, Ed25519PublicKey],
+        public_keys: Mapping[str, VerifyingKey],
         used: UsedPasses,
         revocations: RevocationStore,
         settings: AccessConfig | None = None,
         wall: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
     ) -> None:
+        keys: dict[str, PublicKey] = {}
         for kid, key in public_keys.items():
-            if not isinstance(key, Ed25519PublicKey):
-                raise TypeError(f"key {kid}: the gateway takes Ed25519 public keys only, not {type(key).__name__}")
+            try:
+                keys[kid] = as_public_key(key)
+            except TypeError:
+                raise TypeError(
+                    f"key {kid}: the gateway takes Ed25519 public keys only, not {type(key).__name__}"
+                ) from None
         s = settings or AccessConfig()
         self._site = site
-        self._keys = dict(public_keys)
+        self._keys = keys
         self._doors = {
             d.name: _Door(
                 d.name,

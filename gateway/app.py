@@ -486,7 +486,7 @@ def release_startup_memory() -> None:
 
 
 def _load_public_keys(paths: list[str]) -> dict[str, Any]:
-    from gateway.wire.passes import load_public_keys  # brings cryptography: only once a command comes
+    from gateway.wire.passes import load_public_keys  # brings libsodium (~1 MB): only once a command comes
 
     return load_public_keys(paths)
 

@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any
 from gateway import wire
 from gateway.events import Draft
 
-if TYPE_CHECKING:  # gateway.wire.commands brings cryptography (~7 MB): loaded with the first command, not at start
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+if TYPE_CHECKING:  # the verifier (libsodium, ~1 MB) is loaded with the first command, not at start
+    from gateway.wire.passes import VerifyingKey
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class CommandGuard:
         self,
         site: str,
         gateway: str,
-        public_keys: Mapping[str, Ed25519PublicKey] | Callable[[], Mapping[str, Ed25519PublicKey]],
+        public_keys: Mapping[str, VerifyingKey] | Callable[[], Mapping[str, VerifyingKey]],
         *,
         seen: Callable[[str, datetime], Awaitable[bool]],
         wall: Callable[[], float] = time.time,
@@ -90,7 +90,7 @@ class CommandGuard:
         self._site = site
         self._gateway = gateway
         self._load_keys = public_keys if callable(public_keys) else None
-        self._keys: dict[str, Ed25519PublicKey] | None = None if callable(public_keys) else dict(public_keys)
+        self._keys: dict[str, VerifyingKey] | None = None if callable(public_keys) else dict(public_keys)
         self._seen = seen
         self._wall = wall
         self._mono = mono
@@ -100,7 +100,7 @@ class CommandGuard:
         #: Refusals by reason since start (for /status and /metrics).
         self.refused: dict[str, int] = {}
 
-    def _keyring(self) -> dict[str, Ed25519PublicKey]:
+    def _keyring(self) -> dict[str, VerifyingKey]:
         if self._keys is None:
             assert self._load_keys is not None
             try:

@@ -278,6 +278,7 @@ class LocalApi:
             "version": __version__,
             "ready": gw.ready.is_set(),
             "uptime_s": round(now - gw.started, 1),
+            "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],  # uvloop or asyncio
             "broker": {
                 "host": cfg.mqtt.host,
                 "port": cfg.mqtt.port,
@@ -287,7 +288,17 @@ class LocalApi:
                 "events_sent": st.events_sent,
                 "acks": st.acks,
                 "resends": st.resends,
+                "resent_events": st.resent_events,
+                "lost_resent": st.lost_resent,
+                "late_acks": st.late_acks,
+                "ignored_acks": st.ignored_acks,
+                "urgent_sent": st.urgent_sent,
+                "fast_sent": st.fast_sent,
+                "in_flight": st.in_flight,
+                "window": st.window,
+                "window_shrinks": st.window_shrinks,
                 "commands": st.commands,
+                "command_errors": st.command_errors,
                 # messages that broke the wire contract, and commands refused (command:<reason>, gateway.commands)
                 "rejected": {**st.rejected, **{f"command:{k}": n for k, n in gw.commands.refused.items()}},
                 "last_ack_s_ago": None if st.last_ack_mono is None else round(now - st.last_ack_mono, 1),
@@ -369,10 +380,36 @@ class _SnapshotCollector:
             ("gatehouse_uplink_events_sent", "events_sent", "Events published (re-sends included)"),
             ("gatehouse_uplink_batches_sent", "batches_sent", "Event batches published"),
             ("gatehouse_uplink_acks", "acks", "Events acknowledged by the portal"),
-            ("gatehouse_uplink_resends", "resends", "Times the unacknowledged window was re-sent"),
+            ("gatehouse_uplink_resends", "resends", "Times unacknowledged events were re-sent"),
+            ("gatehouse_uplink_resent_events", "resent_events", "Events sent again (either kind of re-send)"),
+            (
+                "gatehouse_uplink_lost_resent",
+                "lost_resent",
+                "Events re-sent alone because something sent after them was acknowledged (the broker dropped them)",
+            ),
+            ("gatehouse_uplink_late_acks", "late_acks", "Acks of an earlier copy of an event due to be sent again"),
+            (
+                "gatehouse_uplink_ignored_acks",
+                "ignored_acks",
+                "Acknowledged seqs that were not sent on this connection (forged, or from before a reconnect)",
+            ),
+            ("gatehouse_uplink_urgent_sent", "urgent_sent", "Urgent events (alarms, tamper) published"),
+            ("gatehouse_uplink_fast_sent", "fast_sent", "Urgent events published before their commit"),
+            ("gatehouse_uplink_window_shrinks", "window_shrinks", "Times the broker dropped and the window halved"),
             ("gatehouse_uplink_commands", "commands", "Commands received"),
+            ("gatehouse_uplink_command_errors", "command_errors", "Commands whose handling failed"),
         ):
             out.append(CounterMetricFamily(name, doc, value=b[key]))
+        out.append(
+            GaugeMetricFamily(
+                "gatehouse_uplink_in_flight", "Events sent and not yet acknowledged", value=b["in_flight"]
+            )
+        )
+        out.append(
+            GaugeMetricFamily(
+                "gatehouse_uplink_window", "Events allowed in flight now (the adaptive window)", value=b["window"]
+            )
+        )
         rej = CounterMetricFamily("gatehouse_uplink_rejected", "Incoming MQTT messages rejected", labels=["reason"])
         for reason, n in sorted(b["rejected"].items()):
             rej.add_metric([reason], n)

@@ -10,8 +10,16 @@ nothing is acknowledged; and from the start of the outbox after every reconnect.
 idempotent by event id, and the ack of an earlier copy of an event due to be sent again counts.
 
 At most ``window`` events are in flight unacknowledged, so a portal that is away does not make the
-gateway push its whole backlog into a broker that would drop it. Reconnects live here and only here,
-with capped exponential backoff and full jitter, reset after a connection that worked.
+gateway push its whole backlog into a broker that would drop it. The broker's queue for the portal is
+bounded in messages (Mosquitto's ``max_queued_messages``, 1000 by default, shared by every gateway of the
+site), and an event may ride alone in a message; so the window adapts: it halves when the broker is seen
+dropping (events acknowledged by the portal while events sent before them, or just before the acks that
+came, never were), at most once per window of data, and grows back by one event for each window's worth
+of events acknowledged while the window, not the events, was the limit, up to the configured ``window``.
+While the portal is silent, only the oldest batch is re-sent (a probe), never copies of the whole window
+into a queue that is full.
+Reconnects live here and only here, with capped exponential backoff and full jitter, reset after a
+connection that worked.
 
 The outbox is read in two lanes, each in seq order with a cursor of its own: urgent events (alarms,
 tamper: priority ``store.URGENT_PRIORITY`` and up) take any room in the window first, so a burst of
@@ -59,6 +67,9 @@ MAX_PUBLISHES = 32
 #: Routine outbox rows read at once when looking past those still in flight.
 _SCAN = 200
 
+#: The least the adaptive window shrinks to (events), whatever the broker drops.
+MIN_WINDOW = 20
+
 
 @dataclass
 class UplinkStats:
@@ -77,6 +88,10 @@ class UplinkStats:
     late_acks: int = 0  # acks of an earlier copy of an event that was due to be sent again
     ignored_acks: int = 0  # seqs acknowledged that were not sent on this connection (forged, or from before)
     command_errors: int = 0
+    resent_events: int = 0  # events sent again, by either kind of re-send
+    in_flight: int = 0  # events sent and not acknowledged (at the last change)
+    window: int = 0  # the adaptive window now (events)
+    window_shrinks: int = 0  # times the broker was seen dropping and the window halved
 
 
 class _PahoLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -126,6 +141,9 @@ class Uplink:
         # Sent on this connection, unacknowledged, and due to be sent again (seq -> urgent lane): an earlier copy may
         # still reach the portal, and its ack counts.
         self._rewound: dict[int, bool] = {}
+        # When each event sent again was first sent on this connection: its ack may be the original's (an ack does
+        # not say which copy arrived), so only that time says what the broker delivered in order.
+        self._first_sent: dict[int, float] = {}
         self._acked_sent_last = float("-inf")  # the latest send time among the events acknowledged
         self._cursor = 0  # highest routine seq sent on this connection
         self._cursor_urgent = 0  # highest urgent seq sent on this connection
@@ -141,6 +159,13 @@ class Uplink:
         self._urgent_goal = 0
         self._closing = False  # close() began: nothing more is published but the "offline" status
         self._publishes: set[asyncio.Task[None]] = set()
+        # The adaptive window (module docstring): its size, the send time before which a drop was already
+        # answered by a halving, events acknowledged towards the next growth, and whether the window was the limit.
+        self.stats.window = cfg.uplink.window
+        self._shrunk_before = float("-inf")
+        self._resent_at = float("-inf")  # when the last re-send for silence was made (one per resend_after)
+        self._grow_credit = 0
+        self._window_full = False
 
     # ------------------------------------------------------------ connection
 
@@ -226,6 +251,7 @@ class Uplink:
         client.pending_calls_threshold = 2 * MAX_PUBLISHES  # aiomqtt warns past this; we never get there
         self._inflight.clear()
         self._rewound.clear()
+        self._first_sent.clear()
         self._cursor = self._cursor_urgent = 0
         await client.subscribe([(self._t_ack, 1), (self._t_cmd, 1)])
         self._status_changed.clear()
@@ -260,7 +286,8 @@ class Uplink:
         now = self._clock()
         for seq, _ in rows:
             self._inflight[seq] = (now, True)
-            self._rewound.pop(seq, None)
+            self._resent(self._rewound.pop(seq, None))
+        self._note_in_flight()
         self.stats.urgent_sent += len(rows)
         self.stats.fast_sent += len(rows)
         self.stats.batches_sent += 1
@@ -283,7 +310,7 @@ class Uplink:
             while True:
                 await slots.acquire()
                 slots.release()  # only waited for a free slot; _publish takes it
-                room = 0 if self._closing else up.window - len(self._inflight)
+                room = 0 if self._closing else self.stats.window - len(self._inflight)
                 rows, urgent = await self._next_rows(min(up.batch_max, room)) if room > 0 else ([], False)
                 if rows:
                     await slots.acquire()
@@ -318,17 +345,31 @@ class Uplink:
                             self.stats.resends += 1
                             self.stats.lost_resent += len(lost)
                             log.debug("uplink: %d events dropped on the way, re-sending them", len(lost))
+                            self._dropped(lost)
                             self._rewind(lost)
                     else:
-                        # Nothing acknowledged for a while: send everything unacknowledged again, and wait
-                        # longer next time while the portal stays silent.
+                        # Nothing acknowledged for a while. If the portal acknowledged after the oldest of these was
+                        # sent, in order, then fell silent, the broker dropped what was sent before that ack (its queue
+                        # for the portal was full): send those again. Otherwise the portal is away, and what is in
+                        # flight waits in the broker's queue, or was dropped from it: send one batch, the oldest, as
+                        # a probe (its ack, or the ack of anything newer, tells what the broker lost), not copies of
+                        # the whole window into a queue that is full. Wait longer next time while it stays silent.
                         self.stats.resends += 1
+                        last_ack = self.stats.last_ack_mono
+                        if last_ack is not None and last_ack > oldest:
+                            again = [s for s, (t, _) in self._inflight.items() if t < last_ack]
+                            self._dropped(again)
+                        else:
+                            by_age = sorted(self._inflight, key=lambda s: self._inflight[s][0])
+                            again = by_age[: up.batch_max]
+                        self._resent_at = self._clock()
                         log.info(
-                            "uplink: %d events unacknowledged for %.1f s, re-sending",
+                            "uplink: %d events unacknowledged for %.1f s, re-sending %d",
                             len(self._inflight),
                             resend_after,
+                            len(again),
                         )
-                        self._rewind(list(self._inflight))
+                        self._rewind(again)
                         resend_after = min(resend_after * 2, up.resend_max_s)
                 elif self.stats.last_ack_mono is not None and self._clock() - self.stats.last_ack_mono < 1:
                     resend_after = up.resend_after_s
@@ -367,16 +408,48 @@ class Uplink:
         cut = min(self._acked_sent_last, self._clock() - resend_after)
         return [seq for seq, (t, _) in self._inflight.items() if t < cut]
 
+    def _dropped(self, seqs: list[int]) -> None:
+        """The broker dropped these in-flight events: halve the window (to no more than half of what was in
+        flight), once for all the events sent before the last halving."""
+        sent = [self._inflight[s][0] for s in seqs if s in self._inflight]
+        if not sent or max(sent) < self._shrunk_before:
+            return  # a drop of events sent before the last halving: already answered
+        before = self.stats.window
+        self.stats.window = max(min(MIN_WINDOW, self.cfg.uplink.window), min(before, len(self._inflight)) // 2)
+        self.stats.window_shrinks += 1
+        self._shrunk_before = self._clock()
+        self._grow_credit = 0
+        self._window_full = False
+        log.info(
+            "uplink: the broker dropped %d events (of %d in flight): window %d -> %d",
+            len(seqs),
+            len(self._inflight),
+            before,
+            self.stats.window,
+        )
+
+    def _note_in_flight(self) -> None:
+        n = len(self._inflight)
+        self.stats.in_flight = n
+        if n >= self.stats.window:
+            self._window_full = True
+
+    def _resent(self, was_rewound: bool | None) -> None:
+        if was_rewound is not None:
+            self.stats.resent_events += 1
+
     def _rewind(self, seqs: list[int]) -> None:
         """Send these in-flight events again: each lane's cursor goes back to before the first of them."""
         self._urgent_goal = self.store.last_urgent_seq
         for seq in seqs:
-            _, lane_urgent = self._inflight.pop(seq)
+            sent, lane_urgent = self._inflight.pop(seq)
+            self._first_sent.setdefault(seq, sent)
             self._rewound[seq] = lane_urgent
             if lane_urgent:
                 self._cursor_urgent = min(self._cursor_urgent, seq - 1)
             else:
                 self._cursor = min(self._cursor, seq - 1)
+        self.stats.in_flight = len(self._inflight)
 
     def _publish(
         self,
@@ -390,7 +463,8 @@ class Uplink:
         now = self._clock()
         for seq, _ in rows:
             self._inflight[seq] = (now, urgent)
-            self._rewound.pop(seq, None)
+            self._resent(self._rewound.pop(seq, None))
+        self._note_in_flight()
         if urgent:
             self._cursor_urgent = rows[-1][0]
             self.stats.urgent_sent += len(rows)
@@ -448,8 +522,10 @@ class Uplink:
         if oldest is None:
             return None
         since = oldest
-        if self._acked_sent_last <= oldest and self.stats.last_ack_mono is not None:
-            since = max(oldest, self.stats.last_ack_mono)
+        if self._acked_sent_last <= oldest:
+            # Nothing sent after these was acknowledged: wait for acks to stop that long, and no more than one
+            # re-send (a probe, while the portal is silent) per resend_after.
+            since = max(oldest, self._resent_at, self.stats.last_ack_mono or oldest)
         return max(0.0, since + resend_after - self._clock())
 
     def _on_ack(self, ack: wire.Ack) -> None:
@@ -461,8 +537,9 @@ class Uplink:
         acked = []
         for s in ack.seqs:
             sent = self._inflight.pop(s, None)
+            first = self._first_sent.pop(s, None)
             if sent is not None:
-                self._acked_sent_last = max(self._acked_sent_last, sent[0])
+                self._acked_sent_last = max(self._acked_sent_last, sent[0] if first is None else first)
             elif s in self._rewound:  # an earlier copy arrived: which send it was is unknown
                 sent = (float("-inf"), self._rewound.pop(s))
                 self.stats.late_acks += 1
@@ -475,7 +552,22 @@ class Uplink:
         self.store.acknowledge(acked)
         self.stats.acks += len(acked)
         self.stats.last_ack_mono = self._clock()
+        self.stats.in_flight = len(self._inflight)
+        self._grow(len(acked))
         self._acked.set()
+
+    def _grow(self, acked: int) -> None:
+        """Each window's worth of events acknowledged while the window was full (the window, not the events,
+        limited the sending) opens it by one event, up to the configured window: back to where the broker
+        dropped only slowly."""
+        ceiling = self.cfg.uplink.window
+        if self.stats.window >= ceiling or not self._window_full:
+            return
+        self._grow_credit += acked
+        if self._grow_credit >= self.stats.window:
+            self._grow_credit = 0
+            self._window_full = len(self._inflight) >= self.stats.window
+            self.stats.window += 1
 
     async def _on_command(self, payload: bytes) -> None:
         self.stats.commands += 1

@@ -271,3 +271,86 @@ async def test_status_of_a_config_whose_port_another_gateway_answers(tmp_path: P
             assert (rc, out) == (1, "")
         finally:
             await asyncio.to_thread(child.stop)
+
+
+@pytest.mark.realtime  # a pause held against resend_after on the wall clock
+async def test_uplink_counters_in_metrics_after_the_broker_dropped(tmp_path: Path) -> None:
+    """``gatehouse gateway run`` (its load generator making 300 events, each sent alone) behind a Mosquitto that
+    keeps 60 messages for an absent portal and drops the rest. Once the portal is back and everything is
+    acknowledged, ``GET /metrics`` (a real HTTP request to the daemon) tells what the drop cost: events re-sent
+    alone because later ones were acknowledged, the window halved and its size now, acks of earlier copies and
+    acks ignored; ``GET /status`` says the same."""
+    from tests.test_uplink import Acker
+
+    broker = MosquittoProcess(tmp_path / "broker", max_queued=60).start()
+    api_port = free_port()
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(
+        "site: estate-a\ngateway: gw-1\n"
+        f"data_dir: {tmp_path / 'data'}\n"
+        f"mqtt: {{host: 127.0.0.1, port: {broker.port}, reconnect_min_s: 0.1, reconnect_max_s: 1}}\n"
+        "uplink: {window: 200, batch_max: 1, resend_after_s: 1.0, resend_max_s: 2.0}\n"
+        f"local_api: {{port: {api_port}}}\n"
+        "loadgen: {count: 300, rate: 2000, start_after_s: 1.0}\n"
+    )
+    acker = Acker(broker.port)
+    acker_task = asyncio.create_task(acker.run())  # the portal's persistent session, then the portal away
+    await asyncio.sleep(0.5)
+    acker_task.cancel()
+    await asyncio.gather(acker_task, return_exceptions=True)
+    child = procs.gateway(cfg, tmp_path / "logs")
+    await asyncio.to_thread(child.start)
+    base = f"http://127.0.0.1:{api_port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def status() -> dict[str, Any]:
+                async with http.get(base + "/status") as r:
+                    return dict(await r.json())
+
+            await wait_for(lambda: status_ok(status), timeout=20, what="the window of 200 out to the broker")
+            await asyncio.sleep(1.5)  # the portal still away: one probe, no copies of the window
+            acker_task = asyncio.create_task(acker.run())
+            try:
+
+                async def drained() -> bool:
+                    st = await status()
+                    return st["outbox_depth"] == 0 and st["broker"]["in_flight"] == 0 and st["broker"]["acks"] >= 300
+
+                await wait_for(drained, timeout=40, what="every event acknowledged")
+                async with http.get(base + "/metrics") as r:
+                    assert r.status == 200
+                    m = metric_samples(await r.text())
+                st = await status()
+            finally:
+                acker_task.cancel()
+                await asyncio.gather(acker_task, return_exceptions=True)
+    finally:
+        await asyncio.to_thread(child.stop)
+        broker.stop()
+
+    def metric(name: str) -> float:
+        return m[(name, ())]
+
+    b = st["broker"]
+    # The broker kept 60 of the first 200 and dropped 140: each sent again once, alone, and no copies of the window.
+    assert 140 <= metric("gatehouse_uplink_resent_events_total") == b["resent_events"] <= 140 + 2 + 60, b
+    assert metric("gatehouse_uplink_lost_resent_total") == b["lost_resent"] <= b["resent_events"]
+    assert metric("gatehouse_uplink_window_shrinks_total") == b["window_shrinks"] >= 1
+    assert metric("gatehouse_uplink_window") == b["window"] < 200  # halved to 100, growing back slowly
+    assert metric("gatehouse_uplink_in_flight") == b["in_flight"] == 0
+    assert st["event_loop"] == "asyncio"  # the default; GATEHOUSE_EVENT_LOOP=uvloop for the other
+    assert metric("gatehouse_uplink_late_acks_total") == b["late_acks"]
+    assert metric("gatehouse_uplink_ignored_acks_total") == b["ignored_acks"]
+    assert metric("gatehouse_uplink_acks_total") == b["acks"] >= 300
+    assert metric("gatehouse_uplink_events_sent_total") == b["events_sent"] == b["acks"] + b["resent_events"]
+    seqs = sorted(set(acker.seen))
+    assert seqs == list(range(1, seqs[-1] + 1)) and len(seqs) >= 300, "every event reached the portal"
+
+
+async def status_ok(status: Any) -> bool:
+    try:
+        st = await status()
+    except Exception:  # not serving yet
+        return False
+    return bool(st["broker"]["in_flight"] >= 200)

@@ -4,9 +4,13 @@ junk, key files, and a fuzz of the parser."""
 from __future__ import annotations
 
 import base64
+import json
 import os
+import random
 import re
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.wire import passes as P
+from gateway.wire.ed25519 import PublicKey, as_public_key
 from gateway.wire.passes import (
     KeyFileError,
     PassError,
@@ -353,6 +358,135 @@ def test_a_private_key_is_never_accepted_where_a_public_key_belongs(tmp_path: Pa
         load_public_key(tmp_path / "junk.pem")
     with pytest.raises(KeyFileError):
         load_public_key(tmp_path / "missing.pem")
+
+
+# ---------------------------------------------------------------- the gateway's verifier (libsodium)
+
+
+def test_the_gateway_verifies_with_libsodium_what_cryptography_signs() -> None:
+    """Same keys, same signed bytes: libsodium accepts every signature cryptography makes, and refuses each of
+    them with one bit changed, in the message, the signature or the key."""
+    rng = random.Random(17)
+    for n in range(200):
+        priv, pub = generate_keypair()
+        data = rng.randbytes(rng.randrange(0, 300))
+        sig = priv.sign(data)
+        key = as_public_key(pub)
+        assert key.raw == pub.public_bytes_raw() and key_id(key) == key_id(pub)
+        assert key.verify(sig, data)
+        bit = rng.randrange(8 * 64)
+        bad_sig = bytearray(sig)
+        bad_sig[bit // 8] ^= 1 << bit % 8
+        assert not key.verify(bytes(bad_sig), data)
+        if data:
+            bad_data = bytearray(data)
+            bad_data[n % len(data)] ^= 0x40
+            assert not key.verify(sig, bytes(bad_data))
+        assert not key.verify(sig[:63], data) and not key.verify(sig + b"\0", data)
+        assert not as_public_key(generate_keypair()[1]).verify(sig, data)
+
+
+def test_the_verifier_against_rfc8032_test_vectors() -> None:
+    """RFC 8032 section 7.1, tests 1 and 2 (public key, message, signature)."""
+    for pk, msg, sig in (
+        (
+            "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a",
+            "",
+            "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e06522490155"
+            "5fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b",
+        ),
+        (
+            "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c",
+            "72",
+            "92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da"
+            "085ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00",
+        ),
+    ):
+        key = PublicKey(bytes.fromhex(pk))
+        assert key.verify(bytes.fromhex(sig), bytes.fromhex(msg))
+        assert not key.verify(bytes.fromhex(sig), bytes.fromhex(msg) + b"x")
+
+
+def test_public_key_files_are_the_same_pem_on_both_sides(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    pem = PUB.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    (tmp_path / "a.pub").write_bytes(pem)
+    loaded = load_public_key(tmp_path / "a.pub")
+    assert isinstance(loaded, PublicKey) and loaded.raw == PUB.public_bytes_raw()
+    assert loaded.to_pem() == pem  # what save_public_key writes is byte for byte what cryptography writes
+    save_public_key(tmp_path / "b.pub", loaded)
+    back = serialization.load_pem_public_key((tmp_path / "b.pub").read_bytes())
+    assert back.public_bytes_raw() == PUB.public_bytes_raw()  # type: ignore[union-attr]
+    assert parse_pass(sign_pass(PRIV, resident()), load_public_keys([tmp_path / "b.pub"])).subject == "P01J9Z3K"
+
+
+def test_public_keys_of_other_kinds_are_refused(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, rsa, x25519
+
+    others = [
+        ec.generate_private_key(ec.SECP256R1()).public_key(),
+        rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key(),
+        ed448.Ed448PrivateKey.generate().public_key(),
+        x25519.X25519PrivateKey.generate().public_key(),  # 32 bytes too, but not a signing key
+    ]
+    for i, other in enumerate(others):
+        path = tmp_path / f"{i}.pub"
+        path.write_bytes(
+            other.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
+        with pytest.raises(KeyFileError, match="not an Ed25519 public key"):
+            load_public_key(path)
+    good = PUB.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    for bad in (good.replace(b"-----END PUBLIC KEY-----", b""), good[:40] + b"!" + good[41:], good + b"junk"):
+        (tmp_path / "bad.pub").write_bytes(bad)
+        with pytest.raises(KeyFileError):
+            load_public_key(tmp_path / "bad.pub")
+
+
+DAEMON_PATH = """
+import json, sys
+from pathlib import Path
+from gateway import app, access, commands  # the daemon, its door service and its command guard
+from gateway.wire import passes
+from gateway.wire.commands import open_command
+d = Path(sys.argv[1])
+ring = passes.load_public_keys([d / "portal.pub.pem"])
+cmd = open_command((d / "cmd.json").read_bytes(), ring, site="lakeside", gateway="gw-1")
+p = passes.parse_pass((d / "pass.txt").read_text(), ring)
+rl = passes.parse_revocations((d / "rl.txt").read_text(), ring)
+print(json.dumps({"cmd": cmd.type, "pass": p.subject, "rl": rl.version,
+                  "cryptography": sorted(m for m in sys.modules if m.startswith("cryptography"))[:3]}))
+"""
+
+
+def test_the_daemon_path_never_imports_cryptography(tmp_path: Path) -> None:
+    """What a gateway does with keys (load them, open a signed command, read a pass and a revocation list) runs
+    without cryptography: importing it costs ~8 MB resident on a Pi."""
+    from datetime import timedelta
+
+    from gateway import wire
+    from gateway.wire.commands import sign_command
+
+    save_public_key(tmp_path / "portal.pub.pem", PUB)
+    now = wire.utcnow()
+    cmd = wire.Command(
+        v=wire.COMMAND_VERSION,
+        id="01J0000000000000000000000A",
+        type="arm",
+        ts=now,
+        expires=now + timedelta(minutes=5),
+        by="test",
+        args={"group": "fence"},
+    )
+    (tmp_path / "cmd.json").write_bytes(sign_command(PRIV, cmd, site="lakeside", gateway="gw-1"))
+    (tmp_path / "pass.txt").write_text(sign_pass(PRIV, resident()))
+    (tmp_path / "rl.txt").write_text(sign_revocations(PRIV, RevocationList(version=3, issued_at=NOW, site="lakeside")))
+    out = subprocess.run(
+        [sys.executable, "-c", DAEMON_PATH, str(tmp_path)], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert json.loads(out.stdout) == {"cmd": "arm", "pass": "P01J9Z3K", "rl": 3, "cryptography": []}
 
 
 # ---------------------------------------------------------------- revocation lists

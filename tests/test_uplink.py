@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -234,3 +235,52 @@ def test_backoff_is_capped_with_full_jitter(attempt: int) -> None:
     cap = min(30.0, 0.5 * 2**attempt)
     assert all(0 <= v <= cap for v in values)
     assert max(values) > cap * 0.8  # full jitter spans the whole range
+
+
+# ---------------------------------------------------------------- a broker whose queue for the portal is small
+
+
+async def _paused_episode(store: Store, up: Uplink, acker: Acker, n: int, pause_s: float = 1.5) -> int:
+    """The portal away (its persistent session kept: the broker queues for it, up to max_queued_messages, and drops
+    the rest) while ``n`` events are stored; then back. The number of events re-sent meanwhile is returned once all
+    are acknowledged."""
+    resent0 = up.stats.resent_events
+    acks0 = up.stats.acks
+    await store.append([Draft(type="zone.alarm", device="p", place=PLACE) for _ in range(n)])
+    await _until(lambda: up.stats.in_flight >= min(n, up.stats.window))
+    await asyncio.sleep(pause_s)  # the window is out: in the broker's queue, or dropped
+    async with running(acker.run()):
+        await _until(lambda: up.stats.acks - acks0 >= n, timeout=30)
+    return up.stats.resent_events - resent0
+
+
+@pytest.mark.realtime  # a pause held against resend_after on the wall clock
+async def test_the_window_adapts_to_a_broker_that_drops_for_a_paused_portal(tmp_path: Path) -> None:
+    """Mosquitto keeps 60 messages for the absent portal (max_queued_messages) and drops the rest; every event rides
+    alone (batch_max 1). With a window of 200, the first pause loses what did not fit; the window halves on each
+    drop seen, so the re-sends of each pause are bounded by what was in flight, shrink pause after pause, and stop.
+    Nothing is lost: every event reaches the portal and leaves the outbox."""
+    broker = MosquittoProcess(tmp_path / "broker", max_queued=60).start()
+    try:
+        acker = Acker(broker.port)
+        async with running(acker.run()):  # the portal's persistent session exists before the gateway sends
+            await asyncio.sleep(0.5)
+        async with Store(tmp_path / "gw.db", site="s1", gateway="gw1") as store:
+            up = Uplink(_cfg(broker, window=200, batch_max=1, resend_after_s=1.0, resend_max_s=2.0), store)
+            async with running(up.run()):
+                await _until(lambda: up.stats.connected)
+                resent = [await _paused_episode(store, up, acker, 300) for _ in range(4)]
+                windows = up.stats.window
+            await store.drain()
+            assert await store.outbox_depth() == 0
+        assert sorted(set(acker.seen)) == list(range(1, 1201)), "every event reached the portal"
+        # Re-sends: the first pause loses what did not fit of the 200 in flight (140), and a probe of one event goes
+        # out each resend_after while the portal is silent (once in the 1.5 s); no copies of the window. Each later
+        # pause loses less; once the window fits the broker's queue, only the probe is re-sent.
+        probes = 2
+        assert resent[0] <= 200 - 60 + probes, resent
+        assert all(later <= earlier for earlier, later in itertools.pairwise(resent)), resent
+        assert resent[-1] <= probes and resent[-2] <= probes, resent
+        assert up.stats.window_shrinks >= 1 and windows < 100, (up.stats, windows)
+    finally:
+        broker.stop()

@@ -60,6 +60,7 @@ STARTER_NAMES = frozenset(
         "start_stub",
         "shared_server",
         "new_database",
+        "load_config_apart",  # gateway.daemon: forks to read the config
     }
 )
 #: The audit events that mean a new process.

@@ -34,12 +34,19 @@ import secrets
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import msgspec
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from gateway.wire.ed25519 import PublicKey, as_public_key
+
+if TYPE_CHECKING:  # cryptography only on the signing side (portal, tooling): a gateway verifies with libsodium
+    from typing import TypeAlias
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+    #: A key that verifies: the gateway's own (:class:`PublicKey`) or the signing side's cryptography key.
+    VerifyingKey: TypeAlias = PublicKey | Ed25519PublicKey
 
 PASS_PREFIX = "GH1:"
 REVOCATION_PREFIX = "GR1:"
@@ -155,28 +162,31 @@ _encoder = msgspec.msgpack.Encoder()
 # ---------------------------------------------------------------- keys
 
 
-def key_id(public_key: Ed25519PublicKey) -> str:
+def key_id(public_key: VerifyingKey) -> str:
     """The key's id as 8 hex characters: the first 4 bytes of SHA-256 over its raw bytes."""
     return _kid_bytes(public_key).hex()
 
 
-def _kid_bytes(public_key: Ed25519PublicKey) -> bytes:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).digest()[:_KID_BYTES]
+def _kid_bytes(public_key: VerifyingKey) -> bytes:
+    return hashlib.sha256(as_public_key(public_key).raw).digest()[:_KID_BYTES]
 
 
 def generate_keypair() -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     private = Ed25519PrivateKey.generate()
     return private, private.public_key()
 
 
-def keyring(keys: Iterable[Ed25519PublicKey]) -> dict[str, Ed25519PublicKey]:
-    """``{kid: key}`` for :func:`parse_pass`. Only public keys are accepted."""
-    ring: dict[str, Ed25519PublicKey] = {}
+def keyring(keys: Iterable[VerifyingKey]) -> dict[str, PublicKey]:
+    """``{kid: key}`` for :func:`parse_pass`. Only public keys are accepted (TypeError for anything else)."""
+    ring: dict[str, PublicKey] = {}
     for k in keys:
-        if not isinstance(k, Ed25519PublicKey):
-            raise TypeError(f"a keyring holds Ed25519 public keys only, not {type(k).__name__}")
-        ring[key_id(k)] = k
+        try:
+            key = as_public_key(k)
+        except TypeError:
+            raise TypeError(f"a keyring holds Ed25519 public keys only, not {type(k).__name__}") from None
+        ring[key_id(key)] = key
     return ring
 
 
@@ -201,12 +211,15 @@ def _write_atomic(path: Path, data: bytes, mode: int, *, overwrite: bool) -> Non
 
 def save_private_key(path: str | os.PathLike[str], key: Ed25519PrivateKey, *, overwrite: bool = False) -> None:
     """Write the key as unencrypted PKCS#8 PEM in a file of mode 0600 (atomically)."""
+    from cryptography.hazmat.primitives import serialization
+
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     _write_atomic(Path(path), pem, 0o600, overwrite=overwrite)
 
 
-def save_public_key(path: str | os.PathLike[str], key: Ed25519PublicKey, *, overwrite: bool = False) -> None:
-    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+def save_public_key(path: str | os.PathLike[str], key: VerifyingKey, *, overwrite: bool = False) -> None:
+    """Write the key as PEM SubjectPublicKeyInfo (what cryptography and OpenSSL write) in a file of mode 0644."""
+    pem = as_public_key(key).to_pem()
     _write_atomic(Path(path), pem, 0o644, overwrite=overwrite)
 
 
@@ -229,6 +242,9 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
         raise KeyFileError(f"{p}: cannot read: {e.strerror or e}") from None
     if st.st_mode & 0o077:
         raise KeyFileError(f"{p}: a private key file must not be readable by group or others (chmod 600)")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(_read_key_file(p), password=None)
     except (ValueError, TypeError) as e:
@@ -238,21 +254,19 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     return key
 
 
-def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
+def load_public_key(path: str | os.PathLike[str]) -> PublicKey:
+    """The Ed25519 public key of a PEM SubjectPublicKeyInfo file; KeyFileError for anything else."""
     p = Path(path)
     data = _read_key_file(p)
     if b"PRIVATE KEY" in data:
         raise KeyFileError(f"{p}: holds a private key; a gateway must be given only the public key")
     try:
-        key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError) as e:
-        raise KeyFileError(f"{p}: not a PEM public key: {e}") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise KeyFileError(f"{p}: not an Ed25519 key ({type(key).__name__})")
-    return key
+        return PublicKey.from_pem(data)
+    except ValueError as e:
+        raise KeyFileError(f"{p}: {e}") from None
 
 
-def load_public_keys(paths: Iterable[str | os.PathLike[str]]) -> dict[str, Ed25519PublicKey]:
+def load_public_keys(paths: Iterable[str | os.PathLike[str]]) -> dict[str, PublicKey]:
     return keyring(load_public_key(p) for p in paths)
 
 
@@ -309,17 +323,15 @@ def sign_pass(private_key: Ed25519PrivateKey, fields: PassFields) -> str:
     return PASS_PREFIX + _b32encode(signed + sig)
 
 
-def _verify(prefix: str, raw: bytes, public_keys: Mapping[str, Ed25519PublicKey]) -> tuple[str, bytes]:
+def _verify(prefix: str, raw: bytes, public_keys: Mapping[str, VerifyingKey]) -> tuple[str, bytes]:
     if len(raw) < _KID_BYTES + 1 + _SIG_BYTES:
         raise PassError("malformed", "too short")
     kid = raw[:_KID_BYTES].hex()
     key = public_keys.get(kid)
     if key is None:
         raise PassError("unknown-key", f"kid {kid}")
-    try:
-        key.verify(raw[-_SIG_BYTES:], prefix.encode() + raw[:-_SIG_BYTES])
-    except InvalidSignature:
-        raise PassError("bad-signature", f"kid {kid}") from None
+    if not as_public_key(key).verify(raw[-_SIG_BYTES:], prefix.encode() + raw[:-_SIG_BYTES]):
+        raise PassError("bad-signature", f"kid {kid}")
     return kid, raw[_KID_BYTES:-_SIG_BYTES]
 
 
@@ -336,7 +348,7 @@ def _as_text(data: str | bytes | bytearray, limit: int) -> str:
     return text.strip(" \t\r\n")
 
 
-def parse_pass(text: str | bytes | bytearray, public_keys: Mapping[str, Ed25519PublicKey]) -> Pass:
+def parse_pass(text: str | bytes | bytearray, public_keys: Mapping[str, VerifyingKey]) -> Pass:
     """Verify and decode a scanned pass. Raises :class:`PassError` and nothing else.
 
     Checks only the pass itself; the validity window, door rights, revocation and replay are the
@@ -385,7 +397,7 @@ def sign_revocations(private_key: Ed25519PrivateKey, rl: RevocationList) -> str:
     return text
 
 
-def parse_revocations(text: str | bytes, public_keys: Mapping[str, Ed25519PublicKey]) -> RevocationList:
+def parse_revocations(text: str | bytes, public_keys: Mapping[str, VerifyingKey]) -> RevocationList:
     """Verify and decode a revocation list. Raises :class:`PassError` and nothing else."""
     text = _as_text(text, MAX_REVOCATION_CHARS)
     if not text.startswith(REVOCATION_PREFIX):
