@@ -894,6 +894,8 @@ class ModbusBus:
                     cur.future.set_exception(BusDown(f"bus {self.spec.name!r}: internal error"))
                 self._drop_link("poll loop restarted")
                 await asyncio.sleep(min(5.0, 0.1 * 2 ** min(restarts, 6)))
+                if self._sched is not None:
+                    self._sched.resume(self._clock())  # the polls it was making are back on the schedule
 
     async def _run(self) -> None:
         clock = self._clock

@@ -231,6 +231,17 @@ class PollScheduler:
             self._push(job.device, job.group, d.due[job.group])
         return changed
 
+    def resume(self, now: float) -> None:
+        """After the poll loop failed: the jobs it had taken were never :meth:`done` and are off the schedule, so
+        every device's groups (an offline device's probe) are put back, due now."""
+        for i, d in enumerate(self.devices):
+            if d.state == "offline":
+                self._push(i, 0, now, probe=True)
+                continue
+            for j in range(len(d.due)):
+                d.due[j] = now
+                self._push(i, j, now)
+
     def poll_soon(self, device: int, group: int, now: float) -> None:
         """Make a group due now (to confirm a write)."""
         d = self.devices[device]

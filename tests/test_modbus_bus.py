@@ -80,6 +80,30 @@ def test_availability_changes_once_and_offline_devices_are_only_probed() -> None
     assert s.done(s.next_job(), probe2.due, True) is None  # type: ignore[arg-type, union-attr]
 
 
+def test_polls_taken_by_a_loop_that_failed_are_put_back() -> None:
+    """The poll loop takes the jobs that are due and fails before saying they are done (a decoder raised): on its
+    restart they must be on the schedule again, or that device's group is never polled again (its zones silent)."""
+    s = PollScheduler(_plans(2, groups=2), now=0.0, offline_after=3, offline_retry_s=2.0)
+    taken = s.take_due(1.0)
+    assert len(taken) == 4 and s.next_job() is None  # all taken, none done: nothing left to poll
+    s.resume(1.5)
+    again = s.take_due(1.5)
+    assert sorted((j.device, j.group) for j in again) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for j in again:
+        s.done(j, 1.5, True)
+    assert s.next_job().due == pytest.approx(1.6)  # type: ignore[union-attr]  # and the fixed rate goes on
+    # An offline device is put back as its probe only.
+    for _ in range(3):
+        j = [x for x in s.take_due(10.0) if x.device == 1]
+        for x in j:
+            s.done(x, 10.0, False)
+    assert s.state(1) == "offline"
+    s.take_due(20.0)
+    s.resume(20.0)
+    back = s.take_due(20.0)
+    assert sorted((j.device, j.group, j.probe) for j in back) == [(0, 0, False), (0, 1, False), (1, 0, True)]
+
+
 def test_a_dead_unit_does_not_eat_the_poll_budget() -> None:
     """Simulate a serial bus: an answer takes 10 ms, a timeout 100 ms. Once the dead unit is offline
     the healthy one is polled at (nearly) its full rate."""
