@@ -108,7 +108,7 @@ def make_config(tmp_path: Path, *devices: list[str]) -> Path:
 async def test_scan_over_a_pseudo_terminal_finds_exactly_the_stubs_units() -> None:
     async with run_stub(PANEL, "--rtu-pty", "--units", "3,7,40", *CTRL) as stub:
         rc, out, err = await run(
-            "bus", "scan", "--serial", stub.serial, "--units", "1-40", "--timeout-ms", "30", "--json"
+            "bus", "scan", "--serial", stub.serial, "--units", "1-40", "--timeout-ms", "100", "--json"
         )
         assert rc == 0, err
         found = json.loads(out)["found"]
@@ -118,7 +118,7 @@ async def test_scan_over_a_pseudo_terminal_finds_exactly_the_stubs_units() -> No
             (40, "perimeter-panel-8"),
         ]
         # Progress on stderr (a line every tenth when not on a terminal), ending at the total.
-        assert err.splitlines()[0].startswith(f"scanning {stub.serial} 9600 8N1 for unit ids 1-40 (40 ids, 30 ms")
+        assert err.splitlines()[0].startswith(f"scanning {stub.serial} 9600 8N1 for unit ids 1-40 (40 ids, 100 ms")
         assert err.splitlines()[-1] == "scanned 40/40"
 
 
