@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import uvloop  # in the test extra: a missing uvloop fails here, loudly
 
 from gateway.daemon import DEFAULT_LOOP, LOOP_ENV, loop_factory
 
 
 def test_the_loop_is_chosen_by_name_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    uvloop = pytest.importorskip("uvloop")
     monkeypatch.delenv(LOOP_ENV, raising=False)
     assert loop_factory("asyncio") is None
     assert loop_factory("uvloop") is uvloop.new_event_loop
@@ -26,8 +26,6 @@ def test_the_loop_is_chosen_by_name_or_environment(monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.parametrize("name", ["asyncio", "uvloop"])
 def test_each_loop_runs_a_coroutine(name: str) -> None:
-    if name == "uvloop":
-        pytest.importorskip("uvloop")
     with asyncio.Runner(loop_factory=loop_factory(name)) as runner:
         kind = runner.run(_loop_kind())
     assert kind == name
