@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import atheris
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -55,6 +56,7 @@ with atheris.instrument_imports(include=["devices", "gateway", "pymodbus"]):
     from devices.qr_reader import MAX_LINE, Line, LineFramer, Parsed, Refused, parse_line
     from gateway import wire
     from gateway.wire import commands, passes
+    from gateway.wire.ed25519 import as_public_key
 
 # ================================================================ shared
 
@@ -202,15 +204,26 @@ def qr_lines(data: bytes) -> None:
 
 _PASS_REASONS = {"malformed", "unknown-key", "bad-signature"}
 _ring: dict[str, Any] | None = None
+_oracle_ring: dict[str, Any] | None = None
 
 
 def _keyring() -> dict[str, Any]:
-    global _ring
+    global _ring, _oracle_ring
     if _ring is None:
         path = os.environ.get("GATEHOUSE_FUZZ_PUBKEY")
         key = passes.load_public_key(path) if path else passes.generate_keypair()[1]
         _ring = passes.keyring([key])
+        # The oracle's own copy of the key, read with cryptography, not through the product's verifier
+        raw = as_public_key(key).raw
+        _oracle_ring = {kid: Ed25519PublicKey.from_public_bytes(raw) for kid in _ring}
     return _ring
+
+
+def _oracle_verify(kid: str, signature: bytes, data: bytes) -> None:
+    """Check a signature the product accepted, independently (cryptography raises InvalidSignature: a crash)."""
+    _keyring()
+    assert _oracle_ring is not None
+    _oracle_ring[kid].verify(signature, data)
 
 
 def _signed_raw(text: str, prefix: str) -> bytes:
@@ -221,8 +234,7 @@ def _signed_raw(text: str, prefix: str) -> bytes:
         raw = base64.b32decode(body + "=" * (-len(body) % 8))
     else:
         raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-    key = _keyring()[raw[:4].hex()]
-    key.verify(raw[-64:], prefix.encode() + raw[:-64])  # raises InvalidSignature: a crash, as it must
+    _oracle_verify(raw[:4].hex(), raw[-64:], prefix.encode() + raw[:-64])
     return raw
 
 
@@ -321,7 +333,7 @@ def _check_command_signature(payload: bytes, msg: wire.Command) -> None:
     the body it was decoded from, and that body names this gateway and a life within the contract."""
     env = json.loads(payload)
     body, sig = base64.b64decode(env["body"], validate=True), base64.b64decode(env["sig"], validate=True)
-    _keyring()[env["kid"]].verify(sig, b"GC2:" + bytes.fromhex(env["kid"]) + body)
+    _oracle_verify(env["kid"], sig, b"GC2:" + bytes.fromhex(env["kid"]) + body)
     assert wire.decode_command_body(body) == msg
     assert (msg.site, msg.gateway) == (_SITE, _GW) and msg.v == wire.COMMAND_VERSION
     assert (msg.expires - msg.ts).total_seconds() <= wire.MAX_COMMAND_LIFE_S

@@ -239,7 +239,10 @@ MUTANTS = {
     # The pass signature no longer checked: a pass with a changed body verifies.
     "passes": "import gateway.wire.passes as p; p._verify = lambda pre, raw, keys: (raw[:4].hex(), raw[4:-64])",
     # The command signature no longer checked: a command with a changed body or signature is carried out.
-    "wire": "import gateway.wire.commands as c; c._verify = lambda key, sig, data: True",
+    "wire": (
+        "import gateway.wire.commands as c; "
+        "c.as_public_key = lambda key: type('AnyKey', (), {'verify': lambda self, sig, data: True})()"
+    ),
     # The RTU CRC no longer checked: a PDU comes from a frame with a bad CRC.
     "modbus_rtu": "from pymodbus.framer import FramerRTU; FramerRTU.check_CRC = classmethod(lambda cls, d, c: True)",
 }
