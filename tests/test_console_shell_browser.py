@@ -16,7 +16,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from playwright.async_api import Browser, Page, Route, async_playwright, expect
+from playwright.async_api import APIResponse, Browser, Page, Route, async_playwright, expect
 
 from gateway import wire
 from gateway.tooling.broker import MosquittoProcess, free_port
@@ -334,20 +334,30 @@ async def test_an_alarm_that_arrives_while_the_page_loads_still_rings(
             await sign_in(page, p.origin)
             read: list[str] = []
             release = asyncio.Event()
+            stale: list[APIResponse] = []
+            first = asyncio.Lock()
 
             async def hold(route: Route) -> None:
-                answer = await route.fetch()  # read now, before the alarm exists
+                # Every snapshot asked for before the release gets the answer read before the alarm existed,
+                # whenever its request comes (the shell's and the board's, in either order).
+                if release.is_set():
+                    await route.continue_()
+                    return
+                async with first:
+                    if not stale:
+                        stale.append(await route.fetch())
                 read.append(route.request.url)
                 await release.wait()
-                await route.fulfill(response=answer)
+                await route.fulfill(response=stale[0])
 
             await page.route("**/api/board*", hold)
             await page.goto(p.origin + "/board")
-            await wait_for(lambda: len(read) >= 2, what="the board's and the shell's snapshots read")
+            await wait_for(lambda: bool(stale), 30, "the first snapshot read")
 
             alarm = ev(1, "zone.alarm", incident="Z1", data=ZONE, ts=datetime.now(UTC))
             await gw.publish(EVENTS_TOPIC, batch_payload([alarm]), qos=1)
             await expect(page.locator("#incidents li.incident")).to_have_count(1, timeout=T)
+            await wait_for(lambda: len(read) >= 2, 30, "the board's and the shell's snapshots held")
             release.set()
             await page.wait_for_timeout(500)  # both stale snapshots have been applied by now
             await expect(page.locator("#incidents li.incident")).to_have_count(1)
