@@ -351,35 +351,64 @@ async def test_public_pages_never_show_names_or_phone_numbers(tmp_path: Path) ->
 
 
 @pytest.mark.process  # the sheet's worker processes, started deep in portal.plates
-def test_a_worker_killed_mid_job_fails_the_job_and_leaves_no_worker_behind(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The OOM killer (or an operator) takes a sheet worker with its page: the job fails with a clear error once no
-    page has come for the stall limit, instead of waiting for ever, and no worker process is left running."""
-    monkeypatch.setattr(plates, "WORKER_STALL_S", 10.0)  # the first page (two interpreters started) comes within it
+@pytest.mark.parametrize(
+    ("how", "stall_s", "error"),
+    [
+        ("killed", 30.0, "a sheet worker died"),  # the OOM killer, or an operator: the job fails at once
+        ("stopped", 8.0, "finished no page in 8 s"),  # SIGSTOP, or stuck in the kernel: it fails at the stall limit
+    ],
+)
+def test_a_worker_killed_or_stopped_mid_job_fails_the_job_and_leaves_no_worker_behind(
+    monkeypatch: pytest.MonkeyPatch, how: str, stall_s: float, error: str
+) -> None:
+    """A sheet worker is taken away with its page: the job fails with a clear error (at once when the worker died,
+    at the stall limit when it stopped answering) instead of waiting for ever, and no worker process is left, the
+    stopped one included (a SIGTERM stays pending on a stopped process)."""
+    monkeypatch.setattr(plates, "WORKER_STALL_S", stall_s)  # the first page (two interpreters started) comes within it
     specs = [reg.PlateSpec(reg.new_plate_code(), "house", f"阳光花园9幢1单元{i}室", "") for i in range(1, 241)]
     me = psutil.Process()
 
     def workers() -> list[psutil.Process]:
-        found = []
-        for child in me.children():
-            with contextlib.suppress(psutil.Error):
-                if "spawn_main" in " ".join(child.cmdline()):
-                    found.append(child)
-        return found
+        return _sheet_workers(me)
 
-    killed: list[int] = []
+    hit: list[float] = []
 
-    def kill_one(_plates: int) -> None:  # as the first page is finished, the workers are busy with the next ones
-        if not killed:
+    def take_one(_plates: int) -> None:  # as the first page is finished, the workers are busy with the next ones
+        if not hit:
             victim = workers()[0]
-            victim.kill()
-            killed.append(victim.pid)
+            victim.kill() if how == "killed" else victim.suspend()
+            hit.append(time.monotonic())
 
-    t0 = time.monotonic()
-    with pytest.raises(plates.SheetError, match="a sheet worker"):
-        plates.sheets_pdf(specs, "http://127.0.0.1:8080", workers=2, progress=kill_one)
-    assert killed, "the job failed before a worker was killed: the stall limit ran out before the first page"
-    assert time.monotonic() - t0 < 90
+    with pytest.raises(plates.SheetError, match=error):
+        plates.sheets_pdf(specs, "http://127.0.0.1:8080", workers=2, progress=take_one)
+    assert hit, "the job failed before a worker was taken: the stall limit ran out before the first page"
+    took = time.monotonic() - hit[0]
+    assert took < (10 if how == "killed" else stall_s + 30), f"the job failed {took:.1f} s after its worker was {how}"
     deadline = time.monotonic() + 10
     while workers() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert workers() == [], "a sheet worker outlived its failed job"
+
+
+@pytest.mark.process
+def test_a_page_that_fails_in_a_worker_fails_the_job_with_its_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page a worker cannot draw (here every page: a public URL too long for any QR code) fails the job with the
+    worker's reason, not a hang or a dead worker, and the workers end."""
+    specs = [reg.PlateSpec(reg.new_plate_code(), "house", f"阳光花园9幢1单元{i}室", "") for i in range(1, 49)]
+    me = psutil.Process()
+    with pytest.raises(plates.SheetError, match=r"a sheet worker failed: \w+Error: ."):
+        plates.sheets_pdf(specs, "http://127.0.0.1:8080/" + "a" * 4000, workers=2)
+    deadline = time.monotonic() + 10
+    while _sheet_workers(me) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _sheet_workers(me) == []
+
+
+def _sheet_workers(me: psutil.Process) -> list[psutil.Process]:
+    """The sheet workers alive among this process's children (spawned interpreters; not the resource tracker)."""
+    found = []
+    for child in me.children():
+        with contextlib.suppress(psutil.Error):  # it may have ended meanwhile
+            if "spawn_main" in " ".join(child.cmdline()):
+                found.append(child)
+    return found

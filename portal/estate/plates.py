@@ -5,7 +5,7 @@ A sheet page is drawn, not photographed: each QR is one vector path of its dark 
 whole 1/300-inch dots (sharp at any printer resolution, the same module size as a 300 dpi raster); the
 dashed cut lines are vector strokes; the Chinese address under each code (and the small line under it,
 and the page footer) is a 1-bit image mask rendered with a CJK font at 300 dpi. Pages of a large job are
-rendered by worker processes, one per core (:func:`render_sheets`; a multiprocessing pool of fresh interpreters).
+rendered by worker processes, one per core (:func:`render_sheets`; fresh interpreters, a pipe each).
 
 Everything here is CPU work: callers run it on a worker thread, never on the event loop.
 """
@@ -16,12 +16,13 @@ import io
 import math
 import multiprocessing
 import os
-import queue
 import re
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache, partial
+from functools import lru_cache
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import cast
 
@@ -556,32 +557,79 @@ def sheets_pdf(
 def _render_in_workers(
     jobs: Sequence[_PageJob], base_url: str, font_path: tuple[str, int], workers: int, done: Callable[[_PageJob], None]
 ) -> tuple[list[_Page], dict[str, _Mask]]:
-    """The pages rendered by ``workers`` fresh interpreters (a multiprocessing pool of the spawn context: safe from a
-    threaded server), a page a task, reported to ``done`` as each is finished. A worker that fails, dies or finishes
-    no page for ``WORKER_STALL_S`` fails the job, and every worker is stopped with it (``Pool.terminate``)."""
+    """The pages rendered by ``workers`` fresh interpreters (spawned: safe from a threaded server), a page at a time
+    each, reported to ``done`` as each is finished. A worker that fails or dies fails the job at once; one that finishes
+    no page for ``WORKER_STALL_S`` fails it too; every worker is killed with the job.
+
+    Each worker has its own pipe and shares no lock with this process or another worker: a worker killed halfway
+    through writing its answer spoils only its own pipe. (multiprocessing's Pool shares one result queue and its lock,
+    and its terminate() waits for ever on a lock that a killed worker held; concurrent.futures cannot stop a hung
+    worker before Python 3.14.)"""
     pages: list[_Page | None] = [None] * len(jobs)
     shared: dict[str, _Mask] = {}
-    finished: queue.SimpleQueue[tuple[int, tuple[_Page, dict[str, _Mask]] | BaseException]] = queue.SimpleQueue()
+    spawn = multiprocessing.get_context("spawn")
+    todo = iter(enumerate(jobs))
+    busy: dict[Connection, int] = {}  # a worker's end of the pipe -> the page it is rendering
+    conns: list[Connection] = []
+    procs: list[BaseProcess] = []
 
-    def landed(i: int, got: tuple[_Page, dict[str, _Mask]] | BaseException) -> None:
-        finished.put((i, got))
-
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:  # leaving the block terminates the workers
-        for i, job in enumerate(jobs):
-            pool.apply_async(
-                _render_page,
-                (job, base_url, font_path),
-                callback=partial(landed, i),
-                error_callback=partial(landed, i),
-            )
-        for _ in jobs:
+    def give(conn: Connection) -> None:
+        for i, job in todo:
             try:
-                i, got = finished.get(timeout=WORKER_STALL_S)
-            except queue.Empty:  # a worker hangs, or died with its page (the pool starts another; the page is lost)
-                raise SheetError(f"a sheet worker finished no page in {WORKER_STALL_S:g} s") from None
-            if isinstance(got, BaseException):
-                raise SheetError(f"a sheet worker failed: {got}") from None
-            pages[i], used = got
-            shared.update(used)
-            done(jobs[i])
+                conn.send((job, base_url, font_path))
+            except OSError:  # it died after its last answer
+                raise SheetError("a sheet worker died before it finished its page") from None
+            busy[conn] = i
+            return
+        conn.close()  # nothing left: the worker sees the end and exits
+
+    finished = False
+    try:
+        for _ in range(workers):
+            mine, theirs = spawn.Pipe()
+            proc = spawn.Process(target=_page_worker, args=(theirs,), name="gatehouse-sheet", daemon=True)
+            proc.start()
+            theirs.close()
+            procs.append(proc)
+            conns.append(mine)
+            give(mine)
+        while busy:
+            ready = wait(list(busy), timeout=WORKER_STALL_S)
+            if not ready:
+                raise SheetError(f"a sheet worker finished no page in {WORKER_STALL_S:g} s")
+            for conn in ready:
+                assert isinstance(conn, Connection)
+                i = busy.pop(conn)
+                try:
+                    kind, got = conn.recv()
+                except (EOFError, OSError):
+                    raise SheetError("a sheet worker died before it finished its page") from None
+                if kind == "error":
+                    raise SheetError(f"a sheet worker failed: {got}")
+                pages[i], used = got
+                shared.update(used)
+                done(jobs[i])
+                give(conn)
+        finished = True
+    finally:
+        for conn in conns:
+            conn.close()
+        for worker in procs:
+            worker.join(timeout=5 if finished else 0)  # a worker whose pipe is closed exits by itself
+            if worker.is_alive():
+                worker.kill()  # SIGKILL: a stopped or hung worker ends too
+                worker.join(timeout=5)
     return [p for p in pages if p is not None], shared
+
+
+def _page_worker(conn: Connection) -> None:
+    """A sheet worker's life: render each page it is sent until its pipe is closed."""
+    while True:
+        try:
+            job, base_url, font_path = conn.recv()
+        except EOFError:
+            return
+        try:
+            conn.send(("page", _render_page(job, base_url, font_path)))
+        except Exception as e:  # the job fails with what went wrong (as text: any exception can be told)
+            conn.send(("error", f"{type(e).__name__}: {e}"))
