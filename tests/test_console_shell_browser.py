@@ -365,3 +365,48 @@ async def test_an_alarm_that_arrives_while_the_page_loads_still_rings(
             assert await rings(page), "a snapshot read before the alarm silenced it"
         finally:
             await browser.close()
+
+
+async def test_an_incident_stored_after_a_higher_one_is_not_dropped_by_the_snapshot(
+    tmp_path: Path, broker: MosquittoProcess, artifacts: Path
+) -> None:
+    """With several portal instances on PostgreSQL, an incident can commit after one with a higher id, so the board's
+    snapshot can hold the higher one and not yet the lower, which the socket tells meanwhile. The board must keep the
+    lower one: its card, not only the banner. The snapshot here is the portal's real answer with the lower incident
+    taken out (the answer PostgreSQL gives when its transaction commits last; SQLite cannot interleave them)."""
+    async with running_portal(write_config(tmp_path, broker)) as p, mqtt(broker) as gw, async_playwright() as pw:
+        await wait_for(lambda: p.services.ingest.connected, what="portal connected")
+        await add_user(p, "guard1", "guard", PW)
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=KIOSK, headless=True)
+        try:
+            page = await (await browser.new_context(viewport={"width": 1280, "height": 900})).new_page()
+            await sign_in(page, p.origin)
+            stored = asyncio.Event()
+            held: list[str] = []
+            lower: list[int] = []
+
+            async def hold(route: Route) -> None:
+                held.append(route.request.url)
+                await stored.wait()
+                body = await (await route.fetch()).json()
+                assert len(body["incidents"]) == 2, body
+                lower.append(min(i["id"] for i in body["incidents"]))
+                body["incidents"] = [i for i in body["incidents"] if i["id"] != lower[0]]
+                await route.fulfill(json=body)
+
+            await page.route("**/api/board*", hold)
+            await page.goto(p.origin + "/board")
+            await wait_for(lambda: len(held) >= 2, 30, "the board's and the shell's snapshots asked for")
+            fence = ev(1, "zone.alarm", incident="Z1", data=ZONE, ts=datetime.now(UTC))
+            gate = ev(2, "zone.alarm", incident="Z2", data={**ZONE, "zone": "P2", "label": "东门"}, point="in2")
+            await gw.publish(EVENTS_TOPIC, batch_payload([fence, gate]), qos=1)
+            await expect(page.locator("#incidents li.incident")).to_have_count(2, timeout=T)
+            stored.set()
+            await wait_for(lambda: bool(lower), 30, "a snapshot answered")
+            await page.wait_for_timeout(500)  # both snapshots have been applied by now
+            await page.unroute("**/api/board*")
+            await expect(page.locator(f'#incidents li.incident[data-id="{lower[0]}"]')).to_have_count(1)
+            await expect(page.locator("#incidents li.incident")).to_have_count(2)
+            await expect(page.locator("#open-count")).to_have_text("2")
+        finally:
+            await browser.close()

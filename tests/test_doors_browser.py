@@ -4,9 +4,10 @@ the door opened; a screenshot for people to look at."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
-from playwright.async_api import async_playwright, expect
+from playwright.async_api import APIResponse, Route, async_playwright, expect
 
 from gateway import wire
 from gateway.tooling.broker import MosquittoProcess
@@ -95,5 +96,48 @@ async def test_door_list_live_state_and_remote_unlock(
             await expect(page.locator(f'#commands tr[data-id="{cmd.id}"] .status')).to_have_text("门已打开")
             assert await page.evaluate("window.__noReload") == 7
             await page.screenshot(path=str(artifacts / "doors.png"), full_page=True)
+        finally:
+            await browser.close()
+
+
+async def test_a_resync_answer_older_than_what_the_socket_told_does_not_undo_it(
+    tmp_path: Path, broker: MosquittoProcess
+) -> None:
+    """After its socket comes back the page asks /api/doors what changed meanwhile; a door the socket tells while that
+    answer is on its way must keep the socket's newer state, not go back to the answer's older one."""
+    async with running_portal(write_config(tmp_path, broker)) as p, mqtt(broker) as gw, async_playwright() as pw:
+        await gw.subscribe(wire.topic(SITE, GATEWAY, "ack"), qos=1)
+        await wait_for(lambda: p.services.ingest.connected, what="portal connected")
+        await estate_with_doors(p)
+        await add_user(p, GUARD, "guard", GUARD_PW)
+        await publish(gw, [door_event(1, "door.state", "north-gate", {"state": "closed"})])
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 900})
+            await page.goto(p.origin + "/doors")
+            await page.fill("#user", GUARD)
+            await page.fill("#password", GUARD_PW)
+            await page.click("#submit")
+            await page.wait_for_url("**/doors")
+            await expect(page.locator("#conn")).to_have_attribute("data-state", "online", timeout=T)
+            gate = page.locator('#doors li.door[data-key="s1/north-gate"]')
+            await expect(gate).to_have_attribute("data-state", "closed")
+
+            older: list[APIResponse] = []
+            release = asyncio.Event()
+
+            async def hold(route: Route) -> None:  # the answer is read now, and arrives after the socket's news
+                older.append(await route.fetch())
+                await release.wait()
+                await route.fulfill(response=older[0])
+
+            await page.route("**/api/doors", hold)
+            assert p.services.hub.kick_all("test: reconnect", peers=False) == 1
+            await wait_for(lambda: bool(older), 30, "the resync's answer read")
+            await publish(gw, [door_event(2, "door.state", "north-gate", {"state": "forced"})])
+            await expect(gate).to_have_attribute("data-state", "forced", timeout=T)
+            release.set()
+            await page.wait_for_timeout(500)  # the older answer has been applied by now
+            await expect(gate).to_have_attribute("data-state", "forced")
         finally:
             await browser.close()

@@ -533,9 +533,15 @@
     bulkEl.hidden = !kinds.length;
   }
 
+  // Incidents the socket told while a snapshot was on its way, one record per snapshot asked for: the answer may have
+  // been read before they were stored (on PostgreSQL with several instances, an incident can commit after one with
+  // a higher id), so they are kept whatever their id.
+  var toldDuring = [];
+
   function upsert(inc) {
     if (!inc || typeof inc.id !== "number") { return; }
     newest = Math.max(newest, inc.id);
+    toldDuring.forEach(function (told) { told[inc.id] = true; });
     var known = incidents[inc.id] || closed[inc.id];
     if (known && known.version > inc.version) { return; }
     if (inc.state === "closed") {
@@ -584,24 +590,23 @@
     }
   }
 
-  function resetAll(body) {
+  function resetAll(body, told) {
     // The socket may already have delivered something newer than this answer: keep the higher version,
-    // and keep incidents the answer cannot know yet (opened after it was read).
+    // and keep what the socket told while the answer was on its way and the answer does not have.
     var oldOpen = incidents;
     var oldClosed = closed;
     var fetched = (body.incidents || []).concat(body.closed || []);
-    var maxId = 0;
     incidents = {};
     closed = {};
     fetched.forEach(function (i) {
-      maxId = Math.max(maxId, i.id);
       newest = Math.max(newest, i.id);
       var mine = oldOpen[i.id] || oldClosed[i.id];
       var best = mine && mine.version > i.version ? mine : i;
       if (best.state === "closed") { closed[best.id] = best; } else { incidents[best.id] = best; }
     });
-    Object.keys(oldOpen).forEach(function (k) {
-      if (oldOpen[k].id > maxId && !closed[k]) { incidents[k] = oldOpen[k]; }
+    Object.keys(told).forEach(function (k) {
+      if (incidents[k] || closed[k]) { return; }
+      if (oldOpen[k]) { incidents[k] = oldOpen[k]; } else if (oldClosed[k]) { closed[k] = oldClosed[k]; }
     });
     if (list) {
       Array.prototype.slice.call(list.children).forEach(function (c) {
@@ -804,11 +809,14 @@
 
   function load() {
     var url = "/api/board" + (cfg.site ? "?site=" + encodeURIComponent(cfg.site) : "");
+    var told = {};
+    toldDuring.push(told);
+    var done = function () { toldDuring.splice(toldDuring.indexOf(told), 1); };
     return fetch(url, { credentials: "same-origin" }).then(function (r) {
       if (signedOut(r.status)) { return; }
       if (!r.ok) { return; }
-      return r.json().then(resetAll);
-    }).catch(function () { /* offline: the shell reconnects and this loads again */ });
+      return r.json().then(function (body) { resetAll(body, told); });
+    }).catch(function () { /* offline: the shell reconnects and this loads again */ }).then(done);
   }
 
   GH.on("open", load);

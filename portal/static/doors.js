@@ -140,7 +140,13 @@
     }
   }
 
+  // Doors the socket told while a resync's answer was on its way: that answer may be older, so it leaves them be.
+  var toldDuring = [];
+
   function resync() {
+    var told = {};
+    toldDuring.push(told);
+    var done = function () { toldDuring.splice(toldDuring.indexOf(told), 1); };
     fetch("/api/doors", { credentials: "same-origin" }).then(function (r) {
       if (r.status === 401 || r.status === 403) {
         window.location.href = "/login?next=" + encodeURIComponent("/doors");
@@ -148,12 +154,15 @@
       }
       return r.ok ? r.json() : null;
     }).then(function (body) {
-      if (body && body.doors) { body.doors.forEach(setDoor); }
-    }).catch(function () { /* the network is down: the socket retries */ });
+      if (body && body.doors) { body.doors.forEach(function (d) { if (!told[d.key]) { setDoor(d); } }); }
+    }).catch(function () { /* the network is down: the socket retries */ }).then(done);
   }
 
   window.GH.on("open", function (x) { if (x.reconnected) { resync(); } });  // what changed while it was down
-  window.GH.on("door", function (m) { setDoor(m.door); });
+  window.GH.on("door", function (m) {
+    if (m.door) { toldDuring.forEach(function (told) { told[m.door.key] = true; }); }
+    setDoor(m.door);
+  });
   window.GH.on("unlock", function (m) { setCommand(m.command); });
   window.GH.on("status", setGateway);
 
