@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -44,6 +46,22 @@ def _resource_tracker(c: psutil.Process) -> bool:
         return False
 
 
+def _ends_within(c: psutil.Process, timeout: float) -> bool:
+    """Whether a child has ended (or is a zombie) within ``timeout``, seen without reaping it: its exit status stays
+    for whoever started it (psutil's wait() would reap it, and the starter's own wait, or one of a later child that
+    reused the pid, would then see a stranger's status: asyncio's "Unknown child process pid ... returncode 255")."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if c.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail a test that leaves behind threads, child processes or (async) unfinished tasks."""
@@ -59,13 +77,10 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     for c in me.children(recursive=True):
         if c.pid in children_before or _resource_tracker(c):
             continue
-        try:
-            c.wait(timeout=2.0)
-        except psutil.TimeoutExpired:
-            leaked_children.append(f"{c.pid} {' '.join(c.cmdline()[:4])}")
-            c.kill()
-        except psutil.NoSuchProcess:
-            pass
+        if not _ends_within(c, 2.0):
+            with contextlib.suppress(psutil.Error):
+                leaked_children.append(f"{c.pid} {' '.join(c.cmdline()[:4])}")
+                c.kill()
     assert not leaked_threads, f"test leaked threads: {leaked_threads}"
     assert not leaked_children, f"test leaked child processes: {leaked_children}"
 
