@@ -9,6 +9,8 @@ from pathlib import Path
 
 from gateway.tooling.broker import MosquittoProcess, _ephemeral_range, free_port
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def test_ports_are_chosen_below_the_ephemeral_range() -> None:
     lo, _ = _ephemeral_range()
@@ -34,11 +36,14 @@ def test_a_port_held_for_a_moment_is_waited_for(tmp_path: Path) -> None:
         timer.join()
 
 
-def test_restarts_on_the_same_port_after_a_kill_and_saves_on_every_change(tmp_path: Path) -> None:
+def test_restarts_on_the_same_port_after_a_kill_with_the_shipped_persistence(tmp_path: Path) -> None:
     broker = MosquittoProcess(tmp_path).start()
     port = broker.port
     broker.kill()
     broker.start()
     assert broker.port == port and broker.running
     broker.stop()
-    assert (tmp_path / "mosquitto.conf").read_text().count("autosave_interval 1") == 1
+    conf = (tmp_path / "mosquitto.conf").read_text()
+    shipped = (ROOT / "systemd" / "mosquitto-gatehouse.conf").read_text()
+    for line in ("persistence true", "autosave_on_changes false", "autosave_interval 30"):
+        assert conf.count(line) == 1 and shipped.count(line) == 1, line

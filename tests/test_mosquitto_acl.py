@@ -411,22 +411,19 @@ async def test_messages_over_the_size_limit_are_dropped(site: Site) -> None:
         assert [len(p) for _, p in got] == [MAX_PAYLOAD_BYTES, len(b"after")]
 
 
-async def test_queued_messages_survive_a_broker_killed_right_after(site: Site) -> None:
-    """Persistence is saved on every change: kill -9 right after a message is queued loses nothing."""
-    db = site.folder / "mosquitto.db"
+async def test_queued_messages_survive_a_broker_restart(site: Site) -> None:
+    """The broker saves its queues at every stop: a restart (an upgrade, a reboot) loses nothing queued for a portal
+    that is away. (A crash loses what came since the last save, every 30 s; the gateways send that again:
+    test_durability.py::test_broker_killed_mid_stream.)"""
     payload = b"queued while the portal is away"
     async with site.client("portal", identifier="portal-test", clean=False) as portal:
         await portal.subscribe(topic("gw-1", "events"), qos=1)
     async with site.client("gw-1") as gw1:
         await gw1.publish(topic("gw-1", "events"), payload, qos=1)
-    # The save follows the change within the broker's next loop turn (with "autosave_interval 0" it never
-    # comes, and this times out). Mosquitto keeps payloads as they are in its file.
-    async with asyncio.timeout(10):
-        while not db.exists() or payload not in db.read_bytes():
-            await asyncio.sleep(0.02)
     assert site.broker.proc is not None
-    site.broker.proc.send_signal(signal.SIGKILL)
+    site.broker.proc.send_signal(signal.SIGTERM)
     site.broker.proc.wait()
+    assert payload in (site.folder / "mosquitto.db").read_bytes()  # Mosquitto keeps payloads as they are
     site.broker.start()
     async with site.client("portal", identifier="portal-test", clean=False) as portal:
         assert await collect_until(portal, payload) == [(topic("gw-1", "events"), payload)]
@@ -441,6 +438,7 @@ def test_conf_limits_match_the_wire_contract() -> None:
     )
     assert int(settings["message_size_limit"]) >= MAX_PAYLOAD_BYTES
     assert settings["allow_anonymous"] == "false"
-    assert settings["autosave_on_changes"] == "true" and int(settings["autosave_interval"]) >= 1
+    # Saved at intervals, not after every change (which rewrites the whole store per message under a backlog).
+    assert settings["autosave_on_changes"] == "false" and 1 <= int(settings["autosave_interval"]) <= 300
     # Debian's mosquitto.conf sets persistence_location already; Mosquitto refuses a second one.
     assert "persistence_location" not in settings

@@ -1,8 +1,8 @@
 """A Mosquitto child process on a loopback port, for the demo and the tests.
 
 Production runs the system's Mosquitto with ``systemd/mosquitto-gatehouse.conf``; this starts the
-same broker binary with a config of the same shape (persistence on, saved on every change, a
-message size limit) in a folder of its own.
+same broker binary with a config of the same shape (persistence on, saved every 30 s and at
+every stop, a message size limit) in a folder of its own.
 """
 
 from __future__ import annotations
@@ -108,8 +108,8 @@ listener {self.port} {self.host}
 {self._security()}
 persistence true
 persistence_location {self.folder}/
-autosave_interval 1
-autosave_on_changes true
+autosave_interval 30
+autosave_on_changes false
 max_queued_messages {self.max_queued}
 message_size_limit {MAX_PAYLOAD_BYTES * 5}
 log_dest file {self.folder}/mosquitto.log
