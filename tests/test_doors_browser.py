@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from playwright.async_api import APIResponse, Route, async_playwright, expect
+from playwright.async_api import APIResponse, Browser, Page, Route, async_playwright, expect
 
 from gateway import wire
 from gateway.tooling.broker import MosquittoProcess
@@ -28,6 +28,18 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 T = 10_000  # ms
 
 
+async def guard_on_doors(browser: Browser, origin: str) -> Page:
+    """A guard signed in on /doors, its live socket online."""
+    page = await browser.new_page(viewport={"width": 1280, "height": 900})
+    await page.goto(origin + "/doors")
+    await page.fill("#user", GUARD)
+    await page.fill("#password", GUARD_PW)
+    await page.click("#submit")
+    await page.wait_for_url("**/doors")
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "online", timeout=T)
+    return page
+
+
 async def test_door_list_live_state_and_remote_unlock(
     tmp_path: Path, broker: MosquittoProcess, artifacts: Path
 ) -> None:
@@ -41,13 +53,7 @@ async def test_door_list_live_state_and_remote_unlock(
 
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
         try:
-            page = await browser.new_page(viewport={"width": 1280, "height": 900})
-            await page.goto(p.origin + "/doors")
-            await page.fill("#user", GUARD)
-            await page.fill("#password", GUARD_PW)
-            await page.click("#submit")
-            await page.wait_for_url("**/doors")
-            await expect(page.locator("#conn")).to_have_attribute("data-state", "online", timeout=T)
+            page = await guard_on_doors(browser, p.origin)
             gate = page.locator('#doors li.door[data-key="s1/north-gate"]')
             unit = page.locator('#doors li.door[data-key="s1/b3u2"]')
             await expect(gate).to_have_attribute("data-state", "closed")
@@ -113,13 +119,7 @@ async def test_a_resync_answer_older_than_what_the_socket_told_does_not_undo_it(
         await publish(gw, [door_event(1, "door.state", "north-gate", {"state": "closed"})])
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
         try:
-            page = await browser.new_page(viewport={"width": 1280, "height": 900})
-            await page.goto(p.origin + "/doors")
-            await page.fill("#user", GUARD)
-            await page.fill("#password", GUARD_PW)
-            await page.click("#submit")
-            await page.wait_for_url("**/doors")
-            await expect(page.locator("#conn")).to_have_attribute("data-state", "online", timeout=T)
+            page = await guard_on_doors(browser, p.origin)
             gate = page.locator('#doors li.door[data-key="s1/north-gate"]')
             await expect(gate).to_have_attribute("data-state", "closed")
 
