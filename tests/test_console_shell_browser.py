@@ -410,3 +410,70 @@ async def test_an_incident_stored_after_a_higher_one_is_not_dropped_by_the_snaps
             await expect(page.locator("#open-count")).to_have_text("2")
         finally:
             await browser.close()
+
+
+NO_WEBSOCKETS = """
+// A proxy on the way that refuses WebSockets: every socket fails as the browser reports a refused upgrade.
+window.WebSocket = function () {
+  var self = this;
+  this.readyState = 0;
+  this.send = function () {};
+  this.close = function () {};
+  setTimeout(function () {
+    self.readyState = 3;
+    if (self.onerror) { self.onerror(new Event("error")); }
+    if (self.onclose) { self.onclose({ code: 1006, reason: "" }); }
+  }, 20);
+};
+"""
+
+
+async def test_the_board_lists_what_is_open_when_its_socket_cannot_connect_or_its_first_answers_fail(
+    tmp_path: Path, broker: MosquittoProcess
+) -> None:
+    """Two alarms are open before the guard's page loads. Behind a proxy that refuses WebSockets the board must still
+    list them (and say it is not live); with the socket fine but /api/board failing its first answers (a portal
+    restarting, a balancer's 503), the board and the shell must ask again, list them and ring, not stay silent until
+    the next reconnect."""
+    async with running_portal(write_config(tmp_path, broker)) as p, mqtt(broker) as gw, async_playwright() as pw:
+        await wait_for(lambda: p.services.ingest.connected, what="portal connected")
+        await add_user(p, "guard1", "guard", PW)
+        fence = ev(1, "zone.alarm", incident="Z1", data=ZONE, ts=datetime.now(UTC))
+        gate = ev(2, "zone.alarm", incident="Z2", data={**ZONE, "zone": "P2", "label": "东门"}, point="in2")
+        await gw.publish(EVENTS_TOPIC, batch_payload([fence, gate]), qos=1)
+
+        async def open_incidents() -> bool:
+            q = "SELECT count(*) FROM incidents WHERE state <> 'closed'"
+            return bool(await p.services.store.read(lambda c: c.execute(q).fetchone()[0] == 2))
+
+        await wait_for(open_incidents, 10, "two incidents open")
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=KIOSK, headless=True)
+        try:
+            context = await browser.new_context(viewport={"width": 1280, "height": 900})
+            await sign_in(await context.new_page(), p.origin)
+
+            blocked = await context.new_page()
+            await blocked.add_init_script(NO_WEBSOCKETS)
+            await blocked.goto(p.origin + "/board")
+            await expect(blocked.locator("#incidents li.incident")).to_have_count(2, timeout=T)
+            await expect(blocked.locator("#conn")).not_to_have_attribute("data-state", "online")
+
+            failed: list[str] = []
+
+            async def fail_first(route: Route) -> None:
+                if len(failed) < 3:
+                    failed.append(route.request.url)
+                    await route.fulfill(status=503, json={"error": "unavailable"})
+                else:
+                    await route.continue_()
+
+            hiccup = await context.new_page()
+            await hiccup.route("**/api/board*", fail_first)
+            await hiccup.goto(p.origin + "/board")
+            await expect(hiccup.locator("#conn")).to_have_attribute("data-state", "online", timeout=T)
+            await expect(hiccup.locator("#incidents li.incident")).to_have_count(2, timeout=T)
+            await expect(hiccup.locator("#banner")).to_be_visible(timeout=T)
+            assert await rings(hiccup), "the open alarms are listed but do not ring"
+            assert len(failed) == 3
+        finally:
+            await browser.close()

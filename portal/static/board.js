@@ -807,6 +807,12 @@
   // The centre's drill-down (/board?site=...): one estate's board; the shell still rings for every estate.
   function mine(x) { return !cfg.site || (x && x.site === cfg.site); }
 
+  // What is open, asked for when the page starts (a socket that cannot connect, say behind a proxy that refuses
+  // WebSockets, must not leave the board empty) and whenever the socket opens; an answer that fails is asked for
+  // again, 1 s, 2 s ... 30 s later, until one comes.
+  var retries = 0;
+  var retryTimer = null;
+
   function load() {
     var url = "/api/board" + (cfg.site ? "?site=" + encodeURIComponent(cfg.site) : "");
     var told = {};
@@ -814,11 +820,17 @@
     var done = function () { toldDuring.splice(toldDuring.indexOf(told), 1); };
     return fetch(url, { credentials: "same-origin" }).then(function (r) {
       if (signedOut(r.status)) { return; }
-      if (!r.ok) { return; }
-      return r.json().then(function (body) { resetAll(body, told); });
-    }).catch(function () { /* offline: the shell reconnects and this loads again */ }).then(done);
+      if (!r.ok) { throw new Error("/api/board answered " + r.status); }
+      return r.json().then(function (body) { retries = 0; resetAll(body, told); });
+    }).catch(loadAgain).then(done);
   }
 
+  function loadAgain() {
+    if (retryTimer !== null) { return; }
+    retryTimer = window.setTimeout(function () { retryTimer = null; load(); }, Math.min(30000, 1000 * Math.pow(2, retries++)));
+  }
+
+  load();
   GH.on("open", load);
   GH.on("incident", function (m) { if (mine(m.incident)) { upsert(m.incident); } });
   GH.on("group", function (m) { if (mine(m.group)) { upsertGroup(m.group); } });

@@ -248,6 +248,8 @@
   }
 
   var knownMax = 0;
+  var retries = 0;
+  var retryTimer = null;
   function load(reconnected, downSince) {
     if (!cfg.rings) { return; }
     var told = {};
@@ -255,10 +257,12 @@
     var done = function () { during = during.filter(function (x) { return x !== told; }); };
     fetch("/api/board", { credentials: "same-origin" }).then(function (r) {
       if (r.status === 401) { sessionEnded(); return null; }
-      return r.ok ? r.json() : null;
+      if (!r.ok) { throw new Error("/api/board answered " + r.status); }
+      return r.json();
     }).then(function (body) {
       done();
       if (!body) { return; }
+      retries = 0;
       var before = knownMax;
       resetFrom(body, told);
       var fresh = (body.incidents || []).filter(function (i) { return i.id > before; });
@@ -272,7 +276,14 @@
         emit("missed", fresh);
       }
       decide();
-    }).catch(function () { done(); /* the socket retries and loads again */ });
+    }).catch(function () {
+      // A failed answer (a portal restarting, a balancer's 503) is asked for again, 1 s, 2 s ... 30 s later: what
+      // is open must ring even when the socket stays up and tells nothing new.
+      done();
+      if (retryTimer !== null || ended) { return; }
+      retryTimer = window.setTimeout(function () { retryTimer = null; load(reconnected, downSince); },
+        Math.min(30000, 1000 * Math.pow(2, retries++)));
+    });
   }
 
   // ------------------------------------------------------------ the socket and the proof of life
