@@ -306,11 +306,19 @@ async def test_disabling_ends_the_sessions_and_the_console_and_keeps_the_account
         assert (await admin.sign_in(ADMIN, ADMIN_PW)).status == 303
         assert (await guard.sign_in(GUARD, GUARD_PW)).status == 303
         ws = await _ws(guard)
+        token = await guard.csrf("/console")  # the page the guard has open, with its session's token
         r = await admin.post(f"/users/{GUARD}/disable", {"confirmed": "yes"})
         assert r.status == 303 and r.headers["Location"] == f"/users/{GUARD}?notice=disabled"
         assert await _closed(ws) == 4401  # the console asks to sign in again
         await ws.close()
         assert not await guard.signed_in()
+        # What the open page sends next is told to sign in again (not refused as a forged request), and does nothing.
+        r = await guard.post(f"/users/{ADMIN}/disable", {"confirmed": "yes"}, csrf=token)
+        assert (r.status, r.headers.get("Location", "").split("?")[0]) == (303, "/login")
+        r = await guard.http.post(
+            "/api/board/ack", json={"kind": "intrusion"}, headers={**guard.headers(), "X-CSRF-Token": token}
+        )
+        assert r.status == 401
         assert db_rows(
             s, "SELECT count(*) FROM sessions s JOIN users u ON u.id = s.user_id WHERE u.name = ?", GUARD
         ) == [(0,)]

@@ -1031,6 +1031,13 @@ def middleware(
         if (request.method not in SAFE_METHODS or is_ws) and not auth.origin_ok(request):
             log.info("refused %s %s: origin %r", request.method, request.path, request.headers.get("Origin"))
             return deny(request, 403, "error.csrf")
+        if not access.public and session is None:
+            # Before the CSRF check: a form sent from a page whose session has ended (signed out elsewhere, timed
+            # out, the account disabled meanwhile) does nothing either way, and its sender needs to sign in again,
+            # not a CSRF refusal.
+            if wants_json(request):
+                return deny(request, 401, "login.title")
+            raise web.HTTPSeeOther(f"/login?next={quote(request.path_qs, safe='/')}")
         if request.method not in SAFE_METHODS:
             expected = session.csrf_token if session else request.cookies.get(PRE_CSRF_COOKIE, "")
             if not await auth.csrf_ok(request, expected):
@@ -1038,10 +1045,7 @@ def middleware(
                 return deny(request, 403, "error.csrf")
 
         if not access.public:
-            if session is None:
-                if wants_json(request):
-                    return deny(request, 401, "login.title")
-                raise web.HTTPSeeOther(f"/login?next={quote(request.path_qs, safe='/')}")
+            assert session is not None
             if session.user.must_change and not access.during_password_change:
                 if wants_json(request):
                     return deny(request, 403, "password.forced")
