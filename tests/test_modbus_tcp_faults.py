@@ -88,7 +88,10 @@ async def test_a_connection_closed_halfway_through_an_answer_is_a_dropped_link_a
             await _trips_told_once(rec)
             st = bus.stats()
             assert st.link_drops == 1 and st.connects == 2 and st.restarts == 0 and bus.connected
+            assert st.devices["pp2"].missed_polls >= 1  # the poll whose answer was cut off
             for name, d in st.devices.items():
                 assert not d.errors, (name, d.errors)  # no answer was taken for another, none was garbled
-                assert d.missed_polls <= 1, (name, d)  # at most the poll the link went down under
+                # The poll the link went down under, and one that fell due before the reconnect (within 50 ms,
+                # jittered; the inputs are polled every 50 ms): a poll due while the link is down is missed.
+                assert d.missed_polls <= 2, (name, d)
             assert all(rec.availability(f"pp{u}") == ["online"] for u in UNITS)  # three misses make offline
