@@ -1,5 +1,5 @@
-"""The Modbus bus engine: one task owns one bus (a TCP connection, a serial line, or RTU frames
-tunnelled through a TCP serial server) and everything on it.
+"""The Modbus bus engine: one task (a thread, on Modbus TCP) owns one bus (a TCP connection, a serial line, or RTU
+frames tunnelled through a TCP serial server) and everything on it.
 
 It polls each device's point groups at their own intervals in merged block reads, reports changes
 as :class:`~devices.events.PointChanged`, tracks availability, puts writes ahead of polls, paces
@@ -14,11 +14,13 @@ pymodbus's own retry and reconnect logic is switched off (``retries=0``, ``recon
 automatic disconnect after missed answers) so that nothing reconnects behind our back.
 
 Requests and replies are PDU bytes (:mod:`devices.modbus_pdu`): each block's read is built once, and a reply
-identical to the block's previous one is not decoded at all. On Modbus TCP the bus speaks MBAP itself on an
-asyncio protocol (no objects per transaction: that path is where a poll's CPU went): the polls due together are
-sent one after the other from the callback that takes each answer (no task switch or extra wake-up per request),
-and the socket is read into one buffer kept for the connection. RTU framings (a serial line, a serial server)
-keep pymodbus's client for the framing, where the wire, not the CPU, is the cost.
+identical to the block's previous one is not decoded at all. On Modbus TCP the bus speaks MBAP itself on a blocking
+socket, and its poll loop runs in a thread of its own: a request is a ``send`` and a ``recv`` (on the event loop
+each also cost an ``epoll_wait`` and the loop's own machinery, more than the whole poll's work), and the event loop
+hears only of changes, in order, one wake-up per burst. The polls due together are sent one after the other as
+each answer comes in, and the socket is read into one buffer kept for the connection. RTU framings (a serial
+line, a serial server) keep pymodbus's client for the framing, on the event loop, where the wire, not the CPU, is
+the cost.
 
 Usage::
 
@@ -35,12 +37,14 @@ import itertools
 import logging
 import math
 import random
+import socket
 import struct
+import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from common.backoff import backoff_delay
 from devices.events import Availability, DeviceCheck, DeviceEvent, PointChanged, WritePoint, WriteResult
@@ -69,6 +73,8 @@ log = logging.getLogger("devices.modbus")
 
 BusKind = Literal["modbus-tcp", "modbus-rtu", "modbus-rtu-over-tcp"]
 MAX_PULSE_MS = 3_600_000
+
+T = TypeVar("T")
 
 
 class ModbusBusError(Exception):
@@ -397,46 +403,36 @@ def _pymodbus_send(pdu: bytes, unit: int) -> Callable[[Any], Awaitable[ModbusPDU
     return lambda c: c.write_registers(address, regs, device_id=unit)
 
 
-class _MbapProtocol(asyncio.BufferedProtocol):
-    """One Modbus TCP connection: frames out, the answers to the requests outstanding back, paired by
+class _MbapStream:
+    """One Modbus TCP connection's framing: frames out, the answers to the requests outstanding back, paired by
     transaction id. A batch is ``n`` requests with consecutive transaction ids from ``base``: up to ``window`` of
-    them are outstanding at once, and each answer sends the next request from here (``proceed()`` says whether
-    it may: not while a write waits), so a run of polls costs no task switch and no extra wake-up per request.
-    Each answer is handed to ``on_reply`` as it arrives; the waiter completes when nothing sent is outstanding
-    and nothing more may be sent.
+    them are outstanding at once, and each answer sends the next request (``proceed()`` says whether it may: not
+    while a write waits), so a run of polls costs no task switch and no extra wake-up per request. Each answer is
+    handed to ``on_reply`` as it arrives; the batch is ``done`` (and ``on_done`` is called) when nothing sent is
+    outstanding and nothing more may be sent.
 
     The socket is read into one buffer kept for the connection (``recv_into``): reading with ``recv`` made
     asyncio allocate, shrink and free a 256 KiB bytes object per answer, three system calls of the memory
     allocator each time."""
 
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
+    def __init__(self, write: Callable[[bytes], object], on_done: Callable[[], None] | None = None) -> None:
+        self.write = write
+        self.on_done = on_done
         self.closed = False
+        self.done = True
         self.garbage = False  # bytes that were no answer arrived since the last send
-        self.active = 0.0  # loop time of the last answer matched or request sent (the link's silence timer)
+        self.active = 0.0  # monotonic time of the last answer matched or request sent (the link's silence timer)
         self.got: list[tuple[int, bytes] | None] = []  # the batch's answers: (unit id, reply PDU)
         self.sent = 0  # requests of the batch sent so far
         self._in = bytearray(_RX_SIZE)
         self._view = memoryview(self._in)
         self._end = 0  # bytes held in _in
-        self._loop_time: Callable[[], float] = time.monotonic
         self._base = 0
         self._left = 0  # sent and not answered
         self._frames: Sequence[bytes] = ()
         self._window = 1
         self._proceed: Callable[[], bool] | None = None
         self._on_reply: Callable[[int, int, bytes], None] | None = None
-        self._waiter: asyncio.Future[list[tuple[int, bytes] | None]] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self._loop_time = asyncio.get_running_loop().time
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_exception(_LinkLost(f"connection lost: {exc or 'closed by the peer'}"))
 
     @property
     def partial(self) -> bool:
@@ -448,28 +444,29 @@ class _MbapProtocol(asyncio.BufferedProtocol):
         base: int,
         frames: Sequence[bytes],
         window: int,
-        fut: asyncio.Future[list[tuple[int, bytes] | None]],
-        on_reply: Callable[[int, int, bytes], None] | None = None,
-        proceed: Callable[[], bool] | None = None,
+        on_reply: Callable[[int, int, bytes], None] | None,
+        proceed: Callable[[], bool] | None,
     ) -> None:
         self._end = 0  # whatever is left is part of an answer to an earlier request that timed out
         self.garbage = False
         n = len(frames)
         first = min(n, window)
         self._base, self._left, self.got, self.sent = base, first, [None] * n, first
-        self._frames, self._window, self._proceed = frames, window, proceed
-        self._on_reply, self._waiter = on_reply, fut
-        self.active = self._loop_time()
-        assert self.transport is not None
-        self.transport.write(frames[0] if first == 1 else b"".join(frames[:first]))
+        self._frames, self._window, self._proceed, self._on_reply = frames, window, proceed, on_reply
+        self.done = False
+        self.active = time.monotonic()
+        self.write(frames[0] if first == 1 else b"".join(frames[:first]))
 
-    def get_buffer(self, sizehint: int) -> memoryview:
+    def buffer(self) -> memoryview:
+        """Where the next bytes read go."""
         if self._end >= _RX_SIZE - 512:  # a peer that sends and never completes a frame
             self.garbage = True
             self._end = 0
         return self._view[self._end :]
 
-    def buffer_updated(self, nbytes: int) -> None:
+    def feed(self, nbytes: int) -> None:
+        """``nbytes`` more were read into :meth:`buffer`: take every whole frame among what is held. What
+        ``on_reply`` raises (the bus's own failure) comes out of here."""
         buf = self._in
         end = self._end + nbytes
         pos = 0
@@ -493,29 +490,25 @@ class _MbapProtocol(asyncio.BufferedProtocol):
             self._end = end - pos
 
     def _take(self, tid: int, unit: int, pdu: bytes) -> None:
-        w = self._waiter
         i = (tid - self._base) % 0xFFFF  # transaction ids run 1-65535
         got = self.got
-        if not tid or i >= self.sent or got[i] is not None or w is None or w.done():
+        if not tid or i >= self.sent or got[i] is not None or self.done:
             self.garbage = True  # a late answer (to a request that timed out) or a stray frame
             return
         got[i] = (unit, pdu)
-        self.active = self._loop_time()
+        self.active = time.monotonic()
         if self._on_reply is not None:
-            try:
-                self._on_reply(i, unit, pdu)
-            except Exception as e:  # the bus's handler failed: its poll loop restarts
-                w.set_exception(e)
-                return
+            self._on_reply(i, unit, pdu)
         self._left -= 1
         k = self.sent
         if k < len(got) and self._left < self._window and (self._proceed is None or self._proceed()):
             self.sent = k + 1
             self._left += 1
-            assert self.transport is not None
-            self.transport.write(self._frames[k])
+            self.write(self._frames[k])
         elif not self._left:
-            w.set_result(got)
+            self.done = True
+            if self.on_done is not None:
+                self.on_done()
 
 
 #: The receive buffer of one connection. A Modbus TCP answer is at most 260 bytes, so 4 KiB holds a pipelined
@@ -524,86 +517,56 @@ _RX_SIZE = 1 << 12
 
 
 class _TcpLink:
-    """Modbus TCP with our own MBAP framing: the same discipline as :class:`_Link` (our retries, unit-id and
-    answer checks, error kinds), none of pymodbus's per-request objects."""
+    """Modbus TCP with our own MBAP framing (:class:`_MbapStream`): the same discipline as :class:`_Link` (our
+    retries, unit-id and answer checks, error kinds), none of pymodbus's per-request objects. Two ways to wait for
+    the answers, one subclass each: :class:`_LoopTcpLink` on the event loop, :class:`_ThreadTcpLink` in a thread of
+    the bus's own."""
 
     def __init__(self, spec: BusSpec, clock: Callable[[], float], gap_s: float) -> None:
         self.spec = spec
         self.clock = clock
         self.gap_s = gap_s
         self.last_end = -math.inf
-        self._proto: _MbapProtocol | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stream: _MbapStream | None = None
         self._tid = 0
         self._timeout_s = spec.timeout_ms / 1000
-        # One timer for the link, not one per request: it fires at most once per timeout and re-arms itself
-        # for the request then outstanding (most answers come long before it is due).
-        self._waiter: asyncio.Future[list[tuple[int, bytes] | None]] | None = None
-        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def up(self) -> bool:
-        return self._proto is not None and not self._proto.closed
+        return self._stream is not None and not self._stream.closed
 
     @property
     def garbage(self) -> bool:
         """Bytes that were no answer (or part of a frame never completed) arrived since the last send."""
-        return self._proto is not None and (self._proto.garbage or self._proto.partial)
+        return self._stream is not None and (self._stream.garbage or self._stream.partial)
 
     async def connect(self) -> str | None:
-        self.close()
-        loop = self._loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(self._timeout_s + 5.0):
-                _, proto = await loop.create_connection(_MbapProtocol, str(self.spec.host), int(self.spec.port or 0))
-        except (OSError, TimeoutError) as e:
-            return f"{type(e).__name__}: {e}"
-        self._proto = proto
-        self.last_end = -math.inf
-        return None
+        raise NotImplementedError
 
     def close(self) -> None:
-        proto, self._proto = self._proto, None
-        if proto is not None and proto.transport is not None:
-            proto.closed = True
-            proto.transport.abort()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        raise NotImplementedError
 
-    def _check_deadline(self) -> None:
-        self._timer = None
-        fut = self._waiter
-        proto = self._proto
-        if fut is None or fut.done() or proto is None:
-            return
-        loop = fut.get_loop()
-        # Answers coming in (a batch) move the deadline: the timeout is a silence of that long, not the batch.
-        deadline = proto.active + self._timeout_s
-        if loop.time() >= deadline:
-            fut.set_exception(TimeoutError())
-        else:
-            self._timer = loop.call_at(deadline, self._check_deadline)
+    async def _pace(self, wait_s: float) -> None:
+        raise NotImplementedError
 
-    def _send(
+    async def _wait(self, stream: _MbapStream) -> None:
+        """Until the batch sent is done. TimeoutError after a silence of the timeout (answers coming in, a batch,
+        move the deadline: the timeout is a silence of that long, not the batch); _LinkLost."""
+        raise NotImplementedError
+
+    async def _batch(
         self,
-        proto: _MbapProtocol,
+        stream: _MbapStream,
         reqs: Sequence[tuple[int, bytes]],
         window: int,
         on_reply: Callable[[int, int, bytes], None] | None,
         proceed: Callable[[], bool] | None,
-    ) -> asyncio.Future[list[tuple[int, bytes] | None]]:
-        loop = self._loop
-        assert loop is not None
+    ) -> None:
         base = self._tid % 0xFFFF + 1
         frames = [mbap_frame((base - 1 + i) % 0xFFFF + 1, unit, pdu) for i, (unit, pdu) in enumerate(reqs)]
         self._tid = (base - 2 + len(reqs)) % 0xFFFF + 1
-        fut: asyncio.Future[list[tuple[int, bytes] | None]] = loop.create_future()
-        self._waiter = fut
-        proto.send(base, frames, window, fut, on_reply, proceed)
-        if self._timer is None:
-            self._timer = loop.call_at(proto.active + self._timeout_s, self._check_deadline)
-        return fut
+        stream.send(base, frames, window, on_reply, proceed)
+        await self._wait(stream)
 
     async def request_many(
         self,
@@ -616,17 +579,17 @@ class _TcpLink:
         next one as an answer comes in, while ``proceed()`` allows; each answer goes to ``on_reply(index, unit,
         reply PDU)`` as it arrives. Returns the answers by index (None for those not answered before a silence of
         the timeout, or not sent; no retries here) and how many were sent. Raises _LinkLost."""
-        proto = self._proto
-        if proto is None or proto.closed:
+        stream = self._stream
+        if stream is None or stream.closed:
             raise _LinkLost("link closed")
-        fut = self._send(proto, reqs, window, on_reply, proceed)
         try:
-            return await fut, proto.sent
+            await self._batch(stream, reqs, window, on_reply, proceed)
         except TimeoutError:
-            return proto.got, proto.sent
+            pass
         finally:
-            self._waiter = None
+            stream.done = True  # an answer coming later is a late one
             self.last_end = self.clock()
+        return stream.got, stream.sent
 
     async def request(
         self, unit: int, pdu: bytes, retries: int, on_error: Callable[[str], None]
@@ -636,25 +599,25 @@ class _TcpLink:
         last = _NoAnswer("timeout", "no answer")
         req = ((unit, pdu),)
         for _ in range(retries + 1):
-            proto = self._proto
-            if proto is None or proto.closed:
+            stream = self._stream
+            if stream is None or stream.closed:
                 raise _LinkLost("link closed")
             if self.gap_s:
                 wait = self.last_end + self.gap_s - self.clock()
                 if wait > 0:
-                    await asyncio.sleep(wait)
+                    await self._pace(wait)
             t0 = self.clock()
-            fut = self._send(proto, req, 1, None, None)
             try:
-                answer = (await fut)[0]
+                await self._batch(stream, req, 1, None, None)
             except TimeoutError:
                 kind = "bad_frame" if self.garbage else "timeout"
                 last = _NoAnswer(kind, f"{kind}: no answer within {self.spec.timeout_ms} ms")
                 on_error(kind)
                 continue
             finally:
-                self._waiter = None
+                stream.done = True
                 self.last_end = self.clock()
+            answer = stream.got[0]
             assert answer is not None
             got_unit, reply = answer
             if got_unit != unit:
@@ -667,6 +630,199 @@ class _TcpLink:
                 raise _DeviceRefused(code)
             return reply, self.last_end - t0
         raise last
+
+
+class _LoopProtocol(asyncio.BufferedProtocol):
+    """A connection on the event loop, read into its stream's buffer; the answers handled from its callback."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.stream = _MbapStream(self._write, self._done)
+        self.waiter: asyncio.Future[None] | None = None
+
+    def _write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def _done(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stream.closed = True
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_exception(_LinkLost(f"connection lost: {exc or 'closed by the peer'}"))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.stream.buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            self.stream.feed(nbytes)
+        except Exception as e:  # the bus's handler failed: its poll loop restarts
+            w = self.waiter
+            if w is not None and not w.done():
+                w.set_exception(e)
+
+
+class _LoopTcpLink(_TcpLink):
+    """Modbus TCP on the event loop: for a connection to one device, where buses that fall due together share one
+    wake-up of the loop (a thread each would cost a thread's wake-up per request)."""
+
+    def __init__(self, spec: BusSpec, clock: Callable[[], float], gap_s: float) -> None:
+        super().__init__(spec, clock, gap_s)
+        self._proto: _LoopProtocol | None = None
+        # One timer for the link, not one per request: it fires at most once per timeout and re-arms itself
+        # for the request then outstanding (most answers come long before it is due).
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def connect(self) -> str | None:
+        self.close()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._timeout_s + 5.0):
+                _, proto = await loop.create_connection(_LoopProtocol, str(self.spec.host), int(self.spec.port or 0))
+        except (OSError, TimeoutError) as e:
+            return f"{type(e).__name__}: {e}"
+        self._proto = proto
+        self._stream = proto.stream
+        self.last_end = -math.inf
+        return None
+
+    def close(self) -> None:
+        proto, self._proto, self._stream = self._proto, None, None
+        if proto is not None and proto.transport is not None:
+            proto.stream.closed = True
+            proto.transport.abort()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def _pace(self, wait_s: float) -> None:
+        await asyncio.sleep(wait_s)
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        proto = self._proto
+        fut = proto.waiter if proto is not None else None
+        if fut is None or fut.done() or proto is None:
+            return
+        loop = fut.get_loop()
+        deadline = proto.stream.active + self._timeout_s  # loop.time() is time.monotonic()
+        if loop.time() >= deadline:
+            fut.set_exception(TimeoutError())
+        else:
+            self._timer = loop.call_at(deadline, self._check_deadline)
+
+    async def _wait(self, stream: _MbapStream) -> None:
+        proto = self._proto
+        assert proto is not None
+        loop = asyncio.get_running_loop()
+        fut = proto.waiter = loop.create_future()
+        if self._timer is None:
+            self._timer = loop.call_at(stream.active + self._timeout_s, self._check_deadline)
+        try:
+            await fut
+        finally:
+            proto.waiter = None
+
+
+class _ThreadTcpLink(_TcpLink):
+    """Modbus TCP on a blocking socket that only the bus's own thread uses: for a connection with several devices
+    behind it (a serial server, a panel's many units), where a poll is a ``send`` and a ``recv``, two system calls,
+    and the event loop spent three and its own machinery besides (bench/alarm_latency.py).
+
+    Its coroutines never suspend: the bus's poll loop, written as coroutines for the event loop, runs in that thread
+    from start to end in one step (:func:`_drive`)."""
+
+    def __init__(self, spec: BusSpec, clock: Callable[[], float], gap_s: float) -> None:
+        super().__init__(spec, clock, gap_s)
+        self._sock: socket.socket | None = None
+
+    async def connect(self) -> str | None:
+        self.close()
+        try:
+            sock = socket.create_connection((str(self.spec.host), int(self.spec.port or 0)), self._timeout_s + 5.0)
+        except OSError as e:
+            return f"{type(e).__name__}: {e}"
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # The kernel bounds each read and write by the timeout (one that waits longer fails with EAGAIN): one system
+        # call per read, where Python's own socket timeout adds a poll() before each.
+        tv = struct.pack("ll", int(self._timeout_s), int(self._timeout_s % 1 * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        self._sock = sock
+        self._stream = _MbapStream(self._sendall)
+        self.last_end = -math.inf
+        return None
+
+    def interrupt(self) -> None:
+        """From another thread: end the reads and writes under way at once (the bus is stopping); the bus's thread
+        closes the socket."""
+        sock, stream = self._sock, self._stream
+        if stream is not None:
+            stream.closed = True
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """In the bus's thread, or once it has ended."""
+        sock, self._sock, stream, self._stream = self._sock, None, self._stream, None
+        if stream is not None:
+            stream.closed = True
+        if sock is not None:
+            sock.close()
+
+    async def _pace(self, wait_s: float) -> None:
+        time.sleep(wait_s)  # noqa: ASYNC251 (the bus's own thread: this coroutine never suspends)
+
+    def _sendall(self, data: bytes) -> None:
+        sock = self._sock
+        assert sock is not None
+        try:
+            sock.sendall(data)
+        except (TimeoutError, BlockingIOError):  # SO_SNDTIMEO: the peer took nothing for the timeout
+            raise TimeoutError() from None
+        except OSError as e:
+            if self._stream is not None:
+                self._stream.closed = True
+            raise _LinkLost(f"connection lost: {e}") from None
+
+    async def _wait(self, stream: _MbapStream) -> None:
+        sock = self._sock
+        assert sock is not None
+        timeout_s = self._timeout_s
+        try:
+            while not stream.done:
+                n = sock.recv_into(stream.buffer())
+                if not n:
+                    stream.closed = True
+                    raise _LinkLost("connection lost: closed by the peer")
+                stream.feed(n)
+                if not stream.done and time.monotonic() - stream.active >= timeout_s:
+                    raise TimeoutError()  # bytes came, but no answer (garbage, a stray frame) for the timeout
+        except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO: nothing came for the timeout
+            raise TimeoutError() from None
+        except OSError as e:
+            stream.closed = True
+            raise _LinkLost(f"connection lost: {e}") from None
+
+
+def _drive(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends (a Modbus TCP bus's poll loop, in its own thread) to its end."""
+    try:
+        coro.send(None)
+    except StopIteration as e:
+        return e.value  # type: ignore[no-any-return]
+    coro.close()
+    raise RuntimeError("a Modbus TCP bus's poll loop waited for the event loop in its own thread")
 
 
 # ---------------------------------------------------------------- the bus
@@ -743,13 +899,18 @@ class ModbusBus:
             )
         self._by_name = {d.spec.name: d for d in self._devices}
         gap_s = max([spec.gap_ms / 1000] + [d.gap_s for d in self._devices])
-        self._link: _Link | _TcpLink = (_TcpLink if spec.kind == "modbus-tcp" else _Link)(spec, clock, gap_s)
+        # Modbus TCP with several devices on the connection: the poll loop in a thread of its own, on a blocking
+        # socket (_ThreadTcpLink); one device: on the event loop, where such buses share its wake-ups.
+        link_type = _Link if spec.kind != "modbus-tcp" else _ThreadTcpLink if len(devices) > 1 else _LoopTcpLink
+        self._link: _Link | _TcpLink = link_type(spec, clock, gap_s)
         # Polls due within this much of each other are taken in one wake-up.
         self._slack = min([g.interval_s for d in self._devices for g in d.plan.groups] or [0.0]) / 10
         # Modbus TCP without a silence between frames: the polls taken in one wake-up are sent one after the other
         # from the answers' callback (:meth:`_poll_many`), pipelined when max_in_flight is above 1. Where a device
         # needs a silence before each request (its profile's inter_frame_ms), one request at a time from the task.
         self._chain = isinstance(self._link, _TcpLink) and not gap_s
+        # What the bus's thread tells the event loop (events, writes' results) goes over in order (_hand).
+        self._threaded = isinstance(self._link, _ThreadTcpLink)
         self._pipeline = spec.max_in_flight if self._chain else 1
         if spec.max_in_flight > 1 and self._pipeline == 1:
             log.warning(
@@ -766,6 +927,11 @@ class ModbusBus:
         self._timed: list[tuple[float, int, _WriteJob]] = []
         self._seq = itertools.count()
         self._idle_waiter: asyncio.Future[None] | None = None
+        self._wake = threading.Event()  # the bus's thread: a write queued, the bus stopping
+        self._thread_id = 0  # the bus's thread, while it runs
+        self._thread_done: asyncio.Future[None] | None = None
+        self._handoff: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+        self._handoff_pending = False
         self._running = False
         self._was_up = False
         self._down_reason = "not started"
@@ -797,7 +963,11 @@ class ModbusBus:
             if self._tg is not None:
                 await self._tg.__aexit__(None, None, None)
         finally:
-            self._link.close()
+            if self._thread_id:  # the bus's thread did not end in time: it closes its link itself
+                log.warning("bus %s: its thread did not stop within %.0f s", self.spec.name, _THREAD_STOP_S)
+            else:
+                self._link.close()
+            self._deliver_handed()
             self._was_up = False
             cur, self._current = self._current, None
             if cur is not None and cur.future is not None and not cur.future.done():
@@ -882,13 +1052,14 @@ class ModbusBus:
         restarts = 0
         while self._running:
             try:
-                await self._run()
+                await (self._run_in_thread() if self._threaded else self._run())
             except asyncio.CancelledError:
                 raise
             except Exception:
                 restarts += 1
                 self._stats.restarts += 1
                 log.exception("bus %s: poll loop failed (restart %d)", self.spec.name, restarts)
+                self._deliver_handed()
                 cur, self._current = self._current, None
                 if cur is not None and cur.future is not None and not cur.future.done():
                     cur.future.set_exception(BusDown(f"bus {self.spec.name!r}: internal error"))
@@ -896,6 +1067,42 @@ class ModbusBus:
                 await asyncio.sleep(min(5.0, 0.1 * 2 ** min(restarts, 6)))
                 if self._sched is not None:
                     self._sched.resume(self._clock())  # the polls it was making are back on the schedule
+
+    async def _run_in_thread(self) -> None:
+        """Modbus TCP: :meth:`_run` in a thread of its own until it ends (the bus stopping) or fails. Cancelled
+        (the bus stopping), it stops the thread and waits a while for it."""
+        loop = asyncio.get_running_loop()
+        done = self._thread_done = loop.create_future()
+
+        def main() -> None:
+            self._thread_id = threading.get_ident()
+            error: BaseException | None = None
+            try:
+                _drive(self._run())
+            except BaseException as e:  # handed to the event loop: the supervisor logs it and restarts
+                error = e
+            finally:
+                if not self._running:
+                    self._link.close()
+                self._thread_id = 0
+                self._hand(_settle, done, None, error)
+
+        thread = threading.Thread(target=main, name=f"bus[{self.spec.name}]", daemon=True)
+        thread.start()
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            self._running = False
+            self._wake.set()
+            if isinstance(self._link, _ThreadTcpLink):
+                self._link.interrupt()
+            with contextlib.suppress(TimeoutError, Exception):
+                async with asyncio.timeout(_THREAD_STOP_S):
+                    await done
+            raise
+        finally:
+            if done.done():
+                thread.join(1.0)  # it handed its last word over: it is returning
 
     async def _run(self) -> None:
         clock = self._clock
@@ -905,8 +1112,9 @@ class ModbusBus:
                 now=clock(),
                 offline_after=self.spec.offline_after_misses,
                 offline_retry_s=self.spec.offline_poll_ms / 1000,
-                stagger=self._pipeline == 1,  # a pipelining bus asks its devices together, in one write
-                align=True,  # buses with the same intervals wake together (one loop turn for all of them)
+                # Asked together: one write when pipelining; in the bus's thread, one wake-up of it per round.
+                stagger=self._pipeline == 1 and not self._threaded,
+                align=not self._threaded,  # buses on the event loop with the same intervals wake in one loop turn
             )
         sched = self._sched
         # pymodbus waits with asyncio.wait_for, which on 3.11 can swallow a cancellation that lands
@@ -951,13 +1159,21 @@ class ModbusBus:
 
     def _poke(self) -> None:
         """Wake the owner task if it is idle (a write was queued, a reset scheduled)."""
+        if self._threaded:
+            self._wake.set()
+            return
         w = self._idle_waiter
         if w is not None and not w.done():
             w.set_result(None)
 
     async def _idle(self, wait_s: float | None) -> None:
         """Wait until :meth:`_poke` or ``wait_s`` have passed: one future and one timer handle, no exception on timeout
-        (``asyncio.timeout`` around ``Event.wait`` raised and caught one per wake-up)."""
+        (``asyncio.timeout`` around ``Event.wait`` raised and caught one per wake-up); in the bus's thread, the
+        thread waits."""
+        if self._threaded:
+            self._wake.wait(wait_s)
+            self._wake.clear()  # the loop looks at the writes queued before it idles again
+            return
         loop = self._loop  # not asyncio.get_running_loop(): each call of that is a getpid() system call
         assert loop is not None
         fut: asyncio.Future[None] = loop.create_future()
@@ -1013,8 +1229,8 @@ class ModbusBus:
     def _fail_queued(self, reason: str, *, include_timed: bool) -> None:
         while self._writes:
             job = self._writes.popleft()
-            if job.future is not None and not job.future.done():
-                job.future.set_exception(BusDown(f"bus {self.spec.name!r}: {reason}"))
+            if job.future is not None:
+                self._settle(job.future, error=BusDown(f"bus {self.spec.name!r}: {reason}"))
         if include_timed:
             for _, _, job in self._timed:
                 log.warning(
@@ -1273,6 +1489,36 @@ class ModbusBus:
             self._emit(DeviceCheck(dev.spec.name, problems, mono))
 
     def _emit(self, ev: DeviceEvent) -> None:
+        if self._thread_id and threading.get_ident() == self._thread_id:
+            self._hand(self._deliver, ev)
+        else:
+            self._deliver(ev)
+
+    def _settle(self, fut: asyncio.Future[Any], result: Any = None, error: BaseException | None = None) -> None:
+        """Complete a write's future (from the bus's thread: on the event loop, after the events before it)."""
+        if self._thread_id and threading.get_ident() == self._thread_id:
+            self._hand(_settle, fut, result, error)
+        else:
+            _settle(fut, result, error)
+
+    def _hand(self, fn: Callable[..., None], *args: Any) -> None:
+        """From the bus's thread: ``fn(*args)`` on the event loop, in order; a burst of them costs one wake-up."""
+        self._handoff.append((fn, args))
+        if not self._handoff_pending:
+            self._handoff_pending = True
+            loop = self._loop
+            assert loop is not None
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the bus was never stopped
+                loop.call_soon_threadsafe(self._deliver_handed)
+
+    def _deliver_handed(self) -> None:
+        self._handoff_pending = False  # before taking: what comes after this is handed again
+        q = self._handoff
+        while q:
+            fn, args = q.popleft()
+            fn(*args)
+
+    def _deliver(self, ev: DeviceEvent) -> None:
         try:
             self._sink(ev)
         except Exception:
@@ -1339,8 +1585,8 @@ class ModbusBus:
         if ok and gi is not None and self._sched is not None:
             self._sched.poll_soon(dev.index, gi, self._clock())  # confirm the new state soon
         self._emit(result)
-        if job.future is not None and not job.future.done():
-            job.future.set_result(result)
+        if job.future is not None:
+            self._settle(job.future, result)
 
     async def _read_back(
         self, dev: _Device, p: PointSpec, written: bool | list[int], pulse_ends: float | None = None
@@ -1405,6 +1651,17 @@ class ModbusBus:
 
 
 _MISSING = object()
+#: How long a stopping bus waits for its thread (a connect under way is bounded by the timeout and 5 s).
+_THREAD_STOP_S = 2.0
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
 
 
 def _release(fut: asyncio.Future[None]) -> None:

@@ -604,11 +604,13 @@ async def test_rtu_garbage_is_counted_and_survived() -> None:
             await wait_for(lambda: rec.availability("pp2")[-1:] == ["online"], 3, "pp2 back")
 
 
-async def test_a_failing_poll_loop_is_restarted(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("units", [1, 2], ids=["one-device-on-the-loop", "two-devices-in-the-bus-thread"])
+async def test_a_failing_poll_loop_is_restarted(monkeypatch: pytest.MonkeyPatch, units: int) -> None:
     rec = Recorder()
+    devs = [panel(f"pp{u}", unit=u, poll_ms=50) for u in range(1, units + 1)]
     async with (
-        run_stub(PANEL, "--tcp", "127.0.0.1:0", *CTRL) as stub,
-        running(tcp_bus(stub), [panel("pp1", poll_ms=50)], rec) as bus,
+        run_stub(PANEL, "--tcp", "127.0.0.1:0", "--units", f"1-{units}", *CTRL) as stub,
+        running(tcp_bus(stub), devs, rec) as bus,
     ):
         await wait_for(lambda: rec.availability("pp1") == ["online"], 5, "online")
         real: Callable[..., Any] = bus._apply  # fault injection: the next decode blows up once

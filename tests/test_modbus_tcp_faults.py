@@ -1,11 +1,13 @@
 """The bus's own Modbus TCP framing against a real pymodbus stub that spoils one answer at a time: an answer with
 another transaction id, a frame cut short, an exception reply, garbage, a connection closed halfway through an
 answer. Each is counted as what it is, the polls around it keep their devices, and no change is lost or told
-twice."""
+twice. Both ways the bus waits for answers are run: three devices on the connection (the bus's own thread, on a
+blocking socket) and the spoilt one alone (the event loop)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -16,7 +18,8 @@ from tests.test_modbus_bus import Recorder
 from tests.waiting import wait_for
 
 PANEL = "firmware_stubs.perimeter_panel"
-UNITS = (1, 2, 3)
+#: the units on the bus: several (the bus's own thread) or the spoilt one alone (the event loop)
+LAYOUTS = {"thread": (1, 2, 3), "loop": (2,)}
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,38 +32,45 @@ EXPECTED = {
 }
 
 
-def _devices() -> list[DeviceSpec]:
+def _devices(units: tuple[int, ...]) -> list[DeviceSpec]:
     pp = find_profile("perimeter-panel-8")
     # The inputs every 50 ms; the other groups slowly, so that the spoilt answer is most likely an input poll's.
     slow = {"status": 60_000, "outputs": 60_000, "levels": 60_000}
-    return [DeviceSpec(f"pp{u}", pp, unit=u, poll_ms=50, groups=slow) for u in UNITS]
+    return [DeviceSpec(f"pp{u}", pp, unit=u, poll_ms=50, groups=slow) for u in units]
 
 
-async def _trips_told_once(rec: Recorder) -> None:
-    for u in UNITS:
+def _in_own_thread(bus: ModbusBus) -> bool:
+    return any(t.name == f"bus[{bus.spec.name}]" for t in threading.enumerate())
+
+
+async def _trips_told_once(rec: Recorder, units: tuple[int, ...]) -> None:
+    for u in units:
         await wait_for(
             lambda u=u: rec.changes(device=f"pp{u}", point=f"zone{u}_alarm", initial=False), 5, f"pp{u}'s trip"
         )
     await asyncio.sleep(0.3)  # more polls: nothing else changes, nothing is told twice
     got = sorted((e.device, e.point, e.value) for e in rec.changes(initial=False))
-    assert got == [(f"pp{u}", f"zone{u}_alarm", True) for u in UNITS], got
+    assert got == [(f"pp{u}", f"zone{u}_alarm", True) for u in units], got
 
 
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("mode", sorted(EXPECTED))
-async def test_a_spoilt_answer_is_counted_as_what_it_is_and_nothing_is_lost(mode: str) -> None:
+async def test_a_spoilt_answer_is_counted_as_what_it_is_and_nothing_is_lost(mode: str, layout: str) -> None:
+    units = LAYOUTS[layout]
     rec = Recorder()
     async with run_stub(
         PANEL, "--tcp", "127.0.0.1:0", "--units", "1-3", "--zones", "8", "--control", "127.0.0.1:0"
     ) as stub:
         host, port = stub.endpoint()
         spec = BusSpec("t1", "modbus-tcp", host=host, port=port, timeout_ms=1000, retries=1)
-        async with ModbusBus(spec, _devices(), rec) as bus:
-            await wait_for(lambda: all(rec.availability(f"pp{u}") == ["online"] for u in UNITS), 5, "all online")
+        async with ModbusBus(spec, _devices(units), rec) as bus:
+            await wait_for(lambda: all(rec.availability(f"pp{u}") == ["online"] for u in units), 5, "all online")
+            assert _in_own_thread(bus) == (layout == "thread")
             await stub.post("/mangle", {"mode": mode, "unit": 2})
-            for u in UNITS:
+            for u in units:
                 await stub.post(f"/zones/{u}/trip", {"unit": u})
             await wait_for(lambda: bus.stats().devices["pp2"].errors, 5, "the spoilt answer")
-            await _trips_told_once(rec)
+            await _trips_told_once(rec, units)
             st = bus.stats()
             assert (await stub.state())["panels"][0]["requests"]["mangled"] == 1
             assert st.devices["pp2"].errors == EXPECTED[mode], st.devices["pp2"].errors
@@ -69,29 +79,62 @@ async def test_a_spoilt_answer_is_counted_as_what_it_is_and_nothing_is_lost(mode
                 if name != "pp2":
                     assert not d.errors, (name, d.errors)
             assert st.link_drops == 0 and st.restarts == 0 and bus.connected
-            assert all(rec.availability(f"pp{u}") == ["online"] for u in UNITS)
+            assert all(rec.availability(f"pp{u}") == ["online"] for u in units)
+        assert not _in_own_thread(bus)
 
 
-async def test_a_connection_closed_halfway_through_an_answer_is_a_dropped_link_and_reconnected() -> None:
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+async def test_a_connection_closed_halfway_through_an_answer_is_a_dropped_link_and_reconnected(layout: str) -> None:
+    units = LAYOUTS[layout]
     rec = Recorder()
     async with run_stub(
         PANEL, "--tcp", "127.0.0.1:0", "--units", "1-3", "--zones", "8", "--control", "127.0.0.1:0"
     ) as stub:
         host, port = stub.endpoint()
-        spec = BusSpec("t1", "modbus-tcp", host=host, port=port, timeout_ms=1000, retries=1, reconnect_min_ms=50)
-        async with ModbusBus(spec, _devices(), rec) as bus:
-            await wait_for(lambda: all(rec.availability(f"pp{u}") == ["online"] for u in UNITS), 5, "all online")
+        spec = BusSpec("t1", "modbus-tcp", host=host, port=port, timeout_ms=1000, retries=1, reconnect_min_ms=20)
+        async with ModbusBus(spec, _devices(units), rec) as bus:
+            await wait_for(lambda: all(rec.availability(f"pp{u}") == ["online"] for u in units), 5, "all online")
+            assert _in_own_thread(bus) == (layout == "thread")
             await stub.post("/mangle", {"mode": "close", "unit": 2})
             await wait_for(lambda: bus.stats().link_drops == 1, 5, "the dropped link")
-            for u in UNITS:
+            for u in units:
                 await stub.post(f"/zones/{u}/trip", {"unit": u})
-            await _trips_told_once(rec)
+            await _trips_told_once(rec, units)
             st = bus.stats()
             assert st.link_drops == 1 and st.connects == 2 and st.restarts == 0 and bus.connected
             assert st.devices["pp2"].missed_polls >= 1  # the poll whose answer was cut off
             for name, d in st.devices.items():
                 assert not d.errors, (name, d.errors)  # no answer was taken for another, none was garbled
-                # The poll the link went down under, and one that fell due before the reconnect (within 50 ms,
+                # The poll the link went down under, and one that fell due before the reconnect (within 20 ms,
                 # jittered; the inputs are polled every 50 ms): a poll due while the link is down is missed.
                 assert d.missed_polls <= 2, (name, d)
-            assert all(rec.availability(f"pp{u}") == ["online"] for u in UNITS)  # three misses make offline
+            assert all(rec.availability(f"pp{u}") == ["online"] for u in units)  # three misses make offline
+        assert not _in_own_thread(bus)
+
+
+async def test_a_bus_waiting_on_a_silent_device_in_its_thread_stops_at_once() -> None:
+    """A connection that takes requests and never answers, with a 5 s timeout: the bus's thread is blocked reading
+    when the bus stops, and the stop neither waits out the timeout nor leaves the thread behind."""
+    took: list[bytes] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(4096):
+            took.append(data)
+        writer.close()
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    rec = Recorder()
+    try:
+        spec = BusSpec("t1", "modbus-tcp", host="127.0.0.1", port=port, timeout_ms=5000, retries=0)
+        bus = ModbusBus(spec, _devices((1, 2)), rec)
+        async with bus:
+            await wait_for(lambda: bus.connected and took, 5, "a request sent")
+            assert _in_own_thread(bus)
+            t0 = asyncio.get_running_loop().time()
+        assert asyncio.get_running_loop().time() - t0 < 1.0
+        assert not _in_own_thread(bus) and not bus.connected
+        assert rec.changes() == []  # nothing was answered, nothing told
+    finally:
+        server.close()
+        await server.wait_closed()
