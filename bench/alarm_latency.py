@@ -296,6 +296,8 @@ async def run_gatehouse(
         finally:
             await stop(gateway)
             listener.cancel()
+            # awaited before the client disconnects: an ack under way would fail, unretrieved, with a traceback
+            await asyncio.gather(listener, return_exceptions=True)
 
 
 # ---------------------------------------------------------------- the naive loop
