@@ -753,8 +753,10 @@ class _ThreadTcpLink(_TcpLink):
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # The kernel bounds each read and write by the timeout (one that waits longer fails with EAGAIN): one system
-        # call per read, where Python's own socket timeout adds a poll() before each.
-        tv = struct.pack("ll", int(self._timeout_s), int(self._timeout_s % 1 * 1_000_000))
+        # call per read, where Python's own socket timeout adds a poll() before each. A struct timeval is two 64-bit
+        # or (32-bit ARM with a 32-bit time_t) two 32-bit numbers: its size is asked of the kernel.
+        size = len(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+        tv = struct.pack("qq" if size == 16 else "ii", int(self._timeout_s), int(self._timeout_s % 1 * 1_000_000))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self._sock = sock

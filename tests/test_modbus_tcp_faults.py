@@ -112,17 +112,45 @@ async def test_a_connection_closed_halfway_through_an_answer_is_a_dropped_link_a
         assert not _in_own_thread(bus)
 
 
-async def test_a_bus_waiting_on_a_silent_device_in_its_thread_stops_at_once() -> None:
-    """A connection that takes requests and never answers, with a 5 s timeout: the bus's thread is blocked reading
-    when the bus stops, and the stop neither waits out the timeout nor leaves the thread behind."""
-    took: list[bytes] = []
+async def _silent_server(took: list[bytes]) -> asyncio.Server:
+    """A Modbus TCP endpoint that takes every request and never answers."""
 
     async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(4096):
             took.append(data)
         writer.close()
 
-    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    return await asyncio.start_server(swallow, "127.0.0.1", 0)
+
+
+async def test_a_silent_connection_in_the_bus_thread_times_out_at_the_buses_timeout() -> None:
+    """The thread's reads are bounded by the kernel (SO_RCVTIMEO): with a 300 ms timeout, each silent poll is a
+    timeout, and three make each device offline within about a second, not never and not at once."""
+    took: list[bytes] = []
+    server = await _silent_server(took)
+    port = server.sockets[0].getsockname()[1]
+    rec = Recorder()
+    try:
+        spec = BusSpec("t1", "modbus-tcp", host="127.0.0.1", port=port, timeout_ms=300, retries=0)
+        async with ModbusBus(spec, _devices((1, 2)), rec) as bus:
+            t0 = asyncio.get_running_loop().time()
+            await wait_for(lambda: all(rec.availability(f"pp{u}") == ["offline"] for u in (1, 2)), 10, "offline")
+            took_s = asyncio.get_running_loop().time() - t0
+            assert _in_own_thread(bus)
+            st = bus.stats()
+        assert 0.6 <= took_s < 4.0, took_s  # three polls of 300 ms each for the first device, at least
+        for d in st.devices.values():
+            assert d.errors.get("timeout", 0) >= 1 and d.missed_polls >= 3, d
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_bus_waiting_on_a_silent_device_in_its_thread_stops_at_once() -> None:
+    """A connection that takes requests and never answers, with a 5 s timeout: the bus's thread is blocked reading
+    when the bus stops, and the stop neither waits out the timeout nor leaves the thread behind."""
+    took: list[bytes] = []
+    server = await _silent_server(took)
     port = server.sockets[0].getsockname()[1]
     rec = Recorder()
     try:
