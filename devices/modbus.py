@@ -1,5 +1,5 @@
-"""The Modbus bus engine: one task (a thread, on Modbus TCP) owns one bus (a TCP connection, a serial line, or RTU
-frames tunnelled through a TCP serial server) and everything on it.
+"""The Modbus bus engine: one task (or thread) owns one bus (a TCP connection, a serial line, or RTU frames
+tunnelled through a TCP serial server) and everything on it.
 
 It polls each device's point groups at their own intervals in merged block reads, reports changes
 as :class:`~devices.events.PointChanged`, tracks availability, puts writes ahead of polls, paces
@@ -14,13 +14,14 @@ pymodbus's own retry and reconnect logic is switched off (``retries=0``, ``recon
 automatic disconnect after missed answers) so that nothing reconnects behind our back.
 
 Requests and replies are PDU bytes (:mod:`devices.modbus_pdu`): each block's read is built once, and a reply
-identical to the block's previous one is not decoded at all. On Modbus TCP the bus speaks MBAP itself on a blocking
-socket, and its poll loop runs in a thread of its own: a request is a ``send`` and a ``recv`` (on the event loop
-each also cost an ``epoll_wait`` and the loop's own machinery, more than the whole poll's work), and the event loop
-hears only of changes, in order, one wake-up per burst. The polls due together are sent one after the other as
-each answer comes in, and the socket is read into one buffer kept for the connection. RTU framings (a serial
-line, a serial server) keep pymodbus's client for the framing, on the event loop, where the wire, not the CPU, is
-the cost.
+identical to the block's previous one is not decoded at all. On Modbus TCP the bus speaks MBAP itself: the polls
+due together are sent one after the other as each answer comes in, and the socket is read into one buffer kept for
+the connection. A connection with several devices behind it runs its poll loop in a thread of its own on a blocking
+socket: a request is a ``send`` and a ``recv`` (on the event loop each also cost an ``epoll_wait`` and the loop's
+own machinery, more than the whole poll's work), and the event loop hears only of changes, in order, one wake-up
+per burst. A connection to one device stays on the event loop, where such buses share its wake-ups (a thread's
+wake-up per request cost more). RTU framings (a serial line, a serial server) keep pymodbus's client for the
+framing, on the event loop, where the wire, not the CPU, is the cost.
 
 Usage::
 
