@@ -485,3 +485,36 @@ async def test_incident_actions_are_one_winner_across_instances(pg_target: Postg
     finally:
         await a.close()
         await b.close()
+
+
+async def test_the_events_a_commit_reports_are_the_events_stored(store_target: Path | Postgres) -> None:
+    """What a commit hands on (to the consoles, the doors, the other instances) is made from the batch as decoded;
+    what a page reads later comes back from the rows. The two must be the same event, whatever its data holds:
+    text that JSON escapes, integers past 64 bits, floats at their limits, nesting, empties, a place's optional
+    fields left out."""
+    raw = (
+        (
+            '{"v":VERSION,"site":"s1","gateway":"gw1","events":['
+            '{"id":"01JEKQ0000000000000000000A","seq":1,"ts":"2026-03-01T08:00:00.123456Z","type":"zone.alarm",'
+            '"device":"pp1","place":{"site":"s1","building":"3","unit":"1","house":"101"},"point":"zone1","priority":2,'
+            '"data":{"text":"门已开 \\u2028 \\"q\\" \\\\ 🚪","big":123456789012345678901234,"u64":18446744073709551615,'
+            '"f":0.1,"huge":1e300,"tiny":5e-324,"neg0":-0.0,"list":[1,"a",null,true,{"k":[]}],"empty":{},"b":false}},'
+            '{"id":"01JEKQ0000000000000000000B","seq":2,"ts":"2026-03-01T08:00:01Z","type":"test.synthetic",'
+            '"device":"gateway","place":{"site":"s1"}}]}'
+        )
+        .replace("VERSION", str(wire.SCHEMA_VERSION))
+        .encode()
+    )
+    batch = wire.decode_batch(raw, site=SITE, gateway=GATEWAY)
+    store = Store(store_target, key=store_key(store_target))
+    await store.start()
+    try:
+        told = (await store.write(StoreBatch(batch))).new_events
+        stored = await store.events(EventQuery(site=SITE, gateway=GATEWAY, after_seq=0))
+    finally:
+        await store.close()
+    assert [e["id"] for e in told] == [e["id"] for e in stored] == [ev.id for ev in batch.events]
+    for live, read in zip(told, stored, strict=True):
+        assert json.dumps(live, sort_keys=True) == json.dumps(read, sort_keys=True)
+        assert list(live) == list(read)  # the same keys in the same order
+    assert told[0]["data"]["big"] == 123456789012345678901234 and told[1]["data"] == {}
