@@ -31,6 +31,7 @@ Usage::
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import heapq
@@ -517,7 +518,7 @@ class _MbapStream:
 _RX_SIZE = 1 << 12
 
 
-class _TcpLink:
+class _TcpLink(abc.ABC):
     """Modbus TCP with our own MBAP framing (:class:`_MbapStream`): the same discipline as :class:`_Link` (our
     retries, unit-id and answer checks, error kinds), none of pymodbus's per-request objects. Two ways to wait for
     the answers, one subclass each: :class:`_LoopTcpLink` on the event loop, :class:`_ThreadTcpLink` in a thread of
@@ -541,19 +542,21 @@ class _TcpLink:
         """Bytes that were no answer (or part of a frame never completed) arrived since the last send."""
         return self._stream is not None and (self._stream.garbage or self._stream.partial)
 
+    @abc.abstractmethod
     async def connect(self) -> str | None:
-        raise NotImplementedError
+        """Open the link. Returns None on success, else why it failed."""
 
-    def close(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def close(self) -> None: ...
 
+    @abc.abstractmethod
     async def _pace(self, wait_s: float) -> None:
-        raise NotImplementedError
+        """Wait ``wait_s`` (a device's silence between frames)."""
 
+    @abc.abstractmethod
     async def _wait(self, stream: _MbapStream) -> None:
         """Until the batch sent is done. TimeoutError after a silence of the timeout (answers coming in, a batch,
         move the deadline: the timeout is a silence of that long, not the batch); _LinkLost."""
-        raise NotImplementedError
 
     async def _batch(
         self,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 
@@ -112,50 +114,46 @@ async def test_a_connection_closed_halfway_through_an_answer_is_a_dropped_link_a
         assert not _in_own_thread(bus)
 
 
-async def _silent_server(took: list[bytes]) -> asyncio.Server:
-    """A Modbus TCP endpoint that takes every request and never answers."""
+@asynccontextmanager
+async def _silent_bus(timeout_ms: int) -> AsyncIterator[tuple[ModbusBus, Recorder, list[bytes]]]:
+    """A bus of two devices (its own thread) on a Modbus TCP endpoint that takes every request and never answers;
+    the bus is not started. Yields it, its recorder and what the endpoint took."""
+    took: list[bytes] = []
 
     async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(4096):
             took.append(data)
         writer.close()
 
-    return await asyncio.start_server(swallow, "127.0.0.1", 0)
-
-
-async def test_a_silent_connection_in_the_bus_thread_times_out_at_the_buses_timeout() -> None:
-    """The thread's reads are bounded by the kernel (SO_RCVTIMEO): with a 300 ms timeout, each silent poll is a
-    timeout, and three make each device offline within about a second, not never and not at once."""
-    took: list[bytes] = []
-    server = await _silent_server(took)
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     rec = Recorder()
     try:
-        spec = BusSpec("t1", "modbus-tcp", host="127.0.0.1", port=port, timeout_ms=300, retries=0)
-        async with ModbusBus(spec, _devices((1, 2)), rec) as bus:
-            t0 = asyncio.get_running_loop().time()
-            await wait_for(lambda: all(rec.availability(f"pp{u}") == ["offline"] for u in (1, 2)), 10, "offline")
-            took_s = asyncio.get_running_loop().time() - t0
-            assert _in_own_thread(bus)
-            st = bus.stats()
-        assert 0.6 <= took_s < 4.0, took_s  # three polls of 300 ms each for the first device, at least
-        for d in st.devices.values():
-            assert d.errors.get("timeout", 0) >= 1 and d.missed_polls >= 3, d
+        spec = BusSpec("t1", "modbus-tcp", host="127.0.0.1", port=port, timeout_ms=timeout_ms, retries=0)
+        yield ModbusBus(spec, _devices((1, 2)), rec), rec, took
     finally:
         server.close()
         await server.wait_closed()
 
 
+async def test_a_silent_connection_in_the_bus_thread_times_out_at_the_buses_timeout() -> None:
+    """The thread's reads are bounded by the kernel (SO_RCVTIMEO): with a 300 ms timeout, each silent poll is a
+    timeout, and three make each device offline within about a second, not never and not at once."""
+    async with _silent_bus(300) as (bus, rec, _), bus:
+        t0 = asyncio.get_running_loop().time()
+        await wait_for(lambda: all(rec.availability(f"pp{u}") == ["offline"] for u in (1, 2)), 10, "offline")
+        took_s = asyncio.get_running_loop().time() - t0
+        assert _in_own_thread(bus)
+        st = bus.stats()
+    assert 0.6 <= took_s < 4.0, took_s  # three polls of 300 ms each for the first device, at least
+    for d in st.devices.values():
+        assert d.errors.get("timeout", 0) >= 1 and d.missed_polls >= 3, d
+
+
 async def test_a_bus_waiting_on_a_silent_device_in_its_thread_stops_at_once() -> None:
     """A connection that takes requests and never answers, with a 5 s timeout: the bus's thread is blocked reading
     when the bus stops, and the stop neither waits out the timeout nor leaves the thread behind."""
-    took: list[bytes] = []
-    server = await _silent_server(took)
-    port = server.sockets[0].getsockname()[1]
-    rec = Recorder()
-    try:
-        spec = BusSpec("t1", "modbus-tcp", host="127.0.0.1", port=port, timeout_ms=5000, retries=0)
-        bus = ModbusBus(spec, _devices((1, 2)), rec)
+    async with _silent_bus(5000) as (bus, rec, took):
         async with bus:
             await wait_for(lambda: bus.connected and took, 5, "a request sent")
             assert _in_own_thread(bus)
@@ -163,6 +161,3 @@ async def test_a_bus_waiting_on_a_silent_device_in_its_thread_stops_at_once() ->
         assert asyncio.get_running_loop().time() - t0 < 1.0
         assert not _in_own_thread(bus) and not bus.connected
         assert rec.changes() == []  # nothing was answered, nothing told
-    finally:
-        server.close()
-        await server.wait_closed()
