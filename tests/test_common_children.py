@@ -37,7 +37,10 @@ async def test_a_child_that_dies_first_is_not_ready_and_its_log_is_named(tmp_pat
     proc = await children.spawn(py("import sys; sys.stderr.write('bad config\\n'); sys.exit(2)"), log=log)
     with pytest.raises(children.NotReady, match=re.escape(f"dies exited before it was ready; see {log}")):
         await children.wait_ready(proc, "dies", 20, log=log)
-    assert proc.returncode == 2
+    # It has ended (wait_ready waited for it). Its status is asyncio's to tell: twice in some twenty full runs
+    # (pids wrapped, three workers) asyncio's child watcher found the pid already reaped by someone else in the
+    # process ("Unknown child process pid", 255), which this test does not judge.
+    assert proc.returncode is not None
     assert log.read_text() == "bad config\n"
 
 
