@@ -52,7 +52,7 @@ with atheris.instrument_imports(include=["devices", "gateway", "pymodbus"]):
         ReceiverMessage,
         Rejected,
     )
-    from devices.modbus import BusSpec, _Link
+    from devices.modbus_link import BusSpec, Link
     from devices.qr_reader import MAX_LINE, Line, LineFramer, Parsed, Refused, parse_line
     from gateway import wire
     from gateway.wire import commands, passes
@@ -339,7 +339,7 @@ def _check_command_signature(payload: bytes, msg: wire.Command) -> None:
     assert (msg.expires - msg.ts).total_seconds() <= wire.MAX_COMMAND_LIFE_S
 
 
-# ================================================================ Modbus RTU (devices/modbus.py's client)
+# ================================================================ Modbus RTU (devices/modbus_link.py's client)
 
 UNIT = 7
 MODBUS_MAX_STREAM = 256  # the span oracle below is quadratic; an answer to our reads is at most 255 bytes
@@ -380,12 +380,12 @@ def _rtu(unit: int, pdu: bytes) -> bytes:
 
 class _RtuProbe:
     """The pymodbus protocol object our bus engine's client reads through (built by the engine's own
-    ``_Link``), fed byte chunks as its transport would feed them."""
+    ``Link``), fed byte chunks as its transport would feed them."""
 
     def __init__(self) -> None:
         logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
         self.loop = asyncio.new_event_loop()
-        link = _Link(BusSpec("fuzz", "modbus-rtu-over-tcp", host="127.0.0.1", port=1), time.monotonic, 0.0)
+        link = Link(BusSpec("fuzz", "modbus-rtu-over-tcp", host="127.0.0.1", port=1), time.monotonic, 0.0)
 
         async def make() -> Any:  # pymodbus binds its protocol object to the running loop
             return link._make_client()

@@ -41,7 +41,8 @@ from devices.contact_id import (
     encode_receiver,
 )
 from devices.events import DeviceEvent, PointChanged, Scan
-from devices.modbus import BusSpec, DeviceSpec, ModbusBus, _Link
+from devices.modbus import BusSpec, DeviceSpec, ModbusBus
+from devices.modbus_link import Link
 from devices.profiles import find_profile
 from devices.qr_reader import MAX_LINE, Line, LineFramer, Parsed, QrReaderLine, ReaderSpec, Refused, parse_line
 from gateway import config as gateway_config
@@ -136,11 +137,11 @@ def mbap(tid: int, unit: int, pdu: bytes, pid: int = 0) -> bytes:
 
 class FramerProbe:
     """The pymodbus protocol object our bus engine's client reads through (built by the engine's own
-    ``_Link``), fed byte chunks as its transport would feed them."""
+    ``Link``), fed byte chunks as its transport would feed them."""
 
     def __init__(self, kind: str) -> None:
         self.loop = asyncio.new_event_loop()
-        self.link = _Link(BusSpec("fuzz", kind, host="127.0.0.1", port=1), time.monotonic, 0.0)  # type: ignore[arg-type]
+        self.link = Link(BusSpec("fuzz", kind, host="127.0.0.1", port=1), time.monotonic, 0.0)  # type: ignore[arg-type]
 
         async def make() -> Any:  # pymodbus binds its protocol object to the running loop
             return self.link._make_client()

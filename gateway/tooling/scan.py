@@ -12,16 +12,8 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from devices.modbus import (
-    BusDown,
-    BusSpec,
-    _DeviceRefused,
-    _Link,
-    _LinkLost,
-    _NoAnswer,
-    _quiet_pymodbus,
-    _reader,
-)
+from devices.modbus import BusDown
+from devices.modbus_link import BusSpec, DeviceRefused, Link, LinkLost, NoAnswer, quiet_pymodbus, reader
 from devices.modbus_plan import Block
 from devices.profiles import Profile, ProfileError, find_profile, list_profiles
 
@@ -66,8 +58,8 @@ async def scan_bus(
     identification fits is a candidate; when several fit, their ``probes`` are asked, and a profile whose
     documented answers disagree drops out. Several left over is said, never guessed. ``found(hit)`` is called
     as each unit is identified."""
-    _quiet_pymodbus()
-    link = _Link(spec, clock, spec.gap_ms / 1000)
+    quiet_pymodbus()
+    link = Link(spec, clock, spec.gap_ms / 1000)
     why = await link.connect()
     if why is not None:
         raise BusDown(f"bus {spec.name!r}: {why}")
@@ -94,15 +86,15 @@ async def scan_bus(
                 table, address, count = read
                 try:
                     resp, _ = await link.exchange(
-                        unit, _reader(Block(table, address, count, ()), unit), 0, lambda _k: None
+                        unit, reader(Block(table, address, count, ()), unit), 0, lambda _k: None
                     )
-                except _DeviceRefused as e:
+                except DeviceRefused as e:
                     ans: _Answer = ("refused", e.code)
-                except _NoAnswer as e:
+                except NoAnswer as e:
                     if not link.up:
                         raise BusDown(f"bus {spec.name!r}: link lost during the scan") from None
                     ans = ("silent", "") if e.kind == "timeout" else ("garbled", e.kind)
-                except _LinkLost as e:
+                except LinkLost as e:
                     raise BusDown(f"bus {spec.name!r}: {e}") from None
                 else:
                     raw = resp.bits if table in ("coil", "discrete") else resp.registers
