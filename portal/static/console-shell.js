@@ -250,6 +250,31 @@
   var knownMax = 0;
   var retries = 0;
   var retryTimer = null;
+  // After a reconnect: what the banner says the page missed. Alarms raised during the outage that reach the portal
+  // only after the page's snapshot (a portal restarting drains the broker's queue after it serves pages) are added
+  // as the socket brings them: new to the page and opened before it reconnected (the gateway's clock against the
+  // browser's: both keep time), within a minute of the reconnect.
+  var missed = null;  // {before: newest id known before, at: when reconnected (ms), secs, fresh: [incidents]}
+  var MISSED_CATCH_UP_MS = 60000;
+
+  function showMissed() {
+    var fresh = missed.fresh;
+    missedEl.textContent = t("shell.missed", { s: missed.secs, n: fresh.length }) + (fresh.length ? " " +
+      fresh.slice(0, 5).map(function (i) { return (i.title && (i.title[cfg.lang] || i.title["zh-CN"])) || i.type; }).join(t("punct.list")) : "");
+    missedEl.setAttribute("data-count", String(fresh.length));
+    missedEl.hidden = false;
+  }
+
+  function missedLate(inc) {
+    if (!missed || !missedEl || !inc || inc.id <= missed.before || Date.now() - missed.at > MISSED_CATCH_UP_MS) { return; }
+    if (missed.fresh.some(function (i) { return i.id === inc.id; })) { return; }
+    var opened = Date.parse(inc.opened_at);
+    if (!(opened < missed.at)) { return; }
+    missed.fresh.push(inc);
+    showMissed();
+    emit("missed", [inc]);
+  }
+
   function load(reconnected, downSince) {
     if (!cfg.rings) { return; }
     var told = {};
@@ -268,11 +293,9 @@
       var fresh = (body.incidents || []).filter(function (i) { return i.id > before; });
       (body.incidents || []).concat(body.closed || []).forEach(function (i) { knownMax = Math.max(knownMax, i.id); });
       if (reconnected && missedEl) {
-        var secs = Math.round((Date.now() - downSince) / 1000);
-        missedEl.textContent = t("shell.missed", { s: secs, n: fresh.length }) + (fresh.length ? " " +
-          fresh.slice(0, 5).map(function (i) { return (i.title && (i.title[cfg.lang] || i.title["zh-CN"])) || i.type; }).join(t("punct.list")) : "");
-        missedEl.setAttribute("data-count", String(fresh.length));
-        missedEl.hidden = false;
+        var now = Date.now();
+        missed = { before: before, at: now, secs: Math.round((now - downSince) / 1000), fresh: fresh.slice() };
+        showMissed();
         emit("missed", fresh);
       }
       decide();
@@ -302,7 +325,7 @@
     setText(connEl, ".text", connEl.getAttribute("data-label-" + state) || state);
   }
 
-  function showStale(on) {
+  function showStale(on, since) {
     if (on === stale && !ended) { decide(); return; }
     var was = stale;
     stale = on;
@@ -317,7 +340,7 @@
     }
     document.body.classList.toggle("is-stale", on || ended);
     if (on || ended) { setConn("stale"); }
-    if (was && !on && !ended) { emit("reconnected"); load(true, lastContact.getTime()); }
+    if (was && !on && !ended) { emit("reconnected"); load(true, (since || lastContact).getTime()); }
     decide();
   }
 
@@ -330,9 +353,10 @@
   GH.sessionEnded = sessionEnded;
 
   function heard() {
+    var before = lastContact;  // the outage is counted from the last word before this one
     lastHeard = performance.now();
     lastContact = new Date();
-    if (stale) { showStale(false); }
+    if (stale) { showStale(false, before); }
   }
 
   function checkSignedIn() {
@@ -371,6 +395,7 @@
       if (msg.kind === "incident") { upsert(msg.incident); decide(); }
       emit("message", msg);
       emit(msg.kind, msg);
+      if (msg.kind === "incident") { missedLate(msg.incident); }  // after its card is made
     };
     ws.onclose = function (ev) {
       ws = null;
