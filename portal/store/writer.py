@@ -262,7 +262,7 @@ class StoreBatch(Op):
         ]
         # made here, before the transaction: under a shared store's gateway locks every millisecond of Python is a
         # millisecond the other instances wait; place and data as the batch decoded them (what event_dict would
-        # parse back from the row's JSON: parsing it was a tenth of a busy instance's CPU)
+        # parse back from the row's JSON: parsing it was 6% of a busy centre instance's samples)
         self._shown = [
             {**dict(zip(EVENT_COLUMNS, r, strict=True)), "place": msgspec.to_builtins(ev.place), "data": ev.data}
             for ev, r in zip(b.events, self._rows, strict=True)
