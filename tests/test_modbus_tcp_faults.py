@@ -93,7 +93,16 @@ async def test_a_connection_closed_halfway_through_an_answer_is_a_dropped_link_a
         PANEL, "--tcp", "127.0.0.1:0", "--units", "1-3", "--zones", "8", "--control", "127.0.0.1:0"
     ) as stub:
         host, port = stub.endpoint()
-        spec = BusSpec("t1", "modbus-tcp", host=host, port=port, timeout_ms=1000, retries=1, reconnect_min_ms=20)
+        spec = BusSpec(
+            "t1",
+            "modbus-tcp",
+            host=host,
+            port=port,
+            timeout_ms=1000,
+            retries=1,
+            reconnect_min_ms=20,
+            offline_after_misses=6,
+        )
         async with ModbusBus(spec, _devices(units), rec) as bus:
             await wait_for(lambda: all(rec.availability(f"pp{u}") == ["online"] for u in units), 5, "all online")
             assert _in_own_thread(bus) == (layout == "thread")
@@ -107,10 +116,11 @@ async def test_a_connection_closed_halfway_through_an_answer_is_a_dropped_link_a
             assert st.devices["pp2"].missed_polls >= 1  # the poll whose answer was cut off
             for name, d in st.devices.items():
                 assert not d.errors, (name, d.errors)  # no answer was taken for another, none was garbled
-                # The poll the link went down under, and one that fell due before the reconnect (within 20 ms,
-                # jittered; the inputs are polled every 50 ms): a poll due while the link is down is missed.
-                assert d.missed_polls <= 2, (name, d)
-            assert all(rec.availability(f"pp{u}") == ["online"] for u in units)  # three misses make offline
+                # The poll the link went down under, and those that fell due before the reconnect (after 0-20 ms,
+                # jittered, and a connect, which three test workers beside it slowed to 100 ms in one CI run; the
+                # inputs are polled every 50 ms): a poll due while the link is down is missed.
+                assert d.missed_polls <= 5, (name, d)
+            assert all(rec.availability(f"pp{u}") == ["online"] for u in units)  # six misses in a row make offline
         assert not _in_own_thread(bus)
 
 
