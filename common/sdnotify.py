@@ -1,7 +1,8 @@
 """systemd's notify protocol (sd_notify): readiness, status and a watchdog fed from the event loop.
 
 The watchdog is fed by a task on the event loop itself, so a loop that hangs (a blocking call, a
-runaway coroutine) stops feeding it and systemd restarts the service after ``WatchdogSec``.
+runaway coroutine) stops feeding it and systemd restarts the service after ``WatchdogSec``; so does a
+part of the service that the loop sees is stuck (``feed_watchdog``'s ``problem``: a Modbus bus's thread).
 Without ``NOTIFY_SOCKET`` (not under systemd) every call is a no-op.
 """
 
@@ -11,6 +12,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +57,22 @@ class Notifier:
     def stopping(self) -> bool:
         return self.send("STOPPING=1")
 
-    async def feed_watchdog(self) -> None:
-        """Feed the watchdog at half its period for as long as the loop runs this task."""
+    async def feed_watchdog(self, problem: Callable[[], str | None] | None = None) -> None:
+        """Feed the watchdog at half its period for as long as the loop runs this task and ``problem()`` (a part of
+        the service stuck although the loop runs) says None. While it names one, the watchdog is not fed (systemd
+        restarts the service after ``WatchdogSec``) and the service's status says why."""
         if self.watchdog_s is None or self.address is None:
             return
         period = self.watchdog_s / 2
+        told: str | None = None
         while True:
-            self.send("WATCHDOG=1")
+            why = problem() if problem is not None else None
+            if why is None:
+                self.send("WATCHDOG=1")
+            elif why != told:
+                log.error("not feeding the watchdog: %s", why)
+                self.status(f"not feeding the watchdog: {why}")
+            told = why
             await asyncio.sleep(period)
 
     def close(self) -> None:

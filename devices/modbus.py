@@ -148,6 +148,7 @@ class BusStats:
     restarts: int = 0  # poll loop restarted after an unexpected error
     rejected_writes: int = 0
     sink_errors: int = 0  # the sink raised (the event is lost; only the first few are logged)
+    stalled_s: float | None = None  # the poll loop is stuck: silent this long (ModbusBus.stalled_for)
     devices: dict[str, DeviceStats] = field(default_factory=dict)
 
 
@@ -259,6 +260,11 @@ class ModbusBus:
         self._handoff: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
         self._handoff_pending = False
         self._running = False
+        self._beat = 0.0  # when the poll loop last went round (stalled_for)
+        #: Longer than the poll loop ever goes without going round when it works: an idle (at most _IDLE_MAX_S), a
+        #: connect (the timeout and 5 s; a host name's lookup, the resolver's own timeouts), one request (the
+        #: timeout), a restart's pause (at most 5 s).
+        self.stall_limit_s = 60.0 + 2 * spec.timeout_ms / 1000
         self._was_up = False
         self._down_reason = "not started"
         self._connect_failures = 0
@@ -366,11 +372,20 @@ class ModbusBus:
         """A snapshot of the counters (safe to keep; later polls do not change it)."""
         s = self._stats
         devs = {k: replace(v, errors=dict(v.errors)) for k, v in s.devices.items()}
-        return replace(s, connected=self._link.up, devices=devs)
+        return replace(s, connected=self._link.up, stalled_s=self.stalled_for(), devices=devs)
 
     @property
     def connected(self) -> bool:
         return self._link.up
+
+    def stalled_for(self, now: float | None = None) -> float | None:
+        """How long the poll loop has not moved (no round, no request ended), when that is longer than it ever should
+        (:attr:`stall_limit_s`): its thread or task is stuck, and nothing on the bus is watched. None otherwise, and
+        while the bus is not running. Any thread."""
+        if not self._running or not self._beat:
+            return None
+        silent = (self._clock() if now is None else now) - max(self._beat, self._link.last_end)
+        return silent if silent > self.stall_limit_s else None
 
     # -- the owner task
 
@@ -446,7 +461,7 @@ class ModbusBus:
         # pymodbus waits with asyncio.wait_for, which on 3.11 can swallow a cancellation that lands
         # together with a timeout; the flag makes sure the loop still ends when the bus is stopped.
         while self._running:
-            now = clock()
+            now = self._beat = clock()
             up = self._link.up
             if not up and self._was_up:
                 self._drop_link("connection lost")
@@ -481,7 +496,7 @@ class ModbusBus:
                 wake.append(self._next_connect)
             if self._writes:
                 continue
-            await self._idle(max(0.0, min(wake) - now) if wake else None)
+            await self._idle(min(_IDLE_MAX_S, max(0.0, min(wake) - now)) if wake else _IDLE_MAX_S)
 
     def _poke(self) -> None:
         """Wake the owner task if it is idle (a write was queued, a reset scheduled)."""
@@ -492,7 +507,7 @@ class ModbusBus:
         if w is not None and not w.done():
             w.set_result(None)
 
-    async def _idle(self, wait_s: float | None) -> None:
+    async def _idle(self, wait_s: float) -> None:
         """Wait until :meth:`_poke` or ``wait_s`` have passed: one future and one timer handle, no exception on timeout
         (``asyncio.timeout`` around ``Event.wait`` raised and caught one per wake-up); in the bus's thread, the
         thread waits."""
@@ -504,13 +519,12 @@ class ModbusBus:
         assert loop is not None
         fut: asyncio.Future[None] = loop.create_future()
         self._idle_waiter = fut
-        timer = loop.call_later(wait_s, _release, fut) if wait_s is not None else None
+        timer = loop.call_later(wait_s, _release, fut)
         try:
             await fut
         finally:
             self._idle_waiter = None
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
 
     async def _connect(self) -> None:
         self._stats.connects += 1
@@ -977,6 +991,8 @@ class ModbusBus:
 
 
 _MISSING = object()
+#: The longest a bus's poll loop idles without going round (stalled_for tells a stuck loop by its silence).
+_IDLE_MAX_S = 5.0
 #: How long a stopping bus waits for its thread (a connect under way is bounded by the timeout and 5 s).
 _THREAD_STOP_S = 2.0
 

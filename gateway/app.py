@@ -51,6 +51,7 @@ ENGINE_BATCH = 500
 DEVICE_BACKLOG_WARN = 100_000
 CLOCK_SYNC_ENV = "GATEHOUSE_CLOCK_SYNC"
 CLOCK_CHECK_S = 1.0
+BUS_CHECK_S = 5.0  # how often the buses' poll loops are checked for a stall (ModbusBus.stalled_for)
 _TIME_ERROR = 5  # adjtimex(2): the kernel's clock is not synchronised
 
 
@@ -155,6 +156,7 @@ class Gateway:
         self._device_events: asyncio.Queue[DeviceEvent] = asyncio.Queue()
         self._backlog_warned = False
         self.drivers: dict[str, Any] = {}  # name -> running bus or line, for status and metrics
+        self.stalled: dict[str, float] = {}  # buses whose poll loop is stuck -> how long it had been silent
         self._buses = self._make_buses()
         self._bus_of_device = {name: b for b in self._buses for name in b.device_names}
         self.started = time.monotonic()
@@ -173,7 +175,7 @@ class Gateway:
                     name = f"gateway[{self.cfg.gateway}]"
                     uplink = tg.create_task(self.uplink.run(), name=f"{name}.uplink")
                     engine = tg.create_task(self._engine_loop(), name=f"{name}.engine")
-                    engines = [engine]
+                    engines = [engine, tg.create_task(self._watch_buses(), name=f"{name}.bus-watch")]
                     if self.clock.watching:
                         engines.append(tg.create_task(self._watch_clock(), name=f"{name}.clock"))
                     if self.doors is not None:
@@ -248,6 +250,43 @@ class Gateway:
             devices = [device_spec(d, self.cfg.profiles_dir) for d in self.cfg.devices if d.bus == b.name]
             buses.append(ModbusBus(bus_spec(b), devices, self.device_sink))
         return buses
+
+    async def _watch_buses(self) -> None:
+        """A bus whose poll loop has stopped moving (its thread or task stuck: nothing on it is watched any more) is
+        a fault on the console, and :meth:`problem` stops the systemd watchdog being fed, so that systemd restarts
+        the gateway: a stuck thread cannot be stopped from outside."""
+        while True:
+            await asyncio.sleep(BUS_CHECK_S)
+            for bus in self._buses:
+                name, silent = bus.spec.name, bus.stalled_for()
+                if silent is not None and name not in self.stalled:
+                    self.stalled[name] = silent
+                    log.error(
+                        "bus %s: its poll loop has not moved for %.0f s (stuck); devices %s are not watched",
+                        name,
+                        silent,
+                        ", ".join(bus.device_names),
+                    )
+                    self._bus_draft("gateway.bus_stalled", wire.Priority.FAULT, bus, silent)
+                elif silent is None and name in self.stalled:
+                    del self.stalled[name]
+                    log.warning("bus %s: its poll loop moves again", name)
+                    self._bus_draft("gateway.bus_resumed", wire.Priority.ROUTINE, bus, None)
+
+    def _bus_draft(self, kind: str, priority: wire.Priority, bus: ModbusBus, silent: float | None) -> None:
+        data: dict[str, Any] = {"bus": bus.spec.name, "devices": bus.device_names}
+        if silent is not None:
+            data["silent_s"] = round(silent, 1)
+        self.store.submit(
+            [Draft(type=kind, device="gateway", place=wire.Place(site=self.cfg.site), priority=priority, data=data)]
+        )
+
+    def problem(self) -> str | None:
+        """Why the gateway is not doing its job although its loop runs (a bus stuck), or None: the systemd watchdog
+        is fed only while None."""
+        if not self.stalled:
+            return None
+        return "bus poll loop stuck: " + ", ".join(sorted(self.stalled))
 
     async def _run_bus(self, bus: ModbusBus) -> None:
         async with bus:
@@ -544,7 +583,7 @@ async def serve(cfg: GatewayConfig) -> None:
     async with api:
         runner = asyncio.create_task(gw.run(stop), name=f"gateway[{cfg.gateway}]")
         ready = asyncio.create_task(gw.ready.wait())
-        watchdog = asyncio.create_task(notifier.feed_watchdog(), name=f"gateway[{cfg.gateway}].watchdog")
+        watchdog = asyncio.create_task(notifier.feed_watchdog(gw.problem), name=f"gateway[{cfg.gateway}].watchdog")
         try:
             await asyncio.wait([runner, ready], return_when=asyncio.FIRST_COMPLETED)
             if gw.ready.is_set():

@@ -240,6 +240,7 @@ class LocalApi:
                     "connects": s.connects,
                     "connect_failures": s.connect_failures,
                     "link_drops": s.link_drops,
+                    "stalled_s": None if s.stalled_s is None else round(s.stalled_s, 1),
                     "devices": devs,
                 }
             )

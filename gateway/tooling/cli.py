@@ -371,6 +371,7 @@ def format_status(d: dict[str, Any]) -> str:
         out.append(
             f"bus {bus['name']}  {bus['kind']} {bus['endpoint']}  "
             f"{'connected' if bus['connected'] else 'DOWN'} ({bus['link_drops']} drops)"
+            + (f"  STUCK: poll loop silent {bus['stalled_s']:.0f} s" if bus.get("stalled_s") is not None else "")
         )
         rows = [("  DEVICE", "UNIT", "STATE", "POLLS/S", "POLL MS", "MISSED", "ERRORS", "LATENCY", "LAST OK")]
         for x in bus["devices"]:

@@ -1,0 +1,164 @@
+"""A bus whose poll loop is stuck (its thread or task blocked for good: a bug, a driver that never returns) watches
+nothing, and nothing else would say so: its devices keep their last state. Its silence tells it: the bus reports
+how long it has been silent once that is longer than a working loop ever is, the gateway raises a fault event for
+the console, `gatehouse status` says STUCK, and the systemd watchdog is no longer fed, so systemd restarts the
+gateway. Real stub, real broker, real store, a real datagram socket for sd_notify; the loop is made stuck by
+blocking the link's wait for its answers (a fault put in, not a peer mocked), and the stall limit is shortened."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.sdnotify import Notifier
+from devices.modbus import BusSpec, DeviceSpec, ModbusBus
+from devices.profiles import find_profile
+from gateway import app, config, wire
+from gateway.app import Gateway
+from gateway.localapi import LocalApi
+from gateway.tooling.broker import MosquittoProcess, free_port
+from gateway.tooling.cli import format_status
+from tests.stubs import run_stub
+from tests.test_cli_status import CTRL, PANEL, make_config
+from tests.test_modbus_bus import Recorder
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+#: several devices on the connection (the bus's own thread), or one (the event loop)
+LAYOUTS = {"thread": (1, 2), "loop": (1,)}
+
+
+def _stick(bus: ModbusBus) -> Callable[[], None]:
+    """Make the bus's next wait for an answer block its thread (or task) until the returned function is called."""
+    link: Any = bus._link
+    if bus._threaded:
+        gate = threading.Event()
+
+        async def stuck(stream: Any) -> None:
+            gate.wait(60)
+
+        release = gate.set
+    else:
+        agate = asyncio.Event()
+
+        async def stuck(stream: Any) -> None:
+            await agate.wait()
+
+        release = agate.set
+    link._wait = stuck
+
+    def unstick() -> None:
+        link.__dict__.pop("_wait", None)  # the class's own again, then the blocked wait returns
+        release()
+
+    return unstick
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+async def test_a_stuck_poll_loop_is_told_by_its_silence(layout: str) -> None:
+    units = LAYOUTS[layout]
+    rec = Recorder()
+    pp = find_profile("perimeter-panel-8")
+    async with run_stub(PANEL, "--tcp", "127.0.0.1:0", "--units", "1-2", *CTRL) as stub:
+        host, port = stub.endpoint()
+        spec = BusSpec("s1", "modbus-tcp", host=host, port=port, timeout_ms=300)
+        devices = [DeviceSpec(f"pp{u}", pp, unit=u, poll_ms=100) for u in units]
+        async with ModbusBus(spec, devices, rec) as bus:
+            await wait_for(lambda: all(rec.availability(f"pp{u}") == ["online"] for u in units), 5, "all online")
+            # A working loop is never silent for long: seen from 2 s short of the limit ahead, it is not stalled.
+            limit = bus.stall_limit_s
+            for _ in range(10):
+                assert bus.stalled_for(time.monotonic() + limit - 2) is None
+                await asyncio.sleep(0.1)
+            assert bus.stalled_for() is None and bus.stats().stalled_s is None
+            unstick = _stick(bus)
+            try:
+                await asyncio.sleep(3.0)
+                silent = bus.stalled_for(time.monotonic() + limit - 2)
+                assert silent is not None and silent >= limit + 0.5, silent
+                polls = {d: s.polls for d, s in bus.stats().devices.items()}
+                await asyncio.sleep(0.5)
+                assert {d: s.polls for d, s in bus.stats().devices.items()} == polls  # stuck indeed
+            finally:
+                unstick()
+            await wait_for(lambda: bus.stalled_for(time.monotonic() + limit - 2) is None, 5, "the loop to move again")
+            await wait_for(lambda: bus.stats().devices["pp1"].polls > polls["pp1"] + 3, 5, "polls again")
+
+
+def _watchdog_pings(s: socket.socket) -> list[str]:
+    out = []
+    while True:
+        try:
+            out.append(s.recv(4096).decode())
+        except BlockingIOError:
+            return out
+
+
+async def test_a_stuck_bus_is_a_fault_on_the_console_and_starves_the_watchdog(
+    tmp_path: Path, broker: MosquittoProcess, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(app, "BUS_CHECK_S", 0.1)
+    sock_path = str(tmp_path / "notify.sock")
+    sd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sd.bind(sock_path)
+    sd.setblocking(False)
+    async with run_stub(PANEL, "--tcp", "127.0.0.1:0", "--units", "1-2", *CTRL) as stub:
+        cfg = config.load(make_config(tmp_path, broker, stub.endpoint(), free_port()))
+        gw = Gateway(cfg)
+        stop = asyncio.Event()
+        runner = asyncio.create_task(gw.run(stop), name="test.gateway")
+        notifier = Notifier({"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "200000"})  # fed every 0.1 s
+        feeder = asyncio.create_task(notifier.feed_watchdog(gw.problem))
+        unstick: Callable[[], None] = lambda: None  # noqa: E731
+        try:
+            await asyncio.wait_for(gw.ready.wait(), 20)
+            await wait_for(lambda: "fence" in gw.drivers, 20, "the bus to start")
+            bus = gw.drivers["fence"]
+            await wait_for(lambda: all(d.state == "online" for d in bus.stats().devices.values()), 20, "online")
+            await asyncio.sleep(0.5)
+            assert gw.problem() is None
+            assert _watchdog_pings(sd).count("WATCHDOG=1") >= 3  # fed while all is well
+            limit, bus.stall_limit_s = bus.stall_limit_s, 1.0  # the time scale shortened: a minute's silence in 1 s
+            with caplog.at_level(logging.ERROR):
+                unstick = _stick(bus)
+                await wait_for(lambda: gw.problem() is not None, 10, "the stuck bus to be seen")
+            assert gw.problem() == "bus poll loop stuck: fence"
+            assert any("fence: its poll loop has not moved" in r.getMessage() for r in caplog.records)
+            _watchdog_pings(sd)
+            await asyncio.sleep(0.6)
+            starved = _watchdog_pings(sd)
+            assert "WATCHDOG=1" not in starved, starved  # systemd would restart the gateway
+            # The console hears of it: a fault event naming the bus and its devices, stored for the portal.
+            evs = [e for e in await gw.store.events() if e.type == "gateway.bus_stalled"]
+            assert len(evs) == 1 and evs[0].priority == wire.Priority.FAULT, evs
+            assert evs[0].data["bus"] == "fence" and sorted(evs[0].data["devices"]) == ["fence-1", "fence-2"]
+            assert evs[0].data["silent_s"] >= 1.0
+            # ... and so does an installer at the Pi.
+            status = await LocalApi(gw).status()
+            (b,) = status["buses"]
+            assert b["stalled_s"] is not None and b["stalled_s"] > 1.0
+            assert "STUCK: poll loop silent" in format_status(status)
+            unstick()
+            await wait_for(lambda: gw.problem() is None, 10, "the bus to move again")
+            bus.stall_limit_s = limit
+            await asyncio.sleep(0.5)
+            assert _watchdog_pings(sd).count("WATCHDOG=1") >= 2  # fed again
+            kinds = [e.type for e in await gw.store.events() if e.type.startswith("gateway.bus_")]
+            assert kinds == ["gateway.bus_stalled", "gateway.bus_resumed"], kinds
+        finally:
+            unstick()
+            feeder.cancel()
+            stop.set()
+            await asyncio.gather(feeder, return_exceptions=True)
+            await asyncio.wait_for(runner, 30)
+            notifier.close()
+            sd.close()
