@@ -156,7 +156,7 @@ class Gateway:
         self._device_events: asyncio.Queue[DeviceEvent] = asyncio.Queue()
         self._backlog_warned = False
         self.drivers: dict[str, Any] = {}  # name -> running bus or line, for status and metrics
-        self.stalled: dict[str, float] = {}  # buses whose poll loop is stuck -> how long it had been silent
+        self.stalled: dict[str, str] = {}  # buses whose poll loop is stuck -> the incident id of their bus.stalled
         self._buses = self._make_buses()
         self._bus_of_device = {name: b for b in self._buses for name in b.device_names}
         self.started = time.monotonic()
@@ -253,32 +253,46 @@ class Gateway:
 
     async def _watch_buses(self) -> None:
         """A bus whose poll loop has stopped moving (its thread or task stuck: nothing on it is watched any more) is
-        a fault on the console, and :meth:`problem` stops the systemd watchdog being fed, so that systemd restarts
-        the gateway: a stuck thread cannot be stopped from outside."""
+        a fault incident on the console (``bus.stalled``, restored by ``bus.stalled_restore``), and
+        :meth:`problem` stops the systemd watchdog being fed, so that systemd restarts the gateway: a stuck thread
+        cannot be stopped from outside."""
         while True:
             await asyncio.sleep(BUS_CHECK_S)
             for bus in self._buses:
                 name, silent = bus.spec.name, bus.stalled_for()
                 if silent is not None and name not in self.stalled:
-                    self.stalled[name] = silent
+                    incident = self.stalled[name] = f"bus-{name}-{time.time_ns() // 1_000_000}"
                     log.error(
                         "bus %s: its poll loop has not moved for %.0f s (stuck); devices %s are not watched",
                         name,
                         silent,
                         ", ".join(bus.device_names),
                     )
-                    self._bus_draft("gateway.bus_stalled", wire.Priority.FAULT, bus, silent)
+                    self._bus_draft("bus.stalled", bus, incident, silent)
                 elif silent is None and name in self.stalled:
-                    del self.stalled[name]
+                    incident = self.stalled.pop(name)
                     log.warning("bus %s: its poll loop moves again", name)
-                    self._bus_draft("gateway.bus_resumed", wire.Priority.ROUTINE, bus, None)
+                    self._bus_draft("bus.stalled_restore", bus, incident, None)
 
-    def _bus_draft(self, kind: str, priority: wire.Priority, bus: ModbusBus, silent: float | None) -> None:
-        data: dict[str, Any] = {"bus": bus.spec.name, "devices": bus.device_names}
+    def _bus_draft(self, kind: str, bus: ModbusBus, incident: str, silent: float | None) -> None:
+        """A stalled bus's event, or its restore: paired by their incident id, as the alarm engine's are."""
+        data: dict[str, Any] = {"incident": incident, "count": 1, "bus": bus.spec.name, "devices": bus.device_names}
         if silent is not None:
             data["silent_s"] = round(silent, 1)
+        else:
+            data["how"] = "restored"
+        place = wire.Place(site=self.cfg.site)
         self.store.submit(
-            [Draft(type=kind, device="gateway", place=wire.Place(site=self.cfg.site), priority=priority, data=data)]
+            [
+                Draft(
+                    type=kind,
+                    device="gateway",
+                    point=bus.spec.name,
+                    place=place,
+                    priority=wire.Priority.FAULT,
+                    data=data,
+                )
+            ]
         )
 
     def problem(self) -> str | None:

@@ -252,6 +252,34 @@ async def test_a_restore_stored_before_its_alarm_still_makes_one_incident(store:
     assert [e["action"] for e in await log_of(store, inc["id"])] == ["restore", "alarm"]
 
 
+async def test_a_stuck_bus_is_a_fault_incident_of_its_own_closed_by_its_restore(store: Store) -> None:
+    # As the gateway sends them (gateway/app.py, _bus_draft): two stuck buses are two incidents, and one moving
+    # again restores only its own.
+    def stalled(seq: int, bus: str, restore: bool = False) -> wire.Event:
+        kind = "bus.stalled" + ("_restore" if restore else "")
+        data: dict[str, Any] = {"bus": bus, "devices": [f"{bus}-1"]}
+        data |= {"how": "restored"} if restore else {"silent_s": 61.2}
+        return ev(
+            seq,
+            kind,
+            incident=f"bus-{bus}-1",
+            device="gateway",
+            point=bus,
+            prio=wire.Priority.FAULT,
+            data=data,
+            place={},
+        )
+
+    await put(store, stalled(1, "fence"), stalled(2, "indoor"))
+    incs = sorted(await incidents(store), key=lambda i: i["id"])
+    assert [(i["kind"], i["type"], i["restored_at"]) for i in incs] == [("fault", "bus.stalled", None)] * 2
+    assert incs[0]["title"]["zh-CN"] == "总线轮询停滞，其设备未受监视"
+    assert incs[0]["title"]["en"] == "Bus stuck: its devices are not watched"
+    await put(store, stalled(3, "fence", restore=True))
+    by_bus = {i["id"]: i for i in await incidents(store)}
+    assert by_bus[incs[0]["id"]]["restored_at"] is not None and by_bus[incs[1]["id"]]["restored_at"] is None
+
+
 async def test_the_workflow_records_every_step_with_who_and_when(store: Store) -> None:
     await put(store, ev(1, "zone.alarm", incident="I-1", data=ZONE))
     [inc] = await incidents(store)

@@ -138,9 +138,10 @@ async def test_a_stuck_bus_is_a_fault_on_the_console_and_starves_the_watchdog(
             starved = _watchdog_pings(sd)
             assert "WATCHDOG=1" not in starved, starved  # systemd would restart the gateway
             # The console hears of it: a fault event naming the bus and its devices, stored for the portal.
-            evs = [e for e in await gw.store.events() if e.type == "gateway.bus_stalled"]
+            evs = [e for e in await gw.store.events() if e.type == "bus.stalled"]
             assert len(evs) == 1 and evs[0].priority == wire.Priority.FAULT, evs
-            assert evs[0].data["bus"] == "fence" and sorted(evs[0].data["devices"]) == ["fence-1", "fence-2"]
+            assert evs[0].point == "fence" and evs[0].data["bus"] == "fence"
+            assert sorted(evs[0].data["devices"]) == ["fence-1", "fence-2"]
             assert evs[0].data["silent_s"] >= 1.0
             # ... and so does an installer at the Pi.
             status = await LocalApi(gw).status()
@@ -152,8 +153,9 @@ async def test_a_stuck_bus_is_a_fault_on_the_console_and_starves_the_watchdog(
             bus.stall_limit_s = limit
             await asyncio.sleep(0.5)
             assert _watchdog_pings(sd).count("WATCHDOG=1") >= 2  # fed again
-            kinds = [e.type for e in await gw.store.events() if e.type.startswith("gateway.bus_")]
-            assert kinds == ["gateway.bus_stalled", "gateway.bus_resumed"], kinds
+            pair = [e for e in await gw.store.events() if e.type.startswith("bus.stalled")]
+            assert [e.type for e in pair] == ["bus.stalled", "bus.stalled_restore"], pair
+            assert pair[0].data["incident"] == pair[1].data["incident"] and pair[1].data["how"] == "restored"
         finally:
             unstick()
             feeder.cancel()

@@ -177,7 +177,7 @@ def classify(etype: str, data: Mapping[str, Any], priority: int) -> str:
         if sub in _PANEL_KINDS:
             return _PANEL_KINDS[sub]
         return kind_by_priority(priority)
-    if family in ("device", "reader", "gateway"):
+    if family in ("device", "reader", "gateway", "bus"):
         return "fault"
     if etype == "house.sos":
         return "panic"
