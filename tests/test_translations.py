@@ -324,7 +324,10 @@ async def signed_in(browser: Browser, s: Seeded, who: str, lang: str) -> Page:
     return page
 
 
-async def test_every_page_speaks_chinese_and_english(tmp_path: Path, broker: MosquittoProcess, artifacts: Path) -> None:
+@pytest.mark.parametrize("lang", ["zh-CN", "en"])  # one estate each: two workers can walk them side by side
+async def test_every_page_speaks_chinese_and_english(
+    tmp_path: Path, broker: MosquittoProcess, artifacts: Path, lang: str
+) -> None:
     async with seeded_estate(tmp_path, broker) as s, async_playwright() as pw:
         app = create_app(load(s.cfg))  # the router, not started: what pages there are
         gets = {r.resource.canonical for r in app.router.routes() if r.method == "GET" and r.resource is not None}
@@ -336,30 +339,29 @@ async def test_every_page_speaks_chinese_and_english(tmp_path: Path, broker: Mos
         problems: list[str] = []
         shots = artifacts / "pages"  # every page as each role sees it, in both languages
         try:
-            for lang in ("zh-CN", "en"):
-                pages: dict[str, Page] = {}
-                for v in VISITS:
-                    if v.who not in pages:
-                        pages[v.who] = await signed_in(browser, s, v.who, lang)
-                    page = pages[v.who]
-                    resp = await page.goto(s.url + v.url(s))
-                    assert resp is not None and resp.status < 500, (v.url(s), resp and resp.status)
-                    if v.then is not None:
-                        await v.then(page)
-                    await page.wait_for_load_state("networkidle", timeout=T)
-                    if await page.evaluate("document.documentElement.lang") != lang:
-                        problems.append(f"{lang} {v.who} {page.url.replace(s.url, '')}: <html lang> is not {lang}")
-                    text = await page.evaluate(READ_PAGE)
-                    slug = re.sub(r"[^A-Za-z0-9]+", "_", v.url(s).split("?")[0]).strip("_")[:40] or "root"
-                    shots.mkdir(parents=True, exist_ok=True)
-                    await page.screenshot(
-                        path=str(shots / f"{lang}_{v.who}_{VISITS.index(v):02d}_{slug}.png"), full_page=True
-                    )
-                    bad = leftover_latin(text, s.data) if lang == "zh-CN" else leftover_han(text, s.data)
-                    if bad:
-                        problems.append(f"{lang} {v.who} {page.url.replace(s.url, '')}: {sorted(set(bad))}")
-                for page in pages.values():
-                    await page.context.close()
+            pages: dict[str, Page] = {}
+            for v in VISITS:
+                if v.who not in pages:
+                    pages[v.who] = await signed_in(browser, s, v.who, lang)
+                page = pages[v.who]
+                resp = await page.goto(s.url + v.url(s))
+                assert resp is not None and resp.status < 500, (v.url(s), resp and resp.status)
+                if v.then is not None:
+                    await v.then(page)
+                await page.wait_for_load_state("networkidle", timeout=T)
+                if await page.evaluate("document.documentElement.lang") != lang:
+                    problems.append(f"{lang} {v.who} {page.url.replace(s.url, '')}: <html lang> is not {lang}")
+                text = await page.evaluate(READ_PAGE)
+                slug = re.sub(r"[^A-Za-z0-9]+", "_", v.url(s).split("?")[0]).strip("_")[:40] or "root"
+                shots.mkdir(parents=True, exist_ok=True)
+                await page.screenshot(
+                    path=str(shots / f"{lang}_{v.who}_{VISITS.index(v):02d}_{slug}.png"), full_page=True
+                )
+                bad = leftover_latin(text, s.data) if lang == "zh-CN" else leftover_han(text, s.data)
+                if bad:
+                    problems.append(f"{lang} {v.who} {page.url.replace(s.url, '')}: {sorted(set(bad))}")
+            for page in pages.values():
+                await page.context.close()
         finally:
             await browser.close()
         assert problems == [], "untranslated words:\n" + "\n".join(problems)
