@@ -249,11 +249,21 @@ async def test_a_guard_revokes_and_blocks_in_the_console_a_resident_cancels_and_
                 t0 = time.monotonic()
                 await office.click("#confirm-go")
                 await expect(office.locator("#notice")).to_contain_text("已注销", timeout=T)
-                await wait_for(lambda: _refused(gw, visitor["pass_text"]), WITHIN_S, "the revoked pass refused")
+                granted = 0  # scans while the list was on its way: let in, and pulsed, as they should be
+
+                async def refused() -> bool:
+                    nonlocal granted
+                    d = await gw.decide(visitor["pass_text"])
+                    granted += d["granted"]
+                    return not d["granted"] and d["reason"] == "revoked"
+
+                await wait_for(refused, WITHIN_S, "the revoked pass refused")
                 elapsed = time.monotonic() - t0
                 d = gw.events("access.denied")[-1]["data"]
                 assert (d["reason"], d["pass_id"]) == ("revoked", visitor["pass_id"]), d
-                assert await gw.pulses() == pulses
+                assert await _refused(gw, visitor["pass_text"])  # and again
+                await asyncio.sleep(0.3)
+                assert await gw.pulses() == pulses + granted  # no refused scan moved the lock
                 print(f"\nrevoked in the console → refused at the door: {elapsed:.2f} s")
                 await expect(office.locator('#in-force tr[data-kind="pass"]')).to_have_count(1)
                 await office.screenshot(path=str(artifacts / "revocations_console.png"), full_page=True)
