@@ -447,6 +447,11 @@ class _SnapshotCollector:
                 )
             )
         bus_up = GaugeMetricFamily("gatehouse_bus_connected", "1 while the bus link is up", labels=["bus", "kind"])
+        stuck = GaugeMetricFamily(
+            "gatehouse_bus_stalled_seconds",
+            "How long the bus's poll loop has been silent once it counts as stuck, else 0",
+            labels=["bus"],
+        )
         state = GaugeMetricFamily(
             "gatehouse_device_state", "1 for the device's current state", labels=["bus", "device", "state"]
         )
@@ -462,6 +467,7 @@ class _SnapshotCollector:
         )
         for bus in s["buses"]:
             bus_up.add_metric([bus["name"], bus["kind"]], 1 if bus["connected"] else 0)
+            stuck.add_metric([bus["name"]], bus["stalled_s"] or 0.0)
             for d in bus["devices"]:
                 labels = [bus["name"], d["name"]]
                 for st_name in ("online", "offline", "unknown"):
@@ -488,7 +494,7 @@ class _SnapshotCollector:
         )
         for code, n in sorted(self.api.http.responses.items()):
             responses.add_metric([str(code)], n)
-        out += [bus_up, state, polls, missed, errors, latency, line_state, line_counts, responses]
+        out += [bus_up, stuck, state, polls, missed, errors, latency, line_state, line_counts, responses]
         return out
 
 

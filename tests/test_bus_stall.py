@@ -27,7 +27,7 @@ from gateway.localapi import LocalApi
 from gateway.tooling.broker import MosquittoProcess, free_port
 from gateway.tooling.cli import format_status
 from tests.stubs import run_stub
-from tests.test_cli_status import CTRL, PANEL, make_config
+from tests.test_cli_status import CTRL, PANEL, make_config, metric_samples
 from tests.test_modbus_bus import Recorder
 from tests.waiting import wait_for
 
@@ -144,10 +144,13 @@ async def test_a_stuck_bus_is_a_fault_on_the_console_and_starves_the_watchdog(
             assert sorted(evs[0].data["devices"]) == ["fence-1", "fence-2"]
             assert evs[0].data["silent_s"] >= 1.0
             # ... and so does an installer at the Pi.
-            status = await LocalApi(gw).status()
+            api = LocalApi(gw)
+            status = await api.status()
             (b,) = status["buses"]
             assert b["stalled_s"] is not None and b["stalled_s"] > 1.0
             assert "STUCK: poll loop silent" in format_status(status)
+            metrics = metric_samples((await api.metrics()).decode())
+            assert metrics[("gatehouse_bus_stalled_seconds", (("bus", "fence"),))] >= 1.0
             unstick()
             await wait_for(lambda: gw.problem() is None, 10, "the bus to move again")
             bus.stall_limit_s = limit
