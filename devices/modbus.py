@@ -378,6 +378,11 @@ class ModbusBus:
     def connected(self) -> bool:
         return self._link.up
 
+    @property
+    def beating(self) -> bool:
+        """The poll loop runs and has gone round at least once (whether it is stuck since: :meth:`stalled_for`)."""
+        return self._running and bool(self._beat)
+
     def stalled_for(self, now: float | None = None) -> float | None:
         """How long the poll loop has not moved (no round, no request ended), when that is longer than it ever should
         (:attr:`stall_limit_s`): its thread or task is stuck, and nothing on the bus is watched. None otherwise, and

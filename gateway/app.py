@@ -52,6 +52,7 @@ DEVICE_BACKLOG_WARN = 100_000
 CLOCK_SYNC_ENV = "GATEHOUSE_CLOCK_SYNC"
 CLOCK_CHECK_S = 1.0
 BUS_CHECK_S = 5.0  # how often the buses' poll loops are checked for a stall (ModbusBus.stalled_for)
+STALLED_STATE = "bus_stalled/"  # the store's state: a stuck bus's open incident, by the bus's name
 _TIME_ERROR = 5  # adjtimex(2): the kernel's clock is not synchronised
 
 
@@ -255,44 +256,69 @@ class Gateway:
         """A bus whose poll loop has stopped moving (its thread or task stuck: nothing on it is watched any more) is
         a fault incident on the console (``bus.stalled``, restored by ``bus.stalled_restore``), and
         :meth:`problem` stops the systemd watchdog being fed, so that systemd restarts the gateway: a stuck thread
-        cannot be stopped from outside."""
+        cannot be stopped from outside.
+
+        The open incidents are kept in the store with their events, so that the gateway restarted for them closes
+        them: once the bus has gone round for a whole stall limit since the start (or at once, if the bus is no
+        longer configured). A bus stuck again before that carries on its incident, without a second opening."""
+        carried: dict[str, str] = await self.store.get_states(STALLED_STATE)
+        if carried:
+            log.warning("bus stalls open before this start: %s", ", ".join(sorted(carried)))
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        by_name = {b.spec.name: b for b in self._buses}
+        for name in [n for n in carried if n not in by_name]:
+            self._bus_draft("bus.stalled_restore", name, [], carried.pop(name), None, removed=True)
         while True:
             await asyncio.sleep(BUS_CHECK_S)
             for bus in self._buses:
                 name, silent = bus.spec.name, bus.stalled_for()
                 if silent is not None and name not in self.stalled:
-                    incident = self.stalled[name] = f"bus-{name}-{time.time_ns() // 1_000_000}"
+                    was = carried.pop(name, None)
+                    incident = self.stalled[name] = was or f"bus-{name}-{time.time_ns() // 1_000_000}"
                     log.error(
-                        "bus %s: its poll loop has not moved for %.0f s (stuck); devices %s are not watched",
+                        "bus %s: its poll loop has not moved for %.0f s (stuck); devices %s are not watched%s",
                         name,
                         silent,
                         ", ".join(bus.device_names),
+                        "; stuck again since the restart (incident still open)" if was else "",
                     )
-                    self._bus_draft("bus.stalled", bus, incident, silent)
-                elif silent is None and name in self.stalled:
+                    if was is None:
+                        self._bus_draft("bus.stalled", name, bus.device_names, incident, silent)
+                elif silent is None and name in self.stalled and bus.beating:  # not a bus stopping
                     incident = self.stalled.pop(name)
                     log.warning("bus %s: its poll loop moves again", name)
-                    self._bus_draft("bus.stalled_restore", bus, incident, None)
+                    self._bus_draft("bus.stalled_restore", name, bus.device_names, incident, None)
+                elif silent is None and name in carried and bus.beating and loop.time() - began >= bus.stall_limit_s:
+                    log.warning("bus %s: its poll loop moves since the restart; its stall is restored", name)
+                    self._bus_draft(
+                        "bus.stalled_restore", name, bus.device_names, carried.pop(name), None, after_restart=True
+                    )
 
-    def _bus_draft(self, kind: str, bus: ModbusBus, incident: str, silent: float | None) -> None:
-        """A stalled bus's event, or its restore: paired by their incident id, as the alarm engine's are."""
-        data: dict[str, Any] = {"incident": incident, "count": 1, "bus": bus.spec.name, "devices": bus.device_names}
+    def _bus_draft(
+        self, kind: str, bus: str, devices: list[str], incident: str, silent: float | None, **how: bool
+    ) -> None:
+        """A stalled bus's event, or its restore: paired by their incident id, as the alarm engine's are. The open
+        incident is kept in the store's state in the same transaction (:meth:`_watch_buses`)."""
+        data: dict[str, Any] = {"incident": incident, "count": 1, "bus": bus, "devices": devices}
         if silent is not None:
             data["silent_s"] = round(silent, 1)
         else:
             data["how"] = "restored"
+            data.update(how)
         place = wire.Place(site=self.cfg.site)
         self.store.submit(
             [
                 Draft(
                     type=kind,
                     device="gateway",
-                    point=bus.spec.name,
+                    point=bus,
                     place=place,
                     priority=wire.Priority.FAULT,
                     data=data,
                 )
-            ]
+            ],
+            state={STALLED_STATE + bus: incident if silent is not None else None},
         )
 
     def problem(self) -> str | None:

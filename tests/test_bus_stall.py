@@ -8,11 +8,12 @@ blocking the link's wait for its answers (a fault put in, not a peer mocked), an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from devices.profiles import find_profile
 from gateway import app, config, wire
 from gateway.app import Gateway
 from gateway.localapi import LocalApi
+from gateway.store import Store
 from gateway.tooling.broker import MosquittoProcess, free_port
 from gateway.tooling.cli import format_status
 from tests.stubs import run_stub
@@ -167,3 +169,103 @@ async def test_a_stuck_bus_is_a_fault_on_the_console_and_starves_the_watchdog(
             await asyncio.wait_for(runner, 30)
             notifier.close()
             sd.close()
+
+
+@contextlib.asynccontextmanager
+async def _running(cfg_path: Path) -> AsyncIterator[tuple[Gateway, ModbusBus]]:
+    """A gateway on ``cfg_path`` until the block ends, with its one bus started and its stall limit shortened to
+    1 s; its bus is handed over."""
+    gw = Gateway(config.load(cfg_path))
+    stop = asyncio.Event()
+    runner = asyncio.create_task(gw.run(stop), name="test.gateway")
+    try:
+        await asyncio.wait_for(gw.ready.wait(), 20)
+        await wait_for(lambda: len(gw.drivers) == 1, 20, "the bus to start")
+        (bus,) = gw.drivers.values()
+        bus.stall_limit_s = 1.0  # the time scale shortened: a minute's silence in 1 s
+        yield gw, bus
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 30)
+
+
+async def _stalls(gw: Gateway) -> list[wire.Event]:
+    return [e for e in await gw.store.events() if e.type.startswith("bus.stalled")]
+
+
+async def test_a_stall_still_open_when_the_gateway_restarts_is_closed_by_the_gateway_restarted(
+    tmp_path: Path, broker: MosquittoProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchdog's restart is the cure for a stuck bus, so the restarted gateway must close the incident that
+    caused it, and only once its bus has proved it moves; stuck again at once, it carries the same incident on."""
+    monkeypatch.setattr(app, "BUS_CHECK_S", 0.1)
+    async with run_stub(PANEL, "--tcp", "127.0.0.1:0", "--units", "1-2", *CTRL) as stub:
+        cfg_path = make_config(tmp_path, broker, stub.endpoint(), free_port())
+        # 1. The bus sticks; the gateway ends with the incident open (systemd would kill it).
+        async with _running(cfg_path) as (gw, bus):
+            unstick = _stick(bus)
+            await wait_for(lambda: gw.problem() is not None, 10, "the stuck bus to be seen")
+            await asyncio.wait_for(gw.store.drain(), 10)
+        unstick()
+        # 2. Restarted, the bus works: its stall is restored, with the same incident, after a stall limit's polling.
+        started = wire.utcnow()
+        async with _running(cfg_path) as (gw, bus):
+            await asyncio.sleep(0.5)
+            assert [e.type for e in await _stalls(gw)] == ["bus.stalled"]  # not at once: it could stick again
+            await wait_for(lambda: _is(1, _count_restores(gw)), 10, "the restore")
+            first, restore = await _stalls(gw)
+            assert restore.type == "bus.stalled_restore" and restore.priority == wire.Priority.FAULT
+            assert restore.data["incident"] == first.data["incident"] and restore.data["how"] == "restored"
+            assert restore.data["after_restart"] is True and sorted(restore.data["devices"]) == ["fence-1", "fence-2"]
+            assert (restore.ts - started).total_seconds() >= 1.0
+            assert gw.problem() is None
+            # 3. It sticks again: a new incident, open when the gateway ends ...
+            unstick = _stick(bus)
+            await wait_for(lambda: gw.problem() is not None, 10, "the stuck bus to be seen")
+            await asyncio.wait_for(gw.store.drain(), 10)
+        unstick()
+        second = (await _stored_stalls(cfg_path))[-1]
+        assert second.type == "bus.stalled" and second.data["incident"] != first.data["incident"]
+        # ... and stuck again right after the restart: the same incident carries on, not a second one.
+        async with _running(cfg_path) as (gw, bus):
+            unstick = _stick(bus)
+            await wait_for(lambda: gw.problem() is not None, 10, "the stuck bus to be seen")
+            await asyncio.sleep(0.3)
+            assert (await _stalls(gw))[-1] == second  # no new opening
+            unstick()
+            await wait_for(lambda: gw.problem() is None, 10, "the bus to move again")
+            await wait_for(lambda: _is(2, _count_restores(gw)), 10, "the restore")
+            last = (await _stalls(gw))[-1]
+            assert last.type == "bus.stalled_restore" and last.data["incident"] == second.data["incident"]
+            assert "after_restart" not in last.data
+            # 4. Stuck once more when the gateway ends; the installer then removes the bus from the configuration.
+            unstick = _stick(bus)
+            await wait_for(lambda: gw.problem() is not None, 10, "the stuck bus to be seen")
+            await asyncio.wait_for(gw.store.drain(), 10)
+        unstick()
+        third = (await _stored_stalls(cfg_path))[-1]
+        text = cfg_path.read_text()
+        cfg_path.write_text(
+            text.replace("{name: fence,", "{name: perimeter,").replace("bus: fence,", "bus: perimeter,")
+        )
+        # Restarted without that bus, the incident is closed at once: nothing will ever move on it again.
+        async with _running(cfg_path) as (gw, bus):
+            await wait_for(lambda: _is(3, _count_restores(gw)), 10, "the restore of the removed bus")
+            last = (await _stalls(gw))[-1]
+            assert last.data["incident"] == third.data["incident"] and last.data["removed"] is True
+            assert last.point == "fence" and last.data["devices"] == []
+
+
+async def _is(n: int, count: Awaitable[int]) -> bool:
+    return await count == n
+
+
+async def _count_restores(gw: Gateway) -> int:
+    return sum(1 for e in await _stalls(gw) if e.type == "bus.stalled_restore")
+
+
+async def _stored_stalls(cfg_path: Path) -> list[wire.Event]:
+    """The stall events in the store of the gateway on ``cfg_path`` (stopped)."""
+    cfg = config.load(cfg_path)
+    async with Store(cfg.data_path(cfg.store.path), site=cfg.site, gateway=cfg.gateway) as store:
+        return [e for e in await store.events() if e.type.startswith("bus.stalled")]
