@@ -41,8 +41,10 @@ Usage: python bench/alarm_latency.py [--runs 1] [--window 8] [--flips 30] [--pan
 
 The default (one 8 s window per system and layout, 30 flips: the reference rate of 200 a minute) runs in under a
 minute; ``--runs 3 --window 60 --flips 200`` is the reference protocol (three interleaved runs of a minute).
-``--floor`` adds the cheapest possible poll on this machine: a bare asyncio request/response loop on one connection
-(no library, no decoding), the CPU per request that only fewer system calls could go under.
+``--floor`` adds the cheapest poll of Gatehouse's shape on this machine, on each layout: a bare asyncio
+request/response loop, a task per connection (no library, no decoding, nothing done with the answers), the CPU per
+request that only fewer system calls or fewer tasks could go under; and what that would be per input poll at
+Gatehouse's own mix of requests, against the naive loop.
 """
 
 from __future__ import annotations
@@ -371,7 +373,7 @@ async def run_naive(
 
 
 FLOOR = r"""
-import asyncio, os, struct, sys, time
+import asyncio, json, os, struct, sys, time
 class P(asyncio.Protocol):
     def __init__(s): s.buf = bytearray(); s.fut = None
     def connection_made(s, t): s.t = t
@@ -380,32 +382,43 @@ class P(asyncio.Protocol):
         if len(s.buf) >= 7 and len(s.buf) >= 6 + struct.unpack_from(">H", s.buf, 4)[0]:
             s.buf.clear(); s.fut.set_result(None)
 async def main():
-    host, port, units, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+    buses, secs = json.loads(sys.argv[1]), float(sys.argv[2])
     loop = asyncio.get_running_loop()
-    _, p = await loop.create_connection(P, host, port)
-    n, tid, c0, end = 0, 0, os.times(), time.monotonic() + secs
-    while time.monotonic() < end:
-        t0 = loop.time()
-        for u in range(1, units + 1):
-            tid = tid % 65535 + 1
-            p.fut = loop.create_future()
-            p.t.write(struct.pack(">HHHBBHH", tid, 0, 6, u, 2, 0, 96))
-            await p.fut
-            n += 1
-        await asyncio.sleep(max(0.0, t0 + 0.1 - loop.time()))
-    c1 = os.times()
-    print(1e3 * (c1.user + c1.system - c0.user - c0.system) / n)
+    n, end = [0], time.monotonic() + 1.0 + secs
+    async def one(host, port, units):
+        _, p = await loop.create_connection(P, host, port)
+        tid = 0
+        while time.monotonic() < end:
+            t0 = loop.time()
+            for u in units:
+                tid = tid % 65535 + 1
+                p.fut = loop.create_future()
+                p.t.write(struct.pack(">HHHBBHH", tid, 0, 6, u, 2, 0, 96))
+                await p.fut
+                n[0] += 1
+            await asyncio.sleep(max(0.0, t0 + 0.1 - loop.time()))
+    tasks = [asyncio.create_task(one(h, p, u)) for h, p, u in buses]
+    await asyncio.sleep(1.0)  # connected and going round
+    n0, c0 = n[0], os.times()
+    await asyncio.sleep(secs)
+    n1, c1 = n[0], os.times()
+    await asyncio.gather(*tasks)
+    print(1e3 * (c1.user + c1.system - c0.user - c0.system) / (n1 - n0))
 asyncio.run(main())
 """
 
 
 async def floor_ms_per_request(layout: Layout, tmp: Path, secs: float) -> float:
-    """CPU (ms) per request of a bare asyncio request/response loop over the one-bus stub's connection."""
+    """CPU (ms) per request of a bare asyncio request/response loop on the layout: a task per connection, each
+    asking its units in turn every 100 ms (no library, no decoding, nothing done with the answers)."""
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "floor.py").write_text(FLOOR)
-    host, port = layout.endpoints[0].split("//", 1)[1].rsplit(":", 1)
+    buses = []
+    for url, members in layout.buses():
+        host, port = url.split("//", 1)[1].rsplit(":", 1)
+        buses.append([host, int(port), [unit for _, unit in members]])
     proc = await asyncio.create_subprocess_exec(
-        PY, str(tmp / "floor.py"), host, port, str(len(layout.panels)), str(secs), stdout=asyncio.subprocess.PIPE
+        PY, str(tmp / "floor.py"), json.dumps(buses), str(secs), stdout=asyncio.subprocess.PIPE
     )
     out, _ = await proc.communicate()
     return float(out.decode().strip())
@@ -471,7 +484,9 @@ async def main() -> None:
     )
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--scale", default="", help="panel counts on one bus for the scale table, e.g. 10,50,200")
-    ap.add_argument("--floor", action="store_true", help="also the CPU per request of a bare asyncio loop (one bus)")
+    ap.add_argument(
+        "--floor", action="store_true", help="also the CPU per request of a bare asyncio loop on each layout"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs) and print its path")
     args = ap.parse_args()
     layouts = [x for x in args.layouts.split(",") if x]
@@ -485,7 +500,7 @@ async def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="gatehouse-bench-"))
     results: dict[str, dict[str, Result]] = {x: {**{g: Result() for g in systems}, "naive": Result()} for x in layouts}
     scale_results: dict[int, dict[str, Result]] = {}
-    floor: float | None = None
+    floors: dict[str, float] = {}
     try:
         broker = MosquittoProcess(tmp / "broker").start()
         try:
@@ -515,10 +530,10 @@ async def main() -> None:
                                 results[name][system].add(r)
                         finally:
                             await stop(stub)
-                if args.floor:
-                    stub, layout = await start_layout("one-bus", args.panels, tmp / "floor")
+                for name in layouts if args.floor else []:
+                    stub, layout = await start_layout(name, args.panels, tmp / "floor")
                     try:
-                        floor = await floor_ms_per_request(layout, tmp / "floor", args.window)
+                        floors[name] = await floor_ms_per_request(layout, tmp / "floor" / name, args.window)
                     finally:
                         await stop(stub)
                 for n in scale:
@@ -582,10 +597,20 @@ async def main() -> None:
             entry[key] = g
             entry[f"{key}_cpu_per_input_poll_ratio_to_naive"] = round(ratio, 2) if ratio else None
         print(line("naive", nv))
+        if name in floors:
+            # The floor asks what Gatehouse asked (its requests per input poll: status and outputs reads besides).
+            gh = results[name][systems[0]].summary()
+            mix = gh["cpu_ms_per_request"] and gh["cpu_ms_per_input_poll"] / gh["cpu_ms_per_request"]
+            per_poll = floors[name] * mix
+            ratio = per_poll / nv["cpu_ms_per_input_poll"] if nv["cpu_ms_per_input_poll"] else None
+            print(
+                f"  floor: a bare asyncio loop, a task per connection, {floors[name]:.4f} ms CPU per request; at "
+                f"Gatehouse's {mix:.2f} requests per input poll, {per_poll:.4f} ms per input poll"
+                + (f" = {ratio:.2f} x naive" if ratio else "")
+            )
+            entry["floor_bare_asyncio_cpu_ms_per_request"] = round(floors[name], 4)
+            entry["floor_cpu_per_input_poll_ratio_to_naive"] = round(ratio, 2) if ratio else None
         out[name.replace("-", "_")] = entry
-    if floor is not None:
-        print(f"floor: a bare asyncio request/response loop on one connection, {floor:.4f} ms CPU per request")
-        out["floor_bare_asyncio_cpu_ms_per_request"] = round(floor, 4)
     if scale_results:
         print("scale (one bus, 500 input polls/s in all):")
         rows = []
