@@ -8,6 +8,7 @@ The doors' side (a gateway process refusing the scan within seconds) is in tests
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,9 @@ async def test_blocking_a_resident_lists_every_subject_and_their_visitor_passes_
         phone, pcsrf = await resident_browser(p, OWNER_PHONE, "301")
         try:
             token = await issue_visitor_pass(p, phone, pcsrf, code)
+            entrance = await plate_code(p, "3", "2")
+            page = await (await phone.get(f"/p/{entrance}")).text()
+            door = page.split('name="door" value="')[1].split('"')[0]  # their entrance's Open button, before
             vpass = await p.services.store.read(
                 lambda c: dict(c.execute("SELECT id, pass_id FROM visitor_passes").fetchone())
             )
@@ -198,6 +202,22 @@ async def test_blocking_a_resident_lists_every_subject_and_their_visitor_passes_
                 allow_redirects=False,
             )
             assert r.status == 403 and "通行权限已暂停" in await r.text()
+            # Nor do they open their entrance from the phone: no Open button, and a post of the form is refused with
+            # no unlock sent to the gateway (the readers keep the door shut for them; the phone must not open it).
+            page = await (await phone.get(f"/p/{entrance}")).text()
+            assert 'id="blocked"' in page and 'name="door"' not in page
+            r = await phone.post(
+                f"/p/{entrance}/open",
+                data={"door": door, "csrf": pcsrf},
+                headers={"Origin": p.origin},
+                allow_redirects=False,
+            )
+            assert r.status == 403 and "通行权限已暂停" in await r.text()
+            assert (await audit_rows(p, "door.unlock"))[0][3] == "blocked"
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    async for m in gw.messages:
+                        assert open_portal_command(p, m.payload).type != "unlock"
 
             # Lifted, with a reason: off the next list (and the resident gets passes again).
             rid = await p.services.store.read(
@@ -212,6 +232,7 @@ async def test_blocking_a_resident_lists_every_subject_and_their_visitor_passes_
             assert (await phone.get(f"/p/{code}/mypass.json")).status == 200
             assert (await audit_rows(p, "revocation.lift"))[0][3] == f"{SITE}: 物业核实后恢复"
             assert (await phone.get(f"/m/v/{token}")).status == 200
+            assert 'name="door"' in await (await phone.get(f"/p/{entrance}")).text()  # and their door again
         finally:
             await phone.close()
 

@@ -241,10 +241,11 @@ async def _entrance(
     request: web.Request, est: Estate, place: reg.Place, rs: ResidentSession | None, result: str | None = None
 ) -> web.Response:
     doors: list[reg.Door] = []
-    allowed = False
+    allowed = blocked = False
     if rs is not None:
         allowed = place.unit_id in await _my_units(est, rs)
-        if allowed:
+        blocked = allowed and await _blocked(est, rs, place)
+        if allowed and not blocked:
             uid = place.unit_id
             doors = await est.read(lambda c: reg.doors(c, unit_id=uid))
     return page(
@@ -253,10 +254,17 @@ async def _entrance(
         place=place,
         resident=rs,
         allowed=allowed,
+        blocked=blocked,
         doors=doors,
         result=result,
         code=request.match_info["code"],
     )
+
+
+async def _blocked(est: Estate, rs: ResidentSession, place: reg.Place) -> bool:
+    """The person's access at the plate's estate is suspended (a guard's block): no pass, no door, no visitor."""
+    pid, site = rs.person.id, place.site
+    return bool(await est.read(lambda c: revocations.person_blocked(c, pid, site)))
 
 
 async def _my_units(est: Estate, rs: ResidentSession) -> set[int]:
@@ -292,6 +300,11 @@ async def open_door(request: web.Request) -> web.StreamResponse:
     if place.unit_id not in ok_units:  # an entrance the resident does not live behind (its plate is public)
         return page(
             request, "phone_message.html", status=403, title_key="phone.open_title", message_key="phone.no_right"
+        )
+    if await _blocked(est, rs, place):  # blocked by a guard: the door stays shut as the readers keep it
+        await est.audit(f"resident:{rs.person.id}", "door.unlock", f"unit:{place.unit_id}", "blocked", _addr(request))
+        return page(
+            request, "phone_message.html", status=403, title_key="phone.open_title", message_key="phone.blocked"
         )
     door = await est.read(lambda c: reg.door(c, door_id))
     if door is None or door.unit_id != place.unit_id:  # another entrance's door: as if there were none
@@ -718,7 +731,7 @@ async def my_pass(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": "not-resident"}, status=403)
     if not mine.active(est.today()):
         return web.json_response({"error": "not-active"}, status=403)
-    if await est.read(lambda c: revocations.person_blocked(c, rs.person.id, place.site)):
+    if await _blocked(est, rs, place):
         return web.json_response({"error": "blocked"}, status=403)
     text, fields = est.issuer.resident_pass(place.site, mine.subject, place.unit_ref, place.house_ref)
     svg = await est.cpu(plates.svg, text)
@@ -741,7 +754,7 @@ async def visitor_issue(request: web.Request) -> web.StreamResponse:
     form = await read_form(request)
     if mine is None or not mine.active(est.today()):
         return _message(request, place, "visitor.title", "visitor.not_active", status=403)
-    if await est.read(lambda c: revocations.person_blocked(c, rs.person.id, place.site)):
+    if await _blocked(est, rs, place):
         return _message(request, place, "visitor.title", "phone.blocked", status=403)
     try:
         hours = int(str(form.get("hours", "")))
