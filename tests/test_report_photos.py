@@ -19,6 +19,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from portal.config import load
+from portal.estate import photos
 from tests.portal_support import Portal, running_portal, wait_for, write_config
 from tests.registry_support import GUARD, GUARD_PW, admin_session, estate_csv, import_csv, plate_code
 
@@ -239,19 +240,44 @@ async def test_decompression_bombs_are_refused_before_they_are_decoded(tmp_path:
         t0 = time.monotonic()
         status, html = await report(p, code, bomb, filename="IMG_2042.png", ctype="image/png")
         took = time.monotonic() - t0
-        assert status == 413 and "照片像素太多（最多 5000 万像素）" in html, name
+        cap = "1600" if name.startswith("PNG") else "5000"  # a PNG's cap is the whole-decode one (below)
+        assert status == 413 and f"照片像素太多（最多 {cap} 万像素）" in html, name
         assert took < 10, f"{name}: {took:.1f} s: it was decoded"
         assert await work_items(p) == []
-        # The limit is the config's: a portal that allows more takes the 60-megapixel photo (scaled down).
+    # A PNG is decoded whole, its pixels' count the time spent: even a portal that allows 80 megapixels takes a
+    # public report's PNG up to 16 (photos.REPORT_FULL_DECODE_MAX), and says so.
     if name.startswith("PNG"):
         cfg = write_config(tmp_path / "big", None, extra="phone: {photo_max_pixels: 80000000}\n")
         async with running_portal(cfg) as p:
             code = await _setup(p)
-            status, _ = await report(p, code, bomb, filename="IMG_2042.png", ctype="image/png")
-            assert status == 200
+            status, html = await report(p, code, bomb, filename="IMG_2042.png", ctype="image/png")
+            assert status == 413 and "照片像素太多（最多 1600 万像素）" in html
+            status, _ = await report(p, code, png_bomb(4_000, 3_000), filename="IMG_2043.png", ctype="image/png")
+            assert status == 200  # 12 megapixels: taken, scaled down
             (item,) = await work_items(p)
             _, photo = await served(p, item["id"])
-            assert Image.open(io.BytesIO(photo)).size == (2560, 1536)
+            assert Image.open(io.BytesIO(photo)).size == (2560, 1920)
+
+
+async def test_past_the_report_limit_a_phone_s_photos_are_not_even_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoding is the costly part of a report (seconds of CPU for a big PNG): one phone posting report after report
+    gets its ten an hour decoded, and the rest refused before their photo is looked at."""
+    decoded = []
+    real = photos.clean
+
+    def counted(data: bytes, *limits: int | None) -> photos.Photo:
+        decoded.append(len(data))
+        return real(data, *limits)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(photos, "clean", counted)
+    async with running_portal(write_config(tmp_path, None)) as p:
+        code = await _setup(p)
+        answers = [(await report(p, code, phone_jpeg()))[0] for _ in range(13)]
+        assert answers == [200] * 10 + [429] * 3, answers
+        assert len(decoded) == 10
+        assert len(await work_items(p)) == 10
 
 
 async def test_photos_stored_before_are_cleaned_or_dropped_at_the_next_start(tmp_path: Path) -> None:

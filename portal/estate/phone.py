@@ -461,18 +461,24 @@ async def report_submit(request: web.Request) -> web.StreamResponse:
     text = " ".join(fields.get("text", "").split())[:MAX_TEXT]
     if category not in CATEGORIES or not text:
         return page(request, "phone_report.html", status=400, error="report.incomplete", **ctx)
+    if photo and len(photo) > cap:
+        return page(request, "phone_report.html", status=413, error="report.too_large", **ctx)
+    # Counted before the photo is looked at: a refused report costs the portal nothing but this.
+    if not await est.limits["report"].allow(_addr_key(request)):
+        return throttled(request)
     cleaned = None
     if photo:
-        if len(photo) > cap:
-            return page(request, "phone_report.html", status=413, error="report.too_large", **ctx)
         try:  # JPEG, PNG or WebP only, pixels capped, re-encoded without EXIF/GPS (portal.estate.photos)
-            cleaned = await est.cpu(photos.clean, photo, est.cfg.phone.photo_max_pixels)
+            async with est.photo_slot:
+                cleaned = await est.cpu(
+                    photos.clean, photo, est.cfg.phone.photo_max_pixels, photos.REPORT_FULL_DECODE_MAX
+                )
         except photos.PhotoError as e:
+            if e.limit:
+                ctx["max_photo_mp"] = e.limit // 1_000_000
             return page(
                 request, "phone_report.html", status=413 if e.key == "report.photo_pixels" else 415, error=e.key, **ctx
             )
-    if not await est.limits["report"].allow(_addr_key(request)):
-        return throttled(request)
     token = secrets.token_urlsafe(24)
     wid = await est.raise_work_item(place, "problem", category=category, text=text, photo=cleaned, token=token)
     resp = web.HTTPSeeOther(f"/p/{code}/report/status")  # a reload never sends the report again

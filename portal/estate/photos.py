@@ -31,14 +31,19 @@ FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 MAX_EDGE = 2560  # a side of the stored photo: plenty to see a leak or a broken lamp on the console
 QUALITY = 85
 BATCH = 8  # stored photos cleaned per transaction at start-up
+#: A public report's PNG or WebP (a screenshot: a phone's camera gives JPEG) is decoded whole: some 16 Mpx, a second
+#: of a Pi's CPU at most. Larger ones are refused as too large, before a pixel is decoded.
+REPORT_FULL_DECODE_MAX = 16_000_000
 
 
 class PhotoError(ValueError):
-    """A refused photo; ``key`` is an i18n key (``report.bad_photo``, ``report.photo_pixels``)."""
+    """A refused photo; ``key`` is an i18n key (``report.bad_photo``, ``report.photo_pixels``); ``limit``: the
+    pixel count it was over (``report.photo_pixels``)."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, limit: int = 0) -> None:
         super().__init__(key)
         self.key = key
+        self.limit = limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,16 +54,19 @@ class Photo:
     height: int
 
 
-def clean(data: bytes, max_pixels: int) -> Photo:
-    """The photo re-encoded from its pixels alone, or :class:`PhotoError`. CPU-bound: call it on a worker thread."""
+def clean(data: bytes, max_pixels: int, max_full_decode: int | None = None) -> Photo:
+    """The photo re-encoded from its pixels alone, or :class:`PhotoError`. CPU-bound: call it on a worker thread.
+    ``max_full_decode``: a lower cap for the formats decoded whole (PNG, WebP; a JPEG is decoded at a fraction of
+    its size when that fills :data:`MAX_EDGE`), where the pixels' count is the time spent: a public upload's."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own cap decides, below
             with Image.open(io.BytesIO(data), formats=tuple(FORMATS)) as im:
                 fmt = "JPEG" if im.format == "MPO" else str(im.format)  # MPO: a phone's JPEG with a depth map
                 width, height = im.size
-                if width * height > max_pixels:
-                    raise PhotoError("report.photo_pixels")
+                limit = max_pixels if fmt == "JPEG" or max_full_decode is None else min(max_pixels, max_full_decode)
+                if width * height > limit:
+                    raise PhotoError("report.photo_pixels", limit)
                 if fmt == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale when that still fills MAX_EDGE
                     im.draft("RGB", (MAX_EDGE, MAX_EDGE))
                 im.load()

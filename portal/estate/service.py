@@ -131,6 +131,8 @@ class Estate:
     work_hooks: list[Callable[[Conn, int], None]] = field(default_factory=list)
     #: whether a guard may forward a site's problem reports up to the grid platform (set by the grid link)
     forwardable: Callable[[str], bool] = field(default=lambda site: False)
+    #: public reports' photos are decoded one at a time: a stream of them keeps a CPU thread for sign-ins and passes
+    photo_slot: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
 
     def __post_init__(self) -> None:
         ph = self.svc.cfg.phone
