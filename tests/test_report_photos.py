@@ -360,7 +360,7 @@ async def test_a_phone_sends_its_gps_photo_and_a_bomb_in_a_real_browser(tmp_path
                 viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True, has_touch=True
             )
             page = await ctx.new_page()
-            for lang, words in (("zh-CN", "照片像素太多（最多 5000 万像素）"), ("en", "at most 50 megapixels")):
+            for lang, words in (("zh-CN", "照片像素太多（最多 1600 万像素）"), ("en", "at most 16 megapixels")):
                 if lang == "en":
                     await page.goto(f"{p.origin}/lang/en?next=/p/{code}/report")
                 else:
