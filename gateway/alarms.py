@@ -88,6 +88,11 @@ INCIDENT_TYPES: dict[str, tuple[str, str, str]] = {
 #: Zone types that ignore arming.
 ZONE_24H = frozenset({"panic", "medical", "fire", "gas", "tamper", "fault"})
 COMMANDS = ("arm", "disarm", "bypass", "unbypass", "ack", "clear")
+#: An acknowledged incident sends no repeats: a new activation of its alarm is counted, and reported (a repeat event)
+#: only when none was for this long. So a zone chattering after the guard's ack stays quiet, while a panic pressed
+#: again the next day on a panel that never sends restores is heard, even if the portal's clear never arrived and
+#: the board closed the incident long ago (the board then opens a new one).
+ACKED_REPORT_MS = 10 * 60 * 1000
 
 # Gas ranks with fire: both threaten life and property at once (explosion, poisoning).
 _ZONE_PRIORITY = {
@@ -864,6 +869,8 @@ class AlarmEngine:
                     self._emit_repeat(inc, t, out)
                 else:
                     self._timers[("repeat", key)] = inc.last_emit + self._repeat_ms
+            elif inc.acked and t - inc.last_emit >= ACKED_REPORT_MS:
+                self._emit_repeat(inc, t, out)  # acknowledged long ago, and the alarm comes again: it is said
         return False
 
     def _emit_repeat(self, inc: _Incident, t: int, out: list[Draft]) -> None:

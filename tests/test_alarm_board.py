@@ -728,6 +728,76 @@ async def test_end_to_end_gateway_batch_to_board_and_socket_and_arm_command_roun
             await ws.close()
 
 
+async def test_closing_an_alarm_its_panel_never_restores_clears_it_at_the_gateway_and_its_next_press_rings(
+    tmp_path: Path, broker: MosquittoProcess
+) -> None:
+    """A Contact ID panel that sends no restores: the guard finishes the panic on the board, and the gateway, still
+    holding its incident open, is told to clear it. Had that clear been lost, the press that comes again (the
+    gateway's repeat, with a higher count) opens a new incident that rings; a repeat the closed one had counted does
+    not. An incident its source restored is closed without a word to the gateway."""
+    panic = {"panel": "house-301", "account": "1234", "code": 120, "kind": "panic", "zone": 5}
+    extra = "alarms: {checklist_required: []}\n"  # finished in one step (the checklist has its own tests)
+    async with running_portal(write_config(tmp_path, broker, extra=extra)) as p, mqtt(broker) as gw:
+        await wait_for(lambda: p.services.ingest.connected, what="portal connected")
+        await add_user(p, "guard1", "guard", PW)
+        csrf = await _signed_in(p, "guard1")
+        await gw.subscribe(wire.topic(SITE, GATEWAY, "cmd"), qos=1)
+        headers = {"Origin": p.origin, "X-CSRF-Token": csrf}
+
+        async def board() -> list[dict[str, Any]]:
+            return list((await (await p.client.get("/api/board")).json())["incidents"])
+
+        async def publish(*events: wire.Event) -> None:
+            await gw.publish(EVENTS_TOPIC, batch_payload(list(events)), qos=1)
+
+        opening = ev(1, "panel.alarm", incident="CID-1", prio=wire.Priority.PANIC, data=panic, point=None)
+        await publish(opening)
+        (inc,) = await wait_for(board, what="the panic on the board")
+        for action, body in (("ack", {}), ("finish", {"cause": "real"})):
+            r = await p.client.post(f"/api/incidents/{inc['id']}/{action}", json=body, headers=headers)
+            assert r.status == 200, await r.text()
+            cmd = await _next_command(p, gw)
+            assert (cmd.type, cmd.args, cmd.by) == (
+                action if action == "ack" else "clear",
+                {"incident": "CID-1"},
+                "guard1",
+            )
+        assert await board() == []
+
+        # The clear lost: the gateway reports the next press on the incident it holds, and the board rings anew.
+        again = ev(2, "panel.alarm_repeat", incident="CID-1", prio=wire.Priority.PANIC, data={**panic, "count": 2})
+        await publish(again)
+        (fresh,) = await wait_for(board, what="the new press on the board")
+        assert fresh["id"] != inc["id"] and fresh["state"] == "new" and fresh["engine_incident"] == "CID-1"
+        old = await p.services.store.read(lambda c: alarms.get_incident(c, inc["id"]))
+        assert old is not None and old["state"] == "closed"
+        # A repeat the open incident already counted goes into it, not into another one.
+        await publish(
+            ev(3, "panel.alarm_repeat", incident="CID-1", prio=wire.Priority.PANIC, data={**panic, "count": 2})
+        )
+        await asyncio.sleep(0.5)
+        assert [i["id"] for i in await board()] == [fresh["id"]]
+
+        # Restored at its source, then finished: the gateway has nothing open, and is told nothing.
+        await publish(
+            ev(4, "zone.alarm", incident="Z-1", data=ZONE),
+            ev(5, "zone.restore", incident="Z-1", data={**ZONE, "how": "restored"}),
+        )
+        zone_inc = await wait_for(
+            lambda: _first(board(), lambda i: i["engine_incident"] == "Z-1" and i["restored_at"]), what="restored"
+        )
+        r = await p.client.post(f"/api/incidents/{zone_inc['id']}/ack", json={}, headers=headers)
+        assert (await _next_command(p, gw)).type == "ack"
+        r = await p.client.post(f"/api/incidents/{zone_inc['id']}/finish", json={"cause": "false"}, headers=headers)
+        assert r.status == 200, await r.text()
+        with pytest.raises(TimeoutError):
+            await _next_command(p, gw, timeout=1.0)
+
+
+async def _first(items: Any, pred: Any) -> Any:
+    return next((i for i in await items if pred(i)), None)
+
+
 async def _next_command(p: Portal, client: Any, timeout: float = 10.0) -> wire.Command:
     async with asyncio.timeout(timeout):
         async for m in client.messages:

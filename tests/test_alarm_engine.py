@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from devices.events import Availability, DeviceCheck, PanelReport, PointChanged, Unreadable, WriteResult
-from gateway import wire
+from gateway import alarms, wire
 from gateway.alarms import INCIDENT_TYPES, AlarmEngine, AlarmStateError, is_active
 from gateway.config import ConfigError, GatewayConfig, load
 from gateway.contact_id_codes import CODES, describe
@@ -306,6 +306,30 @@ def test_ack_stops_repeats_and_clear_closes() -> None:
     rig.point("io", "in1", False)  # quiet, then a new press is a new incident
     (again,) = rig.point("io", "in1", True)
     assert again.type == "zone.alarm" and again.data["incident"] != inc
+
+
+def test_a_panic_pressed_again_long_after_its_ack_is_heard_though_its_panel_sends_no_restore() -> None:
+    """A Contact ID panel that never reports restores leaves its panic's incident open at the gateway. Acknowledged,
+    the incident counts new activations without sending repeats; but one that comes when nothing was said of the
+    incident for ACKED_REPORT_MS is reported, so the board can ring again (the guard may have closed it long ago,
+    and the portal's clear been lost). Chatter after an ack stays quiet."""
+    rig = panel_rig()
+    (first,) = rig.report(120, "new", zone=5)
+    inc = first.data["incident"]
+    assert rig.cmd("ack", incident=inc)[1].ok
+    rig.run(60)
+    assert rig.report(120, "new", zone=5) == []  # a minute after: counted, not said (a chattering input)
+    rig.run(alarms.ACKED_REPORT_MS / 1000)
+    (again,) = rig.report(120, "new", zone=5)  # the next day's press
+    assert again.type == "panel.alarm_repeat" and again.data["incident"] == inc and again.data["count"] == 3
+    assert again.priority == first.priority
+    assert rig.report(120, "new", zone=5) == []  # and quiet again for the next ten minutes
+    # The board closes it: its clear closes the gateway's incident, and the next press is a new one.
+    drafts, outcome = rig.cmd("clear", incident=inc)
+    assert outcome.ok and [d.data["how"] for d in drafts] == ["cleared"]
+    rig.run(30)
+    (fresh,) = rig.report(120, "new", zone=5)
+    assert fresh.type == "panel.alarm" and fresh.data["incident"] != inc
 
 
 @pytest.mark.parametrize(

@@ -259,6 +259,8 @@ class AlarmBoard:
         self.svc.hub.broadcast({"kind": "incident", "incident": inc})
         if action == "ack":
             self._acked(inc, user)
+        elif inc["state"] == "closed" and not inc["restored_at"]:
+            self._closed(inc, user)
         return inc
 
     async def ack_many(self, user: str, *, sites: Any, **kw: Any) -> list[dict[str, Any]]:
@@ -274,7 +276,14 @@ class AlarmBoard:
 
     def _acked(self, inc: dict[str, Any], user: str) -> None:
         if inc["engine_incident"] and self.svc.cfg.known(inc["site"], inc["gateway"]):
-            self._spawn(self._gateway_ack(inc, user), f"portal.board.ack[{inc['id']}]")
+            self._spawn(self._gateway_say("ack", inc, user), f"portal.board.ack[{inc['id']}]")
+
+    def _closed(self, inc: dict[str, Any], user: str) -> None:
+        """Closed on the board while the gateway's incident is open (no restore came: a Contact ID panel that
+        reports none, a zone still in alarm): the gateway is told to clear it, or it would hold it open and count the
+        alarm's next activations into it, unheard."""
+        if inc["engine_incident"] and self.svc.cfg.known(inc["site"], inc["gateway"]):
+            self._spawn(self._gateway_say("clear", inc, user), f"portal.board.clear[{inc['id']}]")
 
     def _spawn(self, coro: Any, name: str) -> None:
         t = asyncio.create_task(coro, name=name)
@@ -293,13 +302,15 @@ class AlarmBoard:
             args=args,
         )
 
-    async def _gateway_ack(self, inc: dict[str, Any], user: str) -> None:
-        """Tell the gateway the alarm is taken, so it stops sending repeats (best effort)."""
-        cmd = self._command("ack", {"incident": inc["engine_incident"]}, user)
+    async def _gateway_say(self, what: str, inc: dict[str, Any], user: str) -> None:
+        """Tell the gateway the alarm is taken (``ack``: it stops sending repeats) or closed (``clear``: it closes its
+        incident); best effort: a gateway that misses a clear still reports the alarm's next activation, see
+        gateway.alarms.ACKED_REPORT_MS, and the board opens a new incident for it (alarms.apply_event)."""
+        cmd = self._command(what, {"incident": inc["engine_incident"]}, user)
         try:
             await self.svc.ingest.send_command(inc["site"], inc["gateway"], cmd)
         except (BrokerUnavailable, ValueError, wire.WireError) as e:
-            log.info("ack of incident %d not sent to %s/%s: %s", inc["id"], inc["site"], inc["gateway"], e)
+            log.info("%s of incident %d not sent to %s/%s: %s", what, inc["id"], inc["site"], inc["gateway"], e)
 
     async def arm(
         self, site: str, gateway: str, group: str, action: str, user: str, *, mode: str = "away", force: bool = False

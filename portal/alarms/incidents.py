@@ -479,6 +479,15 @@ def apply_event(conn: Conn, ev: Mapping[str, Any], now: str | None = None) -> in
             key, row = f"ev:{ev['id']}", None
     count = data.get("count")
     count = int(count) if isinstance(count, int) and not isinstance(count, bool) and count > 0 else None
+    reopened = ""  # the new incident's own key (incidents.key, unique) when a closed one's key leads to it
+    if row is not None and engine_id is not None and role == "repeat" and row["state"] == "closed":
+        seen = conn.execute("SELECT count FROM incidents WHERE id = ?", (row["id"],)).fetchone()[0]
+        if (count or 1) > seen:
+            # Activations the closed incident never counted: the gateway still holds its incident open (no restore
+            # came, the guard's clear did not reach it) and the alarm came again. History is not where it goes: a
+            # new incident, which the gateway's key leads to from now on.
+            conn.execute("DELETE FROM incident_keys WHERE key = ?", (key,))
+            row, reopened = None, f"{key}@{ev['id']}"
     folded = False
     if row is None and role != "restore":
         row = _fold_target(conn, ev, etype, role)
@@ -493,7 +502,7 @@ def apply_event(conn: Conn, ev: Mapping[str, Any], now: str | None = None) -> in
             " label, data, first_event, opened_at, created_at, last_event_at, count, updated_at, fold_key)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (
-                key,
+                reopened or key,
                 ev["site"],
                 ev["gateway"],
                 engine_id,
