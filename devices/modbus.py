@@ -61,6 +61,7 @@ from devices.modbus_pdu import (
     check_write_reply,
     exception_code,
     read_values,
+    refusal,
     write_coil_raw_request,
     write_coil_request,
     write_registers_request,
@@ -611,8 +612,8 @@ class ModbusBus:
                     break
             try:
                 reply, latency = await self._link.request(dev.spec.unit, block.request, retries, self._counter(dev))
-            except DeviceRefused as e:
-                answered = True
+            except DeviceRefused as e:  # there, but this block is not read: a poll that reads none is missed
+                failure = failure or refusal(e.code)
                 self._log_refusal(dev, block, e.code)
                 continue
             except NoAnswer as e:
@@ -672,10 +673,11 @@ class ModbusBus:
                 dev.count_error("wrong_unit")
                 unanswered.append(start + i)
                 return
-            if reply[0] & 0x80:
+            if reply[0] & 0x80:  # there, but this block is not read: a poll that reads none is missed
                 dev.count_error("exception")
-                answered[k] = True
-                self._log_refusal(dev, block, exception_code(reply) or 0)
+                code = exception_code(reply) or 0
+                failure[k] = failure[k] or refusal(code)
+                self._log_refusal(dev, block, code)
                 return
             if self._take_reply(dev, block, reply):
                 answered[k] = True
@@ -725,7 +727,7 @@ class ModbusBus:
                         dev.spec.unit, block.request, self.spec.retries - 1, dev.count_error
                     )
                 except DeviceRefused as e:
-                    answered[k] = True
+                    failure[k] = failure[k] or refusal(e.code)
                     self._log_refusal(dev, block, e.code)
                     continue
                 except NoAnswer as e:

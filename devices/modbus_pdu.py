@@ -101,3 +101,23 @@ def mbap_split(buf: bytes | bytearray, pos: int = 0, end: int | None = None) -> 
     if end - pos < used:
         return None
     return used, tid, unit, bytes(buf[pos + MBAP_LEN : pos + used])
+
+
+#: Modbus exception codes (Modbus Application Protocol v1.1b3, 7), as a device's refusal is told.
+EXCEPTION_NAMES = {
+    1: "illegal function",
+    2: "illegal data address",
+    3: "illegal data value",
+    4: "server device failure",
+    5: "acknowledge",
+    6: "server device busy",
+    8: "memory parity error",
+    10: "gateway path unavailable",
+    11: "gateway target device failed to respond",
+}
+
+
+def refusal(code: int) -> str:
+    """``refused: Modbus exception 4 (server device failure)``: why a poll read nothing from a device that answered."""
+    name = EXCEPTION_NAMES.get(code)
+    return f"refused: Modbus exception {code}" + (f" ({name})" if name else "")
