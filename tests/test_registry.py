@@ -12,6 +12,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import aiohttp
 import pytest
 from PIL import Image
 
@@ -21,6 +22,7 @@ from gateway.wire.passes import keyring, load_public_key, parse_revocations
 from portal.app import Options
 from portal.estate import registry as reg
 from portal.estate.passes_issue import KEY_FILE
+from tests.care_patrol_support import resident_browser
 from tests.portal_support import (
     GATEWAY,
     SITE,
@@ -287,6 +289,41 @@ def _png(size: int = 64) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (size, size), (200, 30, 30)).save(buf, "PNG")
     return buf.getvalue()
+
+
+async def test_strangers_pressing_a_flat_s_help_button_leave_its_residents_their_own_call(tmp_path: Path) -> None:
+    """The plate is public: anyone with its photo can press help, and presses are limited per flat (3 in 5 minutes).
+    A stranger using that up from another address must not leave the flat's own resident with "please wait": a
+    signed-in resident of the flat is counted as themselves."""
+    async with running_portal(write_config(tmp_path, None)) as p:
+        csrf = await admin_session(p)
+        assert (await import_csv(p, csrf, estate_csv()))[0] == 200
+        code = await plate_code(p, "3", "2", "301")
+        stranger = aiohttp.ClientSession(
+            base_url=p.origin,
+            connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0)),
+            cookie_jar=aiohttp.CookieJar(unsafe=True),
+        )
+        owner = await resident_row(p, "13812345678", "301")
+        phone, pcsrf = await resident_browser(p, int(owner["person_id"]))
+        try:
+            page = await (await stranger.get(f"/p/{code}")).text()
+            scsrf = page.split('name="csrf" value="')[1].split('"')[0]
+            answers = []
+            for _ in range(4):
+                r = await stranger.post(
+                    f"/p/{code}/sos", data={"csrf": scsrf}, headers={"Origin": p.origin}, allow_redirects=False
+                )
+                answers.append(r.status)
+            assert answers == [303, 303, 303, 429], answers
+            r = await phone.post(
+                f"/p/{code}/sos", data={"csrf": pcsrf}, headers={"Origin": p.origin}, allow_redirects=False
+            )
+            assert r.status == 303, await r.text()
+            assert len(await p.events(type="house.sos")) == 4  # the stranger's three and the resident's own
+        finally:
+            await stranger.close()
+            await phone.close()
 
 
 async def test_sos_and_reports_reach_the_console_and_reports_are_work_items_guards_close(tmp_path: Path) -> None:

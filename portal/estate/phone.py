@@ -329,7 +329,14 @@ def _to_login(request: web.Request) -> web.HTTPSeeOther:
 async def sos(request: web.Request) -> web.StreamResponse:
     place, est = await _at_plate(request, house=True)
     sos = est.limits["sos"]
-    if not await sos.allow(f"h{place.house_id}") or not await sos.allow(_addr_key(request)):
+    rs = await est.resident_session(request)
+    mine = await _my_residency(est, rs, place)
+    if rs is not None and mine is not None and mine.active(est.today()):
+        # A resident of the flat, signed in: counted as themselves, never by what strangers at the plate spent.
+        allowed = await sos.allow(f"p{rs.person.id}")
+    else:  # the plate is public: its presses are counted per flat and per address
+        allowed = await sos.allow(f"h{place.house_id}") and await sos.allow(_addr_key(request))
+    if not allowed:
         return _message(request, place, "phone.sos_title", "phone.sos_again", status=429)
     token = secrets.token_urlsafe(24)
     event_id = await est.raise_sos(place, token)
