@@ -418,6 +418,49 @@ async def test_a_password_chosen_in_a_request_reaches_no_house_someone_else_link
         assert await me.resident_signed_in()
 
 
+async def test_two_strangers_claiming_one_new_number_at_one_flat_neither_keeps_a_password(tmp_path: Path) -> None:
+    """Nobody checks a phone number. Mallory, who knows a newcomer's number, asks first to live in 102 with it and
+    her password; the newcomer asks after her, with theirs, and gets the same answer. The owner approves the one
+    request they see. Neither password may open the flat: the second request withdrew the first one's (whoever
+    came first must not win the account), and the person signs in with the office's one-time code."""
+    async with estate_process(tmp_path) as rig:
+        plate = rig.plate("3", "1", "102")
+        newcomer = "13566663333"
+        assert (await register(rig.new("127.0.41.1"), plate, newcomer, MALLORY_PW, name="吴新")).status == 200
+        assert rig.person(newcomer)[1] is not None  # her password, waiting for the approval
+        assert (await register(rig.new("127.0.41.2"), plate, newcomer, "newcomer-pass-1", name="吴新")).status == 200
+        assert rig.person(newcomer)[1] is None
+        audit = read_rows(rig.db, "SELECT action FROM audit WHERE action LIKE 'register.%' ORDER BY id")
+        assert audit == [("register.request",), ("register.repeat",), ("register.contested",)]
+        assert (await rig.office.act(rig.residency(newcomer, "102")["id"], "approve")).status == 303
+        for addr, password in (("127.0.41.3", MALLORY_PW), ("127.0.41.4", "newcomer-pass-1")):
+            assert (await rig.new(addr).resident_sign_in(newcomer, password)).status == 401, password
+        await own_password(rig, newcomer, "102", "newcomer-own-pass", "127.0.41.5")  # the office's code works
+        # A request made after approval changes nothing.
+        assert (await register(rig.new("127.0.41.6"), plate, newcomer, MALLORY_PW)).status == 200
+        assert (await rig.new("127.0.41.7").resident_sign_in(newcomer, "newcomer-own-pass")).status == 303
+        # One person asking twice with their password (a second try) keeps it: that is no second claimant.
+        again = "13566664444"
+        for addr in ("127.0.41.8", "127.0.41.9"):
+            assert (await register(rig.new(addr), plate, again, "asked-twice-pass")).status == 200
+        assert (await rig.office.act(rig.residency(again, "102")["id"], "approve")).status == 303
+        assert (await rig.new("127.0.41.10").resident_sign_in(again, "asked-twice-pass")).status == 303
+
+
+async def test_a_flat_s_household_shows_the_name_its_request_typed_not_the_office_s(tmp_path: Path) -> None:
+    """An owner can ask for any number in their own flat and approve it: the household list must not then show
+    the name the office has on file for that number (a name for any phone number), only the one typed."""
+    async with estate_process(tmp_path) as rig:
+        zhao = await own_password(rig, ZHAO, "101", "zhao-own-password", "127.0.42.1")
+        plate101 = rig.plate("3", "1", "101")
+        assert (await register(rig.new("127.0.42.2"), plate101, LI, MALLORY_PW, name="猜猜")).status == 200
+        req = rig.residency(LI, "101")
+        r = await zhao.post(f"/p/{plate101}/confirm", {"resident": str(req["id"]), "action": "approve"})
+        assert r.status == 303
+        page = await (await zhao.get(f"/p/{plate101}")).text()
+        assert "猜猜" in page and "李娜" not in page  # 李娜: her name on file (tests.registry_support.PEOPLE)
+
+
 # ---------------------------------------------------------------- 4. revocation holds when a resident comes back
 
 

@@ -621,9 +621,14 @@ async def register_submit(request: web.Request) -> web.StreamResponse:
         return throttled(request)
     hid, today = place.house_id, est.today()
     if rs is None:
-        # Hashed for every request, known number or not: the same work and the same answer either way.
+        # Hashed and checked for every request, known number or not: the same work and the same answer either way.
+        # The check: is this the password a pending request for this number here chose (the same person again)?
         new_hash = await est.hash_password(secret["password"])
-        await est.write(lambda c: reg.register(c, hid, phone, name, role, lease_end, new_hash, today=today))
+        waiting = await est.read(lambda c: reg.pending_password(c, hid, phone))
+        same = await est.svc.auth.check_password(waiting, secret["password"])
+        await est.write(
+            lambda c: reg.register(c, hid, phone, name, role, lease_end, new_hash, today=today, same_claimant=same)
+        )
         log.info("registration request for %s", place.short_zh)
         return _message(request, place, "register.title", "register.pending", ok=True)
     pid = rs.person.id

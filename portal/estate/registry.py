@@ -17,7 +17,9 @@ once that request is approved; for a known phone the typed password is dropped a
 password chosen that way (``reg_people.password_request``) vouches only for the house of that request: when the
 person is later linked to another house by anything but a request made while signed in as them (another
 anonymous request approved, an import), the password is withdrawn and the person signs in with a one-time code
-from the property office, which makes a password of their own choosing that no request ever chose.
+from the property office, which makes a password of their own choosing that no request ever chose. A second
+anonymous request for the same phone and house while the first waits, with another password, withdraws the first
+one's password too: two people may be claiming the number, and the first to type it must not win the account.
 """
 
 from __future__ import annotations
@@ -737,6 +739,12 @@ class Resident:
         """What someone deciding a request sees: the name the requester typed, never the name on file."""
         return self.request_name if self.status == "pending" and self.request_name else self.name
 
+    @property
+    def household_name(self) -> str:
+        """What the flat's residents see: for a stay that came from an anonymous request, the name typed in it (the
+        name on file is the office's, and anyone can request any number), otherwise the name on file."""
+        return self.request_name if self.source == "register" and self.request_name else self.name
+
 
 _RES_SQL = (
     "SELECT r.id, r.person_id, r.house_id, r.subject, p.name, p.phone, r.role, r.status, r.move_in,"
@@ -822,10 +830,13 @@ def register(
     *,
     today: str | None = None,
     person_id: int | None = None,
+    same_claimant: bool = False,
 ) -> int | None:
     """An "I live here" request: a pending residency (its id), or None when the person already has one waiting or
     a current one in this house. The caller answers both alike: nothing here tells a registrant whether the phone
-    was known.
+    was known. ``same_claimant``: this anonymous request's password is the one a pending request for the same phone
+    and house chose (:func:`pending_password`): the same person asking again, who keeps it; anyone else claiming
+    the number withdraws it (:func:`_contest`).
 
     ``person_id``: the request of a signed-in person, for their own account (``phone`` and ``password_hash``
     unused). Otherwise the phone decides: a phone nobody has yet becomes a new person whose password is
@@ -848,13 +859,15 @@ def register(
             person_id = int(row["id"])
     actor = "public" if source == "register" else f"resident:{person_id}"
     for r in conn.execute(
-        "SELECT status, move_out, role, lease_end FROM reg_residents WHERE person_id = ? AND house_id = ?",
+        "SELECT id, status, move_out, role, lease_end FROM reg_residents WHERE person_id = ? AND house_id = ?",
         (person_id, house_id),
     ):
         if r["status"] == "pending" or (
             r["status"] == "active" and not has_ended("active", r["move_out"], r["role"], r["lease_end"], today)
         ):
             audit(conn, actor, "register.repeat", f"house:{house_id}", f"person:{person_id}")
+            if source == "register" and r["status"] == "pending" and not same_claimant:
+                _contest(conn, person_id, int(r["id"]))
             return None
     rid = int(
         conn.execute(
@@ -870,6 +883,29 @@ def register(
         )
     audit(conn, actor, "register.request", f"resident:{rid}", "new person" if created else "")
     return rid
+
+
+def pending_password(conn: Conn, house_id: int, phone: str) -> str | None:
+    """The password hash a pending anonymous request for ``phone`` in this house chose, if there is one."""
+    row = conn.execute(
+        "SELECT p.password_hash FROM reg_people p JOIN reg_residents r ON r.id = p.password_request"
+        " WHERE p.phone = ? AND r.house_id = ? AND r.status = 'pending'",
+        (phone, house_id),
+    ).fetchone()
+    return str(row[0]) if row is not None and row[0] is not None else None
+
+
+def _contest(conn: Conn, person_id: int, request_id: int) -> None:
+    """A second anonymous "I live here" for a number whose pending request chose its password: two people may be
+    claiming it, and whoever came first must not keep the account (nobody checks a phone number). The password is
+    withdrawn; once approved, the person signs in with a one-time code from the property office."""
+    withdrawn = conn.execute(
+        "UPDATE reg_people SET password_hash = NULL, password_request = NULL"
+        " WHERE id = ? AND password_request = ? RETURNING id",
+        (person_id, request_id),
+    ).fetchone()
+    if withdrawn is not None:
+        audit(conn, "public", "register.contested", f"resident:{request_id}", f"person:{person_id}")
 
 
 def _current_elsewhere(conn: Conn, res: Resident, today: str) -> None:
