@@ -728,6 +728,28 @@ async def test_end_to_end_gateway_batch_to_board_and_socket_and_arm_command_roun
             await ws.close()
 
 
+async def test_a_disarm_from_a_gateway_whose_clock_went_back_is_not_lost_behind_the_arm(store: Store) -> None:
+    """The board's arm state follows the gateway's own order (its sequence), not its clock: a Pi back from a power
+    cut with no network may stamp a disarm earlier than the arm before it. A late re-send (a lower seq) never rolls
+    the state back."""
+    group = {"group": "perimeter", "label": "周界", "mode": "away", "by": "bob", "source": "command"}
+
+    async def state() -> str:
+        return str(
+            await store.read(lambda c: c.execute("SELECT state FROM arm_groups WHERE grp = 'perimeter'").fetchone()[0])
+        )
+
+    armed = ev(10, "group.armed", prio=0, data=group, place={}, ts=T0 + timedelta(minutes=50))
+    await put(store, armed)
+    assert await state() == "armed"
+    disarmed = ev(11, "group.disarmed", prio=0, data=group, place={}, ts=T0 + timedelta(minutes=10))
+    await put(store, disarmed)
+    assert await state() == "disarmed"
+    late = ev(9, "group.armed", prio=0, data=group, place={}, ts=T0 + timedelta(minutes=60))  # sent again, late
+    await put(store, late)
+    assert await state() == "disarmed"
+
+
 async def test_closing_an_alarm_its_panel_never_restores_clears_it_at_the_gateway_and_its_next_press_rings(
     tmp_path: Path, broker: MosquittoProcess
 ) -> None:

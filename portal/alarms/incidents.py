@@ -593,10 +593,14 @@ def _apply_group(conn: Conn, ev: Mapping[str, Any]) -> dict[str, Any] | None:
         return None
     state = {"group.armed": "armed", "group.arming": "arming", "group.disarmed": "disarmed"}[ev["type"]]
     old = conn.execute(
-        "SELECT at FROM arm_groups WHERE site = ? AND gateway = ? AND grp = ?", (ev["site"], ev["gateway"], grp[:64])
+        "SELECT g.at, e.seq FROM arm_groups g LEFT JOIN events e ON e.id = g.event_id"
+        " WHERE g.site = ? AND g.gateway = ? AND g.grp = ?",
+        (ev["site"], ev["gateway"], grp[:64]),
     ).fetchone()
-    if old is not None and old["at"] > ev["ts"]:
-        return None  # a late re-send never rolls the state back
+    # A late re-send never rolls the state back. The gateway's own order is its sequence (a Pi's clock can be set
+    # back, as after a power cut without a network: a disarm must not lose to the arm before it for its time).
+    if old is not None and (int(old["seq"]) >= int(ev["seq"]) if old["seq"] is not None else old["at"] > ev["ts"]):
+        return None
     conn.execute(
         "INSERT INTO arm_groups (site, gateway, grp, label, state, mode, by_user, source, at, event_id)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site, gateway, grp) DO UPDATE SET"
