@@ -610,6 +610,16 @@ class AlarmEngine:
                 rows[f"p/{n}"] = {"last_test": p.last_test, "house": dict(p.house) if p.house else None}
         return rows
 
+    def groups_said(self, why: str) -> list[Draft]:
+        """Every group's state as an event (``group.disarmed`` for the disarmed ones, by "gateway", source "start",
+        ``reason`` why): for an engine that started without its saved state (a first start, a store replaced, a
+        state it could not read), so that the board does not keep showing armed what is not."""
+        return [
+            self._group_draft("group.disarmed", g, by="gateway", source="start", reason=why, cancelled_entry=False)
+            for g in self._groups.values()
+            if g.state == "disarmed"
+        ]
+
     def group_states(self) -> dict[str, dict[str, str]]:
         """``{group: {"state": "disarmed"|"exit"|"armed", "mode": "away"|"stay"}}``."""
         return {n: {"state": g.state, "mode": g.mode} for n, g in self._groups.items()}

@@ -442,7 +442,8 @@ class Gateway:
         try:
             state = rows_to_snapshot(rows) if rows else await self.store.get_state(ENGINE_STATE)
             engine = AlarmEngine(self.cfg, mono=time.monotonic, wall=wire.utcnow, state=state, unmapped=unmapped)
-            drafts = []
+            # No saved state (a first start, or a store replaced): every group starts disarmed, and says so.
+            drafts = [] if state is not None else engine.groups_said("no saved state")
         except AlarmStateError as e:
             # A state the engine cannot read (a config change removed its zones, a damaged row): start clean,
             # and say so on the console rather than refuse to guard the estate.
@@ -455,7 +456,8 @@ class Gateway:
                     place=wire.Place(site=self.cfg.site),
                     priority=wire.Priority.FAULT,
                     data={"what": "alarm engine", "detail": str(e)},
-                )
+                ),
+                *engine.groups_said("state lost"),
             ]
         # Every row once, on this run's clock (and what the engine dropped on restore gone with the rest).
         self.store.submit(

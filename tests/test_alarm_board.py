@@ -750,6 +750,24 @@ async def test_a_disarm_from_a_gateway_whose_clock_went_back_is_not_lost_behind_
     assert await state() == "disarmed"
 
 
+@pytest.mark.parametrize("lost", ["store.corrupt_replaced", "gateway.state_lost"])
+async def test_a_gateway_that_lost_its_alarm_state_is_an_incident_and_its_groups_show_disarmed(
+    store: Store, lost: str
+) -> None:
+    """The gateway's store was replaced (or its state unreadable): its open alarms are forgotten and its groups
+    disarmed. That is an incident for the guard (a fault, unpaired), and the board's arm state follows the
+    gateway's word that the perimeter is disarmed, although it showed armed."""
+    group = {"group": "perimeter", "label": "周界", "mode": "away", "by": "bob", "source": "command"}
+    await put(store, ev(1, "group.armed", prio=0, data=group, place={}))
+    fault = ev(2, lost, prio=wire.Priority.FAULT, data={"what": "alarm engine"}, place={}, device="gateway", point=None)
+    reset = {**group, "mode": None, "by": "gateway", "source": "start", "reason": "state lost"}
+    await put(store, fault, ev(3, "group.disarmed", prio=0, data=reset, place={}))
+    (inc,) = await incidents(store)
+    assert (inc["type"], inc["kind"], inc["state"]) == (lost, "fault", "new")
+    groups = await store.read(lambda c: alarms.arm_groups(c))
+    assert [(g["group"], g["state"]) for g in groups] == [("perimeter", "disarmed")]
+
+
 async def test_closing_an_alarm_its_panel_never_restores_clears_it_at_the_gateway_and_its_next_press_rings(
     tmp_path: Path, broker: MosquittoProcess
 ) -> None:

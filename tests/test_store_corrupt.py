@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import random
 import re
 import sqlite3
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from gateway import wire
+from gateway import config, wire
+from gateway.app import Gateway
 from gateway.credentials import open_access_db
 from gateway.events import Draft
 from gateway.store import MIGRATIONS, Store, StoreError, move_aside, open_db, replace_if_corrupt
 from gateway.tooling.broker import MosquittoProcess
+from gateway.wire.passes import generate_keypair, save_public_key
 from tests import procs
+from tests.portal_support import GATEWAY, SITE, mqtt, signed_command
+from tests.waiting import wait_for
 
 PLACE = wire.Place(site="s1", zone="z1")
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -175,3 +182,68 @@ mqtt: {{host: 127.0.0.1, port: {broker.port}, reconnect_min_s: 0.1, reconnect_ma
     assert faults[0]["priority"] == wire.Priority.FAULT
     assert faults[0]["data"]["moved_to"] == str(moved[0])
     assert faults[0]["data"]["error"]
+
+
+async def test_a_gateway_whose_store_was_replaced_says_its_groups_are_disarmed(
+    tmp_path: Path, broker: MosquittoProcess
+) -> None:
+    """The perimeter is armed; the SD card then ruins the store. The gateway that starts on a fresh one has lost the
+    arm state with everything else: its groups are disarmed, and it says so (group.disarmed, source "start") beside
+    the fault, so the board does not go on showing armed a perimeter that alarms at nothing."""
+    key, public = generate_keypair()
+    save_public_key(tmp_path / "portal.pub.pem", public)
+    data = tmp_path / "data"
+    cfg_path = tmp_path / "gateway.yaml"
+    cfg_path.write_text(
+        f"""
+site: {SITE}
+gateway: {GATEWAY}
+data_dir: {data}
+access: {{public_keys: [portal.pub.pem]}}
+mqtt: {{host: 127.0.0.1, port: {broker.port}, reconnect_min_s: 0.1, reconnect_max_s: 1.0}}
+zone_groups: [{{name: perimeter, label: 周界}}]
+""",
+        encoding="utf-8",
+    )
+
+    @contextlib.asynccontextmanager
+    async def running() -> AsyncIterator[Gateway]:
+        gw = Gateway(config.load(cfg_path))
+        stop = asyncio.Event()
+        runner = asyncio.create_task(gw.run(stop))
+        try:
+            await asyncio.wait_for(gw.ready.wait(), 20)
+            yield gw
+        finally:
+            stop.set()
+            await asyncio.wait_for(runner, 30)
+
+    async with running() as gw, mqtt(broker) as portal:
+        engine = gw.engine
+        assert engine is not None
+
+        async def armed() -> bool:  # sent until the gateway, subscribing as it connects, has it
+            payload, _ = signed_command(key, "arm", group="perimeter", mode="away")
+            await portal.publish(wire.topic(SITE, GATEWAY, "cmd"), payload, qos=1)
+            await asyncio.sleep(0.3)
+            return engine.group_states()["perimeter"]["state"] == "armed"
+
+        await wait_for(armed, 15, "the perimeter armed")
+        await asyncio.wait_for(gw.store.drain(), 10)
+    store = data / "gateway.db"
+    for extra in data.glob("gateway.db-*"):
+        extra.unlink()
+    _random_bytes(store)
+    async with running() as gw:
+        assert gw.engine is not None and gw.engine.group_states()["perimeter"]["state"] == "disarmed"
+        evs = await wait_for(
+            lambda: _types(gw, ("store.corrupt_replaced", "group.disarmed")), 10, "the fault and the disarmed group"
+        )
+        (said,) = [e for e in evs if e.type == "group.disarmed"]
+        assert said.data["group"] == "perimeter" and said.data["source"] == "start" and said.data["by"] == "gateway"
+        assert said.seq > next(e.seq for e in evs if e.type == "store.corrupt_replaced")
+
+
+async def _types(gw: Gateway, types: tuple[str, ...]) -> list[wire.Event] | None:
+    evs = [e for e in await gw.store.events() if e.type in types]
+    return evs if {e.type for e in evs} == set(types) else None

@@ -61,7 +61,16 @@ FEED_CHUNK = 1000
 #: Closing types of the gateway's paired families (docs/events.md); any type ending in ``_restore`` too.
 RESTORE_TYPES = frozenset({"zone.restore", "device.online", "reader.online", "panel.restore", "panel.test_restore"})
 #: Events that open an incident of their own although they are not paired (or are below TAMPER).
-UNPAIRED_ALARMS = frozenset({"panel.unknown_account", "house.sos"})
+UNPAIRED_ALARMS = frozenset(
+    {
+        "panel.unknown_account",
+        "house.sos",
+        # a gateway that lost its alarm state (a store replaced, a state it could not read): its groups are
+        # disarmed and its open alarms forgotten, whatever the board showed
+        "store.corrupt_replaced",
+        "gateway.state_lost",
+    }
+)
 #: States whose incident a new trip of the same zone folds into (a resolved or closed one is history: a new one opens).
 FOLD_STATES = ("new", "acknowledged", "dispatched", "on_scene")
 #: Never an incident, whatever their priority: work orders, answers, arming.
@@ -214,7 +223,9 @@ def _opening_of(etype: str) -> str:
 def is_alarm(ev: Mapping[str, Any]) -> bool:
     """Does this event open (or belong to) an incident?"""
     etype = str(ev["type"])
-    if etype in NOT_ALARMS or (etype.startswith(NOT_ALARM_PREFIXES) and etype not in SECURITY_EVENTS):
+    if etype in NOT_ALARMS or (
+        etype.startswith(NOT_ALARM_PREFIXES) and etype not in SECURITY_EVENTS and etype not in UNPAIRED_ALARMS
+    ):
         return False
     data = ev.get("data") or {}
     if isinstance(data.get("incident"), str | int) and not isinstance(data.get("incident"), bool):
