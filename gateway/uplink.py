@@ -439,8 +439,12 @@ class Uplink:
             self.stats.resent_events += 1
 
     def _rewind(self, seqs: list[int]) -> None:
-        """Send these in-flight events again: each lane's cursor goes back to before the first of them."""
-        self._urgent_goal = self.store.last_urgent_seq
+        """Send these in-flight events again: each lane's cursor goes back to before the first of them. An urgent one
+        sent before its commit is read again from the outbox once committed (the urgent lane is read up to
+        ``_urgent_goal``), not before."""
+        urgent = [seq for seq in seqs if self._inflight.get(seq, (0.0, False))[1]]
+        # Never lowered here: an urgent event taken back by an earlier re-send may still wait for its commit.
+        self._urgent_goal = max([self._urgent_goal, self.store.last_urgent_seq, *urgent])
         for seq in seqs:
             sent, lane_urgent = self._inflight.pop(seq)
             self._first_sent.setdefault(seq, sent)

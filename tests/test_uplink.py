@@ -93,6 +93,36 @@ async def test_events_are_forgotten_only_when_acknowledged(tmp_path: Path, broke
 
 
 @pytest.mark.realtime
+async def test_an_alarm_sent_ahead_of_a_stalled_commit_and_unanswered_is_sent_again_once_committed(
+    tmp_path: Path, broker: MosquittoProcess
+) -> None:
+    """An alarm goes out before its commit (the disk is slow); nobody answers, and the silence's re-send takes it
+    back while its commit still stalls. Once committed, it must be sent again from the outbox, not wait there until
+    the next reconnect (the first copy may be the one the portal never stored)."""
+    acker = Acker(broker.port)
+    acker.ack = False  # the portal receives, but stores and answers nothing (busy, restarting)
+    stall = {"s": 0.0}
+    async with Store(tmp_path / "gw.db", site="s1", gateway="gw1", stall=lambda: stall["s"]) as store:
+        up = Uplink(_cfg(broker, resend_after_s=1.0, resend_max_s=2.0), store)
+        store.on_urgent = up.send_now
+        async with running(acker.run(), up.run()):
+            await store.append([Draft(type="door.opened", device="d", place=PLACE)])  # routine, unanswered
+            await _until(lambda: 1 in acker.seen, 5)
+            stall["s"] = 3.0  # the SD card: each commit now takes 3 s
+            alarm = store.submit([Draft(type="zone.alarm", device="p", place=PLACE, priority=wire.Priority.FIRE)])
+            await _until(lambda: 2 in acker.seen, 2)  # ahead of its commit
+            assert up.stats.fast_sent == 1
+            await _until(lambda: up.stats.resends >= 1, 5)  # the silence: what was in flight is taken back
+            acker.ack = True
+            await alarm
+            stall["s"] = 0.0
+            await _until(lambda: 2 in acker.seen[acker.seen.index(2) + 1 :], 5)  # sent again, once committed
+            await _until(lambda: not up._inflight, 5)
+            await store.drain()
+            assert await store.outbox_depth() == 0
+
+
+@pytest.mark.realtime
 async def test_a_portal_working_through_a_backlog_gets_no_resends(tmp_path: Path, broker: MosquittoProcess) -> None:
     """Acks keep coming, each batch slower than the re-send time: the portal is busy, not lost; re-sending the
     window then would only bury it in copies."""
