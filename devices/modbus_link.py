@@ -101,9 +101,14 @@ class BusSpec:
 
     @property
     def gap_ms(self) -> int:
+        """The silence before each request: on RTU framing 30 ms (the slow devices' need), or the 3.5 characters
+        the serial-line spec asks where that is longer (1200 baud with parity or two stop bits: 33 ms)."""
         if self.inter_frame_ms is not None:
             return self.inter_frame_ms
-        return 0 if self.kind == "modbus-tcp" else 30
+        if self.kind == "modbus-tcp":
+            return 0
+        bits = 1 + 8 + (self.parity != "N") + self.stopbits
+        return max(30, math.ceil(3.5 * bits * 1000 / self.baudrate))
 
     def endpoint(self) -> str:
         return self.serial if self.kind == "modbus-rtu" else f"{self.host}:{self.port}"  # type: ignore[return-value]

@@ -82,6 +82,9 @@ class SerialLine(Generic[T]):
         self._on_frame = on_frame
         self._on_state = on_state
         self._serial_kwargs = {"baudrate": baudrate, "bytesize": bytesize, "parity": parity, "stopbits": stopbits}
+        # 7 data bits: the eighth a byte may carry is the parity bit (a line a UART did not strip, a serial server, a
+        # pseudo-terminal), never data.
+        self._mask = bytes(range(128)) * 2 if bytesize == 7 else None
         self._min = reconnect_min
         self._max = reconnect_max
         self._stable_after = stable_after
@@ -143,6 +146,8 @@ class SerialLine(Generic[T]):
 
     def _received(self, data: bytes) -> None:
         self._counts["bytes_in"] += len(data)
+        if self._mask is not None:
+            data = data.translate(self._mask)
         for frame in self._framer.feed(data):
             try:
                 self._on_frame(frame)

@@ -354,7 +354,15 @@ class Gateway:
         from devices.cid_receiver import ContactIdLine  # serial lines load pyserial only where there are some
 
         line = ContactIdLine(
-            c.name, c.serial, self.device_sink, mode=c.mode, baudrate=c.baudrate, silence_timeout=c.silence_timeout_s
+            c.name,
+            c.serial,
+            self.device_sink,
+            mode=c.mode,
+            baudrate=c.baudrate,
+            bytesize=c.bytesize,
+            parity=c.parity,
+            stopbits=c.stopbits,
+            silence_timeout=c.silence_timeout_s,
         )
         async with line:
             self.drivers[c.name] = line

@@ -82,7 +82,7 @@ class DeviceConfig(_Strict):
     name: Name
     profile: str
     bus: Name
-    unit: Annotated[int, msgspec.Meta(ge=0, le=247)] = 1
+    unit: Annotated[int, msgspec.Meta(ge=1, le=247)] = 1  # 0 is Modbus's broadcast address: nothing answers it
     poll_ms: PositiveMs = 200
     place: PlaceConfig | None = None  # where it is mounted (shown by `gatehouse device list`)
 
@@ -231,6 +231,10 @@ class ContactIdLineConfig(_Strict):
     serial: str  # /dev/ttyUSB0, or a pyserial URL
     mode: Literal["panel", "receiver"] = "panel"
     baudrate: Literal[1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200] = 9600
+    # The character framing: 8N1 by default; a Sur-Gard MLR2-E's automation port comes set to 7E1 at 19200.
+    bytesize: Literal[7, 8] = 8
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
     # Offline when nothing (no frame, no heartbeat) arrives for this long. Default: 90 s for a receiver,
     # unsupervised for a panel line (its periodic tests are supervised per panel instead).
     silence_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=7 * 86_400)] | None = None

@@ -229,6 +229,38 @@ async def test_receiver_mode_replies_on_a_pty() -> None:
         assert sink.availability == [("online", "traffic"), ("offline", "no heartbeat for 91 s")]
 
 
+def _seven_even(data: bytes) -> bytes:
+    """Each byte as a 7E1 line carries it when nothing strips the parity bit: even parity in bit 7."""
+    return bytes(b | (0x80 if bin(b).count("1") % 2 else 0) for b in data)
+
+
+async def test_a_receiver_at_its_factory_7e1_is_understood() -> None:
+    """A Sur-Gard MLR2-E's automation port comes set to 19200 7E1. On a line configured so, a byte's eighth bit is
+    its parity (a serial server passes it on, as here: pyserial's socket:// to a TCP server standing for one; a
+    pseudo-terminal refuses parity settings), never data: heartbeats and alarms are read and acknowledged. The same
+    bytes on a line left at 8N1 are refused, as they would be on the wire."""
+    heartbeat, alarm = b"1011           @    " + DC4, b"5011 181234E12101001" + DC4
+    assert _seven_even(alarm) != alarm  # the parity bit is set in some of its bytes
+    for framing, want in (({"bytesize": 7, "parity": "E"}, ACK), ({}, NAK)):
+        sink = Sink()
+        conns: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+        server = await asyncio.start_server(lambda r, w, q=conns: q.put_nowait((r, w)), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with ContactIdLine(
+                "rx-7e1", f"socket://127.0.0.1:{port}", sink, mode="receiver", baudrate=19200, **framing
+            ):
+                async with asyncio.timeout(5):
+                    reader, writer = await conns.get()
+                    for frame in (heartbeat, alarm):
+                        writer.write(_seven_even(frame))
+                        assert await reader.readexactly(1) == want, framing
+                writer.close()
+        finally:
+            server.close()
+        assert [(r.account, r.code, r.zone_or_user) for r in sink.fresh] == ([("1234", 121, 1)] if want == ACK else [])
+
+
 # ---------------------------------------------------------------- against the firmware stub
 
 

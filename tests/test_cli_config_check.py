@@ -75,6 +75,11 @@ BUSES = """buses:
             "doors:\n  - {name: d1, device: c1, relay: lock_relay, unlock_ms: 100}\n",
             ["{f}:11: doors[0] (d1): Expected `int` >= 500 (at $.doors[0].unlock_ms)"],
         ),
+        # unit 0: Modbus's broadcast address, which no device answers (the daemon would not start on it)
+        (
+            BUSES + "devices:\n  - {name: p1, profile: perimeter-panel-8, bus: fence, unit: 0}\n",
+            ["{f}:9: devices[0] (p1): Expected `int` >= 1 (at $.devices[0].unit)"],
+        ),
         # pipelining where the line answers one request at a time
         (
             BUSES + "  - {name: ss1, kind: modbus-rtu-over-tcp, host: 127.0.0.1, port: 4001, max_in_flight: 4}\n",

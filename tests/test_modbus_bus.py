@@ -4,6 +4,7 @@ against firmware stubs in child processes (Modbus TCP, RTU over TCP, RTU on a ps
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import signal
@@ -640,6 +641,27 @@ async def test_scan_finds_units_and_their_profiles() -> None:
     assert [(h.unit, h.profile, h.registers) for h in hits] == [(3, "waveshare-modbus-rtu-relay-d", (3,))]
 
 
+async def test_a_scan_through_a_serial_server_with_nobody_behind_it_finds_nobody() -> None:
+    """A Modbus TCP gateway answers for the units it cannot reach with exception 11 (gateway target device failed to
+    respond) or 10 (gateway path unavailable): those are not units that are there."""
+
+    async def serial_server(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = await r.readexactly(7)
+                body = await r.readexactly(int.from_bytes(head[4:6], "big") - 1)
+                code = 11 if head[6] % 2 else 10
+                w.write(head[:4] + (3).to_bytes(2, "big") + head[6:7] + bytes([body[0] | 0x80, code]))
+
+    server = await asyncio.start_server(serial_server, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        spec = BusSpec("t1", "modbus-tcp", host="127.0.0.1", port=port, timeout_ms=80)
+        assert await scan_bus(spec, range(1, 7), [find_profile("perimeter-panel-8")]) == []
+    finally:
+        server.close()
+
+
 def test_specs_are_validated() -> None:
     with pytest.raises(ValueError, match="needs 'serial'"):
         BusSpec("b", "modbus-rtu")
@@ -653,6 +675,9 @@ def test_specs_are_validated() -> None:
     with pytest.raises(ValueError, match="share a unit id"):
         ModbusBus(spec, [panel("a"), panel("b")], Recorder())
     assert spec.gap_ms == 0 and BusSpec("c", "modbus-rtu-over-tcp", host="h", port=1).gap_ms == 30
+    # 3.5 characters where that is longer than 30 ms: 1200 baud 8E1 (11 bits a character) is 32.1 ms
+    slow = BusSpec("s", "modbus-rtu", serial="/dev/ttyUSB0", baudrate=1200, parity="E")
+    assert slow.gap_ms == 33 and BusSpec("s", "modbus-rtu", serial="/dev/ttyUSB0", baudrate=1200).gap_ms == 30
     with pytest.raises(ValueError, match="max_in_flight above 1 needs modbus-tcp"):
         BusSpec("b", "modbus-rtu-over-tcp", host="h", port=1, max_in_flight=2)
     with pytest.raises(ValueError, match="max_in_flight must be 1-255"):

@@ -37,6 +37,9 @@ class ScanHit:
 
 
 _Read = tuple[str, int, int]  # (table, address, count)
+#: Exceptions a Modbus TCP gateway (serial server) answers for a unit it could not reach: gateway path unavailable,
+#: gateway target device failed to respond. The unit is as absent as one that does not answer.
+GATEWAY_EXCEPTIONS = frozenset({10, 11})
 _Answer = tuple[str, Any]  # ("values", tuple) | ("refused", code) | ("silent", "") | ("garbled", kind)
 
 
@@ -89,7 +92,8 @@ async def scan_bus(
                         unit, reader(Block(table, address, count, ()), unit), 0, lambda _k: None
                     )
                 except DeviceRefused as e:
-                    ans: _Answer = ("refused", e.code)
+                    # 10 and 11 come from a Modbus TCP gateway, not a device: no path, or no answer from the unit
+                    ans: _Answer = ("silent", "") if e.code in GATEWAY_EXCEPTIONS else ("refused", e.code)
                 except NoAnswer as e:
                     if not link.up:
                         raise BusDown(f"bus {spec.name!r}: link lost during the scan") from None
