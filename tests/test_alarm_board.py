@@ -728,6 +728,27 @@ async def test_end_to_end_gateway_batch_to_board_and_socket_and_arm_command_roun
             await ws.close()
 
 
+async def test_a_trip_long_after_its_acknowledged_incident_restored_is_a_new_alarm_that_rings(store: Store) -> None:
+    """A fire zone is acknowledged at 22:00, restores, and nobody closes the incident. A trip minutes later is the
+    same alarm coming back (counted in it); one at 03:00 is a new alarm: a new incident, new, which rings."""
+    fire = {**ZONE, "zone": "F1", "zone_type": "fire", "kind": "fire"}
+
+    def trip(seq: int, inc: str, minutes: float, what: str = "zone.alarm") -> wire.Event:
+        data = {**fire, "how": "restored"} if what == "zone.restore" else fire
+        return ev(seq, what, incident=inc, prio=wire.Priority.FIRE, data=data, ts=T0 + timedelta(minutes=minutes))
+
+    await put(store, trip(1, "Z-1", 0))
+    (first,) = await incidents(store)
+    await store.write(alarms.IncidentAction(first["id"], "ack", "guard1"))
+    await put(store, trip(2, "Z-1", 1, "zone.restore"), trip(3, "Z-2", 5))  # back 4 minutes after: the same alarm
+    (inc,) = await incidents(store)
+    assert (inc["id"], inc["state"], inc["trips"]) == (first["id"], "acknowledged", 2)
+    await put(store, trip(4, "Z-2", 6, "zone.restore"), trip(5, "Z-3", 300))  # five hours later
+    old, new = await incidents(store)
+    assert (old["id"], old["state"], old["trips"]) == (first["id"], "acknowledged", 2)
+    assert new["state"] == "new" and new["engine_incident"] == "Z-3" and new["trips"] == 1
+
+
 async def test_a_disarm_from_a_gateway_whose_clock_went_back_is_not_lost_behind_the_arm(store: Store) -> None:
     """The board's arm state follows the gateway's own order (its sequence), not its clock: a Pi back from a power
     cut with no network may stamp a disarm earlier than the arm before it. A late re-send (a lower seq) never rolls

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from playwright.async_api import Browser, Page, Route, async_playwright, expect
 
@@ -105,6 +106,19 @@ async def test_the_centre_console_shows_every_estate_live_and_rings_for_any(
             await page.wait_for_timeout(500)
             await expect(page.locator("#incidents li.incident")).to_have_count(1)
             assert await rings(page)
+            # a fire at s1, then a second at s3: s3's board offers to acknowledge its two fires, and doing so leaves
+            # s1's fire (an older incident, not on this board) ringing for whoever watches s1
+            now = datetime.now(UTC)
+            s1_fire = ev(2, "zone.alarm", prio=wire.Priority.FIRE, site="s1", ts=now, place={"zone": "east"})
+            await gw.publish(wire.topic("s1", "gw1", "events"), batch_payload([s1_fire], site="s1", gateway="gw1"))
+            await wait_for(lambda: _state_of(p, s1_fire.id), what="s1's fire stored")
+            s3_fire = ev(2, "zone.alarm", prio=wire.Priority.FIRE, site="s3", ts=now, place={"zone": "P2"})
+            await gw.publish(wire.topic("s3", "gw4", "events"), batch_payload([s3_fire], site="s3", gateway="gw4"))
+            await expect(page.locator("#incidents li.incident")).to_have_count(2, timeout=T)
+            await page.locator('.bulk-kind[data-kind="fire"]').click()
+            await wait_for(lambda: _is_state(p, s3_fire.id, "acknowledged"), what="s3's fires acknowledged")
+            assert await _state_of(p, fire.id) == "acknowledged"
+            assert await _state_of(p, s1_fire.id) == "new"
 
             # in English
             await page.goto(p.origin + "/centre")
@@ -130,6 +144,18 @@ async def test_the_centre_console_shows_every_estate_live_and_rings_for_any(
             assert errors == []
         finally:
             await browser.close()
+
+
+async def _state_of(p: Any, event_id: str) -> str | None:
+    """The state of the incident the event ``event_id`` opened, if it did."""
+    row = await p.services.store.read(
+        lambda c: c.execute("SELECT state FROM incidents WHERE first_event = ?", (event_id,)).fetchone()
+    )
+    return None if row is None else str(row[0])
+
+
+async def _is_state(p: Any, event_id: str, state: str) -> bool:
+    return await _state_of(p, event_id) == state
 
 
 async def test_an_alarm_told_while_the_table_is_being_fetched_is_not_lost(

@@ -677,7 +677,13 @@ async def ack_many(request: web.Request) -> web.StreamResponse:
         raise bad_request("zone is a string")
     if (kind is None) == (zone is None):
         raise bad_request("give kind or zone")
-    out = await _board(request).ack_many(_user(request), sites=sites_of(request), kind=kind, zone=zone, upto=upto)
+    site = data.get("site")
+    if site is not None and (not isinstance(site, str) or not 1 <= len(site) <= 64):
+        raise bad_request("site is a string")
+    if site is not None:
+        need(request, site)  # one estate's board (the centre's drill-down): that estate's alarms only
+    sites = (site,) if site is not None else sites_of(request)
+    out = await _board(request).ack_many(_user(request), sites=sites, kind=kind, zone=zone, upto=upto)
     return web.json_response({"incidents": out}, dumps=lambda o: json.dumps(o, ensure_ascii=False))
 
 

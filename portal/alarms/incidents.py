@@ -26,12 +26,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from gateway import wire
 from portal.config import ALARM_KINDS
 from portal.store import Conn, Op, Row, StoreConflict, Tx, audit, db, event_dict, now_text
+from portal.store.basics import ts_text
 from portal.web import i18n
 from portal.web.scope import Sites
 from portal.web.scope import sql as site_sql
@@ -73,6 +74,8 @@ UNPAIRED_ALARMS = frozenset(
 )
 #: States whose incident a new trip of the same zone folds into (a resolved or closed one is history: a new one opens).
 FOLD_STATES = ("new", "acknowledged", "dispatched", "on_scene")
+#: ... and restored no longer than this before the new trip (gateway time, the same clock as the trip's)
+FOLD_RESTORED_S = 600
 #: Never an incident, whatever their priority: work orders, answers, arming.
 NOT_ALARMS = frozenset(
     {
@@ -589,11 +592,15 @@ def fold_key(ev: Mapping[str, Any], opening: str) -> str:
 
 
 def _fold_target(conn: Conn, ev: Mapping[str, Any], etype: str, role: str) -> Row | None:
+    """The open incident of the same alarm that this trip is counted into, if any: one still active, or restored
+    less than :data:`FOLD_RESTORED_S` before it. A trip long after its incident restored is a new alarm, which rings,
+    even if nobody closed the old one (acknowledged, it would otherwise only count it, unheard)."""
     opening = etype if role == "open" else etype[: -len("_repeat")]
+    since = datetime.fromisoformat(str(ev["ts"]).replace("Z", "+00:00")) - timedelta(seconds=FOLD_RESTORED_S)
     return conn.execute(
         f"SELECT id, state FROM incidents WHERE fold_key = ? AND state IN ({', '.join('?' * len(FOLD_STATES))})"
-        " ORDER BY id DESC LIMIT 1",
-        (fold_key(ev, opening), *FOLD_STATES),
+        " AND (restored_at IS NULL OR restored_at >= ?) ORDER BY id DESC LIMIT 1",
+        (fold_key(ev, opening), *FOLD_STATES, ts_text(since)),
     ).fetchone()
 
 

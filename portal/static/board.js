@@ -478,6 +478,7 @@
   function ackMany(what) {
     var body = { upto: newest };
     if (what.kind) { body.kind = what.kind; } else { body.zone = what.zone; }
+    if (cfg.site) { body.site = cfg.site; }  // one estate's board: its alarms only, as its button counted
     post("/api/board/ack", body).then(function (res) {
       if (signedOut(res.status)) { return; }
       if (res.status !== 200) { toast((res.body && res.body.message) || t("board.error")); return; }

@@ -260,7 +260,7 @@
   function showMissed() {
     var fresh = missed.fresh;
     missedEl.textContent = t("shell.missed", { s: missed.secs, n: fresh.length }) + (fresh.length ? " " +
-      fresh.slice(0, 5).map(function (i) { return (i.title && (i.title[cfg.lang] || i.title["zh-CN"])) || i.type; }).join(t("punct.list")) : "");
+      fresh.slice(0, 5).map(function (i) { return (i.title && (i.title[cfg.lang] || i.title["zh-CN"])) || i.type; }).join(t("punct.comma")) : "");
     missedEl.setAttribute("data-count", String(fresh.length));
     missedEl.hidden = false;
   }
@@ -413,9 +413,20 @@
     window.setTimeout(connect, wait);
   }
 
-  // The watchdog: monotonic time since anything was heard on the socket.
+  // The watchdog: monotonic time since anything was heard on the socket. Silent that long, the socket may be dead
+  // without a close (a laptop that slept, a NAT entry dropped, the portal's host gone): it is dropped and a new one
+  // made, not left to TCP, which can take minutes to give up on it.
   window.setInterval(function () {
-    if (!ended && performance.now() - lastHeard > STALE_MS) { showStale(true); }
+    if (ended || performance.now() - lastHeard <= STALE_MS) { return; }
+    showStale(true);
+    if (ws !== null && ws.readyState === WebSocket.OPEN) {
+      var dead = ws;
+      ws = null;
+      dead.onclose = null;
+      dead.onmessage = null;
+      try { dead.close(); } catch (err) { /* closing a dead socket: nothing to do */ }
+      schedule();
+    }
   }, 250);
 
   updateSoundState();
