@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from playwright.async_api import APIResponse, Browser, Page, Route, async_playwright, expect
@@ -566,3 +566,53 @@ async def test_a_socket_that_dies_without_a_close_is_replaced_and_the_alarm_afte
         finally:
             await browser.close()
             proxy.close()
+
+
+async def test_in_a_flood_a_fire_takes_the_banner_in_sight_whatever_its_gateway_s_clock_says(
+    tmp_path: Path, broker: MosquittoProcess
+) -> None:
+    """Ninety-nine fence alarms wait and the guard has scrolled to the bottom of the board (on a phone, and on the
+    guardroom's screen); then a fire, from a gateway whose clock is five minutes slow. The banner shows the fire, and
+    the banner is on screen."""
+    async with running_portal(write_config(tmp_path, broker)) as p, mqtt(broker) as gw, async_playwright() as pw:
+        await wait_for(lambda: p.services.ingest.connected, what="portal connected")
+        await add_user(p, "guard1", "guard", PW)
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=KIOSK, headless=True)
+        try:
+            pages = []
+            for size in ({"width": 390, "height": 844}, {"width": 1920, "height": 1080}):
+                page = await (await browser.new_context(viewport=size)).new_page()  # type: ignore[arg-type]
+                await sign_in(page, p.origin, "/board")
+                pages.append(page)
+            now = datetime.now(UTC)
+            fence = [
+                ev(n, "zone.alarm", incident=f"P{n}", data={**ZONE, "zone": f"P{n}"}, place={"zone": f"P{n}"}, ts=now)
+                for n in range(1, 100)
+            ]
+            await gw.publish(EVENTS_TOPIC, batch_payload(fence), qos=1)
+            for page in pages:
+                await expect(page.locator("#incidents li.incident")).to_have_count(99, timeout=20_000)
+                await page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+            fire_data = {**ZONE, "zone": "F1", "zone_type": "fire", "kind": "fire"}
+            fire = ev(
+                100,
+                "zone.alarm",
+                incident="F1",
+                prio=wire.Priority.FIRE,
+                data=fire_data,
+                place={"zone": "F1"},
+                ts=now - timedelta(minutes=5),
+            )
+            await gw.publish(EVENTS_TOPIC, batch_payload([fire]), qos=1)
+            fire_id = await wait_for(
+                lambda: p.services.store.read(
+                    lambda c: c.execute("SELECT id FROM incidents WHERE first_event = ?", (fire.id,)).fetchone()
+                ),
+                what="the fire stored",
+            )
+            for page in pages:
+                banner = page.locator("#banner")
+                await expect(banner).to_have_attribute("data-id", str(fire_id[0]), timeout=T)
+                await expect(banner).to_be_in_viewport()
+        finally:
+            await browser.close()

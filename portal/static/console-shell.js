@@ -207,7 +207,9 @@
   function unacknowledged() {
     return Object.keys(GH.incidents).map(function (k) { return GH.incidents[k]; })
       .filter(function (i) { return i.state === "new"; })
-      .sort(function (a, b) { return a.opened_at === b.opened_at ? b.id - a.id : (a.opened_at < b.opened_at ? 1 : -1); });
+      // the gravest first (a fire before a hundred fence trips), then the newest to reach the portal (its ids, not
+      // the gateways' clocks, which can be wrong)
+      .sort(function (a, b) { return (b.priority - a.priority) || (b.id - a.id); });
   }
 
   var stale = false;
