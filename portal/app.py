@@ -123,8 +123,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     hub = Hub(queue_max=cfg.ws_queue_max, metrics=metrics)
 
     def on_events(events: list[dict[str, Any]]) -> None:
-        for e in events:  # other instances hear of stored events with the commit itself (portal.centre.peers)
-            hub.broadcast({"kind": "event", "event": e}, relay=False)
+        hub.broadcast_events(events)  # other instances hear of stored events with the commit (portal.centre.peers)
 
     def on_status(site: str, gateway: str, status: str) -> None:
         hub.broadcast({"kind": "status", "gateway": f"{site}/{gateway}", "status": status})

@@ -855,6 +855,41 @@ async def test_closing_an_alarm_its_panel_never_restores_clears_it_at_the_gatewa
             await _next_command(p, gw, timeout=1.0)
 
 
+async def test_a_gateway_s_backlog_in_one_commit_drops_no_console(tmp_path: Path, broker: MosquittoProcess) -> None:
+    """A gateway back from an outage sends its backlog in batches of up to 500 events. A commit bigger than a
+    console's queue (256) must not drop every console as too slow: the console stays connected and hears the
+    newest of them (its event list shows a hundred at most) and the alarm among them."""
+    async with running_portal(write_config(tmp_path, broker)) as p, mqtt(broker) as gw:
+        await wait_for(lambda: p.services.ingest.connected, what="portal connected")
+        await add_user(p, "guard1", "guard", PW)
+        await _signed_in(p, "guard1")
+        ws = await p.client.ws_connect("/ws", headers={"Origin": p.origin})
+        try:
+            base = datetime.now(UTC)
+            routine = [
+                ev(n, "access.granted", prio=0, place={"door": "D1"}, ts=base + timedelta(milliseconds=n))
+                for n in range(1, 500)
+            ]
+            alarm = ev(500, "zone.alarm", incident="B-1", data=ZONE, ts=base + timedelta(seconds=1))
+            await gw.publish(EVENTS_TOPIC, batch_payload([*routine, alarm]), qos=1)
+            heard: set[str] = set()
+            incident = False
+            async with asyncio.timeout(15):
+                while not (alarm.id in heard and incident):
+                    msg = await ws.receive()
+                    assert msg.type == aiohttp.WSMsgType.TEXT, (msg.type, msg.data, len(heard))
+                    body = json.loads(msg.data)
+                    if body.get("kind") == "event":
+                        heard.add(body["event"]["id"])
+                    incident = incident or (
+                        body.get("kind") == "incident" and body["incident"]["engine_incident"] == "B-1"
+                    )
+            assert routine[-1].id in heard  # the newest of the backlog, as the list shows it
+            assert p.services.hub.clients >= 1
+        finally:
+            await ws.close()
+
+
 async def _first(items: Any, pred: Any) -> Any:
     return next((i for i in await items if pred(i)), None)
 

@@ -318,8 +318,7 @@ class Peers:
                 self._asm.malformed += 1
                 continue
             self.store.peer_committed([(PeerCommit(), res)])
-            for e in res.new_events:
-                self.hub.broadcast({"kind": "event", "event": e}, relay=False)
+            self.hub.broadcast_events(res.new_events)
         for m in body.get("hub") or []:
             if not isinstance(m, dict):
                 self._asm.malformed += 1

@@ -23,7 +23,7 @@ import contextlib
 import itertools
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -91,6 +91,17 @@ class Hub:
                 c.queue.put_nowait(message)
             except asyncio.QueueFull:
                 self._kick(c, "fell behind")
+
+    def broadcast_events(self, events: Sequence[Message]) -> None:
+        """Stored events for the consoles' event lists (``relay=False``: the other instances hear of them with the
+        commit). Of more than half a console's queue at once (a gateway's backlog after an outage, batches of up to
+        500), only the newest that many: a list shows a hundred at most, alarms reach it as incidents, and every
+        console would otherwise be dropped as too slow."""
+        burst = max(1, self.queue_max // 2)
+        if len(events) > burst:
+            events = sorted(events, key=lambda e: str(e["id"]))[-burst:]
+        for e in events:
+            self.broadcast({"kind": "event", "event": e}, relay=False)
 
     def _kick(self, c: _Client, why: str, *, slow: bool = True) -> None:
         c.kicked = True
