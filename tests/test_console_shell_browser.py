@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import re
 import signal
 import subprocess
@@ -614,5 +615,49 @@ async def test_in_a_flood_a_fire_takes_the_banner_in_sight_whatever_its_gateway_
                 banner = page.locator("#banner")
                 await expect(banner).to_have_attribute("data-id", str(fire_id[0]), timeout=T)
                 await expect(banner).to_be_in_viewport()
+        finally:
+            await browser.close()
+
+
+#: A covered or hidden tab's timers, at their worst: every interval runs once a minute. The siren's gain nodes are
+#: kept where the test can read their value (what the audio graph is playing now).
+THROTTLED = """
+(() => {
+  const every = window.setInterval.bind(window);
+  window.setInterval = (fn, ms, ...args) => every(fn, Math.max(ms || 0, 60000), ...args);
+  const make = AudioContext.prototype.createGain;
+  AudioContext.prototype.createGain = function () {
+    const g = make.call(this);
+    (window.__gains = window.__gains || []).push(g);
+    return g;
+  };
+})();
+"""
+
+
+async def test_the_siren_keeps_its_pattern_when_the_tab_s_timers_are_throttled(
+    tmp_path: Path, broker: MosquittoProcess
+) -> None:
+    """Behind the CCTV window, Chrome may run the console's timers once a minute. An alarm that comes then must
+    sound its pattern at once (on and off, 1.5 s), not one held level until the next tick: the pattern is written
+    ahead on the audio clock."""
+    async with running_portal(write_config(tmp_path, broker)) as p, mqtt(broker) as gw, async_playwright() as pw:
+        await wait_for(lambda: p.services.ingest.connected, what="portal connected")
+        await add_user(p, "guard1", "guard", PW)
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=KIOSK, headless=True)
+        try:
+            ctx = await browser.new_context(viewport={"width": 1280, "height": 900})
+            await ctx.add_init_script(THROTTLED)
+            page = await ctx.new_page()
+            await sign_in(page, p.origin, "/board")
+            alarm = ev(1, "zone.alarm", incident="S1", data=ZONE, ts=datetime.now(UTC))
+            await gw.publish(EVENTS_TOPIC, batch_payload([alarm]), qos=1)
+            await expect(page.locator("#banner")).to_be_visible(timeout=T)
+            levels = []
+            for _ in range(40):  # 4 s: more than two periods of the pattern
+                levels.append(await page.evaluate("window.__gains[0].gain.value"))
+                await page.wait_for_timeout(100)
+            assert max(levels) > 0.2 and min(levels) < 0.05, levels  # on, and off, and on again
+            assert sum(1 for a, b in itertools.pairwise(levels) if (a > 0.2) != (b > 0.2)) >= 3, levels
         finally:
             await browser.close()

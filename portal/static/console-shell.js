@@ -104,22 +104,52 @@
 
   function running() { return !!audio && audio.ctx.state === "running"; }
 
-  // The two-tone pattern, driven from the audio clock: normal 0.45 s + 0.45 s then 0.6 s quiet; fast 0.16 s each.
+  // The two-tone pattern, written ahead on the audio clock: normal 0.45 s + 0.45 s then 0.6 s quiet; fast 0.16 s
+  // each. A hidden or covered tab's timers may run once a minute: the sound must not wait for them, so the pattern
+  // is scheduled SIREN_AHEAD_S ahead, and each tick only extends it (or starts it afresh when the level changes).
+  var SIREN_AHEAD_S = 150;
+  var shaped = { level: null, until: 0 };
+
+  function segments(level, from, to) {  // [start, frequency, gain] on the audio clock, phase from the clock itself
+    var out = [];
+    var t;
+    if (level === "fast") {
+      for (t = Math.floor(from / 0.16) * 0.16; t < to; t += 0.16) {
+        out.push([t, Math.round(t / 0.16) % 2 ? 770 : 960, 0.5]);
+      }
+    } else if (level === "normal") {
+      for (t = Math.floor(from / 1.5) * 1.5; t < to; t += 1.5) {
+        out.push([t, 960, 0.35], [t + 0.45, 770, 0.35], [t + 0.9, 770, 0]);
+      }
+    } else {
+      out.push([from, 960, 0]);
+    }
+    return out;
+  }
+
   function shape() {
     if (!audio) { return; }
     var now = audio.ctx.currentTime;
-    var on = 0;
-    var freq = 960;
-    if (ringLevel === "fast") {
-      freq = Math.floor(now / 0.16) % 2 ? 770 : 960;
-      on = 0.5;
-    } else if (ringLevel === "normal") {
-      var p = now % 1.5;
-      on = p < 0.9 ? 0.35 : 0;
-      freq = p < 0.45 ? 960 : 770;
+    var from = shaped.until;
+    if (shaped.level !== ringLevel || shaped.until < now) {
+      audio.osc.frequency.cancelScheduledValues(now);
+      audio.gain.gain.cancelScheduledValues(now);
+      shaped.level = ringLevel;
+      from = now;
+    } else if (shaped.until - now > SIREN_AHEAD_S / 2) {
+      return;  // far enough ahead
     }
-    audio.osc.frequency.setValueAtTime(freq, now);
-    audio.gain.gain.setTargetAtTime(on, now, 0.01);
+    var to = now + SIREN_AHEAD_S;
+    var segs = segments(ringLevel, from, to);
+    var first = 0;  // the segment under way at `from` (it may have begun before), then the ones after it
+    for (var k = 0; k < segs.length; k++) { if (segs[k][0] <= from) { first = k; } }
+    segs.slice(first).forEach(function (s, i) {
+      var at = Math.max(s[0], now);
+      audio.osc.frequency.setValueAtTime(s[1], at);
+      if (i === 0 && at === now) { audio.gain.gain.setTargetAtTime(s[2], now, 0.01); }
+      else { audio.gain.gain.setValueAtTime(s[2], at); }
+    });
+    shaped.until = ringLevel ? to : Infinity;  // silence needs no extending
   }
 
   function probe() {
