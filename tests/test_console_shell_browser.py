@@ -661,3 +661,42 @@ async def test_the_siren_keeps_its_pattern_when_the_tab_s_timers_are_throttled(
             assert sum(1 for a, b in itertools.pairwise(levels) if (a > 0.2) != (b > 0.2)) >= 3, levels
         finally:
             await browser.close()
+
+
+async def test_a_note_being_typed_keeps_its_focus_when_a_graver_alarm_comes_on_top(
+    tmp_path: Path, broker: MosquittoProcess
+) -> None:
+    """The guard types a note on a fence alarm's card; a fire comes and takes the top of the board. The note keeps
+    the focus and what was typed, and the typing goes on into it."""
+    async with running_portal(write_config(tmp_path, broker)) as p, mqtt(broker) as gw, async_playwright() as pw:
+        await wait_for(lambda: p.services.ingest.connected, what="portal connected")
+        await add_user(p, "guard1", "guard", PW)
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=KIOSK, headless=True)
+        try:
+            page = await (await browser.new_context(viewport={"width": 1280, "height": 900})).new_page()
+            await sign_in(page, p.origin, "/board")
+            now = datetime.now(UTC)
+            await gw.publish(EVENTS_TOPIC, batch_payload([ev(1, "zone.alarm", incident="N1", data=ZONE, ts=now)]))
+            fence = page.locator("#incidents li.incident").first
+            await expect(fence).to_be_visible(timeout=T)
+            fence_id = await fence.get_attribute("data-id")
+            note = page.locator(f'#incidents li.incident[data-id="{fence_id}"] input.note')
+            await note.click()
+            await page.keyboard.type("已派")
+            fire = ev(
+                2,
+                "zone.alarm",
+                incident="N2",
+                prio=wire.Priority.FIRE,
+                data={**ZONE, "zone": "F1", "zone_type": "fire", "kind": "fire"},
+                place={"zone": "F1"},
+                ts=now,
+            )
+            await gw.publish(EVENTS_TOPIC, batch_payload([fire]))
+            await expect(page.locator("#incidents li.incident")).to_have_count(2, timeout=T)
+            await expect(page.locator("#incidents li.incident").first).not_to_have_attribute("data-id", fence_id or "")
+            await page.keyboard.type("人前往")
+            await expect(note).to_be_focused()
+            await expect(note).to_have_value("已派人前往")
+        finally:
+            await browser.close()

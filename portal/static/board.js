@@ -584,9 +584,14 @@
     var current = Array.prototype.map.call(list.children, function (c) { return c.getAttribute("data-id"); });
     var wanted = order.map(function (i) { return String(i.id); });
     if (current.join(",") !== wanted.join(",")) {
+      // Only the cards out of place move: a card moved loses the focus of what the guard is typing in it (a note,
+      // a name, mid-way through an IME's composition), so a new alarm on top must not move the others.
+      var at = list.firstElementChild;
       wanted.forEach(function (wid) {
         var c = findCard(list, wid);
-        if (c) { list.appendChild(c); }
+        if (!c) { return; }
+        if (c === at) { at = at.nextElementSibling; return; }
+        list.insertBefore(c, at);
       });
     }
   }
