@@ -43,7 +43,8 @@ class WriteResult:
     #: The point read back after the write: True it holds the value written, False it does not (``ok`` is
     #: then False: the device echoed the write, but the relay did not move), None not read back.
     confirmed: bool | None = None
-    #: Why it failed: ``rejected`` (a bad command, never sent), ``refused`` (a Modbus exception), ``no_answer``,
+    #: Why it failed: ``rejected`` (a bad command, never sent), ``not_sent`` (not started within the command's
+    #: ``start_within_ms``), ``refused`` (a Modbus exception), ``no_answer``,
     #: ``link_down``, ``not_moved`` (answered, but the read-back differs), ``unconfirmed`` (answered, the
     #: read-back was not); empty when ``ok``.
     failure: str = ""
@@ -112,3 +113,7 @@ class WritePoint:
     value: Value
     token: str = ""
     pulse_ms: int | None = None
+    #: Not started within this long of being asked (the bus busy with other writes, or stuck), the write is not made
+    #: at all (failure ``not_sent``): someone waiting at a door is told it did not open, and it does not open later.
+    #: None: it waits its turn however long.
+    start_within_ms: int | None = None

@@ -182,6 +182,7 @@ class _WriteJob:
     future: asyncio.Future[WriteResult] | None
     is_reset: bool = False
     attempts: int = 0
+    start_by: float | None = None  # the bus's clock: not started by then, it is not made (WritePoint.start_within_ms)
 
 
 class ModbusBus:
@@ -365,7 +366,8 @@ class ModbusBus:
         if not self._link.up:
             raise BusDown(f"bus {self.spec.name!r} is down: {self._down_reason}")
         fut: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
-        self._writes.append(_WriteJob(cmd, dev, point, encoded, fut))
+        start_by = None if cmd.start_within_ms is None else self._clock() + cmd.start_within_ms / 1000
+        self._writes.append(_WriteJob(cmd, dev, point, encoded, fut, start_by=start_by))
         self._poke()
         return await fut
 
@@ -881,8 +883,18 @@ class ModbusBus:
             now = self._clock()
 
     async def _do_write(self, job: _WriteJob) -> None:
-        self._current = job
         dev, p, cmd = job.device, job.point, job.cmd
+        if job.start_by is not None and self._clock() > job.start_by:
+            # Decided here, in the bus's own task or thread, where the write would start: whoever asked is told it
+            # was not made, and it is not made later behind their back.
+            dev.stats.write_errors += 1
+            detail = f"not sent: the bus did not reach it within {cmd.start_within_ms} ms"
+            result = WriteResult(dev.spec.name, p.name, cmd.token, False, self._clock(), detail, None, "not_sent")
+            self._emit(result)
+            if job.future is not None:
+                self._settle(job.future, result)
+            return
+        self._current = job
         unit = dev.spec.unit
         pulse = dev.spec.profile.pulse
         use_flash = cmd.pulse_ms is not None and not job.is_reset and pulse is not None and p.table == pulse.table

@@ -139,6 +139,7 @@ class Decision:
     uses_left: int | None = None  # after this opening (granted decisions only)
     detail: str = ""
     burst: bool = False  # this refusal completes a burst: raise door.scan_burst
+    used_at: float | None = None  # granted: the wall time its opening was recorded at (AccessDecider.release)
 
     def event_data(self) -> dict[str, Any]:
         """The non-empty fields, as plain values for an event's ``data``."""
@@ -453,7 +454,22 @@ class AccessDecider:
             self._evidence(p.not_before - self._s.skew_s)
         if self._mono() - self._last_prune >= _PRUNE_EVERY_S:
             self.prune()
-        return Decision(True, "granted", door, p.pass_id_hex, p.kind, p.subject, p.house, left, degraded)
+        return Decision(True, "granted", door, p.pass_id_hex, p.kind, p.subject, p.house, left, degraded, used_at=wall)
+
+    def release(self, dec: Decision) -> None:
+        """Give back the opening a granted decision recorded: its door is known not to have opened (the relay did not
+        move, the write was never made), so the pass keeps that use and its holder may scan again."""
+        if not dec.granted or dec.pass_id is None or dec.used_at is None:
+            return
+        pass_id = bytes.fromhex(dec.pass_id)
+        unsaved = self._unsaved.get(pass_id)
+        if unsaved is not None and (dec.door, dec.used_at) in unsaved[1]:
+            unsaved[1].remove((dec.door, dec.used_at))
+            return
+        try:
+            self._used.forget(pass_id, dec.door, dec.used_at)
+        except sqlite3.Error as e:
+            log.error("access: could not take back the use of pass %s at %s: %s", dec.pass_id, dec.door, e)
 
     def _refuse(self, d: _Door, reason: Reason, p: Pass | None, detail: str = "") -> Decision:
         burst = self._burst.refused(d.name)

@@ -40,6 +40,10 @@ class UsedPasses(Protocol):
         """Remember one opening, durably, before the door is opened."""
         ...
 
+    def forget(self, pass_id: bytes, door: str, ts: float) -> None:
+        """Take back one recorded opening (the door did not open after all)."""
+        ...
+
     def prune(self, before: float) -> int:
         """Forget passes that expired before ``before`` and raise :meth:`horizon` to it. Returns rows removed."""
         ...
@@ -78,6 +82,13 @@ class SqliteUsedPasses:
         self._db.execute(
             "INSERT INTO access_used_passes (pass_id, door, ts, not_before, expires) VALUES (?, ?, ?, ?, ?)",
             (pass_id, door, ts, not_before, expires),
+        )
+
+    def forget(self, pass_id: bytes, door: str, ts: float) -> None:
+        self._db.execute(
+            "DELETE FROM access_used_passes WHERE rowid = (SELECT rowid FROM access_used_passes"
+            " WHERE pass_id = ? AND door = ? AND ts = ? ORDER BY rowid DESC LIMIT 1)",
+            (pass_id, door, ts),
         )
 
     def prune(self, before: float) -> int:

@@ -59,8 +59,9 @@ from typing import Any, Literal
 from ulid import ULID
 
 from devices.events import Availability, DeviceEvent, PointChanged, Scan, WritePoint, WriteResult
+from devices.modbus import BusDown
 from gateway import wire
-from gateway.access import AccessDecider
+from gateway.access import AccessDecider, Decision
 from gateway.config import DoorConfig, GatewayConfig, ReaderConfig
 from gateway.events import Draft
 from gateway.wire.passes import PassError
@@ -94,7 +95,19 @@ _FAILURE_OF_WRITE = {
     "link_down": "bus_down",
     "refused": "refused",
     "rejected": "rejected",
+    "not_sent": "bus_down",
 }
+#: An unlock the door's bus could not start within this long (busy, stuck) is not made at all: the person at the door
+#: has been told it failed, and it must not open behind them later (:attr:`devices.events.WritePoint.start_within_ms`).
+UNLOCK_START_WITHIN_MS = 5000
+#: The bus's write failures that prove the door did not open (the read-back shows the relay still; the write was
+#: refused, or never sent): the pass's use is given back. After no answer, a link lost under the request, or an answer
+#: not confirmed, it may have opened.
+_NOT_MADE = frozenset({"not_moved", "not_sent", "refused", "rejected"})
+#: How long an unlock under way is waited for before its outcome is reported as unknown (``unconfirmed``). The bus
+#: bounds a write it has started by its own timeouts and retries, far below this: it is a backstop for a bus that
+#: never answers at all.
+UNLOCK_WORD_WITHIN_S = 120.0
 DoorStateName = Literal["closed", "open", "unlocked", "forced", "held", "offline"]
 
 
@@ -121,6 +134,7 @@ class Unlock:
     reader: str
     write: WritePoint
     granted: Draft | None = None
+    decision: Decision | None = None  # the pass's: its use is given back if the door did not open
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +145,7 @@ class WriteOutcome:
     ok: bool
     reason: str = ""
     detail: str = ""
+    not_made: bool = False  # the door is known not to have opened (not merely not confirmed)
 
 
 @dataclass(slots=True)
@@ -145,6 +160,8 @@ class _Door:
     tamper: bool = False
     opened_at: float | None = None
     grant_until: float = -math.inf  # a grant or remote unlock authorises an opening until then
+    confirmed_until: float = -math.inf  # the part of that the confirmed unlocks authorise
+    pending: dict[str, float] = field(default_factory=dict)  # unlocks under way: token → the window they opened
     exit_until: float = -math.inf  # the exit button likewise
     unlock_until: float = -math.inf  # a successful unlock pulse runs until then
     state: str | None = None  # last reported
@@ -276,25 +293,37 @@ class DoorEngine:
         return self._on_scan(ev)
 
     def write_done(
-        self, door_name: str, token: str, result: WriteOutcome, reader: str | None = None, granted: Draft | None = None
+        self,
+        door_name: str,
+        token: str,
+        result: WriteOutcome,
+        reader: str | None = None,
+        granted: Draft | None = None,
+        decision: Decision | None = None,
     ) -> list[Draft]:
         """The unlock write for ``door_name`` is confirmed (``result.ok``: ``granted`` is reported now) or it
-        failed (``door.unlock_failed`` with the pass's details instead, and a relay fault if it did not move)."""
+        failed (``door.unlock_failed`` with the pass's details instead, and a relay fault if it did not move). A pass's
+        use (``decision``) is given back when the door is known not to have opened."""
         out: list[Draft] = []
         door = self._doors.get(door_name)
         if door is None:
             return out
         now = self._mono()
         relay_key = f"relay:{door.cfg.device}:{door.cfg.relay}"
+        door.pending.pop(token, None)
         if result.ok:
             door.unlock_until = now + door.cfg.unlock_ms / 1000
-            door.grant_until = max(door.grant_until, now + door.window_s())
+            door.confirmed_until = max(door.confirmed_until, now + door.window_s())
+            door.grant_until = max(door.grant_until, door.confirmed_until)
             if granted is not None:
                 out.append(granted)
             self._close_incident(relay_key, out)
         else:
             self.stats["unlock_failed"] += 1
-            door.grant_until = -math.inf
+            # This unlock authorises nothing; another person's, confirmed or under way, still does.
+            door.grant_until = max([door.confirmed_until, *door.pending.values()])
+            if decision is not None and result.not_made:
+                self._decider.release(decision)
             log.warning("door %s: unlock failed (%s): %s", door.name, result.reason, result.detail)
             data: dict[str, Any] = {
                 "door": door.name,
@@ -416,7 +445,6 @@ class DoorEngine:
         if len(reason) > MAX_REASON_CHARS:
             return f"the reason is longer than {MAX_REASON_CHARS} characters"
         door = self._doors[door_name]
-        door.grant_until = max(door.grant_until, self._mono() + door.window_s())
         return door_name, self._unlock_write(door, "remote")
 
     def unlock_done(self, door_name: str, by: str, reason: str, token: str, result: WriteOutcome) -> list[Draft]:
@@ -636,12 +664,20 @@ class DoorEngine:
         return out
 
     def _unlock_write(self, door: _Door, why: str) -> WritePoint:
+        """The unlock's write. The door may be opened from now on, while the write is under way (a fast door opens
+        before the read-back confirms): until it is known to have failed, when only the unlocks confirmed or still
+        under way authorise an opening."""
+        token = f"{why}:{door.name}:{next(self._tokens)}"
+        until = self._mono() + door.window_s()
+        door.pending[token] = until
+        door.grant_until = max(door.grant_until, until)
         return WritePoint(
             door.cfg.device,
             door.cfg.relay,
             True,
-            token=f"{why}:{door.name}:{next(self._tokens)}",
+            token=token,
             pulse_ms=door.cfg.unlock_ms,
+            start_within_ms=UNLOCK_START_WITHIN_MS,
         )
 
     def _on_scan(self, scan: Scan) -> tuple[list[Draft], Unlock | None]:
@@ -665,7 +701,6 @@ class DoorEngine:
         dec = self._decider.decide(door.name, scan.text)
         if dec.granted:
             self.stats["granted"] += 1
-            door.grant_until = max(door.grant_until, now + door.window_s())
             write = self._unlock_write(door, "grant")
             granted = Draft(
                 type="access.granted",
@@ -681,7 +716,7 @@ class DoorEngine:
                     "uses_left": dec.uses_left,
                 },
             )
-            return out, Unlock(door.name, reader.cfg.name, write, granted)
+            return out, Unlock(door.name, reader.cfg.name, write, granted, dec)
         self.stats["denied"] += 1
         data: dict[str, Any] = {"door": door.name, "reader": reader.cfg.name, "reason": dec.reason}
         for k in ("pass_id", "subject", "house"):
@@ -724,13 +759,13 @@ class DoorService:
         submit: Callable[[Sequence[Draft], dict[str, Any] | None], object],
         *,
         mono: Callable[[], float] = time.monotonic,
-        write_timeout_s: float = 5.0,
+        write_word_within_s: float = UNLOCK_WORD_WITHIN_S,
     ) -> None:
         self.engine = engine
         self._write = write
         self._submit = submit
         self._mono = mono
-        self._write_timeout_s = write_timeout_s
+        self._word_within_s = write_word_within_s
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
 
@@ -798,22 +833,32 @@ class DoorService:
         task.add_done_callback(self._tasks.discard)
 
     async def _do_write(self, write: WritePoint) -> WriteOutcome:
+        """The write's true outcome. Not abandoned after a few seconds: the bus would still make a write its caller
+        gave up on (the door opening after it was reported failed); the bus itself drops one it could not start in
+        time (``start_within_ms``) and bounds one under way by its timeouts."""
         try:
-            async with asyncio.timeout(self._write_timeout_s):
+            async with asyncio.timeout(self._word_within_s):
                 result = await self._write(write)
         except TimeoutError:
-            return WriteOutcome(False, "no_answer", f"no answer within {self._write_timeout_s:.0f} s")
+            return WriteOutcome(
+                False,
+                "unconfirmed",
+                f"no word from the bus within {self._word_within_s:.0f} s: whether the relay moved is not known",
+            )
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # BusDown, and anything else a bus may raise: the door must not take the loop down
+        except BusDown as e:  # the link is down: nothing was sent
+            return WriteOutcome(False, "bus_down", str(e) or type(e).__name__, not_made=True)
+        except Exception as e:  # anything else a bus may raise: the door must not take the loop down
             return WriteOutcome(False, "bus_down", str(e) or type(e).__name__)
         if result.ok:
             return WriteOutcome(True)
-        return WriteOutcome(False, _FAILURE_OF_WRITE.get(result.failure, "no_answer"), result.detail)
+        reason = _FAILURE_OF_WRITE.get(result.failure, "no_answer")
+        return WriteOutcome(False, reason, result.detail, not_made=result.failure in _NOT_MADE)
 
     async def _unlock(self, u: Unlock) -> None:
         res = await self._do_write(u.write)
-        self._store(self.engine.write_done(u.door, u.write.token, res, u.reader, u.granted))
+        self._store(self.engine.write_done(u.door, u.write.token, res, u.reader, u.granted, u.decision))
 
     def _store(self, drafts: list[Draft]) -> None:
         if drafts:

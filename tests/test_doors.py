@@ -22,7 +22,7 @@ from gateway import wire
 from gateway.access import AccessDecider
 from gateway.config import AccessConfig, DeviceConfig, DoorConfig, GatewayConfig, PlaceConfig, ReaderConfig
 from gateway.credentials import RevocationStore, SqliteUsedPasses, open_access_db
-from gateway.doors import STATE_KEY, DoorEngine, DoorService, Unlock, WriteOutcome
+from gateway.doors import STATE_KEY, UNLOCK_START_WITHIN_MS, DoorEngine, DoorService, Unlock, WriteOutcome
 from gateway.events import Draft
 from gateway.store import Store
 from gateway.wire.passes import (
@@ -225,7 +225,9 @@ def test_a_granted_scan_pulses_the_relay_and_the_door_opens_without_alarm(rig: R
     rig.ready()
     drafts, unlock = rig.scan(resident(clock))
     assert unlock is not None and unlock.door == "b3-u2" and unlock.reader == "qr-b3-u2"
-    assert unlock.write == WritePoint("ctl-3", "lock_relay", True, token=unlock.write.token, pulse_ms=3000)
+    assert unlock.write == WritePoint(
+        "ctl-3", "lock_relay", True, token=unlock.write.token, pulse_ms=3000, start_within_ms=UNLOCK_START_WITHIN_MS
+    )
     assert drafts == []  # nothing is said before the relay is confirmed to have moved
     g = unlock.granted
     assert g is not None
@@ -313,6 +315,52 @@ def test_what_authorises_an_opening(rig: Rig, clock: Clock, before: str, gap_s: 
     clock.advance(gap_s)
     out = rig.point("ctl-3", "door_open", True)
     assert ("door.forced" in types(out)) is forced
+
+
+def test_another_persons_failed_unlock_leaves_a_confirmed_unlock_its_window(rig: Rig, clock: Clock) -> None:
+    """A's unlock is confirmed (3 s pulse, 1 s grace); B scans 2.5 s later and B's unlock fails: A pushing the door
+    at 3.2 s, inside A's own window, is no forced door. B's failure takes back only what B's unlock authorised."""
+    rig.ready()
+    _, a = rig.scan(resident(clock, subject="PA"))
+    assert a is not None
+    rig.engine.write_done(a.door, a.write.token, WriteOutcome(True), a.reader, a.granted, a.decision)
+    clock.advance(2.5)
+    _, b = rig.scan(resident(clock, subject="PB"))
+    assert b is not None
+    failed = rig.engine.write_done(
+        b.door, b.write.token, WriteOutcome(False, "no_answer", "no answer"), b.reader, b.granted, b.decision
+    )
+    assert types(failed) == ["door.unlock_failed"]
+    clock.advance(0.7)
+    out = rig.point("ctl-3", "door_open", True)
+    assert "door.forced" not in types(out) and states(out) == [("b3-u2", "open")]
+    clock.advance(5)  # past A's window too: the next opening is forced
+    rig.point("ctl-3", "door_open", False)
+    assert "door.forced" in types(rig.point("ctl-3", "door_open", True))
+
+
+@pytest.mark.parametrize(
+    ("outcome", "kept"),
+    [
+        (WriteOutcome(False, "relay_not_moved", "read-back: off", not_made=True), True),
+        (WriteOutcome(False, "bus_down", "not sent", not_made=True), True),
+        (WriteOutcome(False, "refused", "Modbus exception 4", not_made=True), True),
+        (WriteOutcome(False, "no_answer", "no answer"), False),  # it may have reached the relay
+        (WriteOutcome(False, "unconfirmed", "the read-back was not answered"), False),
+        (WriteOutcome(True), False),
+    ],
+)
+def test_a_pass_keeps_its_use_only_when_its_door_surely_did_not_open(
+    rig: Rig, clock: Clock, outcome: WriteOutcome, kept: bool
+) -> None:
+    rig.ready()
+    text = resident(clock, subject="P1", uses=1)
+    _, unlock = rig.scan(text)
+    assert unlock is not None
+    rig.engine.write_done(unlock.door, unlock.write.token, outcome, unlock.reader, unlock.granted, unlock.decision)
+    clock.advance(3)  # past repeat_ignore_ms
+    _, again = rig.scan(text)
+    assert (again is not None) is kept
 
 
 def test_held_open_past_its_time(rig: Rig, clock: Clock) -> None:
@@ -581,7 +629,13 @@ def test_a_door_open_at_start_up_is_not_forced_but_is_timed(rig: Rig, clock: Clo
 
 @asynccontextmanager
 async def service_rig(
-    tmp_path: Path, door_stub: Stub, profile: str, door: DoorConfig, reader_stub: Stub, unit: int = 1
+    tmp_path: Path,
+    door_stub: Stub,
+    profile: str,
+    door: DoorConfig,
+    reader_stub: Stub,
+    unit: int = 1,
+    timeout_ms: int = 300,
 ) -> AsyncIterator[tuple[DoorService, Store, ModbusBus, QrReaderLine]]:
     host, port = door_stub.endpoint()
     reader = ReaderConfig(name="qr-1", serial=reader_stub.serial, door=door.name, repeat_ignore_ms=0)
@@ -608,7 +662,7 @@ async def service_rig(
 
     svc = DoorService(engine, write, store.submit)
     bus = ModbusBus(
-        BusSpec("b", "modbus-tcp", host=host, port=port, timeout_ms=300),
+        BusSpec("b", "modbus-tcp", host=host, port=port, timeout_ms=timeout_ms),
         [DeviceSpec(door.device, find_profile(profile), unit=unit, poll_ms=50)],
         svc.on_device_event,
     )
@@ -822,6 +876,47 @@ async def test_a_relay_d_in_linkage_mode_echoes_the_unlock_and_the_door_is_not_r
             unit = (await board.state())["panels"][0]["units"]["1"]
             assert [(f["channel"], f["on"], f["ms"]) for f in unit["flashes"]] == [(1, True, 1200)]
             assert "unlocked" in [e.data["state"] for e in await stored(store, "door.state")]
+
+
+@pytest.mark.realtime
+async def test_a_slow_controller_opens_only_the_doors_it_reports_and_reports_every_door_it_opens(
+    tmp_path: Path,
+) -> None:
+    """The controller answers every request after 4 s (a slow serial server, within the bus's 4.5 s timeout). P1's
+    unlock takes some 8 s (the write, its read-back): it is waited for and reported granted, not given up on after
+    a few seconds while the bus still makes it. P2, scanned just after, cannot start within 5 s: it is not made at
+    all, said as failed, and the relay pulses once in all; P2's pass keeps its use and opens the door later."""
+    door = msgspec.structs.replace(DOORS[0], unlock_ms=15_000)  # long enough to be read back on this slow line
+    async with (
+        run_stub("firmware_stubs.door_controller", "--tcp", "127.0.0.1:0") as ctl,
+        run_stub("firmware_stubs.qr_reader", "--pty") as qr,
+        service_rig(tmp_path, ctl, "door-controller", door, qr, timeout_ms=4500) as (_svc, store, _bus, _line),
+    ):
+        now = int(time.time())
+
+        def pass_for(subject: str) -> str:
+            fields = PassFields(
+                kind="resident", site=SITE, subject=subject, units=("3/2",), not_before=now, not_after=now + 600
+            )
+            return sign_pass(PRIV, fields)
+
+        p1, p2 = pass_for("P1"), pass_for("P2")
+        await ctl.post("/delay", {"ms": 4000})
+        await qr.post("/scan", {"text": p1})
+        await qr.post("/scan", {"text": p2})
+        (failed,) = await wait_stored(store, "door.unlock_failed", timeout=25)
+        assert (failed.data["subject"], failed.data["reason"]) == ("P2", "bus_down")
+        assert "not sent" in failed.data["detail"]
+        (granted,) = await wait_stored(store, "access.granted", timeout=25)
+        assert granted.data["subject"] == "P1"
+        await ctl.post("/delay", {"ms": 0})
+        await asyncio.sleep(1.0)  # anything still queued would be made by now
+        history = (await ctl.state())["panels"][0]["units"]["1"]["relay_history"]
+        assert [h["on"] for h in history if h["on"]] == [True]  # one unlock made: P1's
+        await qr.post("/scan", {"text": p2})  # a one-use pass: its use came back with the unlock never made
+        got = await wait_stored(store, "access.granted", 2)
+        assert got[1].data["subject"] == "P2"
+        assert await stored(store, "access.denied") == []
 
 
 async def test_an_unlock_on_a_dead_bus_is_a_fault_not_a_crash(tmp_path: Path) -> None:
