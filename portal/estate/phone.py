@@ -238,7 +238,12 @@ async def _house(
 
 
 async def _entrance(
-    request: web.Request, est: Estate, place: reg.Place, rs: ResidentSession | None, result: str | None = None
+    request: web.Request,
+    est: Estate,
+    place: reg.Place,
+    rs: ResidentSession | None,
+    result: str | None = None,
+    why: str | None = None,
 ) -> web.Response:
     doors: list[reg.Door] = []
     allowed = blocked = False
@@ -257,6 +262,7 @@ async def _entrance(
         blocked=blocked,
         doors=doors,
         result=result,
+        why=why,
         code=request.match_info["code"],
     )
 
@@ -311,9 +317,10 @@ async def open_door(request: web.Request) -> web.StreamResponse:
         return invalid(request)
     if not await est.limits["unlock"].allow(f"p{rs.person.id}"):
         return throttled(request)
-    result = await est.unlock(door, f"resident:{rs.person.id}")
-    await est.audit(f"resident:{rs.person.id}", "door.unlock", f"door:{door.site}/{door.door}", result, _addr(request))
-    return await _entrance(request, est, place, rs, result=result)
+    result, why = await est.unlock(door, f"resident:{rs.person.id}")
+    said = f"{result}:{why}" if why else result
+    await est.audit(f"resident:{rs.person.id}", "door.unlock", f"door:{door.site}/{door.door}", said, _addr(request))
+    return await _entrance(request, est, place, rs, result=result, why=why)
 
 
 def _to_login(request: web.Request) -> web.HTTPSeeOther:

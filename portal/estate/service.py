@@ -54,7 +54,6 @@ OTC_LIFE_S = 72 * 3600
 # resident_sessions.must_set_password: why the session is asked for a new password
 MUST_SET_AFTER_CODE = 1  # opened with a one-time code from the office
 MUST_SET_TOO_SHORT = 2  # opened with a password shorter than today's minimum
-UNLOCK_COMMAND_LIFE_S = 30
 PORTAL_GATEWAY = "portal"  # the "gateway" of events the portal raises itself (help calls, reports)
 
 
@@ -596,15 +595,19 @@ class Estate:
 
     # -- doors
 
-    async def unlock(self, door: reg.Door, by: str) -> str:
-        """sent (no answer in time), opened, or failed."""
+    async def unlock(self, door: reg.Door, by: str) -> tuple[str, str | None]:
+        """(``opened``, None); (``failed``, why: one of :data:`gateway.wire.UNLOCK_FAILURES`, ``unsent`` when the
+        command could not be sent, None when the gateway gave no reason); or (``unanswered``, None): no answer within
+        ``phone.unlock_wait_s``. The command expires then, as the console's do, so a gateway that gets it later (its
+        link down, the broker holding it) does not open the door behind a resident who has been told otherwise."""
         now = datetime.now(UTC)
+        wait_s = self.cfg.phone.unlock_wait_s
         cmd = wire.Command(
             v=wire.COMMAND_VERSION,
             id=str(ULID()),
             type="unlock",
             ts=now,
-            expires=now + timedelta(seconds=UNLOCK_COMMAND_LIFE_S),
+            expires=now + timedelta(seconds=wait_s),
             by=by,
             args={"door": door.door, "reason": "resident phone"},
         )
@@ -615,13 +618,16 @@ class Estate:
                 await self.svc.ingest.send_command(door.site, door.gateway, cmd)
             except (BrokerUnavailable, ValueError, wire.WireError) as e:
                 log.info("unlock of %s not sent: %s", door.door, e)
-                return "failed"
+                return "failed", "unsent"
             try:
-                async with asyncio.timeout(self.cfg.phone.unlock_wait_s):
+                async with asyncio.timeout(wait_s):
                     data = await fut
             except TimeoutError:
-                return "sent"
-            return "opened" if data.get("ok") is True else "failed"
+                return "unanswered", None
+            if data.get("ok") is True:
+                return "opened", None
+            why = data.get("reason")
+            return "failed", why if why in wire.UNLOCK_FAILURES else None
         finally:
             self.waiters.pop(cmd.id, None)
 
