@@ -252,6 +252,30 @@ async def test_access_log_filters_pages_and_exports(
         )
         assert exports == [("guard:guard1", ""), ("guard:guard1", "door=north-gate&result=denied")]
 
+        # A pass granted on paper whose door did not open (the relay did not move): found as "not opened", with why.
+        failed = door_event(
+            10,
+            "door.unlock_failed",
+            "b3u2",
+            {
+                "reader": "r-b3u2",
+                "reason": "relay_not_moved",
+                "detail": "read-back: lock_relay reads off",
+                "pass_id": "0a" * 12,
+                "kind": "resident",
+                "subject": zhang,
+                "house": "3-2-301",
+            },
+            ts=at(80),
+        )
+        await publish(gw, [failed])
+        assert await search(p, result="failed") == [failed.id]
+        assert await search(p, result="relay_not_moved") == [failed.id]
+        assert await search(p, person="张伟") == [failed.id, *want(1, 2)]
+        assert await search(p, result="denied") == want(2, 4, 5, 7)
+        html = await (await p.client.get("/access-log", params={"result": "failed"})).text()
+        assert "未开门" in html and "门锁未动作" in html and "张伟" in html
+
         # Installers do not read the access log.
         await guard_session(p, "fitter1", "fitter-password-0001", role="installer")
         assert (await p.client.get("/api/access-log")).status == 403

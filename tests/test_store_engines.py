@@ -289,6 +289,40 @@ def door_events() -> list[wire.Event]:
         ),
         ev(7, "command.result", 40, {}, {"command_id": "c1", "ok": True, "detail": "relay read back"}),
         ev(8, "door.state", 50, d1, {"state": "sideways"}),  # not a state: nothing
+        # A pass granted on paper whose door did not open, and a guard's remote unlock the same: in the access log.
+        ev(
+            9,
+            "door.unlock_failed",
+            60,
+            d1,
+            {
+                "door": "d1",
+                "reader": "qr-1",
+                "reason": "relay_not_moved",
+                "detail": "read-back: lock_relay reads off",
+                "token": "grant:d1:1",
+                "pass_id": "ee00",
+                "kind": "resident",
+                "subject": "r:abc",
+                "house": "3-2-301",
+            },
+        ),
+        ev(
+            10,
+            "door.unlock_failed",
+            61,
+            d1,
+            {
+                "door": "d1",
+                "reader": None,
+                "reason": "bus_down",
+                "detail": "link down",
+                "kind": "remote",
+                "subject": "guard:bob",
+                "pass_id": None,
+                "house": None,
+            },
+        ),
     ]
 
 
@@ -308,7 +342,7 @@ async def test_events_keep_door_states_and_the_access_log_the_same_on_both(tmp_p
             )
             res = await store.write(StoreBatch(wire.batch_events(SITE, GATEWAY, events)))
             again = await store.write(StoreBatch(wire.batch_events(SITE, GATEWAY, events[:3])))
-            assert len(res.new_events) == 8 and again.duplicates == 3 and not again.new_events
+            assert len(res.new_events) == 10 and again.duplicates == 3 and not again.new_events
 
             def read(c: Any) -> list[Any]:
                 return [
@@ -329,7 +363,16 @@ async def test_events_keep_door_states_and_the_access_log_the_same_on_both(tmp_p
     states, log, commands = seen[0]
     assert [s[:6] for s in states] == [(SITE, "d1", GATEWAY, "3", "2", "open")]
     assert states[0][8] == 1 and states[0][10] == 1  # tamper, reader offline
-    assert [(r[4], r[10], r[11]) for r in log] == [("d1", "granted", ""), ("d2", "denied", "expired")]
+    assert [(r[4], r[10], r[11]) for r in log] == [
+        ("d1", "granted", ""),
+        ("d2", "denied", "expired"),
+        ("d1", "failed", "relay_not_moved"),
+        ("d1", "failed", "bus_down"),
+    ]
+    failed, remote = log[2], log[3]
+    assert (failed[8], failed[9], failed[12], failed[13]) == ("r:abc", "resident", "qr-1", "ee00")
+    assert failed[15] == "read-back: lock_relay reads off"
+    assert (remote[9], remote[14], remote[15]) == ("remote", "guard:bob", "link down")
     assert commands[0][1:3] == ("opened", "relay read back")
 
 

@@ -1,8 +1,9 @@
 """The access log: every access decision the gateways reported, searched by door, house, person, result
 and time, a page at a time (newest first, keyset paging), and exported as CSV (streamed in chunks).
 
-Rows come from ``access_log``, which a trigger fills from ``access.granted``/``access.denied`` events in
-the same transaction that stores them (see the doors migration in :mod:`portal.store`). A person is
+Rows come from ``access_log``, which triggers fill from ``access.granted``/``access.denied`` events, and from
+``door.unlock_failed`` (a pass or remote unlock granted whose door did not open: result ``failed``, the gateway's
+reason), in the same transaction that stores them (see the doors migrations in :mod:`portal.store`). A person is
 found by pass subject (``r:...``, ``v:...``), by a portal user name (remote unlocks), or by name: the
 names of the registry's residents and of the visitors registered at the guardroom.
 """
@@ -20,7 +21,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from gateway.wire import NAME_RE
+from gateway.wire import NAME_RE, UNLOCK_FAILURES
 from portal.doors.doors import BOARD
 from portal.doors.visitors import parse_house
 from portal.store import Conn, audit, db, ts_text
@@ -46,7 +47,7 @@ REASONS = (
     "replayed",
     "malformed",
 )
-RESULTS = ("granted", "denied", *REASONS)
+RESULTS = ("granted", "denied", "failed", *REASONS, *UNLOCK_FAILURES)
 KINDS = ("resident", "visitor", "remote")
 PAGE_DEFAULT = 50
 PAGE_MAX = 500
@@ -82,7 +83,7 @@ class Filter:
     door: str = ""
     house: str = ""  # the pass's house reference, "3-2-301"
     person: str = ""
-    result: str = ""  # granted, denied or one denial reason
+    result: str = ""  # granted, denied, failed, or one denial or failure reason
     kind: str = ""
     since: str = ""  # UTC ts text, inclusive
     until: str = ""  # UTC ts text, exclusive
@@ -185,11 +186,11 @@ def search(
         if v:
             where.append(f"{col} = ?")
             args.append(v)
-    if f.result in ("granted", "denied"):
+    if f.result in ("granted", "denied", "failed"):
         where.append("result = ?")
         args.append(f.result)
     elif f.result:
-        where.append("result = 'denied' AND reason = ?")
+        where.append(f"result = '{'failed' if f.result in UNLOCK_FAILURES else 'denied'}' AND reason = ?")
         args.append(f.result)
     if f.person:
         subjects = [f.person] if ":" in f.person else subjects_named(conn, f.person)
@@ -314,6 +315,7 @@ async def page(request: web.Request) -> web.StreamResponse:
         next_cursor=nxt,
         error=error,
         reasons=REASONS,
+        failures=UNLOCK_FAILURES,
         kinds=KINDS,
         doors=doors,
         paged="before" in request.query,
