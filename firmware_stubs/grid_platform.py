@@ -29,6 +29,10 @@ Control API (JSON over HTTP on loopback; tests and the demo):
 ``POST /down``                            ``{"on": true, "how": "refuse" | "503" | "hang"}``: refuse
                                           connections, answer 503, or take the request and never answer
 ``POST /slow``                            ``{"s": 2.5}`` take each record at once, answer this late
+``POST /fragment``                        ``{"bytes": 16, "pause_s": 0.05}``: write every answer (to a record,
+                                          to a poll) in pieces of this many bytes, this far apart, after its
+                                          headers (with Content-Length), as a slow WAN delivers it; 0 bytes:
+                                          whole again
 ``POST /reject``                          ``{"count": 1, "status": 422, "reason": "..."}`` refuse the next
                                           ``count`` records
 ``POST /callback-twice``                  ``{"on": true}`` send every callback twice (same callback id)
@@ -211,6 +215,7 @@ class Platform:
         self.counts = {"requests": 0, "accepted": 0, "duplicates": 0, "rejected": 0, "unsigned": 0, "polls": 0}
         self.down: str | None = None  # refuse | 503 | hang
         self.slow_s = 0.0
+        self.fragment: tuple[int, float] = (0, 0.0)  # bytes a piece, seconds between pieces (0: whole)
         self.reject: dict[str, Any] = {"count": 0, "status": 422, "reason": ""}
         self.twice = False
         self.callbacks: list[dict[str, Any]] = []
@@ -252,11 +257,27 @@ class Platform:
             await self.released.wait()
         return None
 
-    async def post_event(self, request: web.Request) -> web.Response:
+    async def _answer(self, request: web.Request, answer: web.Response) -> web.StreamResponse:
+        """``answer`` as it is, or (``/fragment``) its headers first and then its body in pieces."""
+        size, pause_s = self.fragment
+        body = answer.body
+        if not size or not isinstance(body, bytes):
+            return answer
+        out = web.StreamResponse(status=answer.status, headers={"Content-Type": answer.headers["Content-Type"]})
+        out.content_length = len(body)
+        await out.prepare(request)
+        for i in range(0, len(body), size):
+            if i:
+                await asyncio.sleep(pause_s)
+            await out.write(body[i : i + size])
+        await out.write_eof()
+        return out
+
+    async def post_event(self, request: web.Request) -> web.StreamResponse:
         answer = await self._post_event(request)
         if self.slow_s:  # the record is taken at once; the answer comes late (past the caller's timeout, maybe)
             await asyncio.sleep(self.slow_s)
-        return answer
+        return await self._answer(request, answer)
 
     async def _post_event(self, request: web.Request) -> web.Response:
         gate = await self._gate()
@@ -321,7 +342,10 @@ class Platform:
             status=201,
         )
 
-    async def get_event(self, request: web.Request) -> web.Response:
+    async def get_event(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, await self._get_event(request))
+
+    async def _get_event(self, request: web.Request) -> web.Response:
         gate = await self._gate()
         if gate is not None:
             return gate
@@ -452,6 +476,7 @@ class Platform:
             "counts": dict(self.counts),
             "down": self.down,
             "slow_s": self.slow_s,
+            "fragment": {"bytes": self.fragment[0], "pause_s": self.fragment[1]},
             "reject": dict(self.reject),
             "callback_twice": self.twice,
             "callbacks": self.callbacks[-200:],
@@ -494,6 +519,13 @@ def _control_app(p: Platform) -> web.Application:
         p.slow_s = float(s)
         return {}
 
+    async def fragment(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
+        size, pause_s = body.get("bytes", 16), body.get("pause_s", 0.05)
+        if not isinstance(size, int) or size < 0 or not isinstance(pause_s, int | float) or not 0 <= pause_s <= 10:
+            raise ControlError(400, "bytes is a count (0: whole), pause_s 0 to 10 seconds")
+        p.fragment = (size, float(pause_s))
+        return {}
+
     async def reject(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
         count, status = body.get("count", 1), body.get("status", 422)
         if not isinstance(count, int) or not isinstance(status, int) or not 400 <= status <= 499:
@@ -521,6 +553,7 @@ def _control_app(p: Platform) -> web.Application:
     route("GET", "/state", state)
     route("POST", "/down", down)
     route("POST", "/slow", slow)
+    route("POST", "/fragment", fragment)
     route("POST", "/reject", reject)
     route("POST", "/callback-twice", twice)
     route("POST", "/cases/{number}/status", status)

@@ -505,3 +505,41 @@ async def test_status_comes_back_by_polling_when_callbacks_cannot(tmp_path: Path
     finally:
         await stub.stop()
         await stub.session.close()
+
+
+async def test_answers_that_come_in_pieces_are_read_whole(tmp_path: Path) -> None:
+    """A platform whose answers straggle in as over a WAN: the headers (with Content-Length) first, then the body in
+    pieces of 16 bytes, to records and to polls alike. Each record is taken once (a first piece alone does not
+    decode: read as the answer, the record would be sent again and again and the link would back off for good), and
+    a status history of many pieces is read whole and applied."""
+    stub = await grid_stub(tmp_path / "platform")
+    try:
+        await stub.post("/fragment", {"bytes": 16, "pause_s": 0.01})
+        extra = grid_yaml(tmp_path, stub.info["url"], timeout_s=5, more="  poll_every_s: 3600\n")
+        async with running_portal(write_config(tmp_path, None, extra=extra)) as p:
+            link = p.client.app[GRID].link
+            assert link is not None
+            await _press_sos(p, await _estate(p))
+            await wait_for(lambda: _nothing_waiting(p), what="the first report taken")
+            inc = await _sos_incident(p)
+            await p.client.app[BOARD].act(inc["id"], "ack", "guard1")  # its revision 2
+            await _press_sos(p, await plate_code(p, "3", "2", "302"))  # a second case
+            await wait_for(lambda: _nothing_waiting(p), what="every record taken")
+            got = await records(stub)
+            assert sorted(r["revisions"] for r in got.values()) == [[1], [1, 2]]  # each revision once
+            assert (await stub.state())["counts"]["duplicates"] == 0
+            outbox = await p.services.store.read(
+                lambda c: [tuple(r) for r in c.execute("SELECT state, attempts, last_error FROM grid_outbox")]
+            )
+            assert outbox == [("sent", 1, "")] * 3
+            assert link.fails == 0 and link.last_error == ""
+
+            # A history of three statuses, some twenty pieces: read whole, every status applied.
+            number = (await _case(p, incident_id=inc["id"]))["number"]
+            for status in ("accepted", "dispatched", "handling"):
+                await stub.post(f"/cases/{number}/status", {"status": status, "by": "网格员 赵六", "note": "已到场"})
+            assert await link.poll_once() == 3
+            assert (await _case(p, number=number))["status"] == "handling"
+    finally:
+        await stub.stop()
+        await stub.session.close()

@@ -9,8 +9,10 @@ connections, 5xx, 408, 425 and 429 mean the platform is away: one backoff for th
 reset by the next success), probing with one record at a time until it answers. 401 and 403 mean it refuses our
 key: the link waits the same way and says so. Any other 4xx refuses the record itself: it becomes a failure with
 the platform's reason, shown to administrators (the case's later revisions wait behind it) until one sends it
-again. Nothing is deleted: a record is pending in the store until the platform has taken it, so a portal restart
-or an outage of hours loses nothing (the in-memory backoff starts afresh after a restart).
+again. An answer (to a record, or to a poll) is read whole, in however many pieces it comes, up to a size cap; a
+longer one is an error said in words, never cut and misread. Nothing is deleted: a record is pending in the store
+until the platform has taken it, so a portal restart or an outage of hours loses nothing (the in-memory backoff
+starts afresh after a restart).
 
 Timers run on the monotonic clock (``Options.monotonic``); request timestamps carry the wall clock.
 """
@@ -42,6 +44,10 @@ from portal.web.services import Services
 log = logging.getLogger("portal.grid")
 CONCURRENCY = 4
 HEADS_MAX = 50
+#: The longest answer read: to a record (a few hundred bytes in the contract), and to a poll (a history of up to
+#: 100 statuses, each with a note of up to 2,000 characters).
+ANSWER_MAX = 64 * 1024
+HISTORY_MAX = 1024 * 1024
 TRANSIENT = frozenset({408, 425, 429})
 REFUSED_KEY = frozenset({401, 403})
 
@@ -70,6 +76,19 @@ def load_secrets(g: Any) -> tuple[bytes, ssl.SSLContext | None]:
     except (OSError, ssl.SSLError) as e:
         raise ConfigError([f"grid TLS: {e}"]) from None
     return key, ctx
+
+
+async def read_body(r: aiohttp.ClientResponse, cap: int) -> bytes | None:
+    """The whole body of ``r`` however many pieces it comes in; None when it is longer than ``cap`` bytes (by its
+    Content-Length, or found while reading). ``r.content.read(n)`` alone answers what has arrived so far."""
+    if r.content_length is not None and r.content_length > cap:
+        return None
+    buf = bytearray()
+    while chunk := await r.content.read(cap + 1 - len(buf)):
+        buf += chunk
+        if len(buf) > cap:
+            return None
+    return bytes(buf)
 
 
 @dataclass(frozen=True)
@@ -237,7 +256,7 @@ class GridLink:
             async with self._http.post(
                 self.events_url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=self.g.timeout_s)
             ) as r:
-                raw = await r.content.read(65536)
+                whole = await read_body(r, ANSWER_MAX)
                 status = r.status
                 retry_after = r.headers.get("Retry-After", "")
         except TimeoutError:
@@ -245,7 +264,10 @@ class GridLink:
         except aiohttp.ClientError as e:
             return Outcome("retry", f"{type(e).__name__}: {str(e)[:200]}")
         wait_s = float(retry_after) if retry_after.isdigit() else None
+        raw = whole or b""  # a refusal's words are only shown: a refusal too long to read is still a refusal
         if 200 <= status < 300:
+            if whole is None:
+                return Outcome("retry", f"HTTP {status} with an answer over {ANSWER_MAX} bytes")
             try:
                 answer = contract.decode_answer(raw)
             except contract.ContractError as e:
@@ -339,16 +361,19 @@ class GridLink:
                     headers=headers,
                     timeout=aiohttp.ClientTimeout(total=self.g.timeout_s),
                 ) as r:
-                    raw = await r.content.read(256 * 1024)
+                    whole = await read_body(r, HISTORY_MAX)
                     status = r.status
             except (TimeoutError, aiohttp.ClientError) as e:
                 log.info("grid poll of %s: %s", number, type(e).__name__)
                 return new
             if status != 200:
-                log.info("grid poll of %s: %s", number, _reason(status, raw))
+                log.info("grid poll of %s: %s", number, _reason(status, whole or b""))
+                continue
+            if whole is None:
+                log.warning("grid poll of %s: an answer over %d bytes", number, HISTORY_MAX)
                 continue
             try:
-                hist = contract.decode_history(raw)
+                hist = contract.decode_history(whole)
             except contract.ContractError as e:
                 log.warning("grid poll of %s: an answer not in the contract: %s", number, e)
                 continue
