@@ -35,6 +35,9 @@ Control API (JSON over HTTP on loopback; tests and the demo):
                                           whole again
 ``POST /reject``                          ``{"count": 1, "status": 422, "reason": "..."}`` refuse the next
                                           ``count`` records
+``POST /fail-case``                       ``{"status": 500}``: the next new case cannot be taken: each of its
+                                          records, every time, is answered with this status (5xx); other
+                                          cases are taken as usual. ``{"status": 0}``: no longer
 ``POST /callback-twice``                  ``{"on": true}`` send every callback twice (same callback id)
 ``POST /cases/{number}/status``           ``{"status": "accepted" | "dispatched" | "handling" | "closed" |
                                           "returned", "by": "...", "note": "..."}``: the case moves on and
@@ -212,11 +215,20 @@ class Platform:
         self.outage = outage
         self.ssl_client = ssl_client
         self.records: dict[str, dict[str, Any]] = {}  # number → {"case_id", "revisions", "last", "history"}
-        self.counts = {"requests": 0, "accepted": 0, "duplicates": 0, "rejected": 0, "unsigned": 0, "polls": 0}
+        self.counts = {
+            "requests": 0,
+            "accepted": 0,
+            "duplicates": 0,
+            "rejected": 0,
+            "unsigned": 0,
+            "polls": 0,
+            "failed": 0,
+        }
         self.down: str | None = None  # refuse | 503 | hang
         self.slow_s = 0.0
         self.fragment: tuple[int, float] = (0, 0.0)  # bytes a piece, seconds between pieces (0: whole)
         self.reject: dict[str, Any] = {"count": 0, "status": 422, "reason": ""}
+        self.fail_case: dict[str, Any] = {"status": 0, "number": None}  # /fail-case: its status, the case's number
         self.twice = False
         self.callbacks: list[dict[str, Any]] = []
         self._seq = 0
@@ -297,6 +309,11 @@ class Platform:
             self.counts["rejected"] += 1
             return web.json_response({"error": "malformed", "detail": str(e)}, status=400)
         known = self.records.get(rec.number)
+        fail = self.fail_case
+        if fail["status"] and (rec.number == fail["number"] or (known is None and fail["number"] is None)):
+            fail["number"] = rec.number
+            self.counts["failed"] += 1
+            return web.json_response({"error": "internal", "detail": "事件处理失败"}, status=int(fail["status"]))
         if known is not None and rec.revision in known["revisions"]:
             self.counts["duplicates"] += 1
             return web.json_response(
@@ -478,6 +495,7 @@ class Platform:
             "slow_s": self.slow_s,
             "fragment": {"bytes": self.fragment[0], "pause_s": self.fragment[1]},
             "reject": dict(self.reject),
+            "fail_case": dict(self.fail_case),
             "callback_twice": self.twice,
             "callbacks": self.callbacks[-200:],
             "callback_url": self.callback,
@@ -526,6 +544,13 @@ def _control_app(p: Platform) -> web.Application:
         p.fragment = (size, float(pause_s))
         return {}
 
+    async def fail_case(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
+        status = body.get("status", 500)
+        if not isinstance(status, int) or not (status == 0 or 500 <= status <= 599):
+            raise ControlError(400, "status is a 5xx (0: no longer)")
+        p.fail_case = {"status": status, "number": None}
+        return {}
+
     async def reject(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
         count, status = body.get("count", 1), body.get("status", 422)
         if not isinstance(count, int) or not isinstance(status, int) or not 400 <= status <= 499:
@@ -555,6 +580,7 @@ def _control_app(p: Platform) -> web.Application:
     route("POST", "/slow", slow)
     route("POST", "/fragment", fragment)
     route("POST", "/reject", reject)
+    route("POST", "/fail-case", fail_case)
     route("POST", "/callback-twice", twice)
     route("POST", "/cases/{number}/status", status)
     route("POST", "/callback-url", callback_url)

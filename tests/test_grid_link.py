@@ -543,3 +543,37 @@ async def test_answers_that_come_in_pieces_are_read_whole(tmp_path: Path) -> Non
     finally:
         await stub.stop()
         await stub.session.close()
+
+
+async def test_a_record_the_platform_cannot_take_does_not_hold_up_the_others(tmp_path: Path) -> None:
+    """The platform answers 500 to every record of one case (and takes the others): while the link backs off it
+    probes with one record at a time, and that is not always the oldest, so the later cases still go up; the
+    unlucky one waits, tried again, and goes once the platform can take it."""
+    stub = await grid_stub(tmp_path / "platform")
+    try:
+        await stub.post("/fail-case", {"status": 500})  # the next new case: the first SOS
+        extra = grid_yaml(tmp_path, stub.info["url"], retry_first_s=0.2, retry_max_s=0.5)
+        async with running_portal(write_config(tmp_path, None, extra=extra)) as p:
+            link = p.client.app[GRID].link
+            assert link is not None
+            await _press_sos(p, await _estate(p))
+            await wait_for(lambda: link.fails >= 1, what="the first case's record failing")
+            for building, unit, house in (("3", "2", "302"), ("3", "1", "101")):
+                await _press_sos(p, await plate_code(p, building, unit, house))
+            got = await wait_for(lambda: _all_in(stub, 2), what="the two later cases at the platform")
+            numbers = await p.services.store.read(
+                lambda c: [r[0] for r in c.execute("SELECT number FROM grid_cases ORDER BY id")]
+            )
+            assert set(got) == set(numbers[1:])
+            stuck = await p.services.store.read(
+                lambda c: c.execute("SELECT state, attempts, last_error FROM grid_outbox ORDER BY id").fetchone()
+            )
+            assert stuck["state"] == "pending" and stuck["attempts"] >= 2 and "HTTP 500" in stuck["last_error"]
+
+            await stub.post("/fail-case", {"status": 0})  # the platform can take it now
+            await wait_for(lambda: _nothing_waiting(p), what="the first case taken too")
+            got = await records(stub)
+            assert set(got) == set(numbers) and all(r["revisions"] == [1] for r in got.values())
+    finally:
+        await stub.stop()
+        await stub.session.close()

@@ -6,13 +6,14 @@ certificate (mutual TLS). A case's report goes first; after it only the newest r
 (older ones are superseded: each revision carries the whole handling so far). The platform answers 2xx with the
 number and revision it took (a revision it already has is taken again, ``duplicate``). Timeouts, refused
 connections, 5xx, 408, 425 and 429 mean the platform is away: one backoff for the whole link (capped, jittered,
-reset by the next success), probing with one record at a time until it answers. 401 and 403 mean it refuses our
-key: the link waits the same way and says so. Any other 4xx refuses the record itself: it becomes a failure with
-the platform's reason, shown to administrators (the case's later revisions wait behind it) until one sends it
-again. An answer (to a record, or to a poll) is read whole, in however many pieces it comes, up to a size cap; a
-longer one is an error said in words, never cut and misread. Nothing is deleted: a record is pending in the store
-until the platform has taken it, so a portal restart or an outage of hours loses nothing (the in-memory backoff
-starts afresh after a restart).
+reset by the next success), probing with one record at a time until it answers: the record tried least often
+first, so one the platform cannot take (a 500 for that record alone, an answer it cannot give) does not keep the
+others behind it. 401 and 403 mean it refuses our key: the link waits the same way and says so. Any other 4xx
+refuses the record itself: it becomes a failure with the platform's reason, shown to administrators (the case's
+later revisions wait behind it) until one sends it again. An answer (to a record, or to a poll) is read whole, in
+however many pieces it comes, up to a size cap; a longer one is an error said in words, never cut and misread.
+Nothing is deleted: a record is pending in the store until the platform has taken it, so a portal restart or an
+outage of hours loses nothing (the in-memory backoff starts afresh after a restart).
 
 Timers run on the monotonic clock (``Options.monotonic``); request timestamps carry the wall clock.
 """
@@ -213,7 +214,7 @@ class GridLink:
         if not heads:
             return 0
         if self.fails:
-            heads = heads[:1]  # the platform was away: one record probes
+            heads = heads[:1]  # the platform was away: one record probes (the one tried least often: _heads)
         took = 0
         for i in range(0, len(heads), CONCURRENCY):
             chunk = heads[i : i + CONCURRENCY]
@@ -392,13 +393,14 @@ class GridLink:
 
 def _heads(conn: Conn) -> list[Row]:
     """Per case, the record to send next: its report, else its newest waiting revision; none for a case whose
-    earlier record the platform refused (it waits for an administrator)."""
+    earlier record the platform refused (it waits for an administrator). The records tried least often come first,
+    so while the link is failing the record that probes is each in turn, not always the oldest."""
     return conn.execute(
         "SELECT o.*, c.number FROM grid_outbox o JOIN grid_cases c ON c.id = o.case_id WHERE o.state = 'pending'"
         " AND o.id = (SELECT o2.id FROM grid_outbox o2 WHERE o2.case_id = o.case_id AND o2.state = 'pending'"
         "  ORDER BY o2.kind = 'report' DESC, o2.revision DESC LIMIT 1)"
         " AND NOT EXISTS (SELECT 1 FROM grid_outbox f WHERE f.case_id = o.case_id AND f.state = 'failed')"
-        " ORDER BY o.id LIMIT ?",
+        " ORDER BY o.attempts, o.id LIMIT ?",
         (HEADS_MAX,),
     ).fetchall()
 
