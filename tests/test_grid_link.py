@@ -23,6 +23,7 @@ from portal.app import Options
 from portal.grid import GRID
 from portal.grid import contract as gc
 from tests import procs
+from tests.care_patrol_support import TimeMachine, estate_with_staff, person
 from tests.grid_support import ADDRESS, GRID_CODE, grid_stub, grid_yaml, records
 from tests.portal_support import (
     Portal,
@@ -37,6 +38,7 @@ from tests.portal_support import (
 from tests.registry_support import admin_session, estate_csv, form, import_csv, plate_code
 from tests.stubs import Stub, run_stub
 from tests.test_alarm_board import EVENTS_TOPIC, ZONE, FakeClock, ev
+from tests.test_care import CONTACT, HOUR, ZHANG, enrol, incidents, watch
 from tests.test_e2e_alarms import gateway_config
 
 PW = "guard-password-0001"
@@ -574,6 +576,37 @@ async def test_a_record_the_platform_cannot_take_does_not_hold_up_the_others(tmp
             await wait_for(lambda: _nothing_waiting(p), what="the first case taken too")
             got = await records(stub)
             assert set(got) == set(numbers) and all(r["revisions"] == [1] for r in got.values())
+    finally:
+        await stub.stop()
+        await stub.session.close()
+
+
+async def test_a_care_alert_goes_up_as_what_the_care_watch_found_not_as_a_residents_help_call(tmp_path: Path) -> None:
+    """A no-activity care alert is raised by the portal itself, as a resident's help call is, but nobody pressed
+    anything: its record says what the care watch found (the rule and its hours) and where, from the estate's own
+    sensing (物联网感知, the care watch as the reporter), never 居民上报 or the door plate's 一键求助; the contact's
+    number stays in the estate."""
+    clock = TimeMachine()
+    stub = await grid_stub(tmp_path / "platform")
+    try:
+        extra = grid_yaml(tmp_path, stub.info["url"])
+        async with running_portal(write_config(tmp_path, None, extra=extra), clock.options()) as p:
+            await estate_with_staff(p)
+            zhang = await person(p, ZHANG)
+            await enrol(p, [zhang["id"]], hours=24)
+            clock.mono_s += 24 * HOUR + 1  # a day without activity (the watch's clock)
+            await watch(p).check_now()
+            (inc,) = await incidents(p, "care")
+            title = inc["title"]["zh-CN"]
+            assert "24" in title
+            got = await wait_for(lambda: records(stub), what="the care alert at the platform")
+            [rec] = [r["last"] for r in got.values()]
+            assert rec["description"].startswith(title) and "3幢 2单元 301室" in rec["description"]
+            assert "一键求助" not in rec["description"] and "设备" not in rec["description"]
+            assert (rec["source"], rec["source_code"]) == ("物联网感知", "iot")
+            assert (rec["reporter"]["type"], rec["reporter"]["name"]) == ("device", "独居关爱")
+            assert rec["subcategory"]["name"] == "独居老人关爱"
+            assert CONTACT not in json.dumps(rec, ensure_ascii=False)
     finally:
         await stub.stop()
         await stub.session.close()
