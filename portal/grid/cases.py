@@ -525,7 +525,7 @@ class Applied:
 
     case_id: int
     new: bool
-    current: bool  # it is now the case's status (a status older than the one shown is logged, not shown)
+    current: bool  # it is now the case's status (one older than that shown is logged, not shown: apply_status)
     incident: dict[str, Any] | None = None
 
 
@@ -545,7 +545,13 @@ def apply_status(conn: Conn, st: contract.Status, source: str, actor: str) -> Ap
     )
     if not cur.rowcount:
         return Applied(int(case["id"]), new=False, current=False)
-    current = case["status_at"] is None or at >= case["status_at"]
+    # The newest by the platform's time stands. Its times may be whole seconds: of two at the same time, whichever
+    # comes first, the later in the case's flow stands (a late 处置中 never undoes an 已办结 of the same second).
+    current = (
+        case["status_at"] is None
+        or at > case["status_at"]
+        or (at == case["status_at"] and contract.FLOW_RANK[st.status] >= contract.FLOW_RANK.get(case["status"], -1))
+    )
     if current:
         conn.execute(
             "UPDATE grid_cases SET status = ?, status_at = ?, status_by = ?, status_note = ? WHERE id = ?",
