@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+from aiohttp import web
 from PIL import Image
 
 from gateway import wire
@@ -22,6 +24,7 @@ from portal.alarms.board import BOARD
 from portal.app import Options
 from portal.grid import GRID
 from portal.grid import contract as gc
+from portal.grid.link import read_body
 from tests import procs
 from tests.care_patrol_support import TimeMachine, estate_with_staff, person
 from tests.grid_support import ADDRESS, GRID_CODE, grid_stub, grid_yaml, records
@@ -579,6 +582,45 @@ async def test_a_record_the_platform_cannot_take_does_not_hold_up_the_others(tmp
     finally:
         await stub.stop()
         await stub.session.close()
+
+
+async def test_an_answer_is_read_whole_up_to_its_cap_and_a_longer_one_is_refused() -> None:
+    """read_body against a real HTTP server: a body in pieces (with Content-Length, or chunked) is read whole; one
+    that says it is longer than the cap, or turns out longer while it comes, is refused (None), never cut."""
+    cap = 1000
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        size, declared = int(request.query["size"]), request.query.get("declared") == "1"
+        resp = web.StreamResponse()
+        if declared:
+            resp.content_length = size
+        await resp.prepare(request)
+        for i in range(0, size, 300):
+            await resp.write(b"x" * min(300, size - i))
+            await asyncio.sleep(0.01)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for size, declared, whole in (
+                (cap, True, True),
+                (cap, False, True),
+                (cap + 1, True, False),
+                (2 * cap, False, False),
+            ):
+                async with http.get(url, params={"size": str(size), "declared": str(int(declared))}) as r:
+                    got = await read_body(r, cap)
+                assert got == (b"x" * size if whole else None), (size, declared)
+    finally:
+        await runner.cleanup()
 
 
 async def test_a_care_alert_goes_up_as_what_the_care_watch_found_not_as_a_residents_help_call(tmp_path: Path) -> None:
