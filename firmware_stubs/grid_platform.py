@@ -29,8 +29,15 @@ Control API (JSON over HTTP on loopback; tests and the demo):
 ``POST /down``                            ``{"on": true, "how": "refuse" | "503" | "hang"}``: refuse
                                           connections, answer 503, or take the request and never answer
 ``POST /slow``                            ``{"s": 2.5}`` take each record at once, answer this late
+``POST /fragment``                        ``{"bytes": 16, "pause_s": 0.05}``: write every answer (to a record,
+                                          to a poll) in pieces of this many bytes, this far apart, after its
+                                          headers (with Content-Length), as a slow WAN delivers it; 0 bytes:
+                                          whole again
 ``POST /reject``                          ``{"count": 1, "status": 422, "reason": "..."}`` refuse the next
                                           ``count`` records
+``POST /fail-case``                       ``{"status": 500}``: the next new case cannot be taken: each of its
+                                          records, every time, is answered with this status (5xx); other
+                                          cases are taken as usual. ``{"status": 0}``: no longer
 ``POST /callback-twice``                  ``{"on": true}`` send every callback twice (same callback id)
 ``POST /cases/{number}/status``           ``{"status": "accepted" | "dispatched" | "handling" | "closed" |
                                           "returned", "by": "...", "note": "..."}``: the case moves on and
@@ -208,10 +215,20 @@ class Platform:
         self.outage = outage
         self.ssl_client = ssl_client
         self.records: dict[str, dict[str, Any]] = {}  # number → {"case_id", "revisions", "last", "history"}
-        self.counts = {"requests": 0, "accepted": 0, "duplicates": 0, "rejected": 0, "unsigned": 0, "polls": 0}
+        self.counts = {
+            "requests": 0,
+            "accepted": 0,
+            "duplicates": 0,
+            "rejected": 0,
+            "unsigned": 0,
+            "polls": 0,
+            "failed": 0,
+        }
         self.down: str | None = None  # refuse | 503 | hang
         self.slow_s = 0.0
+        self.fragment: tuple[int, float] = (0, 0.0)  # bytes a piece, seconds between pieces (0: whole)
         self.reject: dict[str, Any] = {"count": 0, "status": 422, "reason": ""}
+        self.fail_case: dict[str, Any] = {"status": 0, "number": None}  # /fail-case: its status, the case's number
         self.twice = False
         self.callbacks: list[dict[str, Any]] = []
         self._seq = 0
@@ -252,11 +269,27 @@ class Platform:
             await self.released.wait()
         return None
 
-    async def post_event(self, request: web.Request) -> web.Response:
+    async def _answer(self, request: web.Request, answer: web.Response) -> web.StreamResponse:
+        """``answer`` as it is, or (``/fragment``) its headers first and then its body in pieces."""
+        size, pause_s = self.fragment
+        body = answer.body
+        if not size or not isinstance(body, bytes):
+            return answer
+        out = web.StreamResponse(status=answer.status, headers={"Content-Type": answer.headers["Content-Type"]})
+        out.content_length = len(body)
+        await out.prepare(request)
+        for i in range(0, len(body), size):
+            if i:
+                await asyncio.sleep(pause_s)
+            await out.write(body[i : i + size])
+        await out.write_eof()
+        return out
+
+    async def post_event(self, request: web.Request) -> web.StreamResponse:
         answer = await self._post_event(request)
         if self.slow_s:  # the record is taken at once; the answer comes late (past the caller's timeout, maybe)
             await asyncio.sleep(self.slow_s)
-        return answer
+        return await self._answer(request, answer)
 
     async def _post_event(self, request: web.Request) -> web.Response:
         gate = await self._gate()
@@ -276,6 +309,11 @@ class Platform:
             self.counts["rejected"] += 1
             return web.json_response({"error": "malformed", "detail": str(e)}, status=400)
         known = self.records.get(rec.number)
+        fail = self.fail_case
+        if fail["status"] and (rec.number == fail["number"] or (known is None and fail["number"] is None)):
+            fail["number"] = rec.number
+            self.counts["failed"] += 1
+            return web.json_response({"error": "internal", "detail": "事件处理失败"}, status=int(fail["status"]))
         if known is not None and rec.revision in known["revisions"]:
             self.counts["duplicates"] += 1
             return web.json_response(
@@ -321,7 +359,10 @@ class Platform:
             status=201,
         )
 
-    async def get_event(self, request: web.Request) -> web.Response:
+    async def get_event(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, await self._get_event(request))
+
+    async def _get_event(self, request: web.Request) -> web.Response:
         gate = await self._gate()
         if gate is not None:
             return gate
@@ -452,7 +493,9 @@ class Platform:
             "counts": dict(self.counts),
             "down": self.down,
             "slow_s": self.slow_s,
+            "fragment": {"bytes": self.fragment[0], "pause_s": self.fragment[1]},
             "reject": dict(self.reject),
+            "fail_case": dict(self.fail_case),
             "callback_twice": self.twice,
             "callbacks": self.callbacks[-200:],
             "callback_url": self.callback,
@@ -494,6 +537,20 @@ def _control_app(p: Platform) -> web.Application:
         p.slow_s = float(s)
         return {}
 
+    async def fragment(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
+        size, pause_s = body.get("bytes", 16), body.get("pause_s", 0.05)
+        if not isinstance(size, int) or size < 0 or not isinstance(pause_s, int | float) or not 0 <= pause_s <= 10:
+            raise ControlError(400, "bytes is a count (0: whole), pause_s 0 to 10 seconds")
+        p.fragment = (size, float(pause_s))
+        return {}
+
+    async def fail_case(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
+        status = body.get("status", 500)
+        if not isinstance(status, int) or not (status == 0 or 500 <= status <= 599):
+            raise ControlError(400, "status is a 5xx (0: no longer)")
+        p.fail_case = {"status": status, "number": None}
+        return {}
+
     async def reject(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
         count, status = body.get("count", 1), body.get("status", 422)
         if not isinstance(count, int) or not isinstance(status, int) or not 400 <= status <= 499:
@@ -521,7 +578,9 @@ def _control_app(p: Platform) -> web.Application:
     route("GET", "/state", state)
     route("POST", "/down", down)
     route("POST", "/slow", slow)
+    route("POST", "/fragment", fragment)
     route("POST", "/reject", reject)
+    route("POST", "/fail-case", fail_case)
     route("POST", "/callback-twice", twice)
     route("POST", "/cases/{number}/status", status)
     route("POST", "/callback-url", callback_url)

@@ -153,6 +153,28 @@ async def test_only_a_fresh_signed_callback_of_a_known_event_changes_anything_an
         assert (await _call(p, big))[0] == 413
 
 
+async def test_two_statuses_of_the_same_second_out_of_order_never_move_a_case_back(tmp_path: Path) -> None:
+    """The platform stamps whole seconds (as the contract's examples do): 处置中 and 已办结 in the same second, the
+    callbacks crossing on the way. The case and its incident show 已办结 whichever comes first; the late 处置中 is
+    logged, not shown."""
+    dead = f"http://127.0.0.1:{free_port()}/api/v1"
+    async with running_portal(write_config(tmp_path, None, extra=grid_yaml(tmp_path, dead))) as p:
+        number, iid = await _sos_case(p)
+        same = "2026-03-01T08:05:00Z"
+        assert (await _call(p, _status(number, "accepted", "cb-1", at=same)))[1]["current"] is True
+        assert (await _call(p, _status(number, "closed", "cb-3", at=same)))[1]["current"] is True
+        status, late = await _call(p, _status(number, "handling", "cb-2", at=same))  # sent before, arrives after
+        assert status == 200 and late["duplicate"] is False and late["current"] is False
+        case = await p.services.store.read(lambda c: dict(c.execute("SELECT * FROM grid_cases").fetchone()))
+        assert (case["status"], case["closed_at"]) == ("closed", "2026-03-01T08:05:00.000000Z")
+        inc = await p.services.store.read(lambda c: alarms.get_incident(c, iid))
+        assert inc is not None and inc["grid"]["status"] == "closed"
+        logged = await p.services.store.read(
+            lambda c: [r[0] for r in c.execute("SELECT status FROM grid_status_log ORDER BY id")]
+        )
+        assert logged == ["accepted", "closed", "handling"]
+
+
 async def test_without_a_grid_link_the_callback_is_not_there(tmp_path: Path) -> None:
     async with running_portal(write_config(tmp_path, None)) as p:
         status, body = await _call(p, _status("GH-s1-01ABCDEF", "accepted", "cb-1"))

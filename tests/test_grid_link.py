@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+from aiohttp import web
 from PIL import Image
 
 from gateway import wire
@@ -22,7 +24,9 @@ from portal.alarms.board import BOARD
 from portal.app import Options
 from portal.grid import GRID
 from portal.grid import contract as gc
+from portal.grid.link import read_body
 from tests import procs
+from tests.care_patrol_support import TimeMachine, estate_with_staff, person
 from tests.grid_support import ADDRESS, GRID_CODE, grid_stub, grid_yaml, records
 from tests.portal_support import (
     Portal,
@@ -37,6 +41,7 @@ from tests.portal_support import (
 from tests.registry_support import admin_session, estate_csv, form, import_csv, plate_code
 from tests.stubs import Stub, run_stub
 from tests.test_alarm_board import EVENTS_TOPIC, ZONE, FakeClock, ev
+from tests.test_care import CONTACT, HOUR, ZHANG, enrol, incidents, watch
 from tests.test_e2e_alarms import gateway_config
 
 PW = "guard-password-0001"
@@ -502,6 +507,148 @@ async def test_status_comes_back_by_polling_when_callbacks_cannot(tmp_path: Path
             )
             assert sources == ["poll"] * 3
             assert (await stub.state())["counts"]["polls"] == 3
+    finally:
+        await stub.stop()
+        await stub.session.close()
+
+
+async def test_answers_that_come_in_pieces_are_read_whole(tmp_path: Path) -> None:
+    """A platform whose answers straggle in as over a WAN: the headers (with Content-Length) first, then the body in
+    pieces of 16 bytes, to records and to polls alike. Each record is taken once (a first piece alone does not
+    decode: read as the answer, the record would be sent again and again and the link would back off for good), and
+    a status history of many pieces is read whole and applied."""
+    stub = await grid_stub(tmp_path / "platform")
+    try:
+        await stub.post("/fragment", {"bytes": 16, "pause_s": 0.01})
+        extra = grid_yaml(tmp_path, stub.info["url"], timeout_s=5, more="  poll_every_s: 3600\n")
+        async with running_portal(write_config(tmp_path, None, extra=extra)) as p:
+            link = p.client.app[GRID].link
+            assert link is not None
+            await _press_sos(p, await _estate(p))
+            await wait_for(lambda: _nothing_waiting(p), what="the first report taken")
+            inc = await _sos_incident(p)
+            await p.client.app[BOARD].act(inc["id"], "ack", "guard1")  # its revision 2
+            await _press_sos(p, await plate_code(p, "3", "2", "302"))  # a second case
+            await wait_for(lambda: _nothing_waiting(p), what="every record taken")
+            got = await records(stub)
+            assert sorted(r["revisions"] for r in got.values()) == [[1], [1, 2]]  # each revision once
+            assert (await stub.state())["counts"]["duplicates"] == 0
+            outbox = await p.services.store.read(
+                lambda c: [tuple(r) for r in c.execute("SELECT state, attempts, last_error FROM grid_outbox")]
+            )
+            assert outbox == [("sent", 1, "")] * 3
+            assert link.fails == 0 and link.last_error == ""
+
+            # A history of three statuses, some twenty pieces: read whole, every status applied.
+            number = (await _case(p, incident_id=inc["id"]))["number"]
+            for status in ("accepted", "dispatched", "handling"):
+                await stub.post(f"/cases/{number}/status", {"status": status, "by": "网格员 赵六", "note": "已到场"})
+            assert await link.poll_once() == 3
+            assert (await _case(p, number=number))["status"] == "handling"
+    finally:
+        await stub.stop()
+        await stub.session.close()
+
+
+async def test_a_record_the_platform_cannot_take_does_not_hold_up_the_others(tmp_path: Path) -> None:
+    """The platform answers 500 to every record of one case (and takes the others): while the link backs off it
+    probes with one record at a time, and that is not always the oldest, so the later cases still go up; the
+    unlucky one waits, tried again, and goes once the platform can take it."""
+    stub = await grid_stub(tmp_path / "platform")
+    try:
+        await stub.post("/fail-case", {"status": 500})  # the next new case: the first SOS
+        extra = grid_yaml(tmp_path, stub.info["url"], retry_first_s=0.2, retry_max_s=0.5)
+        async with running_portal(write_config(tmp_path, None, extra=extra)) as p:
+            link = p.client.app[GRID].link
+            assert link is not None
+            await _press_sos(p, await _estate(p))
+            await wait_for(lambda: link.fails >= 1, what="the first case's record failing")
+            for building, unit, house in (("3", "2", "302"), ("3", "1", "101")):
+                await _press_sos(p, await plate_code(p, building, unit, house))
+            got = await wait_for(lambda: _all_in(stub, 2), what="the two later cases at the platform")
+            numbers = await p.services.store.read(
+                lambda c: [r[0] for r in c.execute("SELECT number FROM grid_cases ORDER BY id")]
+            )
+            assert set(got) == set(numbers[1:])
+            stuck = await p.services.store.read(
+                lambda c: c.execute("SELECT state, attempts, last_error FROM grid_outbox ORDER BY id").fetchone()
+            )
+            assert stuck["state"] == "pending" and stuck["attempts"] >= 2 and "HTTP 500" in stuck["last_error"]
+
+            await stub.post("/fail-case", {"status": 0})  # the platform can take it now
+            await wait_for(lambda: _nothing_waiting(p), what="the first case taken too")
+            got = await records(stub)
+            assert set(got) == set(numbers) and all(r["revisions"] == [1] for r in got.values())
+    finally:
+        await stub.stop()
+        await stub.session.close()
+
+
+async def test_an_answer_is_read_whole_up_to_its_cap_and_a_longer_one_is_refused() -> None:
+    """read_body against a real HTTP server: a body in pieces (with Content-Length, or chunked) is read whole; one
+    that says it is longer than the cap, or turns out longer while it comes, is refused (None), never cut."""
+    cap = 1000
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        size, declared = int(request.query["size"]), request.query.get("declared") == "1"
+        resp = web.StreamResponse()
+        if declared:
+            resp.content_length = size
+        await resp.prepare(request)
+        for i in range(0, size, 300):
+            await resp.write(b"x" * min(300, size - i))
+            await asyncio.sleep(0.01)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for size, declared, whole in (
+                (cap, True, True),
+                (cap, False, True),
+                (cap + 1, True, False),
+                (2 * cap, False, False),
+            ):
+                async with http.get(url, params={"size": str(size), "declared": str(int(declared))}) as r:
+                    got = await read_body(r, cap)
+                assert got == (b"x" * size if whole else None), (size, declared)
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_care_alert_goes_up_as_what_the_care_watch_found_not_as_a_residents_help_call(tmp_path: Path) -> None:
+    """A no-activity care alert is raised by the portal itself, as a resident's help call is, but nobody pressed
+    anything: its record says what the care watch found (the rule and its hours) and where, from the estate's own
+    sensing (物联网感知, the care watch as the reporter), never 居民上报 or the door plate's 一键求助; the contact's
+    number stays in the estate."""
+    clock = TimeMachine()
+    stub = await grid_stub(tmp_path / "platform")
+    try:
+        extra = grid_yaml(tmp_path, stub.info["url"])
+        async with running_portal(write_config(tmp_path, None, extra=extra), clock.options()) as p:
+            await estate_with_staff(p)
+            zhang = await person(p, ZHANG)
+            await enrol(p, [zhang["id"]], hours=24)
+            clock.mono_s += 24 * HOUR + 1  # a day without activity (the watch's clock)
+            await watch(p).check_now()
+            (inc,) = await incidents(p, "care")
+            title = inc["title"]["zh-CN"]
+            assert "24" in title
+            got = await wait_for(lambda: records(stub), what="the care alert at the platform")
+            [rec] = [r["last"] for r in got.values()]
+            assert rec["description"].startswith(title) and "3幢 2单元 301室" in rec["description"]
+            assert "一键求助" not in rec["description"] and "设备" not in rec["description"]
+            assert (rec["source"], rec["source_code"]) == ("物联网感知", "iot")
+            assert (rec["reporter"]["type"], rec["reporter"]["name"]) == ("device", "独居关爱")
+            assert rec["subcategory"]["name"] == "独居老人关爱"
+            assert CONTACT not in json.dumps(rec, ensure_ascii=False)
     finally:
         await stub.stop()
         await stub.session.close()

@@ -55,7 +55,9 @@ WORK_STAGE: dict[str, contract.Stage] = {
 }
 #: The guards' actions after which a case already up gets its next revision.
 UPDATE_ACTIONS = frozenset({"ack", "dispatch", "on_scene", "note", "resolve", "close", "finish"})
-PORTAL_GATEWAY = "portal"  # events the portal raised itself (residents' help calls): portal/estate/service.py
+#: The "gateway" of events the portal raises itself (portal/estate/service.py): residents' help calls (house.sos),
+#: care alerts, patrol alerts. Only a help call is a resident's report; the others are the estate's system's.
+PORTAL_GATEWAY = "portal"
 _MOBILE = re.compile(r"(?<!\d)(1[3-9]\d)\d{4}(\d{4})(?!\d)")
 _ID_CARD = re.compile(r"(?<![0-9])(\d{6})\d{8}(\d{3}[0-9Xx])(?![0-9Xx])")
 
@@ -414,11 +416,15 @@ def build(
         org, org_phone = _office(conn, link, subject.site, site_label)
         zone_label = str(inc["data"].get("label") or "")
         address = _address(link, subject.site, site_label, subject.place, zone_label)
-        resident = inc["type"] == "house.sos" or inc["gateway"] == PORTAL_GATEWAY
+        resident = inc["type"] == "house.sos"  # a help call from a door plate; nothing else is a resident's
+        system = inc["gateway"] == PORTAL_GATEWAY  # found by the portal (care, patrol) from the estate's signals
+        device = str(inc["device"])
+        if system:  # the portal's module by its name ("care" → 独居关爱, "patrol" → 电子巡更)
+            device = ZH(f"{device}.title") if ZH.has(f"{device}.title") else device
         source = "resident" if resident else "iot"
         reporter = contract.Reporter(
             type="resident" if resident else "device",
-            name="" if resident else _cut(str(inc["device"]), 200),
+            name="" if resident else _cut(device, 200),
             org=org,
             org_phone=org_phone,
         )
@@ -428,7 +434,7 @@ def build(
             if inc.get("trips", 1) > 1:
                 description += f"，共按下 {inc['trips']} 次"
         else:
-            description = f"{what}（{inc['where']['zh-CN']}），设备 {inc['device']}"
+            description = f"{what}（{inc['where']['zh-CN']}）" + ("" if system else f"，设备 {device}")
             if inc.get("count", 1) > 1:
                 description += f"，重复 {inc['count']} 次"
         if inc["restored_at"]:
@@ -519,7 +525,7 @@ class Applied:
 
     case_id: int
     new: bool
-    current: bool  # it is now the case's status (a status older than the one shown is logged, not shown)
+    current: bool  # it is now the case's status (one older than that shown is logged, not shown: apply_status)
     incident: dict[str, Any] | None = None
 
 
@@ -539,7 +545,13 @@ def apply_status(conn: Conn, st: contract.Status, source: str, actor: str) -> Ap
     )
     if not cur.rowcount:
         return Applied(int(case["id"]), new=False, current=False)
-    current = case["status_at"] is None or at >= case["status_at"]
+    # The newest by the platform's time stands. Its times may be whole seconds: of two at the same time, whichever
+    # comes first, the later in the case's flow stands (a late 处置中 never undoes an 已办结 of the same second).
+    current = (
+        case["status_at"] is None
+        or at > case["status_at"]
+        or (at == case["status_at"] and contract.FLOW_RANK[st.status] >= contract.FLOW_RANK.get(case["status"], -1))
+    )
     if current:
         conn.execute(
             "UPDATE grid_cases SET status = ?, status_at = ?, status_by = ?, status_note = ? WHERE id = ?",

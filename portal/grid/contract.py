@@ -31,6 +31,8 @@ STAGES: tuple[Stage, ...] = get_args(Stage)
 #: The platform's status of a case, and how the estate's people read it.
 STATUSES = {"accepted": "已受理", "dispatched": "已派遣", "handling": "处置中", "closed": "已办结", "returned": "退回"}
 FINAL = frozenset({"closed", "returned"})
+#: Each status's place in the case's flow: of two statuses stamped at the same time, the later in the flow stands.
+FLOW_RANK = {"accepted": 0, "dispatched": 1, "handling": 2, "closed": 3, "returned": 3}
 URGENCIES = {"urgent": "特急", "high": "紧急", "normal": "一般"}
 
 SIG_HEADER = "X-Grid-Signature"

@@ -6,11 +6,14 @@ certificate (mutual TLS). A case's report goes first; after it only the newest r
 (older ones are superseded: each revision carries the whole handling so far). The platform answers 2xx with the
 number and revision it took (a revision it already has is taken again, ``duplicate``). Timeouts, refused
 connections, 5xx, 408, 425 and 429 mean the platform is away: one backoff for the whole link (capped, jittered,
-reset by the next success), probing with one record at a time until it answers. 401 and 403 mean it refuses our
-key: the link waits the same way and says so. Any other 4xx refuses the record itself: it becomes a failure with
-the platform's reason, shown to administrators (the case's later revisions wait behind it) until one sends it
-again. Nothing is deleted: a record is pending in the store until the platform has taken it, so a portal restart
-or an outage of hours loses nothing (the in-memory backoff starts afresh after a restart).
+reset by the next success), probing with one record at a time until it answers: the record tried least often
+first, so one the platform cannot take (a 500 for that record alone, an answer it cannot give) does not keep the
+others behind it. 401 and 403 mean it refuses our key: the link waits the same way and says so. Any other 4xx
+refuses the record itself: it becomes a failure with the platform's reason, shown to administrators (the case's
+later revisions wait behind it) until one sends it again. An answer (to a record, or to a poll) is read whole, in
+however many pieces it comes, up to a size cap; a longer one is an error said in words, never cut and misread.
+Nothing is deleted: a record is pending in the store until the platform has taken it, so a portal restart or an
+outage of hours loses nothing (the in-memory backoff starts afresh after a restart).
 
 Timers run on the monotonic clock (``Options.monotonic``); request timestamps carry the wall clock.
 """
@@ -42,6 +45,10 @@ from portal.web.services import Services
 log = logging.getLogger("portal.grid")
 CONCURRENCY = 4
 HEADS_MAX = 50
+#: The longest answer read: to a record (a few hundred bytes in the contract), and to a poll (a history of up to
+#: 100 statuses, each with a note of up to 2,000 characters).
+ANSWER_MAX = 64 * 1024
+HISTORY_MAX = 1024 * 1024
 TRANSIENT = frozenset({408, 425, 429})
 REFUSED_KEY = frozenset({401, 403})
 
@@ -70,6 +77,19 @@ def load_secrets(g: Any) -> tuple[bytes, ssl.SSLContext | None]:
     except (OSError, ssl.SSLError) as e:
         raise ConfigError([f"grid TLS: {e}"]) from None
     return key, ctx
+
+
+async def read_body(r: aiohttp.ClientResponse, cap: int) -> bytes | None:
+    """The whole body of ``r`` however many pieces it comes in; None when it is longer than ``cap`` bytes (by its
+    Content-Length, or found while reading). ``r.content.read(n)`` alone answers what has arrived so far."""
+    if r.content_length is not None and r.content_length > cap:
+        return None
+    buf = bytearray()
+    while chunk := await r.content.read(cap + 1 - len(buf)):
+        buf += chunk
+        if len(buf) > cap:
+            return None
+    return bytes(buf)
 
 
 @dataclass(frozen=True)
@@ -194,7 +214,7 @@ class GridLink:
         if not heads:
             return 0
         if self.fails:
-            heads = heads[:1]  # the platform was away: one record probes
+            heads = heads[:1]  # the platform was away: one record probes (the one tried least often: _heads)
         took = 0
         for i in range(0, len(heads), CONCURRENCY):
             chunk = heads[i : i + CONCURRENCY]
@@ -237,7 +257,7 @@ class GridLink:
             async with self._http.post(
                 self.events_url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=self.g.timeout_s)
             ) as r:
-                raw = await r.content.read(65536)
+                whole = await read_body(r, ANSWER_MAX)
                 status = r.status
                 retry_after = r.headers.get("Retry-After", "")
         except TimeoutError:
@@ -245,7 +265,10 @@ class GridLink:
         except aiohttp.ClientError as e:
             return Outcome("retry", f"{type(e).__name__}: {str(e)[:200]}")
         wait_s = float(retry_after) if retry_after.isdigit() else None
+        raw = whole or b""  # a refusal's words are only shown: a refusal too long to read is still a refusal
         if 200 <= status < 300:
+            if whole is None:
+                return Outcome("retry", f"HTTP {status} with an answer over {ANSWER_MAX} bytes")
             try:
                 answer = contract.decode_answer(raw)
             except contract.ContractError as e:
@@ -339,16 +362,19 @@ class GridLink:
                     headers=headers,
                     timeout=aiohttp.ClientTimeout(total=self.g.timeout_s),
                 ) as r:
-                    raw = await r.content.read(256 * 1024)
+                    whole = await read_body(r, HISTORY_MAX)
                     status = r.status
             except (TimeoutError, aiohttp.ClientError) as e:
                 log.info("grid poll of %s: %s", number, type(e).__name__)
                 return new
             if status != 200:
-                log.info("grid poll of %s: %s", number, _reason(status, raw))
+                log.info("grid poll of %s: %s", number, _reason(status, whole or b""))
+                continue
+            if whole is None:
+                log.warning("grid poll of %s: an answer over %d bytes", number, HISTORY_MAX)
                 continue
             try:
-                hist = contract.decode_history(raw)
+                hist = contract.decode_history(whole)
             except contract.ContractError as e:
                 log.warning("grid poll of %s: an answer not in the contract: %s", number, e)
                 continue
@@ -367,13 +393,14 @@ class GridLink:
 
 def _heads(conn: Conn) -> list[Row]:
     """Per case, the record to send next: its report, else its newest waiting revision; none for a case whose
-    earlier record the platform refused (it waits for an administrator)."""
+    earlier record the platform refused (it waits for an administrator). The records tried least often come first,
+    so while the link is failing the record that probes is each in turn, not always the oldest."""
     return conn.execute(
         "SELECT o.*, c.number FROM grid_outbox o JOIN grid_cases c ON c.id = o.case_id WHERE o.state = 'pending'"
         " AND o.id = (SELECT o2.id FROM grid_outbox o2 WHERE o2.case_id = o.case_id AND o2.state = 'pending'"
         "  ORDER BY o2.kind = 'report' DESC, o2.revision DESC LIMIT 1)"
         " AND NOT EXISTS (SELECT 1 FROM grid_outbox f WHERE f.case_id = o.case_id AND f.state = 'failed')"
-        " ORDER BY o.id LIMIT ?",
+        " ORDER BY o.attempts, o.id LIMIT ?",
         (HEADS_MAX,),
     ).fetchall()
 
