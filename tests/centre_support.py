@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 
 from portal.store import Postgres
-from tests.portal_support import csrf_of
+from tests.portal_support import Portal, csrf_of, write_config
 
 #: what every instance of one centre must hold alike (docs/centre.md): the store key and the signing key
 SHARED_KEYS = ("store.key", "pass_signing_key.pem")
@@ -69,6 +69,20 @@ def share_keys(first: Path, others: list[Path]) -> None:
                 dst = folder / "data" / name
                 shutil.copyfile(src, dst)
                 dst.chmod(0o600)
+
+
+def in_process_config(folder: Path, target: Postgres, first: Portal | None = None) -> Path:
+    """The config of an in-process instance (tests.portal_support.running_portal) on the shared store ``target``;
+    ``first``: the instance whose store key it takes (copied into its folder, mode 0600), as every instance must."""
+    key = ""
+    if first is not None:
+        dst = folder / "store.key"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(first.services.cfg.key_path, dst)
+        dst.chmod(0o600)
+        key = f", key_file: {dst}"
+    store = f"store: {{backend: postgresql, dsn: '{target.dsn}', passfile: {target.passfile}{key}}}\n"
+    return write_config(folder, None, extra=store)
 
 
 async def sign_in(http: aiohttp.ClientSession, url: str, user: str, password: str) -> None:

@@ -346,17 +346,34 @@ def open_rule(conn: Conn, care_id: int, rule: str) -> dict[str, Any] | None:
     return next((a for a in open_alerts(conn, care_id) if a["rule"] == rule), None)
 
 
+#: the latest close of a household's no-activity or panel-inactivity alert (``c``: its care_households row)
+_LAST_CLOSE_SQL = (
+    "(SELECT max(i.closed_at) FROM care_alerts a JOIN incident_keys k ON k.key = a.incident_key"
+    " JOIN incidents i ON i.id = k.incident_id WHERE a.care_id = c.id AND a.rule IN ('no_activity', 'panel_inactive')"
+    " AND i.state = 'closed')"
+)
+
+
+def _since(watch_from: str, closed: str | None) -> str:
+    return max(watch_from, closed) if closed else watch_from
+
+
 def effective_from(conn: Conn, h: Household) -> str:
     """Where the no-activity clock runs from: the household's watch_from, or the close of its latest no-activity or
     panel-inactivity alert when a guard closed one after that (the guard saw the resident: the clock restarts)."""
-    row = conn.execute(
-        "SELECT max(i.closed_at) FROM care_alerts a JOIN incident_keys k ON k.key = a.incident_key"
-        " JOIN incidents i ON i.id = k.incident_id WHERE a.care_id = ? AND a.rule IN ('no_activity', 'panel_inactive')"
-        " AND i.state = 'closed'",
-        (h.id,),
-    ).fetchone()
-    closed = row[0] if row else None
-    return max(h.watch_from, closed) if closed else h.watch_from
+    row = conn.execute(f"SELECT {_LAST_CLOSE_SQL} FROM care_households c WHERE c.id = ?", (h.id,)).fetchone()
+    return _since(h.watch_from, row[0] if row else None)
+
+
+def clock_bases(conn: Conn, care_id: int | None = None) -> dict[int, tuple[str, int]]:
+    """What the no-activity clocks of the households under care (all, or one) run from, in one query: their
+    :func:`effective_from` and hours, by household."""
+    rows = conn.execute(
+        f"SELECT c.id, c.watch_from, c.hours, {_LAST_CLOSE_SQL} FROM care_households c WHERE c.status = 'active'"
+        + (" AND c.id = ?" if care_id is not None else ""),
+        () if care_id is None else (care_id,),
+    ).fetchall()
+    return {int(r[0]): (_since(str(r[1]), r[3]), int(r[2])) for r in rows}
 
 
 def care_of_incident(conn: Conn, incident: Mapping[str, Any]) -> tuple[Household, dict[str, Any] | None] | None:

@@ -27,6 +27,13 @@ incident. "我很好" from the phone (:meth:`CareWatch.check_in`) restarts the c
 **Time.** The no-activity delay runs on the monotonic clock: each household's deadline is set from the age of its
 last activity by the wall clock, read when it changes (at start-up, on new activity, after a check-in or a close),
 so a clock jump changes no deadline. Night hours are wall time in the site's zone.
+
+**Several instances** (a monitoring centre, docs/centre.md). Each instance keeps every household's clock, and what
+moves one (an enrolment, activity another instance's feed credited, "我很好" or a close through another instance)
+is learnt by reading every clock again every :data:`RELOAD_S` (one query; an unchanged clock keeps its deadline).
+An alert is raised only after the household is read again in the raising transaction, under the store's whole lock
+(:func:`raise_no_activity`): a clock that moved meanwhile is refreshed instead, and an alert another instance raised
+is not raised twice.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from portal.web.services import Services
 log = logging.getLogger("portal.care")
 
 TICK_S = 1.0  # how often deadlines are checked and the event cursor looked at
+RELOAD_S = 30.0  # how often every household's clock is read again (what other instances sharing the store changed)
 CURSOR_EVERY = 10  # ticks: how often the cursor is moved past events the feed does not look at
 FEED_CHUNK = 2000
 NIGHT_STALE_S = 3600.0  # night activity seen later than this is credited but raises nothing
@@ -329,16 +337,28 @@ def _panic(conn: Conn, h: model.Household, ev: Mapping[str, Any], data: Mapping[
 # ---------------------------------------------------------------- the timer's and the phone's writes
 
 
-def raise_no_activity(conn: Conn, care_ids: list[int], now: str) -> list[dict[str, Any]]:
-    out = []
-    for cid in care_ids:
-        h = model.household(conn, cid)
-        if h is None or h.status != "active" or model.open_rule(conn, cid, "no_activity") is not None:
+@dataclass
+class Raised:
+    events: list[dict[str, Any]] = field(default_factory=list)  # the alerts raised
+    moved: list[int] = field(default_factory=list)  # households whose clock had moved on: read them again
+
+
+def raise_no_activity(conn: Conn, due: Mapping[int, tuple[str, int]], now: str) -> Raised:
+    """Raise the no-activity alerts of the households an instance's clocks say are due, each clock computed from
+    the (since, hours) in ``due``. Each is read again here, under the store's whole lock: one whose clock has moved
+    on since (activity, "我很好" or a close, at this instance or another; other hours; care ended) is not raised but
+    listed in ``moved``; one whose alert is open (another instance raised it) is passed over. Of several instances
+    whose clocks come due together, one raises, once."""
+    out = Raised()
+    for cid, basis in due.items():
+        if model.clock_bases(conn, cid).get(cid) != basis:
+            out.moved.append(cid)
             continue
-        since = model.effective_from(conn, h)
-        out.append(
-            raise_alert(conn, h, "no_activity", now, {"hours": h.hours, "since": since, "last": h.last_activity})
-        )
+        h = model.household(conn, cid)
+        if h is None or model.open_rule(conn, cid, "no_activity") is not None:
+            continue
+        detail = {"hours": h.hours, "since": basis[0], "last": h.last_activity}
+        out.events.append(raise_alert(conn, h, "no_activity", now, detail))
     return out
 
 
@@ -403,6 +423,11 @@ class Clock:
 
     deadline: float
     since: str
+    hours: int
+
+    @property
+    def basis(self) -> tuple[str, int]:
+        return self.since, self.hours
 
 
 class CareWatch:
@@ -418,9 +443,11 @@ class CareWatch:
     ) -> None:
         self.svc, self.board, self.wall, self.mono = svc, board, wall, mono
         self.clocks: dict[int, Clock] = {}
+        self._spent: dict[int, tuple[str, int]] = {}  # alerted from this basis: no clock until it moves
         self._wake = asyncio.Event()
         self._cursor = 0
         self._ticks = 0
+        self._next_reload = 0.0
         self._task: asyncio.Task[None] | None = None
         self._refresh: set[int] = set()
 
@@ -429,6 +456,7 @@ class CareWatch:
 
     async def start(self) -> None:
         await self.refresh()
+        self._next_reload = self.mono() + RELOAD_S
         self.svc.store.add_commit_listener(self.on_commit, local_only=True)  # peers: the tick folds theirs
         self._task = asyncio.create_task(self._run(), name="portal.care.watch")
         self._wake.set()
@@ -441,25 +469,22 @@ class CareWatch:
 
     # -- the clocks
 
-    def _set(self, care_id: int, since: str, hours: int, wall: float, mono: float) -> None:
-        remaining = model.parse_ts(since).timestamp() + hours * 3600 - wall
-        self.clocks[care_id] = Clock(mono + remaining, since)
-
     async def refresh(self, care_id: int | None = None) -> None:
-        """Read the households' clocks again (all, or one) and set their deadlines from the wall clock, once."""
-
-        def load(c: Conn) -> list[tuple[int, str, int]]:
-            hs = model.households(c) if care_id is None else [h for h in [model.household(c, care_id)] if h]
-            return [(h.id, model.effective_from(c, h), h.hours) for h in hs if h.status == "active"]
-
-        rows = await self.svc.store.read(load)
+        """Read the households' clocks again (all, or one). A clock whose basis (since, hours) moved is set anew
+        from the wall clock, once; one whose basis is unchanged keeps its deadline (reading the wall clock again
+        would let a clock jump move it)."""
+        bases = await self.svc.store.read(lambda c: model.clock_bases(c, care_id))
         wall, mono = self.wall(), self.mono()
-        if care_id is None:
-            self.clocks.clear()
-        else:
-            self.clocks.pop(care_id, None)
-        for cid, since, hours in rows:
-            self._set(cid, since, hours, wall, mono)
+        for cid in ({*self.clocks, *self._spent} if care_id is None else {care_id}) - set(bases):  # ended
+            self.clocks.pop(cid, None)
+            self._spent.pop(cid, None)
+        for cid, basis in bases.items():
+            c = self.clocks.get(cid)
+            if (c is not None and c.basis == basis) or self._spent.get(cid) == basis:
+                continue
+            self._spent.pop(cid, None)
+            since, hours = basis
+            self.clocks[cid] = Clock(mono + model.parse_ts(since).timestamp() + hours * 3600 - wall, since, hours)
 
     def due(self) -> list[int]:
         now = self.mono()
@@ -496,13 +521,22 @@ class CareWatch:
         for cid in list(self._refresh):
             self._refresh.discard(cid)
             await self.refresh(cid)
-        due = self.due()
+        mono = self.mono()
+        if mono >= self._next_reload:  # what the other instances changed (enrolments, activity, check-ins, closes)
+            self._next_reload = mono + RELOAD_S
+            await self.refresh()
+        due = {cid: self.clocks[cid].basis for cid in self.due()}
         if not due:
             return []
         now = self.now()
-        events: list[dict[str, Any]] = await self.svc.store.run_write(lambda c: raise_no_activity(c, due, now))
-        for cid in due:  # raised, or one is open already: nothing more until activity, "我很好" or a close
-            self.clocks.pop(cid, None)
+        res: Raised = await self.svc.store.run_write(lambda c: raise_no_activity(c, due, now))
+        for cid, basis in due.items():  # raised, or one is open already: nothing more until its clock moves
+            if cid not in res.moved:
+                self.clocks.pop(cid, None)
+                self._spent[cid] = basis
+        for cid in res.moved:
+            await self.refresh(cid)
+        events = res.events
         for ev in events:
             log.warning(
                 "care alert: no activity at %s since %s",

@@ -10,17 +10,19 @@ instances' eyes goes onto a broker that estates bridge into and that anyone on a
 Two streams share the channel:
 
 * **with the commit** (:meth:`Peers.before_commit`, the store's before-commit step, in the writer thread): the new
-  events of every stored gateway batch (with the gateway's sequence bookkeeping) and every incident, arm state and
-  arm command the alarm board's ops changed;
+  events of every stored gateway batch (with the gateway's sequence bookkeeping), every incident, arm state and
+  arm command the alarm board's ops changed, and the notices ops ask for (:meth:`portal.store.Op.notice`: a site
+  plan changed);
 * **after it** (:meth:`Peers.relay`, on the event loop, on a connection of its own): everything else a hub
   broadcasts (doors, unlock commands, gateway status, care and patrol news) and what it does to sockets (a
   sign-out, a guard's sites changed), which the other hubs repeat for the same sessions and users.
 
-A receiving instance hands the batches to its store's commit listeners as a peer's commit (doors follow their state,
-a command's waiter hears its answer, the consoles get the events) and the rest to its hub. Bodies over PostgreSQL's
-8000-byte limit go in parts, sent in one transaction and so delivered together. The listening connection reconnects
-with capped backoff and full jitter; what was sent while it was away is lost to it, so its consoles are told to
-reconnect, and every page then fetches what it missed.
+A receiving instance hands the batches and the notices to its store's commit listeners as a peer's commit (doors
+follow their state, a command's waiter hears its answer, the consoles get the events, the site plans are read again)
+and the rest to its hub. Bodies over PostgreSQL's 8000-byte limit go in parts, sent in one transaction and so
+delivered together. The listening connection reconnects with capped backoff and full jitter; what was sent while it
+was away is lost to it, so its consoles are told to reconnect (every page then fetches what it missed) and its
+commit listeners hear :data:`~portal.store.MISSED` (what they keep of the store, they read again).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from typing import Any
 import msgspec
 
 from portal.alarms import incidents as alarms
-from portal.store import BatchResult, GatewaySnapshot, Op, PeerCommit, Postgres, Store
+from portal.store import MISSED, BatchResult, GatewaySnapshot, Notice, Op, PeerCommit, Postgres, Store
 from portal.store.engine import connect_args
 from portal.web.hub import Hub
 
@@ -217,7 +219,11 @@ class Peers:
     def before_commit(self, conn: Any, done: list[tuple[Op, Any]]) -> None:
         batches: list[dict[str, Any]] = []
         messages: list[dict[str, Any]] = []
+        notices: list[dict[str, Any]] = []
         for op, res in done:
+            notice = op.notice(res)
+            if notice is not None:
+                notices.append({"kind": notice.kind, "data": notice.data})
             if isinstance(res, BatchResult):
                 if res.new_events:
                     batches.append(
@@ -230,9 +236,12 @@ class Peers:
                     )
             else:
                 messages.extend(board_messages(op, res))
-        if not batches and not messages:
+        if not batches and not messages and not notices:
             return
-        parts = encode(self.me, next(self._seq), {"batches": batches, "hub": messages})
+        body: dict[str, Any] = {"batches": batches, "hub": messages}
+        if notices:
+            body["notices"] = notices
+        parts = encode(self.me, next(self._seq), body)
         # every part in one statement: a round trip per part was a transaction's longest wait after its inserts
         conn.execute("SELECT count(pg_notify(?, p)) FROM unnest(?::text[]) AS p", (CHANNEL, parts))
 
@@ -292,6 +301,7 @@ class Peers:
                         self.reconnects += 1
                         n = self.hub.kick_all("missed news of the other instances", peers=False)
                         log.warning("listening to the other instances again; %d consoles told to catch up", n)
+                        self.store.peer_committed([(PeerCommit(), MISSED)])
                     self.listening = True
                     self._listening.set()
                     attempt = 0
@@ -319,6 +329,11 @@ class Peers:
                 continue
             self.store.peer_committed([(PeerCommit(), res)])
             self.hub.broadcast_events(res.new_events)
+        for n in body.get("notices") or []:
+            if not (isinstance(n, dict) and isinstance(n.get("kind"), str) and isinstance(n.get("data"), dict)):
+                self._asm.malformed += 1
+                continue
+            self.store.peer_committed([(PeerCommit(), Notice(n["kind"], n["data"]))])
         for m in body.get("hub") or []:
             if not isinstance(m, dict):
                 self._asm.malformed += 1

@@ -9,7 +9,9 @@ units are then the picture's pixels. Without a picture the plan is a blank groun
 Marks are named as events name places (``place.zone``, ``place.building``, ``place.door``), so the board can
 make them blink: a zone is a line of two or more points, a building two opposite corners, a door one point.
 Every change is one transaction with its audit row; removing a mark or the whole plan asks first.
-:class:`Plans` keeps what is stored in memory for the board, which draws maps without reading the store.
+:class:`Plans` keeps what is stored in memory for the board, which draws maps without reading the store. On a store
+several instances share (docs/centre.md), each change tells the others with its commit (:data:`CHANGED`), and they
+read their plans again.
 """
 
 from __future__ import annotations
@@ -18,17 +20,18 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
+from common.tasks import cancel_and_wait
 from portal.config import MapBuilding, MapDoor, MapZone, SiteMapConfig
 from portal.estate import photos
 from portal.estate.sitemap import render_svg
-from portal.store import Conn, audit, now_text
+from portal.store import MISSED, Conn, Notice, Op, StoreError, audit, now_text
 from portal.store import engine as db
 from portal.web.auth import SESSION_KEY, roles
 from portal.web.bodies import read_form
@@ -48,6 +51,8 @@ NAME_RE = re.compile(r"^[^\s<>\"'&/\\]{1,64}$")  # as a place is named in events
 LABEL_MAX = 60
 POINTS_MAX = 500
 EDIT_ROLES = ("admin", "installer")
+#: what the other instances sharing the store hear of a change to a plan (with its commit)
+CHANGED = Notice("plans_changed")
 
 
 class PlanError(ValueError):
@@ -129,9 +134,27 @@ class Plans:
     def __init__(self, config_maps: Iterable[SiteMapConfig]) -> None:
         self._config = {m.site: m for m in config_maps}
         self._stored: dict[str, StoredPlan] = {}
+        self._stale = asyncio.Event()
 
     async def load(self, read: Any) -> None:
         self._stored = await read(_load_all)
+
+    def on_commit(self, committed: list[tuple[Op, Any]]) -> None:
+        """A store commit listener: another instance changed a plan (or its notices may have been lost)."""
+        if any(isinstance(res, Notice) and res in (CHANGED, MISSED) for _op, res in committed):
+            self._stale.set()
+
+    async def follow(self, read: Callable[[Callable[[Conn], Any]], Awaitable[Any]]) -> None:
+        """Read the plans again whenever :meth:`on_commit` heard of a change (a task for the portal's life)."""
+        while True:
+            await self._stale.wait()
+            self._stale.clear()
+            try:
+                await self.load(read)
+            except StoreError as e:
+                log.warning("site plans not read again: %s; retrying", e)
+                self._stale.set()
+                await asyncio.sleep(1.0)
 
     def maps(self) -> list[tuple[SiteMapConfig, str | None]]:
         """Every site's map with its picture's URL (None: no picture), by site."""
@@ -168,7 +191,12 @@ def setup(app: web.Application) -> None:
         plans = Plans(svc.cfg.site_maps)
         await plans.load(svc.store.read)
         app[PLANS] = plans
-        yield
+        svc.store.add_commit_listener(plans.on_commit)  # another instance's change, told with its commit
+        following = asyncio.create_task(plans.follow(svc.store.read), name="portal.plans.follow")
+        try:
+            yield
+        finally:
+            await cancel_and_wait("site plans", [following])
 
     app.cleanup_ctx.append(ctx)
 
@@ -421,7 +449,7 @@ async def set_image(request: web.Request) -> web.StreamResponse:
             request.remote or "",
         )
 
-    await svc.store.run_write(put)
+    await svc.store.run_write(put, notice=CHANGED)
     await plans.load(svc.store.read)
     raise web.HTTPSeeOther(f"/admin/sitemap/{site}?notice=image" if data else f"/admin/sitemap/{site}?notice=size")
 
@@ -477,7 +505,7 @@ async def save_mark(request: web.Request) -> web.StreamResponse:
             request.remote or "",
         )
 
-    await svc.store.run_write(put)
+    await svc.store.run_write(put, notice=CHANGED)
     await plans.load(svc.store.read)
     raise web.HTTPSeeOther(f"/admin/sitemap/{site}?notice=placed")
 
@@ -513,7 +541,7 @@ async def delete_mark(request: web.Request) -> web.StreamResponse:
             audit.write(c, actor, "plan.unmark", f"site:{site}", f"{kind} {name}", request.remote or "")
         return bool(gone.rowcount)
 
-    if not await svc.store.run_write(put):
+    if not await svc.store.run_write(put, notice=CHANGED):
         raise web.HTTPNotFound()
     await plans.load(svc.store.read)
     raise web.HTTPSeeOther(f"/admin/sitemap/{site}?notice=removed")
@@ -546,7 +574,7 @@ async def delete_plan(request: web.Request) -> web.StreamResponse:
         c.execute("DELETE FROM site_plans WHERE site = ?", (site,))
         audit.write(c, actor, "plan.delete", f"site:{site}", "", request.remote or "")
 
-    await svc.store.run_write(put)
+    await svc.store.run_write(put, notice=CHANGED)
     await plans.load(svc.store.read)
     raise web.HTTPSeeOther(f"/admin/sitemap/{site}?notice=deleted")
 

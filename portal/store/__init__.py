@@ -36,11 +36,13 @@ from portal.store.users import (
 )
 from portal.store.writer import (
     EVENT_COLUMNS,
+    MISSED,
     BatchResult,
     CountRejection,
     EnsureGateways,
     EventQuery,
     FnOp,
+    Notice,
     Op,
     PeerCommit,
     SetStatus,
@@ -57,6 +59,7 @@ from portal.store.writer import (
 
 __all__ = [
     "EVENT_COLUMNS",
+    "MISSED",
     "ROLES",
     "SCHEMA_VERSION",
     "BatchResult",
@@ -68,6 +71,7 @@ __all__ = [
     "FnOp",
     "GatewaySnapshot",
     "GatewayState",
+    "Notice",
     "Op",
     "PeerCommit",
     "Postgres",

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -162,11 +162,29 @@ def _gateway_values(st: GatewayState) -> tuple[Any, ...]:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """News of a commit for the other instances sharing the store (a ``kind`` and a small JSON object), sent with the
+    commit (:meth:`Op.notice`); another instance's commit listeners that are not ``local_only`` hear it as
+    ``(PeerCommit, Notice)`` (:meth:`Store.peer_committed`)."""
+
+    kind: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+#: what the instances' commit listeners hear when notices may have been lost (the listening connection was away)
+MISSED = Notice("missed")
+
+
 class Op:
     """A unit of writing. ``apply`` runs in the writer thread inside a savepoint of a transaction."""
 
     def apply(self, tx: Tx) -> Any:
         raise TypeError(f"{type(self).__name__} must define apply()")
+
+    def notice(self, result: Any) -> Notice | None:
+        """What the other instances sharing the store must hear of this op's commit (None: nothing)."""
+        return None
 
     def prepare(self) -> None:
         """Runs in the writer thread before the transaction begins (outside every lock): work that needs no
@@ -193,11 +211,15 @@ class PeerCommit(Op):
 
 
 class FnOp(Op):
-    def __init__(self, fn: Callable[[Any], Any]) -> None:
+    def __init__(self, fn: Callable[[Any], Any], notice: Notice | None = None) -> None:
         self.fn = fn
+        self._notice = notice
 
     def apply(self, tx: Tx) -> Any:
         return self.fn(tx.conn)
+
+    def notice(self, result: Any) -> Notice | None:
+        return self._notice
 
 
 _enc = msgspec.json.Encoder()
@@ -736,8 +758,9 @@ class Store:
         """Wait until everything queued so far is committed."""
         await self.write(FnOp(lambda c: None))
 
-    async def run_write(self, fn: Callable[[Any], T]) -> T:
-        result: T = await self.write(FnOp(fn))
+    async def run_write(self, fn: Callable[[Any], T], *, notice: Notice | None = None) -> T:
+        """Run ``fn(conn)`` in a write transaction; ``notice``: what the other instances hear of its commit."""
+        result: T = await self.write(FnOp(fn, notice))
         return result
 
     async def _run_pump(self) -> None:
