@@ -424,6 +424,41 @@ def _fed(p: Portal, w: CareWatch) -> Any:
 # ---------------------------------------------------------------- night, the panel's inactivity, a panic
 
 
+async def test_a_new_silence_after_an_alert_her_activity_answered_rings_again(
+    tmp_path: Path, broker: MosquittoProcess
+) -> None:
+    """The 24 h alert rings; the guard acknowledges it but does not close it; an hour later her own panel is armed
+    (the alert is answered, restored on the board); then nothing for a day and more. That second silence rings a
+    new alert: the first, answered and still open, is no bar to it."""
+    clock = TimeMachine()
+    async with running_portal(write_config(tmp_path, broker), clock.options()) as p, mqtt(broker) as gw:
+        await gw.subscribe(wire.topic(SITE, GATEWAY, "ack"), qos=1)
+        await wait_for(lambda: p.services.ingest.connected, what="portal connected")
+        await estate_with_staff(p)
+        zhang = await person(p, ZHANG)
+        await enrol(p, [zhang["id"]], hours=24)
+        w = watch(p)
+        clock.step(24 * HOUR + 60)
+        assert len(await w.check_now()) == 1
+        (first,) = await incidents(p, "care")
+        await board(p).act(first["id"], "ack", "guard1")
+        clock.step(HOUR)
+        armed = {"panel": "p301", "code": 401, "user": 2, "mode": "away"}
+        await publish(gw, [field_event(1, "house.armed", ts=clock.now(), data=armed, **FLAT_301)])
+        await wait_for(lambda: _fed(p, w), timeout=10, what="the care feed")
+        await board(p).feed_now()
+        (first,) = await incidents(p, "care")
+        assert first["state"] == "acknowledged" and first["restored_at"]
+        raised = []
+        for _ in range(26):
+            clock.step(HOUR)
+            raised += await w.check_now()
+        assert [e["type"] for e in raised] == ["care.no_activity"]
+        await board(p).feed_now()
+        ringing = [i for i in await incidents(p, "care") if i["id"] != first["id"]]
+        assert len(ringing) == 1 and ringing[0]["state"] == "new" and not ringing[0]["restored_at"]
+
+
 async def test_night_activity_the_panels_senior_watch_and_a_panic(tmp_path: Path, broker: MosquittoProcess) -> None:
     # 02:30 tonight at the site (Asia/Shanghai, UTC+8): the portal's clock starts there.
     night = datetime.now(UTC).replace(hour=18, minute=30, second=0, microsecond=0)  # 02:30 in UTC+8
@@ -478,6 +513,31 @@ async def test_night_activity_the_panels_senior_watch_and_a_panic(tmp_path: Path
             clock.now(),
         )
         assert {i["type"]: i for i in await incidents(p, "care")}["care.panel_inactive"]["restored_at"]
+        # Nobody moved again, while the guard has not closed the first: the alert rings again, not nothing (so soon
+        # after its restore, the board counts it as another trip of the same incident).
+        await send(
+            "panel.event",
+            {"panel": "p301", "account": "1234", "code": 641, "qualifier": "new", "zone": 1, "kind": "senior_watch"},
+            clock.now(),
+        )
+        await board(p).feed_now()
+        (inactive,) = [i for i in await incidents(p, "care") if i["type"] == "care.panel_inactive"]
+        assert inactive["restored_at"] is None and inactive["trips"] == 2
+        await send(  # and the panel's next restore answers the new one
+            "panel.event",
+            {
+                "panel": "p301",
+                "account": "1234",
+                "code": 641,
+                "qualifier": "restore",
+                "zone": 1,
+                "kind": "senior_watch",
+            },
+            clock.now(),
+        )
+        await board(p).feed_now()
+        (inactive,) = [i for i in await incidents(p, "care") if i["type"] == "care.panel_inactive"]
+        assert inactive["restored_at"]
         # A panic from the flat's panel: its own incident (kind panic) with the care context, never a second one.
         await send(
             "panel.alarm",

@@ -342,8 +342,13 @@ def open_alerts(conn: Conn, care_id: int) -> list[dict[str, Any]]:
     return [a for a in alerts(conn, care_id, 200) if a["open"]]
 
 
-def open_rule(conn: Conn, care_id: int, rule: str) -> dict[str, Any] | None:
-    return next((a for a in open_alerts(conn, care_id) if a["rule"] == rule), None)
+def open_rule(conn: Conn, care_id: int, rule: str, *, unanswered: bool = False) -> dict[str, Any] | None:
+    """An open alert of ``rule``; ``unanswered``: one that no sign of life has answered since (an alert answered
+    by activity, restored on the board, stays open until a guard closes it, and a new silence is a new alert)."""
+    return next(
+        (a for a in open_alerts(conn, care_id) if a["rule"] == rule and not (unanswered and a["detail"].get("seen"))),
+        None,
+    )
 
 
 #: the latest close of a household's no-activity or panel-inactivity alert (``c``: its care_households row)

@@ -300,9 +300,9 @@ def _credit(conn: Conn, h: model.Household, at: str, what: str, now: str, tz: Zo
 def _panel_inactive(
     conn: Conn, h: model.Household, ev: Mapping[str, Any], data: Mapping[str, Any], now: str, out: FeedResult
 ) -> None:
-    open_alert = model.open_rule(conn, h.id, "panel_inactive")
+    open_alert = model.open_rule(conn, h.id, "panel_inactive", unanswered=True)
     if data.get("qualifier") == "restore":
-        if open_alert is not None and not open_alert["detail"].get("seen"):
+        if open_alert is not None:
             model.set_alert_detail(conn, open_alert["id"], {**open_alert["detail"], "seen": str(ev["ts"])})
             out.events.append(restore_alert(conn, h, open_alert, now, "panel restore"))
         return
@@ -347,16 +347,17 @@ def raise_no_activity(conn: Conn, due: Mapping[int, tuple[str, int]], now: str) 
     """Raise the no-activity alerts of the households an instance's clocks say are due, each clock computed from
     the (since, hours) in ``due``. Each is read again here, under the store's whole lock: one whose clock has moved
     on since (activity, "我很好" or a close, at this instance or another; other hours; care ended) is not raised but
-    listed in ``moved``; one whose alert is open (another instance raised it) is passed over. Of several instances
-    whose clocks come due together, one raises, once."""
+    listed in ``moved``; one whose alert is open and unanswered (another instance raised it) is passed over, but not
+    one whose earlier alert her activity answered and no guard has closed yet: this is a new silence, a new alert.
+    Of several instances whose clocks come due together, one raises, once."""
     out = Raised()
     for cid, basis in due.items():
         if model.clock_bases(conn, cid).get(cid) != basis:
             out.moved.append(cid)
             continue
         h = model.household(conn, cid)
-        if h is None or model.open_rule(conn, cid, "no_activity") is not None:
-            continue
+        if h is None or model.open_rule(conn, cid, "no_activity", unanswered=True) is not None:
+            continue  # ringing still (another instance raised it); one answered by activity is no bar
         detail = {"hours": h.hours, "since": basis[0], "last": h.last_activity}
         out.events.append(raise_alert(conn, h, "no_activity", now, detail))
     return out
