@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import grp
 import os
 import pwd
 import re
 import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import get_args, get_type_hints
 
@@ -134,6 +135,30 @@ def check_broker_user(user: str) -> str:
             f"{PORTAL_BROKER_USER!r}"
         )
     return user
+
+
+@contextlib.contextmanager
+def edit_lock(path: Path) -> Iterator[None]:
+    """Hold ``path``'s edit lock for a whole read-change-validate-replace: an exclusive flock on ``.NAME.lock`` beside
+    it (the file itself will not do: each edit replaces it with a new inode). Two edits at once then run one after
+    the other, the second reading what the first wrote, instead of both succeeding and one change being lost.
+    The lock file stays (removing it would let a third edit lock a new file while the second holds the old one).
+    Where it cannot be made (no folder, a folder this user may not write, a read-only or full file system) the edit
+    goes on unlocked: it cannot replace the file either, and says why when it tries, after its other checks."""
+    lock = path.parent / f".{path.name}.lock"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        try:  # someone else's lock file, or a read-only file system: a read-only descriptor locks as well
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            yield
+            return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def cannot_write(path: Path, e: OSError) -> ProvisionError:
