@@ -603,9 +603,14 @@ def _cross_check_alarms(cfg: GatewayConfig, where: Any, profiles: dict[str, Any]
             if w.start == w.end or w.start == "24:00":
                 problems.append(f"{tag}: windows[{j}]: an empty window (start == end, or start 24:00)")
     for i, p in enumerate(cfg.indoor_panels):
-        if p.place.house is None:
+        # Its events name a flat only with all three (the portal ties them to a house, its residents and care).
+        missing = [f"place.{k}" for k in ("building", "unit", "house") if getattr(p.place, k) is None]
+        if missing:
             tag = where(f"$.indoor_panels[{i}].place", f"indoor_panels[{i}] ({p.name})")
-            problems.append(f"{tag}: an indoor panel needs place.house (and its building and unit)")
+            problems.append(
+                f"{tag}: an indoor panel needs place.house with its place.building and place.unit (the flat its "
+                f"events belong to); {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
+            )
     return problems
 
 

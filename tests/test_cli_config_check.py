@@ -90,6 +90,18 @@ BUSES = """buses:
             BUSES + "  - {name: ss1, kind: modbus-rtu-over-tcp, host: 127.0.0.1, port: 4001, max_in_flight: 4}\n",
             ["{f}:8: buses[1] (ss1): max_in_flight above 1 needs a modbus-tcp bus"],
         ),
+        # an indoor panel whose place names no flat: its events would reach no house (nor the care of its residents)
+        (
+            "indoor_panels:\n  - name: flat-1\n    account: '1234'\n    place: {house: '101'}\n"
+            "  - name: flat-2\n    account: '1235'\n    place: {building: '3', house: '102'}\n",
+            [
+                "{f}:6: indoor_panels[0] (flat-1): an indoor panel needs place.house with its "
+                "place.building and place.unit (the flat its events belong to); place.building and place.unit are "
+                "missing",
+                "{f}:9: indoor_panels[1] (flat-2): an indoor panel needs place.house with its "
+                "place.building and place.unit (the flat its events belong to); place.unit is missing",
+            ],
+        ),
         # YAML itself
         (
             "site: again\n",
