@@ -461,12 +461,67 @@ def cross_check(
                 f"{tag}: device {z.device!r} has no point {z.point!r} (it has: {known})"
                 f"{did_you_mean(z.point, profiles[z.device].points)}"
             )
+    problems.extend(_shared_ports(cfg, where))
     if cfg.mqtt.password_file and not cfg.mqtt.username:
         problems.append(f"{where('$.mqtt', 'mqtt')}: password_file given without username")
     problems.extend(_cross_check_access(cfg, where, profiles))
     problems.extend(_cross_check_alarms(cfg, where, profiles))
     if check_files:
         problems.extend(_check_files(cfg, where))
+    return problems
+
+
+_LOOPBACK = {"localhost", "ip6-localhost", "::1", "0:0:0:0:0:0:0:1"}
+
+
+def _endpoint_key(host: str, port: int | None) -> str:
+    """``tcp:HOST:PORT`` with the loopback's spellings made one (localhost, 127.0.0.1, 127.1, ::1); no lookups."""
+    import ipaddress
+
+    h = host.strip().lower().strip("[]").rstrip(".")
+    try:
+        if ipaddress.ip_address(h).is_loopback:
+            h = "loopback"
+    except ValueError:
+        if h in _LOOPBACK:
+            h = "loopback"
+    return f"tcp:{h}:{port}"
+
+
+def _serial_key(serial: str) -> str:
+    """One key per serial port however it is named (a /dev/serial/by-id link, a relative path); URLs as written."""
+    return f"serial:{serial}" if "://" in serial else f"serial:{os.path.realpath(serial)}"
+
+
+def _shared_ports(cfg: GatewayConfig, where: Any) -> list[str]:
+    """Two owners of one serial port (two buses, a bus and a reader line or a Contact ID line) or two buses on one TCP
+    endpoint: each would read the other's replies. Readers sharing one RS-485 line are one owner."""
+    problems: list[str] = []
+    owners: dict[str, tuple[str, str]] = {}  # key -> (what owns it, "file:line: entity" of that entry)
+
+    def claim(key: str, kind: str, jp: str, name: str, what: str) -> None:
+        tag = where(jp, name)
+        if key in owners:
+            other_kind, other = owners[key]
+            if not (kind == other_kind == "readers"):
+                m = re.match(r".*?:(\d+): (.*)$", other)
+                by = f"{m.group(2)} at line {m.group(1)}" if m else other
+                problems.append(f"{tag}: {what} is already used by {by}: one port, one owner")
+            return
+        owners[key] = (kind, tag)
+
+    for i, b in enumerate(cfg.buses):
+        jp, name = f"$.buses[{i}]", f"buses[{i}] ({b.name})"
+        if b.serial:
+            claim(_serial_key(b.serial), "buses", jp, name, f"serial port {b.serial!r}")
+        elif b.host and b.port:
+            claim(_endpoint_key(b.host, b.port), "buses", jp, name, f"endpoint {b.host}:{b.port}")
+    for i, c in enumerate(cfg.contact_id_lines):
+        jp, name = f"$.contact_id_lines[{i}]", f"contact_id_lines[{i}] ({c.name})"
+        claim(_serial_key(c.serial), "contact_id_lines", jp, name, f"serial port {c.serial!r}")
+    for i, r in enumerate(cfg.readers):
+        jp, name = f"$.readers[{i}]", f"readers[{i}] ({r.name})"
+        claim(_serial_key(r.serial), "readers", jp, name, f"serial port {r.serial!r}")
     return problems
 
 

@@ -102,6 +102,24 @@ BUSES = """buses:
                 "place.building and place.unit (the flat its events belong to); place.unit is missing",
             ],
         ),
+        # two owners of one port: a second bus on the same serial port (another name for it), a Contact ID line on a
+        # bus's port, and a second bus on the same TCP endpoint spelt another way; readers sharing a line are fine
+        (
+            "buses:\n  - {name: a, kind: modbus-rtu, serial: /dev/ttyS0}\n"
+            "  - {name: b, kind: modbus-rtu, serial: /dev/../dev/ttyS0}\n"
+            "  - {name: t1, kind: modbus-tcp, host: localhost, port: 502}\n"
+            "  - {name: t2, kind: modbus-tcp, host: 127.0.0.1, port: 502}\n"
+            "  - {name: t3, kind: modbus-tcp, host: 127.0.0.1, port: 503}\n"
+            "contact_id_lines:\n  - {name: cid, serial: /dev/ttyS0}\n",
+            [
+                "{f}:5: buses[1] (b): serial port '/dev/../dev/ttyS0' is already used by buses[0] (a) at line 4: one "
+                "port, one owner",
+                "{f}:7: buses[3] (t2): endpoint 127.0.0.1:502 is already used by buses[2] (t1) at line 6: one port, "
+                "one owner",
+                "{f}:10: contact_id_lines[0] (cid): serial port '/dev/ttyS0' is already used by buses[0] (a) at "
+                "line 4: one port, one owner",
+            ],
+        ),
         # YAML itself
         (
             "site: again\n",
