@@ -382,14 +382,52 @@ def convert_all(
 
 
 def read_secret(path: str | os.PathLike[str]) -> str:
-    """Read a secret file, refusing one that others can read (it must be mode 0600 or stricter)."""
+    """Read a secret file, refusing one that others can read (it must be mode 0600 or stricter). Each problem is a
+    :class:`ConfigError` that says what to do: a misspelt name (and the close one beside it), a file this user may
+    not read (and who this user is: a check run as root says nothing of the service's own user), a file too open."""
+    p = Path(path)
     try:
-        st = os.stat(path)
-    except OSError as e:
-        raise ConfigError([f"{path}: cannot read secret: {e.strerror}"]) from None
-    if st.st_mode & 0o077:
-        raise ConfigError([f"{path}: secret file must not be readable by group or others (chmod 600)"])
-    return Path(path).read_text(encoding="utf-8").strip()
+        st = p.stat()
+        if st.st_mode & 0o077:
+            raise ConfigError([f"{p}: secret file must not be readable by group or others (chmod 600)"])
+        return p.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: no such file{_sibling_hint(p)}"]) from None
+    except PermissionError:
+        raise ConfigError([f"{p}: cannot read secret: permission denied {_as_user()}"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{p}: cannot read secret: {getattr(e, 'strerror', None) or e}"]) from None
+
+
+def current_user() -> str:
+    """The name of the user this process runs as (its uid where it has no name)."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def _as_user() -> str:
+    """``(as user nobody): ...``: who could not read a file, and what the service's user needs."""
+    return (
+        f"(as user {current_user()}): the service's user must be able to read it and search its folders (the "
+        "services run as gatehouse: sudo chown gatehouse: FILE), and a check must run as that user (sudo -u gatehouse "
+        "...)"
+    )
+
+
+def _sibling_hint(p: Path) -> str:
+    """``; did you mean '/etc/gatehouse/secrets/mqtt.password'?`` for a misspelt file name, or a missing folder."""
+    try:
+        names = os.listdir(p.parent)
+    except FileNotFoundError:
+        return f" (nor its folder {p.parent})"
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(p.name, names, n=1, cutoff=0.6)
+    return f"; did you mean {str(p.parent / close[0])!r}?" if close else ""
 
 
 def write_secret(path: Path, data: bytes) -> None:

@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
 
-from common.configfile import ConfigError, Remap, convert_all, did_you_mean, echoes, line_of, read_yaml
+from common.configfile import (
+    ConfigError,
+    Remap,
+    convert_all,
+    current_user,
+    did_you_mean,
+    echoes,
+    line_of,
+    read_secret,
+    read_yaml,
+)
 from gateway.wire import NAME_RE
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_RE.pattern)]
@@ -305,9 +316,14 @@ class GatewayConfig(_Strict):
 # ---------------------------------------------------------------- loading
 
 
-def load(path: str | os.PathLike[str], *, check_profiles: bool = True) -> GatewayConfig:
+def load(path: str | os.PathLike[str], *, check_profiles: bool = True, check_files: bool = False) -> GatewayConfig:
     """Read, validate and cross-check a gateway config. Raises :class:`ConfigError` with every problem found,
-    in the order of their lines."""
+    in the order of their lines.
+
+    ``check_files``: also read every file the config names, as this process's user, the way the daemon will (the
+    MQTT password, the TLS files, the public keys) and check that ``data_dir`` is a folder it can write or create:
+    what ``gatehouse config check`` and ``gatehouse gateway run`` do. Without it (the installer's other commands,
+    run as whoever) only the public keys' existence is checked."""
     p = Path(path)
     data, tree = read_yaml(p)
     cfg, problems, remap = convert_all(p, GatewayConfig, data, tree)
@@ -326,7 +342,9 @@ def load(path: str | os.PathLike[str], *, check_profiles: bool = True) -> Gatewa
     )
     # Each problem once: not again as "not defined" for an entry dropped for its own error, nor as a missing key.
     problems += [
-        c for c in cross_check(cfg, tree, check_profiles=check_profiles, remap=remap) if not echoes(c, data, remap)
+        c
+        for c in cross_check(cfg, tree, check_profiles=check_profiles, check_files=check_files, remap=remap)
+        if not echoes(c, data, remap)
     ]
     if problems:
         raise ConfigError(_by_line(problems))
@@ -363,9 +381,11 @@ def _unique(kind: str, names: list[str], where: Any, problems: list[str], what: 
     return seen
 
 
-def cross_check(cfg: GatewayConfig, tree: Any, *, check_profiles: bool, remap: Remap | None = None) -> list[str]:
+def cross_check(
+    cfg: GatewayConfig, tree: Any, *, check_profiles: bool, check_files: bool = False, remap: Remap | None = None
+) -> list[str]:
     """Rules that span entries. Each problem names the file, line and entity (``remap``: where the entries of a
-    config repaired by :func:`common.configfile.convert_all` were in the file)."""
+    config repaired by :func:`common.configfile.convert_all` were in the file; ``check_files``: see :func:`load`)."""
     src = cfg.source
     problems: list[str] = []
 
@@ -441,10 +461,67 @@ def cross_check(cfg: GatewayConfig, tree: Any, *, check_profiles: bool, remap: R
                 f"{tag}: device {z.device!r} has no point {z.point!r} (it has: {known})"
                 f"{did_you_mean(z.point, profiles[z.device].points)}"
             )
+    problems.extend(_shared_ports(cfg, where))
     if cfg.mqtt.password_file and not cfg.mqtt.username:
         problems.append(f"{where('$.mqtt', 'mqtt')}: password_file given without username")
     problems.extend(_cross_check_access(cfg, where, profiles))
     problems.extend(_cross_check_alarms(cfg, where, profiles))
+    if check_files:
+        problems.extend(_check_files(cfg, where))
+    return problems
+
+
+_LOOPBACK = {"localhost", "ip6-localhost", "::1", "0:0:0:0:0:0:0:1"}
+
+
+def _endpoint_key(host: str, port: int | None) -> str:
+    """``tcp:HOST:PORT`` with the loopback's spellings made one (localhost, 127.0.0.1, 127.1, ::1); no lookups."""
+    import ipaddress
+
+    h = host.strip().lower().strip("[]").rstrip(".")
+    try:
+        if ipaddress.ip_address(h).is_loopback:
+            h = "loopback"
+    except ValueError:
+        if h in _LOOPBACK:
+            h = "loopback"
+    return f"tcp:{h}:{port}"
+
+
+def _serial_key(serial: str) -> str:
+    """One key per serial port however it is named (a /dev/serial/by-id link, a relative path); URLs as written."""
+    return f"serial:{serial}" if "://" in serial else f"serial:{os.path.realpath(serial)}"
+
+
+def _shared_ports(cfg: GatewayConfig, where: Any) -> list[str]:
+    """Two owners of one serial port (two buses, a bus and a reader line or a Contact ID line) or two buses on one TCP
+    endpoint: each would read the other's replies. Readers sharing one RS-485 line are one owner."""
+    problems: list[str] = []
+    owners: dict[str, tuple[str, str]] = {}  # key -> (what owns it, "file:line: entity" of that entry)
+
+    def claim(key: str, kind: str, jp: str, name: str, what: str) -> None:
+        tag = where(jp, name)
+        if key in owners:
+            other_kind, other = owners[key]
+            if not (kind == other_kind == "readers"):
+                m = re.match(r".*?:(\d+): (.*)$", other)
+                by = f"{m.group(2)} at line {m.group(1)}" if m else other
+                problems.append(f"{tag}: {what} is already used by {by}: one port, one owner")
+            return
+        owners[key] = (kind, tag)
+
+    for i, b in enumerate(cfg.buses):
+        jp, name = f"$.buses[{i}]", f"buses[{i}] ({b.name})"
+        if b.serial:
+            claim(_serial_key(b.serial), "buses", jp, name, f"serial port {b.serial!r}")
+        elif b.host and b.port:
+            claim(_endpoint_key(b.host, b.port), "buses", jp, name, f"endpoint {b.host}:{b.port}")
+    for i, c in enumerate(cfg.contact_id_lines):
+        jp, name = f"$.contact_id_lines[{i}]", f"contact_id_lines[{i}] ({c.name})"
+        claim(_serial_key(c.serial), "contact_id_lines", jp, name, f"serial port {c.serial!r}")
+    for i, r in enumerate(cfg.readers):
+        jp, name = f"$.readers[{i}]", f"readers[{i}] ({r.name})"
+        claim(_serial_key(r.serial), "readers", jp, name, f"serial port {r.serial!r}")
     return problems
 
 
@@ -581,7 +658,115 @@ def _cross_check_alarms(cfg: GatewayConfig, where: Any, profiles: dict[str, Any]
             if w.start == w.end or w.start == "24:00":
                 problems.append(f"{tag}: windows[{j}]: an empty window (start == end, or start 24:00)")
     for i, p in enumerate(cfg.indoor_panels):
-        if p.place.house is None:
+        # Its events name a flat only with all three (the portal ties them to a house, its residents and care).
+        missing = [f"place.{k}" for k in ("building", "unit", "house") if getattr(p.place, k) is None]
+        if missing:
             tag = where(f"$.indoor_panels[{i}].place", f"indoor_panels[{i}] ({p.name})")
-            problems.append(f"{tag}: an indoor panel needs place.house (and its building and unit)")
+            problems.append(
+                f"{tag}: an indoor panel needs place.house with its place.building and place.unit (the flat its "
+                f"events belong to); {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
+            )
+    return problems
+
+
+# ---------------------------------------------------------------- the files a config names
+
+
+class FileError(ValueError):
+    """A file the config names that cannot be used: ``key`` is its setting (``mqtt.tls.ca_file``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+def mqtt_password(m: MqttConfig) -> str | None:
+    """The broker password from ``mqtt.password_file`` (None without one); :class:`FileError` when unreadable."""
+    if not m.password_file:
+        return None
+    try:
+        return read_secret(m.password_file)
+    except ConfigError as e:
+        raise FileError("mqtt.password_file", e.problems[0]) from None
+
+
+def mqtt_tls_context(m: MqttConfig) -> ssl.SSLContext | None:
+    """The TLS context of ``mqtt.tls`` (None without TLS); :class:`FileError` naming the file that cannot be used."""
+    if m.tls is None:
+        return None
+    t = m.tls
+    key = "mqtt.tls.ca_file"
+    try:
+        ctx = ssl.create_default_context(cafile=t.ca_file)
+        if t.cert_file:
+            key = "mqtt.tls.cert_file"
+            ctx.load_cert_chain(t.cert_file, t.key_file)
+    except FileNotFoundError as e:
+        raise FileError(key, f"{e.filename or _tls_file(t, key)}: no such file") from None
+    except PermissionError as e:
+        raise FileError(key, f"{e.filename or _tls_file(t, key)}: cannot read: permission denied") from None
+    except (ssl.SSLError, OSError) as e:
+        what, fix = (
+            ("a CA certificate (PEM)", "copy the site CA's gatehouse-ca.pem here")
+            if key.endswith("ca_file")
+            else ("a certificate (PEM) with its key_file", "give the gateway's own certificate and key")
+        )
+        reason = getattr(e, "reason", None) or e
+        raise FileError(key, f"{_tls_file(t, key)}: not {what} ({reason}): {fix}") from None
+    if t.insecure:
+        ctx.check_hostname = False
+    return ctx
+
+
+def _tls_file(t: TlsConfig, key: str) -> str:
+    return str(t.ca_file if key.endswith("ca_file") else t.cert_file)
+
+
+def _writable_folder(folder: str) -> str | None:
+    """Why the daemon could not keep its store in ``folder`` (which it creates if missing), or None."""
+    p = Path(folder)
+    probe = p
+    while not os.path.lexists(probe) and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "it" if probe == p else str(probe)
+        return f"{p}: not a folder ({where} is a file): name a folder, or move the file away"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "cannot write in it" if probe == p else f"cannot create it: cannot write in {probe}"
+        return f"{p}: {what} {_as_user()}"
+    return None
+
+
+def _as_user() -> str:
+    return f"(as user {current_user()}): it must be the gateway's user's (sudo chown -R gatehouse: DIR)"
+
+
+def _check_files(cfg: GatewayConfig, where: Any) -> list[str]:
+    """Every file the config names, read the way the daemon will, as this process's user (see :func:`load`)."""
+    from gateway.wire.passes import KeyFileError, load_public_key
+
+    problems: list[str] = []
+    for step in (mqtt_password, mqtt_tls_context):
+        try:
+            step(cfg.mqtt)
+        except FileError as e:
+            problems.append(f"{where(f'$.{e.key}', e.key)}: {e.message}")
+    for i, k in enumerate(cfg.access.public_keys):
+        if os.path.isfile(k):  # a missing one is already a problem
+            try:
+                load_public_key(k)
+            except KeyFileError as e:
+                problems.append(
+                    f"{where(f'$.access.public_keys[{i}]', f'access.public_keys[{i}]')}: {e}: copy the portal's "
+                    "pass_signing_key.pub.pem here"
+                )
+    reason = _writable_folder(cfg.data_dir)
+    if reason is None:
+        for key, name in (("store.path", cfg.store.path), ("access.db", cfg.access.db)):
+            f = cfg.data_path(name)
+            if f.exists() and not os.access(f, os.R_OK | os.W_OK):
+                problems.append(f"{where(f'$.{key}', key)}: {f}: cannot write it {_as_user()}")
+    else:
+        problems.append(f"{where('$.data_dir', 'data_dir')}: {reason}")
     return problems

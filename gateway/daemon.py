@@ -62,7 +62,7 @@ def load_config_apart(config_path: str) -> GatewayConfig:
     from gateway import config
 
     if not hasattr(os, "fork"):
-        return config.load(config_path)
+        return config.load(config_path, check_files=True)
     r, w = os.pipe()
     pid = os.fork()  # before the event loop and any thread
     if pid == 0:
@@ -70,7 +70,7 @@ def load_config_apart(config_path: str) -> GatewayConfig:
         try:
             os.close(r)
             try:
-                out = b"C" + msgspec.msgpack.encode(config.load(config_path))
+                out = b"C" + msgspec.msgpack.encode(config.load(config_path, check_files=True))
             except config.ConfigError as e:
                 out = b"E" + msgspec.msgpack.encode(e.problems)
             except BaseException:

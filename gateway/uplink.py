@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -49,10 +48,9 @@ from typing import Any
 import aiomqtt
 
 from common.backoff import backoff_delays
-from common.configfile import read_secret
 from common.tasks import cancel_and_wait, run_until_first_ends
 from gateway import __version__, wire
-from gateway.config import GatewayConfig
+from gateway.config import FileError, GatewayConfig, mqtt_password, mqtt_tls_context
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
@@ -170,51 +168,54 @@ class Uplink:
     # ------------------------------------------------------------ connection
 
     def _client_for(self) -> aiomqtt.Client:
+        """A client as the config says; :class:`~gateway.config.FileError` when a file it names cannot be used."""
         m = self.cfg.mqtt
-        password = read_secret(m.password_file) if m.password_file else None
-        tls_context = None
-        if m.tls is not None:
-            tls_context = ssl.create_default_context(cafile=m.tls.ca_file)
-            if m.tls.cert_file:
-                tls_context.load_cert_chain(m.tls.cert_file, m.tls.key_file)
-            if m.tls.insecure:
-                tls_context.check_hostname = False
         offline = wire.encode(wire.Status(v=wire.SCHEMA_VERSION, state="offline"))
         return aiomqtt.Client(
             m.host,
             m.port,
             username=m.username,
-            password=password,
+            password=mqtt_password(m),
             identifier=f"gatehouse-{self.cfg.site}-{self.cfg.gateway}",
             clean_session=False,
             will=aiomqtt.Will(self._t_status, offline, qos=1, retain=True),
             keepalive=m.keepalive_s,
-            tls_context=tls_context,
+            tls_context=mqtt_tls_context(m),
             timeout=10,
             max_inflight_messages=MAX_PUBLISHES,
             logger=_MQTT_LOG,  # type: ignore[arg-type]
         )
 
     async def run(self) -> None:
-        """Connect, serve, reconnect; until cancelled."""
+        """Connect, serve, reconnect; until cancelled. The client is made anew for each attempt, inside the retry: a
+        password or certificate file that goes missing or wrong while the gateway runs (checked at start-up) is
+        logged once and retried with the backoff, like a broker that is away, never the end of the daemon."""
         attempt = 0
+        file_error = ""
         while True:
             started = self._clock()
-            mqtt_client = self._client_for()
+            mqtt_client: aiomqtt.Client | None = None
             try:
+                mqtt_client = self._client_for()
+                file_error = ""
                 async with mqtt_client as client:
                     self._client = client
                     self.stats.connected = True
                     self.stats.connects += 1
                     log.info("uplink connected to %s:%d", self.cfg.mqtt.host, self.cfg.mqtt.port)
                     await self._serve(client)
+            except FileError as e:
+                if str(e) != file_error:
+                    file_error = str(e)
+                    log.error("uplink cannot connect: %s; retrying", e)
             except aiomqtt.MqttError as e:
                 if self.stats.connected or attempt == 0:
                     log.warning("uplink to %s:%d down: %s", self.cfg.mqtt.host, self.cfg.mqtt.port, e)
             finally:
                 self._client = None
                 self.stats.connected = False
-                _take_disconnect_error(mqtt_client)
+                if mqtt_client is not None:
+                    _take_disconnect_error(mqtt_client)
             # A connection that lived a while resets the backoff.
             attempt = 0 if self._clock() - started > 10 else attempt + 1
             await asyncio.sleep(self._delay(attempt))

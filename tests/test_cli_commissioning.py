@@ -611,3 +611,75 @@ def test_walk_test_reads_a_point_as_active_exactly_as_the_alarm_engine_does(inve
         walk.initial({"panel": {"status": "normal" if not invert else "alarm"}})  # quiet to start with
         walk.feed(PointChanged("panel", "status", v, 0.0))  # type: ignore[arg-type]
         assert (item.tripped_at is not None) == (is_active(v) != invert), v
+
+
+async def test_walktest_refuses_a_report_it_cannot_write_before_the_walk(tmp_path: Path) -> None:
+    """A --report in a folder that does not exist (a typo, the USB stick not mounted) is refused at once, before
+    the installer walks the site for half an hour, and nothing is polled."""
+    cfg = make_config(
+        tmp_path,
+        [
+            "fence",
+            "--profile",
+            "perimeter-panel-8",
+            "--unit",
+            "1",
+            "--tcp",
+            "127.0.0.1:9",
+            "--zone",
+            "zone1_alarm=north",
+        ],
+    )
+    for report, says in [
+        (tmp_path / "no-such-folder" / "r.html", f"no folder {tmp_path / 'no-such-folder'}; make it first"),
+        (tmp_path, "it is a folder; name a file"),
+    ]:
+        rc, out, err = await run("walktest", "--config", str(cfg), "--timeout", "600", "--report", str(report))
+        assert rc == 2
+        assert out == ""
+        assert err.strip().startswith(f"walktest: cannot write the report to {report}: "), err
+        assert says in err
+
+
+async def test_walktest_whose_report_folder_went_away_writes_it_elsewhere_and_says_where(tmp_path: Path) -> None:
+    """The report's folder was fine at the start and is gone at the end (the stick pulled out, the folder removed):
+    the results are not lost with a traceback; they go to the temporary folder, and the output says so."""
+    import tempfile
+    import uuid
+
+    async with run_stub(PANEL, "--tcp", "127.0.0.1:0", *CTRL) as panel:
+        cfg = make_config(
+            tmp_path,
+            [
+                "fence",
+                "--profile",
+                "perimeter-panel-8",
+                "--unit",
+                "1",
+                "--tcp",
+                tcp(panel),
+                "--zone",
+                "zone1_alarm=north",
+            ],
+        )
+        stick = tmp_path / "stick"
+        stick.mkdir()
+        name = f"walktest-{uuid.uuid4().hex}.html"
+        fallback = Path(tempfile.gettempdir()) / name
+        try:
+            async with gatehouse(
+                "walktest", "--config", str(cfg), "--timeout", "3", "--report", str(stick / name)
+            ) as c:
+                await c.line_with("walk test of estate-a/gw-1: 1 points")
+                stick.rmdir()
+                rc, out, err = await c.finish()
+            assert rc == 1
+            assert "Traceback" not in err
+            assert out.splitlines()[-1] == f"0 of 1 points tested; report: {fallback}"
+            assert err.splitlines()[0] == (
+                f"walktest: could not write the report to {stick / name} (No such file or directory); it is in "
+                f"{fallback} instead"
+            )
+            assert "0 of 1 points tested" in fallback.read_text() or "已通过 0 个" in fallback.read_text()
+        finally:
+            fallback.unlink(missing_ok=True)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway import cli
 from gateway import config as cli_config
+from tests.privileged import as_root, root_args
 
 HEAD = "site: estate-a\ngateway: gw-1\n"
 BUSES = """buses:
@@ -84,6 +89,36 @@ BUSES = """buses:
         (
             BUSES + "  - {name: ss1, kind: modbus-rtu-over-tcp, host: 127.0.0.1, port: 4001, max_in_flight: 4}\n",
             ["{f}:8: buses[1] (ss1): max_in_flight above 1 needs a modbus-tcp bus"],
+        ),
+        # an indoor panel whose place names no flat: its events would reach no house (nor the care of its residents)
+        (
+            "indoor_panels:\n  - name: flat-1\n    account: '1234'\n    place: {house: '101'}\n"
+            "  - name: flat-2\n    account: '1235'\n    place: {building: '3', house: '102'}\n",
+            [
+                "{f}:6: indoor_panels[0] (flat-1): an indoor panel needs place.house with its "
+                "place.building and place.unit (the flat its events belong to); place.building and place.unit are "
+                "missing",
+                "{f}:9: indoor_panels[1] (flat-2): an indoor panel needs place.house with its "
+                "place.building and place.unit (the flat its events belong to); place.unit is missing",
+            ],
+        ),
+        # two owners of one port: a second bus on the same serial port (another name for it), a Contact ID line on a
+        # bus's port, and a second bus on the same TCP endpoint spelt another way; readers sharing a line are fine
+        (
+            "buses:\n  - {name: a, kind: modbus-rtu, serial: /dev/ttyS0}\n"
+            "  - {name: b, kind: modbus-rtu, serial: /dev/../dev/ttyS0}\n"
+            "  - {name: t1, kind: modbus-tcp, host: localhost, port: 502}\n"
+            "  - {name: t2, kind: modbus-tcp, host: 127.0.0.1, port: 502}\n"
+            "  - {name: t3, kind: modbus-tcp, host: 127.0.0.1, port: 503}\n"
+            "contact_id_lines:\n  - {name: cid, serial: /dev/ttyS0}\n",
+            [
+                "{f}:5: buses[1] (b): serial port '/dev/../dev/ttyS0' is already used by buses[0] (a) at line 4: one "
+                "port, one owner",
+                "{f}:7: buses[3] (t2): endpoint 127.0.0.1:502 is already used by buses[2] (t1) at line 6: one port, "
+                "one owner",
+                "{f}:10: contact_id_lines[0] (cid): serial port '/dev/ttyS0' is already used by buses[0] (a) at "
+                "line 4: one port, one owner",
+            ],
         ),
         # YAML itself
         (
@@ -192,3 +227,171 @@ def test_a_bad_value_in_a_later_entry_keeps_its_line_after_an_earlier_entry_is_d
         f"{f}:8: Object missing required field `name`",
         f"{f}:9: buses[2] (b3): Expected `int` <= 65535",
     ]
+
+
+# ---------------------------------------------------------------- the files a config names
+
+FILES = """site: estate-a
+gateway: gw-1
+data_dir: data
+mqtt:
+  host: 127.0.0.1
+  port: 1
+  username: estate-a/gw-1
+  password_file: secrets/mqtt.password
+  tls: {ca_file: keys/ca.pem}
+access:
+  public_keys: [keys/portal-pass.pub]
+"""
+
+
+def _site_files(folder: Path) -> Path:
+    """A gateway config whose password, CA certificate and public key are all good, as ``gatehouse init`` leaves
+    them: ``config check`` says ok to it."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from gateway.wire.passes import generate_keypair, save_public_key
+
+    (folder / "secrets").mkdir(mode=0o700)
+    (folder / "keys").mkdir()
+    pw = folder / "secrets" / "mqtt.password"
+    pw.write_text("s3cret-password\n")
+    pw.chmod(0o600)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "site CA")])
+    now = dt.datetime.now(dt.UTC)
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    (folder / "keys" / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    save_public_key(folder / "keys" / "portal-pass.pub", generate_keypair()[1])
+    f = folder / "gateway.yaml"
+    f.write_text(FILES)
+    return f
+
+
+def _line(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+def _gatehouse(*args: str, wrap: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [*(wrap or []), sys.executable, "-m", "gateway.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+def _password_0644(d: Path) -> str:
+    (d / "secrets" / "mqtt.password").chmod(0o644)
+    return (
+        f"{{f}}:8: mqtt.password_file: {d}/secrets/mqtt.password: secret file must not be readable by group or "
+        "others (chmod 600)"
+    )
+
+
+def _password_misspelt(d: Path) -> str:
+    f = d / "gateway.yaml"
+    f.write_text(f.read_text().replace("secrets/mqtt.password", "secrets/mqtt.pasword"))
+    return (
+        f"{{f}}:8: mqtt.password_file: {d}/secrets/mqtt.pasword: no such file; did you mean "
+        f"'{d}/secrets/mqtt.password'?"
+    )
+
+
+def _ca_missing(d: Path) -> str:
+    (d / "keys" / "ca.pem").unlink()
+    return f"{{f}}:9: mqtt.tls.ca_file: {d}/keys/ca.pem: no such file"
+
+
+def _ca_not_a_certificate(d: Path) -> str:
+    (d / "keys" / "ca.pem").write_text("not a certificate\n")
+    return f"{{f}}:9: mqtt.tls.ca_file: {d}/keys/ca.pem: not a CA certificate (PEM) ("
+
+
+def _key_not_a_key(d: Path) -> str:
+    (d / "keys" / "portal-pass.pub").write_text("not a key\n")
+    return f"{{f}}:11: access.public_keys[0]: {d}/keys/portal-pass.pub: "
+
+
+def _data_dir_a_file(d: Path) -> str:
+    (d / "data").write_text("")
+    return f"{{f}}:3: data_dir: {d}/data: not a folder (it is a file): name a folder, or move the file away"
+
+
+def _data_dir_under_a_file(d: Path) -> str:
+    f = d / "gateway.yaml"
+    f.write_text(f.read_text().replace("data_dir: data", "data_dir: gateway.yaml/data"))
+    return f"{{f}}:3: data_dir: {d}/gateway.yaml/data: not a folder ({d}/gateway.yaml is a file): "
+
+
+@pytest.mark.process  # the real commands, as their own processes
+@pytest.mark.parametrize(
+    "breaks",
+    [
+        _password_0644,
+        _password_misspelt,
+        _ca_missing,
+        _ca_not_a_certificate,
+        _key_not_a_key,
+        _data_dir_a_file,
+        _data_dir_under_a_file,
+    ],
+)
+def test_a_file_the_daemon_could_not_use_fails_the_check_and_the_start(tmp_path: Path, breaks: Any) -> None:
+    """What the daemon reads at start-up is read by the check too, the same way: each broken file is one line
+    naming the config's line and setting, and `gateway run` (what systemd starts after the check) stops on the
+    same line with status 2, never with a traceback that systemd would restart for ever."""
+    f = _site_files(tmp_path)
+    ok = _gatehouse("config", "check", str(f))
+    assert (ok.returncode, ok.stderr) == (0, ""), ok.stderr
+    expected = breaks(tmp_path).format(f=f)
+    check = _gatehouse("config", "check", str(f))
+    assert check.returncode == 2
+    assert check.stdout == ""
+    assert len(check.stderr.splitlines()) == 1, check.stderr
+    assert check.stderr.startswith(expected), (check.stderr, expected)
+    run = _gatehouse("gateway", "run", "--config", str(f))
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert check.stderr.strip() in run.stderr.splitlines(), run.stderr
+
+
+@pytest.mark.process
+def test_a_check_run_by_a_user_who_cannot_read_the_secrets_fails(tmp_path: Path) -> None:
+    """The secrets folder is another user's and 0700 (`init` without `--owner`, the daemon's user not its owner):
+    a check run by a user who cannot enter it says so, and who it ran as, instead of ok. The check runs as root
+    without the capabilities that let root read anyone's files (so the interpreter in a private home still
+    starts): the kernel refuses it the folder exactly as it refuses the service's user."""
+    f = _site_files(tmp_path)
+    for p in ((tmp_path / "secrets"), (tmp_path / "secrets" / "mqtt.password")):
+        as_root(["chown", "nobody", str(p)])
+    without_dac = root_args(
+        [
+            "setpriv",
+            "--bounding-set=-dac_override,-dac_read_search",
+            "--inh-caps=-dac_override,-dac_read_search",
+            "--",
+        ]
+    )
+    try:
+        for args in (["config", "check", str(f)], ["gateway", "run", "--config", str(f)]):
+            r = _gatehouse(*args, wrap=without_dac)
+            assert r.returncode == 2, r.stderr
+            assert "Traceback" not in r.stderr
+            assert (
+                f"{f}:8: mqtt.password_file: {tmp_path}/secrets/mqtt.password: cannot read secret: permission "
+                "denied (as user root): the service's user must be able to read it"
+            ) in r.stderr, r.stderr
+    finally:
+        as_root(["chown", "-R", f"{os.getuid()}", str(tmp_path / "secrets")])

@@ -283,6 +283,31 @@ def test_serial_port_held_by_another_process(
     assert run(add(cfg_path, "p", "--profile", "perimeter-panel-8", "--unit", "1", "--serial", pty), capsys)[0] == 0
 
 
+def as_nobody(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``gatehouse ARGV`` run by ``nobody``, who keeps one right: to read and search any folder, so the checkout
+    and its .venv may sit in a private (0700) home; but not the right to write where it may not. Setting that up
+    takes root (tests/privileged: as it is for root, ``sudo -n`` for anyone else)."""
+    nobody = pwd.getpwnam("nobody")
+    code = f"import sys, gateway.cli; sys.exit(gateway.cli.main({argv!r}))"
+    cmd = root_args(
+        [
+            "setpriv",
+            f"--reuid={nobody.pw_uid}",
+            f"--regid={nobody.pw_gid}",
+            "--clear-groups",
+            "--inh-caps=+dac_read_search",
+            "--ambient-caps=+dac_read_search",
+            "--",
+            "env",
+            "PYTHONDONTWRITEBYTECODE=1",
+            sys.executable,
+            "-c",
+            code,
+        ]
+    )
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
 def test_no_permission_says_join_the_dialout_group(pty: str) -> None:
     """A port of group dialout (as udev makes /dev/ttyUSB*), and an installer who is not in that group:
     run the real command as another user (``nobody``). Setting that up takes root (tests/privileged: as it is for
@@ -302,25 +327,7 @@ def test_no_permission_says_join_the_dialout_group(pty: str) -> None:
             == 0
         )
         cfg.chmod(0o644)
-        argv = add(cfg, "p", "--profile", "perimeter-panel-8", "--unit", "1", "--serial", pty)
-        code = f"import sys, gateway.cli; sys.exit(gateway.cli.main({argv!r}))"
-        as_nobody = root_args(
-            [
-                "setpriv",
-                f"--reuid={nobody.pw_uid}",
-                f"--regid={nobody.pw_gid}",
-                "--clear-groups",
-                "--inh-caps=+dac_read_search",
-                "--ambient-caps=+dac_read_search",
-                "--",
-                "env",
-                "PYTHONDONTWRITEBYTECODE=1",
-                sys.executable,
-                "-c",
-                code,
-            ]
-        )
-        done = subprocess.run(as_nobody, capture_output=True, text=True, timeout=60, cwd=folder)
+        done = as_nobody(add(cfg, "p", "--profile", "perimeter-panel-8", "--unit", "1", "--serial", pty), folder)
         assert done.returncode == 2, done.stderr
         assert done.stderr.strip() == (
             f"device add: no permission to open {pty} (root:dialout crw-rw----): you ({nobody.pw_name}) are not in "
@@ -371,7 +378,8 @@ def test_an_edit_that_would_not_validate_is_not_written(cfg_path: Path, capsys: 
     assert len(lines) == 2 and lines[1].startswith(f"  {cfg_path}:")
     assert lines[1].endswith(": zones[0] (z1): group 'night' is not defined under 'zone_groups'")
     assert cfg_path.read_bytes() == before
-    assert not [p.name for p in cfg_path.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
+    # no temporary file left (the edit lock stays: see provision.base.edit_lock)
+    assert [p.name for p in cfg_path.parent.iterdir() if p.name.startswith(".")] == [".gateway.yaml.lock"]
 
 
 @pytest.mark.parametrize(
@@ -444,3 +452,102 @@ def test_a_config_with_errors_is_not_edited(cfg_path: Path, capsys: pytest.Captu
         f"  {cfg_path}:{line}: Object contains unknown field `colour` (at $.colour)",
     ]
     assert cfg_path.read_bytes() == before
+
+
+# ---------------------------------------------------------------- a config that cannot be written
+
+
+def _root_owned_config() -> tuple[Path, Path]:
+    """/etc/gatehouse as installed: a folder and a config of root's, readable by all; one device on it."""
+    folder = Path(tempfile.mkdtemp(prefix="gatehouse-etc-"))
+    folder.chmod(0o755)
+    cfg = folder / "gateway.yaml"
+    init = ["init", "--config", str(cfg), "--site", "s", "--gateway", "g", "--data-dir", str(folder / "data")]
+    assert cli.main(init) == 0
+    assert cli.main(add(cfg, "p1", "--profile", "perimeter-panel-8", "--unit", "1", "--tcp", "127.0.0.1:502")) == 0
+    as_root(["chown", "-R", "root:root", str(folder)])
+    as_root(["chmod", "644", str(cfg)])
+    return folder, cfg
+
+
+def test_an_edit_without_sudo_says_run_it_with_sudo_and_leaves_the_file() -> None:
+    """The installer forgot sudo: `device add` and `device remove` on root's config say what to do, in one line
+    (they used to end in a PermissionError traceback from the temporary file beside the config)."""
+    folder, cfg = _root_owned_config()
+    try:
+        before = cfg.read_bytes()
+        for argv, prefix in [
+            (add(cfg, "p2", "--profile", "perimeter-panel-8", "--unit", "2", "--tcp", "127.0.0.1:502"), "device add"),
+            (["device", "remove", "p1", "--config", str(cfg)], "device remove"),
+        ]:
+            done = as_nobody(argv, folder)
+            assert done.returncode == 2, done.stderr
+            assert done.stderr.strip() == f"{prefix}: cannot write {cfg}: permission denied — run it with sudo"
+            assert cfg.read_bytes() == before
+        assert not [p for p in folder.iterdir() if p.name.startswith(".gateway.yaml.") and p.suffix != ".lock"]
+    finally:
+        as_root(["rm", "-rf", str(folder)])
+
+
+def test_an_edit_on_a_full_disk_says_so_and_leaves_the_file(tmp_path: Path) -> None:
+    """The config's file system is full (a small tmpfs of the test's own, really filled): `device add` says so
+    and what to do; the config is the one it was, and no temporary file is left beside it."""
+    from tests.test_disk_full import _fill, _mount_tmpfs, _umount
+
+    etc = tmp_path / "etc"
+    _mount_tmpfs(etc)
+    try:
+        cfg = etc / "gateway.yaml"
+        init = ["init", "--config", str(cfg), "--site", "s", "--gateway", "g", "--data-dir", str(tmp_path / "data")]
+        assert cli.main(init) == 0
+        before = cfg.read_bytes()
+        filler = _fill(etc)
+        argv = add(cfg, "p1", "--profile", "perimeter-panel-8", "--unit", "1", "--tcp", "127.0.0.1:502")
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", *argv], capture_output=True, text=True, timeout=60, cwd=tmp_path
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip() == (
+            f"device add: cannot write {cfg}: no space left on the device — make room (df -h {etc}) and run it again"
+        )
+        assert cfg.read_bytes() == before
+        assert not [p for p in etc.iterdir() if p.name.startswith(".gateway.yaml.") and p.suffix != ".lock"]
+        filler.unlink()
+        assert subprocess.run([sys.executable, "-m", "gateway.cli", *argv], timeout=60, cwd=tmp_path).returncode == 0
+    finally:
+        _umount(etc)
+
+
+# ---------------------------------------------------------------- two installers at once
+
+
+def test_parallel_edits_lose_nothing_and_never_share_a_unit_id(cfg_path: Path) -> None:
+    """Several `device add` processes at once on one config (two terminals, a script in a loop with `&`): each that
+    says it added its device has it in the file, and of several asking for the same unit id on the same bus exactly
+    one succeeds. Without the lock each read the same file, validated its own edit and replaced the file: all
+    exited 0 and only the last one's device was left."""
+    procs = []
+    for i in range(1, 7):  # distinct units: all must land
+        argv = add(cfg_path, f"p{i}", "--profile", "perimeter-panel-8", "--unit", str(i), "--tcp", "127.0.0.1:502")
+        procs.append((f"p{i}", i, argv))
+    for name in ("q1", "q2", "q3"):  # one unit id asked for three times
+        argv = add(cfg_path, name, "--profile", "perimeter-panel-8", "--unit", "9", "--tcp", "127.0.0.1:502")
+        procs.append((name, 9, argv))
+    running = [
+        (name, unit, subprocess.Popen([sys.executable, "-m", "gateway.cli", *argv], stderr=subprocess.PIPE, text=True))
+        for name, unit, argv in procs
+    ]
+    results = [(name, unit, p.wait(60), p.stderr.read() if p.stderr else "") for name, unit, p in running]
+    for _, _, p in running:
+        if p.stderr:
+            p.stderr.close()
+    cfg = config.load(cfg_path)
+    in_file = {d.name: d.unit for d in cfg.devices}
+    succeeded = [(name, unit) for name, unit, rc, _ in results if rc == 0]
+    assert all(in_file.get(name) == unit for name, unit in succeeded), (succeeded, in_file)
+    assert {f"p{i}" for i in range(1, 7)} <= {name for name, _ in succeeded}, results
+    assert [name for name, unit in succeeded if unit == 9] == [n for n in ("q1", "q2", "q3") if n in in_file]
+    assert len([1 for _, unit in succeeded if unit == 9]) == 1, results
+    for _, unit, rc, err in results:
+        if rc != 0:
+            assert unit == 9 and "unit id 9" in err, err

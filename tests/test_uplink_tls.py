@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import aiomqtt
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -133,6 +134,40 @@ async def test_wrong_password_or_untrusted_broker_never_connects(tmp_path: Path)
                 task = asyncio.create_task(up.run())
                 await asyncio.sleep(1.5)  # several attempts at the configured backoff
                 assert up.stats.connects == 0 and not up.stats.connected
+                await cancel_and_wait("the test's task", [task])
+    finally:
+        broker.stop()
+
+
+async def test_a_password_file_spoilt_while_running_is_logged_and_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The start-up check passed, then someone left the password file readable by all (or deleted it): the uplink
+    does not end (it used to, out of its task group, taking the daemon down into systemd's restart loop); it says
+    why once and retries at its backoff, and connects as soon as the file is right again."""
+    broker, ca, port = _tls_broker(tmp_path)
+    cfg = _cfg(tmp_path, port, ca, "s3cret-gw1-password")
+    assert cfg.mqtt.password_file is not None
+    pw = Path(cfg.mqtt.password_file)
+    pw.chmod(0o644)
+    try:
+        async with Store(tmp_path / "gw.db", site="s1", gateway="gw1") as store:
+            up = Uplink(cfg, store)
+            task = asyncio.create_task(up.run())
+            try:
+                await asyncio.sleep(1.5)  # several attempts at the configured backoff
+                assert not task.done()
+                assert up.stats.connects == 0
+                said = [r.getMessage() for r in caplog.records if "uplink cannot connect" in r.getMessage()]
+                assert said == [
+                    f"uplink cannot connect: mqtt.password_file: {pw}: secret file must not be readable by group or "
+                    "others (chmod 600); retrying"
+                ]
+                pw.chmod(0o600)
+                async with asyncio.timeout(10):
+                    while not up.stats.connected:
+                        await asyncio.sleep(0.05)
+            finally:
                 await cancel_and_wait("the test's task", [task])
     finally:
         broker.stop()

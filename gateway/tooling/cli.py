@@ -45,7 +45,7 @@ def cmd_config_check(ns: argparse.Namespace) -> int:
     from gateway import config
 
     try:
-        cfg = config.load(ns.config)
+        cfg = config.load(ns.config, check_files=True)
     except config.ConfigError as e:
         for p in e.problems:
             print(p, file=sys.stderr)

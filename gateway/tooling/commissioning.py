@@ -572,6 +572,10 @@ async def run_walk_test(
     walk = WalkTest(items, by=by)
     devices = sorted({it.device for it in items})
     report_path = Path(report or f"walktest-{cfg.site}-{cfg.gateway}-{_today()}.html")
+    refused = report_unwritable(report_path)
+    if refused is not None:  # before the walk, not after half an hour of it
+        print(f"walktest: {refused}", file=sys.stderr)
+        return 2
     async with stop_on_signals() as stop, Session(cfg, devices) as s:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait):
@@ -621,13 +625,62 @@ async def run_walk_test(
         if d.name in states
     ]
     text = render_report(cfg, walk, dev_rows, english=english)
-    await asyncio.to_thread(report_path.write_text, text, encoding="utf-8")
+    written = await asyncio.to_thread(write_report, report_path, text)
     summary = walk.summary()
-    print(f"{summary['tested']} of {summary['total']} points tested; report: {report_path}")
+    if written is None:
+        print(f"{summary['tested']} of {summary['total']} points tested; the report could not be written anywhere:")
+        print(text)
+    else:
+        print(f"{summary['tested']} of {summary['total']} points tested; report: {written}")
     for it in walk.items:
         if not it.done:
             print(f"  not complete: {it.key} ({it.result})", file=sys.stderr)
     return 0 if walk.complete else 1
+
+
+def report_unwritable(path: Path) -> str | None:
+    """Why the report could not be written at ``path`` (its folder missing, not writable, a folder in its place),
+    or None. Tried for real: a file is made beside it and removed, so a read-only or full file system shows too."""
+    import tempfile
+
+    folder = path.parent
+    if path.is_dir():
+        return f"cannot write the report to {path}: it is a folder; name a file (--report {path / 'walktest.html'})"
+    if not folder.is_dir():
+        return f"cannot write the report to {path}: no folder {folder}; make it first, or name another --report"
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        return f"cannot write the report to {path}: {e.strerror or e} in {folder}; name another --report"
+    return None
+
+
+def write_report(path: Path, text: str) -> Path | None:
+    """Write the report atomically at ``path``; when that fails (the disk filled up, the stick was pulled), at the
+    same name in the temporary folder and then in the home folder, saying why on stderr. The path written, or None
+    when nothing could be (the caller then prints the report itself)."""
+    import tempfile
+
+    from gateway.tooling.provision.base import write_file
+
+    data = text.encode()
+    first_error: OSError | None = None
+    for where in (path, Path(tempfile.gettempdir()) / path.name, Path.home() / path.name):
+        try:
+            write_file(where, data, 0o644)
+        except OSError as e:
+            first_error = first_error or e
+            continue
+        if first_error is not None:
+            print(
+                f"walktest: could not write the report to {path} ({first_error.strerror or first_error}); "
+                f"it is in {where} instead",
+                file=sys.stderr,
+            )
+        return where
+    print(f"walktest: could not write the report to {path} ({first_error})", file=sys.stderr)
+    return None
 
 
 def _today() -> str:

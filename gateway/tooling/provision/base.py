@@ -4,13 +4,15 @@ with their modes and owners, and the names on the broker."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import grp
 import os
 import pwd
 import re
 import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import get_args, get_type_hints
 
@@ -135,28 +137,76 @@ def check_broker_user(user: str) -> str:
     return user
 
 
-def _validated_write(path: Path, text: str, *, mode: int | None = None) -> config.GatewayConfig:
-    """Validate ``text`` as the config at ``path`` and put it there; errors name ``path``."""
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".yaml")
+@contextlib.contextmanager
+def edit_lock(path: Path) -> Iterator[None]:
+    """Hold ``path``'s edit lock for a whole read-change-validate-replace: an exclusive flock on ``.NAME.lock`` beside
+    it (the file itself will not do: each edit replaces it with a new inode). Two edits at once then run one after
+    the other, the second reading what the first wrote, instead of both succeeding and one change being lost.
+    The lock file stays (removing it would let a third edit lock a new file while the second holds the old one).
+    Where it cannot be made (no folder, a folder this user may not write, a read-only or full file system) the edit
+    goes on unlocked: it cannot replace the file either, and says why when it tries, after its other checks."""
+    lock = path.parent / f".{path.name}.lock"
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        try:  # someone else's lock file, or a read-only file system: a read-only descriptor locks as well
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            yield
+            return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def cannot_write(path: Path, e: OSError) -> ProvisionError:
+    """``cannot write PATH: why — what to do`` for an installer whose edit could not be written."""
+    folder = path.parent if str(path.parent) else Path(".")
+    why = {
+        errno.EACCES: "permission denied — run it with sudo",
+        errno.EPERM: "permission denied — run it with sudo",
+        errno.ENOSPC: f"no space left on the device — make room (df -h {folder}) and run it again",
+        errno.EDQUOT: f"disk quota exceeded — make room (df -h {folder}) and run it again",
+        errno.EROFS: "the file system is read-only — remount it read-write and run it again",
+    }.get(e.errno or 0, e.strerror or str(e))
+    return ProvisionError(f"cannot write {path}: {why}")
+
+
+def _validated_write(path: Path, text: str, *, mode: int | None = None) -> config.GatewayConfig:
+    """Validate ``text`` as the config at ``path`` and put it there; errors name ``path``. A file that cannot be
+    written (no permission, a full disk, a read-only file system) is a :class:`ProvisionError` saying what to do,
+    with the old file untouched."""
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".yaml")
+    except OSError as e:
+        raise cannot_write(path, e) from None
+    try:
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise cannot_write(path, e) from None
         try:
             cfg = config.load(tmp)
         except config.ConfigError as e:
             problems = [p.replace(tmp, str(path)) for p in e.problems]
             raise ProvisionError("the edited config would not be valid; nothing was written", problems) from None
         try:
-            st = path.stat()
-            os.chmod(tmp, stat.S_IMODE(st.st_mode) if mode is None else mode)
-            if os.geteuid() == 0:
-                os.chown(tmp, st.st_uid, st.st_gid)
-        except FileNotFoundError:
-            os.chmod(tmp, 0o644 if mode is None else mode)
-        os.replace(tmp, path)
+            try:
+                st = path.stat()
+                os.chmod(tmp, stat.S_IMODE(st.st_mode) if mode is None else mode)
+                if os.geteuid() == 0:
+                    os.chown(tmp, st.st_uid, st.st_gid)
+            except FileNotFoundError:
+                os.chmod(tmp, 0o644 if mode is None else mode)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise cannot_write(path, e) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from gateway.tooling.provision.base import ProvisionError, check_broker_user
+from gateway.tooling.provision.base import ProvisionError, check_broker_user, edit_lock
 
 # ---------------------------------------------------------------- broker credentials
 
@@ -34,17 +34,23 @@ def add_broker_user(
     check_broker_user(user)
     path = Path(passwd_file)
     tool = find_mosquitto_passwd()
-    if path.exists():
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if any(line.split(":", 1)[0] == user for line in text.splitlines()) and not force:
-            raise ProvisionError(f"{path} already has a user {user!r}; use --force to give it a new password")
     pw = password if password is not None else secrets.token_urlsafe(24)
     pw = pw.strip()
     if not pw or "\n" in pw or ":" in user:
         raise ProvisionError("the password must be one non-empty line")
-    # mosquitto_passwd rewrites the file; work on a private copy, then put it in place with the right mode.
     folder = path.parent if str(path.parent) else Path(".")
     folder.mkdir(parents=True, exist_ok=True)
+    with edit_lock(path):  # two users added at once: both kept
+        _add_locked(path, folder, tool, user, pw, force)
+    return pw
+
+
+def _add_locked(path: Path, folder: Path, tool: str, user: str, pw: str, force: bool) -> None:
+    if path.exists():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if any(line.split(":", 1)[0] == user for line in text.splitlines()) and not force:
+            raise ProvisionError(f"{path} already has a user {user!r}; use --force to give it a new password")
+    # mosquitto_passwd rewrites the file; work on a private copy, then put it in place with the right mode.
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.")
     os.close(fd)
     try:
@@ -75,4 +81,3 @@ def add_broker_user(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return pw

@@ -17,7 +17,14 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from gateway import config
-from gateway.tooling.provision.base import ZONE_TYPES, ProvisionError, _check_name, _validated_write, parse_host_port
+from gateway.tooling.provision.base import (
+    ZONE_TYPES,
+    ProvisionError,
+    _check_name,
+    _validated_write,
+    edit_lock,
+    parse_host_port,
+)
 from gateway.tooling.provision.serial_ports import check_serial_port, is_url
 
 # ---------------------------------------------------------------- editing a config
@@ -288,7 +295,22 @@ def add_device(
     zones: Sequence[str] = (),
     doors: Sequence[str] = (),
 ) -> AddResult:
-    doc = ConfigDoc(config_path)
+    """Add a device (with its bus if new, its zones and doors) to the config, holding its edit lock throughout."""
+    with edit_lock(Path(config_path)):
+        return _add_device(ConfigDoc(config_path), name, profile, unit, bus, poll_ms, place, zones, doors)
+
+
+def _add_device(
+    doc: ConfigDoc,
+    name: str,
+    profile: str,
+    unit: int,
+    bus: BusRequest,
+    poll_ms: int | None,
+    place: str | None,
+    zones: Sequence[str],
+    doors: Sequence[str],
+) -> AddResult:
     _check_name("device", name)
     prof = _profile(profile, doc.cfg.profiles_dir)
     if not 1 <= unit <= 247:
@@ -382,8 +404,13 @@ class RemoveResult:
 
 
 def remove_device(config_path: str | os.PathLike[str], name: str, *, keep_bus: bool = False) -> RemoveResult:
-    """Remove a device with the zones and doors mapped to it, and its bus if nothing else is on it."""
-    doc = ConfigDoc(config_path)
+    """Remove a device with the zones and doors mapped to it, and its bus if nothing else is on it (holding the
+    config's edit lock throughout)."""
+    with edit_lock(Path(config_path)):
+        return _remove_device(ConfigDoc(config_path), name, keep_bus)
+
+
+def _remove_device(doc: ConfigDoc, name: str, keep_bus: bool) -> RemoveResult:
     dev = doc.find("devices", name)
     if dev is None:
         names = ", ".join(str(d.get("name")) for d in doc.entries("devices")) or "none"
