@@ -15,7 +15,7 @@ from aiohttp import web
 
 from portal.alarms.board import BOARD
 from portal.patrol.engine import PatrolEngine
-from portal.patrol.views import BAD_CODES, BAD_CODES_PER_10MIN, ENGINE, _refresh_markers, routes, setup_hooks
+from portal.patrol.views import BAD_CODES, BAD_CODES_PER_10MIN, ENGINE, routes, setup_hooks
 from portal.web.ratelimit import RateLimiter
 from portal.web.services import SERVICES
 
@@ -34,7 +34,6 @@ def setup(
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         eng = PatrolEngine(app[SERVICES], app[BOARD], wall=wall, mono=mono)
         app[ENGINE] = eng
-        await _refresh_markers(app)
         await eng.start()
         try:
             yield

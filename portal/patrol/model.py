@@ -426,13 +426,8 @@ def _names(conn: Conn, ids: Iterable[int]) -> list[str]:
 def ensure_rounds(conn: Conn, r: Route, now: datetime, tz: ZoneInfo) -> int:
     """Write down the route's rounds that have begun (since it was made, at most :data:`LOOKBACK` back) and are not
     written yet, each with the route's points now. Returns how many were written."""
-    if not r.active or not r.points:
-        return 0
-    made = parse_ts(r.created_at)
     n = 0
-    for rd in r.rounds_near(now, tz):
-        if rd.at > now or rd.at < made or rd.late < now - LOOKBACK:
-            continue
+    for rd in _begun(r, now, tz):
         cur = conn.execute(
             "INSERT INTO patrol_rounds (route_id, round_at, shift_day, due_at, late_at, points, state)"
             " VALUES (?, ?, ?, ?, ?, ?, 'open') ON CONFLICT DO NOTHING",
@@ -440,6 +435,15 @@ def ensure_rounds(conn: Conn, r: Route, now: datetime, tz: ZoneInfo) -> int:
         )
         n += cur.rowcount
     return n
+
+
+def _begun(r: Route, now: datetime, tz: ZoneInfo) -> list[Round]:
+    """The route's rounds that have begun by ``now`` since it was made, at most :data:`LOOKBACK` back, oldest first."""
+    if not r.active or not r.points:
+        return []
+    made = parse_ts(r.created_at)
+    got = [rd for rd in r.rounds_near(now, tz) if made <= rd.at <= now and rd.late >= now - LOOKBACK]
+    return sorted(got, key=lambda rd: rd.at)
 
 
 def _round_row(conn: Conn, route_id: int, round_at: str) -> Row | None:
@@ -533,11 +537,28 @@ def evaluate(conn: Conn, now: datetime, tz: ZoneInfo) -> Changes:
 
 
 def tick(conn: Conn, now: datetime, tz: ZoneInfo) -> Changes:
-    """Write down the rounds begun, evaluate the rounds due; ``next_at``: when there is next something to do."""
+    """Write down the rounds begun, evaluate the rounds due; ``next_at``: when there is next something to do.
+
+    Idempotent: instances that share the store tick the same rounds, each in a transaction under the store's whole
+    write lock; a round's state moves on once (``open`` → ``overdue`` → ``done``), so only the first raises its
+    alert and the others find nothing due."""
     active = routes(conn, active=True)
     for r in active:
         ensure_rounds(conn, r, now, tz)
     out = evaluate(conn, now, tz)
+    out.next_at = next_time(conn, now, tz, active)
+    return out
+
+
+def next_time(conn: Conn, now: datetime, tz: ZoneInfo, active: Sequence[Route] | None = None) -> datetime | None:
+    """When there is next something to do (a round's start, a window's or an allowance's end; ``now`` when a round
+    has begun that nobody wrote down yet), read only: what an instance learns from the store of the routes and rounds
+    another instance wrote. A round written means every earlier one was (:func:`ensure_rounds` writes them all)."""
+    active = routes(conn, active=True) if active is None else active
+    for r in active:
+        begun = _begun(r, now, tz)
+        if begun and _round_row(conn, r.id, ts_text(begun[-1].at)) is None:
+            return now
     today = now.astimezone(tz).date()
     starts = [
         rd.at
@@ -549,8 +570,7 @@ def tick(conn: Conn, now: datetime, tz: ZoneInfo) -> Changes:
     ]
     due = next_deadline(conn)
     times = [*starts, *([parse_ts(due)] if due else [])]
-    out.next_at = min(times) if times else None
-    return out
+    return min(times) if times else None
 
 
 def next_deadline(conn: Conn) -> str | None:

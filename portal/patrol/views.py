@@ -25,7 +25,7 @@ from portal.estate.phone import no_public_url, print_base
 from portal.estate.plans import plans_of
 from portal.estate.sitemap import render_svg
 from portal.patrol import model
-from portal.patrol.engine import PatrolEngine
+from portal.patrol.engine import PatrolEngine, marker
 from portal.store import Conn, audit
 from portal.web import csvcells
 from portal.web.auth import SESSION_KEY, roles
@@ -106,7 +106,7 @@ async def _office(
     tr = translator(request)
     got = plans_of(request.app).get(site)  # the site's plan, drawn on the web or in the config
     svg = (
-        render_svg(got[0], tr, None, None, [_marker(cp) for cp in cps if cp.x is not None], image=got[1])
+        render_svg(got[0], tr, None, None, [marker(cp) for cp in cps if cp.x is not None], image=got[1])
         if got
         else None
     )
@@ -130,11 +130,6 @@ async def _office(
 NOTICES = ("added", "saved", "reissued", "withdrawn", "placed")
 
 
-def _marker(cp: model.Checkpoint) -> Marker:
-    assert cp.x is not None and cp.y is not None
-    return Marker(cp.marker, cp.name, cp.x, cp.y, "checkpoint")
-
-
 @routes.post("/patrol/checkpoints")
 @roles("admin")
 async def add_checkpoint(request: web.Request) -> web.StreamResponse:
@@ -149,7 +144,7 @@ async def add_checkpoint(request: web.Request) -> web.StreamResponse:
         await svc.store.run_write(lambda c: model.add_checkpoint(c, site, str(form.get("name", "")), actor, now))
     except model.PatrolError as e:
         return await _office(request, error=e, status=400, values={"name": str(form.get("name", ""))[:80]})
-    await _refresh_markers(request.app)
+    await _engine(request).changed()
     raise web.HTTPSeeOther(f"/patrol?site={site}&notice=added")
 
 
@@ -196,8 +191,7 @@ async def change_checkpoint(request: web.Request) -> web.StreamResponse:
         )
     except model.PatrolError as e:
         return await _office(request, error=e, status=400)
-    await _refresh_markers(request.app)
-    _engine(request).poke()
+    await _engine(request).changed()
     done = {"rename": "saved", "place": "placed", "reissue": "reissued", "withdraw": "withdrawn"}[action]
     raise web.HTTPSeeOther(f"/patrol?site={cp.site}&notice={done}")
 
@@ -372,7 +366,7 @@ async def _save_route(request: web.Request, r: model.Route | None, site: str, fo
         rid = await svc.store.run_write(lambda c: model.save_route(c, r.id if r else None, site, f, actor, now))
     except model.PatrolError as e:
         return await _route_form(request, r, site, values=values, error=e, status=400)
-    _engine(request).poke()
+    await _engine(request).changed()
     raise web.HTTPSeeOther(f"/patrol?site={site}&notice=saved#route-{rid}")
 
 
@@ -591,16 +585,6 @@ async def scan_result(request: web.Request) -> web.StreamResponse:
 
 
 # ---------------------------------------------------------------- the board's map
-
-
-async def _refresh_markers(app: web.Application) -> None:
-    eng = app[ENGINE]
-    cps = await app[SERVICES].store.read(lambda c: model.checkpoints(c))
-    placed: dict[str, list[Marker]] = {}
-    for cp in cps:
-        if cp.x is not None and cp.y is not None:
-            placed.setdefault(cp.site, []).append(_marker(cp))
-    eng.markers = placed
 
 
 def setup_hooks(app: web.Application) -> None:
