@@ -23,6 +23,7 @@ import aiohttp
 import pytest
 
 from portal.alarms import incidents as alarms
+from portal.patrol import model as patrol_model
 from portal.patrol.engine import CHANGED, TICK_S
 from portal.store import Postgres
 from tests.care_patrol_support import GUARD, GUARD_PW, TimeMachine, board
@@ -194,5 +195,53 @@ async def test_a_checkpoint_placed_at_one_instance_shows_on_the_others_map(tmp_p
                 return not await shown()
 
             await wait_for(gone, 10, "the withdrawn checkpoint gone from B's map")
+        finally:
+            await phone.http.close()
+
+
+# ---------------------------------------------------------------- scanning behind the balancer
+
+
+async def test_a_scan_page_opened_at_one_instance_is_confirmed_at_the_other_once(
+    tmp_path: Path, pg_target: Postgres
+) -> None:
+    clock = TimeMachine(wall_s=at_local(21, 58))
+    async with centre(tmp_path, pg_target, clock) as (a, stack):
+        b = await second(tmp_path, pg_target, clock, a, stack)
+        gate = await add_checkpoint(a, "A北门")
+        garage = await add_checkpoint(a, "B车库")
+        await add_route(a, [gate, garage], ordered="")
+        clock.step(7 * MIN)  # 22:05: the first round is under way
+        phone = await Phone.sign_in(a)
+        try:
+            token = await phone.open(a, gate.code)
+            status, _ = await phone.confirm(b, gate.code, token)
+            assert status == 303  # the page came from A, the confirmation went to B
+            for p in (b, a):  # the recorded request sent again, to either instance
+                status, html = await phone.confirm(p, gate.code, token)
+                assert status == 409 and 'data-problem="patrol.refused.replayed"' in html
+            # one token confirmed at both instances at once: one scan
+            token = await phone.open(b, garage.code)
+            got = await asyncio.gather(*(phone.confirm(p, garage.code, token) for p in (a, b)))
+            assert sorted(s for s, _ in got) == [303, 409]
+
+            def stored(c: Any) -> tuple[list[str], list[str], int]:
+                scans = [r[0] for r in c.execute("SELECT outcome FROM patrol_scans ORDER BY id")]
+                refused = [
+                    r[0].split(":")[0]
+                    for r in c.execute("SELECT detail FROM audit WHERE action = 'patrol.refused' ORDER BY id")
+                ]
+                return scans, refused, c.execute("SELECT count(*) FROM patrol_tokens").fetchone()[0]
+
+            assert await a.services.store.read(stored) == (["counted", "counted"], ["replayed"] * 3, 0)
+            # the store holds a token's hash, never the token; a page left open past its life is gone at the next
+            held = await phone.open(a, gate.code)
+            rows = await a.services.store.read(lambda c: c.execute("SELECT token_hash FROM patrol_tokens").fetchall())
+            assert [r[0] for r in rows] == [patrol_model.token_hash(held)] and held not in rows[0][0]
+            clock.step(11 * MIN)
+            await phone.open(b, gate.code)
+            assert (await a.services.store.read(stored))[2] == 1
+            status, html = await phone.confirm(b, gate.code, held)
+            assert status == 409 and "patrol.refused.replayed" in html  # expired and deleted: unknown now
         finally:
             await phone.http.close()

@@ -2,8 +2,8 @@
 and time windows, guards scan them with their phones, and a checkpoint not scanned in time rings on the console; the
 patrol report shows every shift and every guard (on time, late, missed). See docs/patrol.md.
 
-Parts: :mod:`portal.patrol.model` (records, schedule, scans, report), :mod:`portal.patrol.engine` (rounds and
-alerts on time, the scan pages' one-time tokens), :mod:`portal.patrol.views` (pages).
+Parts: :mod:`portal.patrol.model` (records, schedule, scans and the scan pages' one-time tokens, report),
+:mod:`portal.patrol.engine` (rounds and alerts on time, checkpoints on the maps), :mod:`portal.patrol.views` (pages).
 """
 
 from __future__ import annotations

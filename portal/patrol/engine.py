@@ -1,5 +1,5 @@
 """The running part of patrols: rounds written as they begin, overdue and missed checkpoints raised on time, and the
-one-time tokens of the guards' scan pages.
+checkpoints drawn on the site maps.
 
 The schedule is wall time in the site's zone (a round at 22:00 is at 22:00 on the guardroom's clock); the engine
 writes only when something is due: at the next round's start or the next window's or allowance's end (kept from its
@@ -18,11 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,17 +31,8 @@ from portal.web.services import Services
 log = logging.getLogger("portal.patrol")
 
 TICK_S = 1.0
-NONCE_LIFE_S = 600.0  # a scan page must be confirmed within this of being opened
-NONCES_MAX = 20_000
 #: the other instances' notice that a checkpoint or route changed (portal.web.hub.Hub.notify_peers)
 CHANGED = "patrol.changed"
-
-
-@dataclass(frozen=True, slots=True)
-class Nonce:
-    session: str  # the staff session's id hash
-    checkpoint: int
-    expires: float  # monotonic
 
 
 class PatrolEngine:
@@ -60,7 +48,6 @@ class PatrolEngine:
         self.next_at: datetime | None = None
         self._poke = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._nonces: OrderedDict[str, Nonce] = OrderedDict()
         self.markers: dict[str, list[Marker]] = {}  # site → placed checkpoints, for the maps
         self._stale = True  # the markers must be read again (another instance changed a checkpoint)
 
@@ -153,31 +140,6 @@ class PatrolEngine:
                 log.exception("patrol rounds failed; retrying")
                 await asyncio.sleep(1.0)
                 self._poke.set()
-
-    # -- the scan page's one-time tokens
-
-    def issue(self, session: str, checkpoint: int) -> str:
-        now = self.mono()
-        while self._nonces:
-            first = next(iter(self._nonces.values()))
-            if first.expires > now and len(self._nonces) < NONCES_MAX:
-                break
-            self._nonces.popitem(last=False)
-        token = secrets.token_urlsafe(18)
-        self._nonces[token] = Nonce(session, checkpoint, now + NONCE_LIFE_S)
-        return token
-
-    def redeem(self, token: str, session: str, checkpoint: int) -> str | None:
-        """None when the token is good (it is used up now), else why not: replayed (unknown or used), expired,
-        or issued to another session or checkpoint."""
-        got = self._nonces.pop(token, None) if isinstance(token, str) and len(token) <= 64 else None
-        if got is None:
-            return "replayed"
-        if got.session != session or got.checkpoint != checkpoint:
-            return "mismatch"
-        if got.expires < self.mono():
-            return "expired"
-        return None
 
 
 def marker(cp: model.Checkpoint) -> Marker:

@@ -17,13 +17,17 @@ changed later does not rewrite history). When its window ends with points unscan
 restored; at the end of the allowance the unscanned points are missed (``patrol.missed`` on the same incident).
 
 A **scan** (``patrol_scans``) is what a guard's phone recorded: counted for the rounds it falls in, ``outside`` any
-route's round (recorded as such), or a ``repeat`` of a point already scanned in the round.
+route's round (recorded as such), or a ``repeat`` of a point already scanned in the round. The checkpoint's page
+carries a one-time **token** (``patrol_tokens``, by its hash) bound to the guard's session and the checkpoint, used up
+by the scan's own transaction: whichever portal instance shows the page and whichever takes the scan.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
@@ -596,6 +600,48 @@ class Replayed(PatrolError):
     """The scan's one-time token was used already."""
 
 
+TOKEN_LIFE_S = 600.0  # a scan page must be confirmed within this of being opened
+TOKENS_PER_SESSION = 20  # a session's pages open at once; an older one's token is dropped
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def issue_token(conn: Conn, session: str, cp_id: int, now: float) -> str:
+    """A scan page's one-time token for this session (its id hash) and checkpoint, good for :data:`TOKEN_LIFE_S`
+    from ``now`` (unix seconds). Expired tokens, and a session's beyond :data:`TOKENS_PER_SESSION`, go now."""
+    conn.execute("DELETE FROM patrol_tokens WHERE expires < ?", (now,))
+    conn.execute(
+        "DELETE FROM patrol_tokens WHERE session = ? AND token_hash NOT IN (SELECT token_hash FROM patrol_tokens"
+        " WHERE session = ? ORDER BY expires DESC LIMIT ?)",
+        (session, session, TOKENS_PER_SESSION - 1),
+    )
+    token = secrets.token_urlsafe(18)
+    conn.execute(
+        "INSERT INTO patrol_tokens (token_hash, session, checkpoint_id, expires) VALUES (?, ?, ?, ?)",
+        (token_hash(token), session, cp_id, now + TOKEN_LIFE_S),
+    )
+    return token
+
+
+def redeem_token(conn: Conn, token: str, session: str, cp_id: int, now: float) -> str | None:
+    """Use a token up (in the transaction that records the scan): None when it is good, else why not: replayed
+    (unknown or used), expired, or issued to another session or checkpoint (used up all the same)."""
+    if not isinstance(token, str) or not 1 <= len(token) <= 64:
+        return "replayed"
+    row = conn.execute(
+        "DELETE FROM patrol_tokens WHERE token_hash = ? RETURNING session, checkpoint_id, expires", (token_hash(token),)
+    ).fetchone()
+    if row is None:
+        return "replayed"
+    if row[0] != session or int(row[1]) != cp_id:
+        return "mismatch"
+    if row[2] < now:
+        return "expired"
+    return None
+
+
 def scan(
     conn: Conn,
     cp: Checkpoint,
@@ -607,8 +653,9 @@ def scan(
     *,
     actor: str = "",
 ) -> ScanResult:
-    """A guard's scan of a checkpoint at ``now`` (the portal's clock), recorded once per one-time token. ``guard``:
-    the user's name (what reports show); ``actor``: who the audit names (default ``guard:<name>``)."""
+    """A guard's scan of a checkpoint at ``now`` (the portal's clock), recorded once per one-time token (``nonce``: the
+    token's hash, used up by :func:`redeem_token` in the same transaction). ``guard``: the user's name (what reports
+    show); ``actor``: who the audit names (default ``guard:<name>``)."""
     if conn.execute("SELECT 1 FROM patrol_scans WHERE nonce = ?", (nonce,)).fetchone():
         raise Replayed("patrol.replayed")
     now_t = ts_text(now)

@@ -2,8 +2,9 @@
 checkpoint, see the rounds under way), and the patrol report per shift and per guard (printable, and CSV).
 
 A checkpoint's QR opens ``/g/c/<code>`` on the guard's phone, signed in as staff (guards and administrators; others are
-sent to sign in). The page shows the checkpoint and a one-time token bound to that session and that checkpoint; the
-guard confirms and the scan is recorded at the portal's time. A code that is unknown, withdrawn or of a site the guard
+sent to sign in). The page shows the checkpoint and a one-time token bound to that session and that checkpoint (a row
+of the store: any portal instance may take the confirmation); the guard confirms and the scan is recorded at the
+portal's time. A code that is unknown, withdrawn or of a site the guard
 does not work at answers as not found (and an address that keeps trying unknown codes is throttled); a token used
 before, expired or another page's is refused as a replay, audited.
 """
@@ -520,9 +521,10 @@ async def _scanned_checkpoint(request: web.Request) -> model.Checkpoint:
 @roles("admin", "guard")
 async def scan_page(request: web.Request) -> web.StreamResponse:
     cp = await _scanned_checkpoint(request)
-    session = request[SESSION_KEY]
-    nonce = _engine(request).issue(session.id_hash, cp.id)
-    now = _engine(request).now()
+    session, eng = request[SESSION_KEY], _engine(request)
+    wall = eng.wall()
+    nonce = await request.app[SERVICES].store.run_write(lambda c: model.issue_token(c, session.id_hash, cp.id, wall))
+    now = eng.now()
     return _page(
         request,
         "patrol_scan.html",
@@ -543,30 +545,30 @@ async def scan_submit(request: web.Request) -> web.StreamResponse:
     eng = _engine(request)
     token = str(form.get("nonce", ""))
     actor = _actor(request)
-    why = eng.redeem(token, session.id_hash, cp.id)
     svc = request.app[SERVICES]
     remote = request.remote or ""
-    res: model.ScanResult | None = None
-    if why is None:
-        now, tz = eng.now(), svc.tz
-        try:
-            res = await svc.store.run_write(
-                lambda c: model.scan(c, cp, session.user.name, token, now, tz, remote, actor=actor)
-            )
-        except model.Replayed:
-            why = "replayed"
-    if res is None:
-        detail = f"{why}: checkpoint {cp.site} {cp.name}"
-        await svc.store.run_write(
-            lambda c: audit.write(c, actor, "patrol.refused", f"checkpoint:{cp.id}", detail, remote)
-        )
-        log.info("patrol scan refused (%s) for %s at %s", why, actor, cp.name)
+    now, wall, tz = eng.now(), eng.wall(), svc.tz
+
+    def record(c: Conn) -> model.ScanResult | str:
+        """The scan, or why not (audited): the token used up in the same transaction, whichever instance issued it."""
+        why = model.redeem_token(c, token, session.id_hash, cp.id, wall)
+        if why is None:
+            try:
+                return model.scan(c, cp, session.user.name, model.token_hash(token), now, tz, remote, actor=actor)
+            except model.Replayed:  # a scan with this token stored already
+                why = "replayed"
+        audit.write(c, actor, "patrol.refused", f"checkpoint:{cp.id}", f"{why}: checkpoint {cp.site} {cp.name}", remote)
+        return why
+
+    res = await svc.store.run_write(record)
+    if isinstance(res, str):
+        log.info("patrol scan refused (%s) for %s at %s", res, actor, cp.name)
         return _page(
             request,
             "patrol_scan.html",
             status=409,
             cp=cp,
-            problem=f"patrol.refused.{why}",
+            problem=f"patrol.refused.{res}",
             code=request.match_info["code"],
         )
     await eng.publish(res.events)
