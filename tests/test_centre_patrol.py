@@ -25,6 +25,7 @@ import pytest
 from portal.alarms import incidents as alarms
 from portal.patrol import model as patrol_model
 from portal.patrol.engine import CHANGED, TICK_S
+from portal.patrol.views import BAD_CODES_PER_10MIN
 from portal.store import Postgres
 from tests.care_patrol_support import GUARD, GUARD_PW, TimeMachine, board
 from tests.portal_support import Portal, add_user, running_portal, write_config
@@ -243,5 +244,23 @@ async def test_a_scan_page_opened_at_one_instance_is_confirmed_at_the_other_once
             assert (await a.services.store.read(stored))[2] == 1
             status, html = await phone.confirm(b, gate.code, held)
             assert status == 409 and "patrol.refused.replayed" in html  # expired and deleted: unknown now
+        finally:
+            await phone.http.close()
+
+
+async def test_codes_that_are_no_plate_are_throttled_across_both_instances(tmp_path: Path, pg_target: Postgres) -> None:
+    clock = TimeMachine()
+    async with centre(tmp_path, pg_target, clock) as (a, stack):
+        b = await second(tmp_path, pg_target, clock, a, stack)
+        gate = await add_checkpoint(a, "A北门")
+        phone = await Phone.sign_in(a)
+        try:
+            for n in range(BAD_CODES_PER_10MIN):  # the limit's worth, half at each instance
+                r = await phone.http.get(f"{(a, b)[n % 2].origin}/g/c/{'A' * 22}{n:02d}")
+                assert r.status == 404 and "patrol.unknown_code" in await r.text()
+            for p in (a, b):  # this address tried too many: at every instance, even a good plate waits
+                assert (await phone.http.get(f"{p.origin}/g/c/{gate.code}")).status == 429
+            clock.step(600 / BAD_CODES_PER_10MIN + 1)  # one try back
+            assert (await phone.http.get(f"{b.origin}/g/c/{gate.code}")).status == 200
         finally:
             await phone.http.close()

@@ -16,7 +16,7 @@ from aiohttp import web
 from portal.alarms.board import BOARD
 from portal.patrol.engine import PatrolEngine
 from portal.patrol.views import BAD_CODES, BAD_CODES_PER_10MIN, ENGINE, routes, setup_hooks
-from portal.web.ratelimit import RateLimiter
+from portal.web.ratelimit import limiter
 from portal.web.services import SERVICES
 
 INCIDENT_KIND = "patrol"
@@ -28,11 +28,13 @@ def setup(
 ) -> None:
     """Add the patrol pages and the rounds' start/stop (after the alarm board's start: set up after the board)."""
     app.router.add_routes(routes)
-    app[BAD_CODES] = RateLimiter(BAD_CODES_PER_10MIN, 600, clock=mono)
     setup_hooks(app)
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        eng = PatrolEngine(app[SERVICES], app[BOARD], wall=wall, mono=mono)
+        svc = app[SERVICES]
+        # one bucket per address for every instance that shares the store
+        app[BAD_CODES] = limiter(svc.store, "patrol-bad-code", BAD_CODES_PER_10MIN, 600, clock=mono, wall=wall)
+        eng = PatrolEngine(svc, app[BOARD], wall=wall, mono=mono)
         app[ENGINE] = eng
         await eng.start()
         try:

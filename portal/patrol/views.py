@@ -31,7 +31,7 @@ from portal.store import Conn, audit
 from portal.web import csvcells
 from portal.web.auth import SESSION_KEY, roles
 from portal.web.bodies import read_form
-from portal.web.ratelimit import RateLimiter
+from portal.web.ratelimit import Limiter
 from portal.web.scope import need, sees, sites_of
 from portal.web.services import SERVICES
 from portal.web.views import Answer, render, translator
@@ -39,7 +39,7 @@ from portal.web.views import Answer, render, translator
 log = logging.getLogger("portal.patrol")
 routes = web.RouteTableDef()
 ENGINE = web.AppKey("portal.patrol.engine", PatrolEngine)
-BAD_CODES = web.AppKey("portal.patrol.bad_codes", RateLimiter)
+BAD_CODES = web.AppKey("portal.patrol.bad_codes", Limiter)
 BAD_CODES_PER_10MIN = 20
 REPORT_MAX_DAYS = 92
 REPORT_DEFAULT_DAYS = 7
@@ -506,12 +506,12 @@ async def _scanned_checkpoint(request: web.Request) -> model.Checkpoint:
     address), or throttled after too many unknown codes."""
     limiter = request.app[BAD_CODES]
     addr = request.remote or "?"
-    if limiter.blocked(addr):
+    if await limiter.blocked(addr):
         raise Answer(_page(request, "patrol_scan.html", status=429, cp=None, problem="patrol.throttled"))
     code = request.match_info["code"]
     cp = await request.app[SERVICES].store.read(lambda c: model.by_code(c, code))
     if cp is None or not sees(request, cp.site):
-        limiter.spend(addr)
+        await limiter.spend(addr)
         log.info("patrol: unknown checkpoint code from %s", addr)
         raise Answer(_page(request, "patrol_scan.html", status=404, cp=None, problem="patrol.unknown_code"))
     return cp
