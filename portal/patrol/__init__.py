@@ -2,8 +2,8 @@
 and time windows, guards scan them with their phones, and a checkpoint not scanned in time rings on the console; the
 patrol report shows every shift and every guard (on time, late, missed). See docs/patrol.md.
 
-Parts: :mod:`portal.patrol.model` (records, schedule, scans, report), :mod:`portal.patrol.engine` (rounds and
-alerts on time, the scan pages' one-time tokens), :mod:`portal.patrol.views` (pages).
+Parts: :mod:`portal.patrol.model` (records, schedule, scans and the scan pages' one-time tokens, report),
+:mod:`portal.patrol.engine` (rounds and alerts on time, checkpoints on the maps), :mod:`portal.patrol.views` (pages).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from aiohttp import web
 
 from portal.alarms.board import BOARD
 from portal.patrol.engine import PatrolEngine
-from portal.patrol.views import BAD_CODES, BAD_CODES_PER_10MIN, ENGINE, _refresh_markers, routes, setup_hooks
-from portal.web.ratelimit import RateLimiter
+from portal.patrol.views import BAD_CODES, BAD_CODES_PER_10MIN, ENGINE, routes, setup_hooks
+from portal.web.ratelimit import limiter
 from portal.web.services import SERVICES
 
 INCIDENT_KIND = "patrol"
@@ -28,13 +28,14 @@ def setup(
 ) -> None:
     """Add the patrol pages and the rounds' start/stop (after the alarm board's start: set up after the board)."""
     app.router.add_routes(routes)
-    app[BAD_CODES] = RateLimiter(BAD_CODES_PER_10MIN, 600, clock=mono)
     setup_hooks(app)
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        eng = PatrolEngine(app[SERVICES], app[BOARD], wall=wall, mono=mono)
+        svc = app[SERVICES]
+        # one bucket per address for every instance that shares the store
+        app[BAD_CODES] = limiter(svc.store, "patrol-bad-code", BAD_CODES_PER_10MIN, 600, clock=mono, wall=wall)
+        eng = PatrolEngine(svc, app[BOARD], wall=wall, mono=mono)
         app[ENGINE] = eng
-        await _refresh_markers(app)
         await eng.start()
         try:
             yield

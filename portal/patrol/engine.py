@@ -1,10 +1,16 @@
 """The running part of patrols: rounds written as they begin, overdue and missed checkpoints raised on time, and the
-one-time tokens of the guards' scan pages.
+checkpoints drawn on the site maps.
 
 The schedule is wall time in the site's zone (a round at 22:00 is at 22:00 on the guardroom's clock); the engine
 writes only when something is due: at the next round's start or the next window's or allowance's end (kept from its
 last write), or when a route changes. Rounds that began while the portal was away are written down when it is back
 (:data:`portal.patrol.model.LOOKBACK`), and what they missed is reported, but they ring only when still fresh.
+
+Several instances on one store (a monitoring centre) all run the rounds, so a round rings whichever instance is
+alive: each reads when it is next due from the store every :data:`TICK_S` (another instance may have saved a route or
+written a round), and a route or checkpoint saved at one instance is told to the others at once (a notice of kind
+:data:`CHANGED`: they read the map's markers again and tick). Ticking is idempotent (:func:`portal.patrol.model.tick`):
+instances that tick together raise each alert once.
 """
 
 from __future__ import annotations
@@ -12,15 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from portal.alarms.board import AlarmBoard
+from portal.alarms.board import AlarmBoard, Marker
 from portal.patrol import model
 from portal.store import StoreError
 from portal.web.services import Services
@@ -28,15 +31,8 @@ from portal.web.services import Services
 log = logging.getLogger("portal.patrol")
 
 TICK_S = 1.0
-NONCE_LIFE_S = 600.0  # a scan page must be confirmed within this of being opened
-NONCES_MAX = 20_000
-
-
-@dataclass(frozen=True, slots=True)
-class Nonce:
-    session: str  # the staff session's id hash
-    checkpoint: int
-    expires: float  # monotonic
+#: the other instances' notice that a checkpoint or route changed (portal.web.hub.Hub.notify_peers)
+CHANGED = "patrol.changed"
 
 
 class PatrolEngine:
@@ -52,25 +48,49 @@ class PatrolEngine:
         self.next_at: datetime | None = None
         self._poke = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._nonces: OrderedDict[str, Nonce] = OrderedDict()
-        self.markers: dict[str, list[Any]] = {}  # site → placed checkpoints (portal.alarms.board.Marker), for the maps
+        self.markers: dict[str, list[Marker]] = {}  # site → placed checkpoints, for the maps
+        self._stale = True  # the markers must be read again (another instance changed a checkpoint)
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.wall(), UTC)
 
     async def start(self) -> None:
+        await self.refresh_markers()
+        self.svc.hub.peer_notices[CHANGED] = self.heard
         self._task = asyncio.create_task(self._run(), name="portal.patrol.rounds")
         self._poke.set()
 
     async def close(self) -> None:
+        self.svc.hub.peer_notices.pop(CHANGED, None)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def poke(self) -> None:
-        """A route or checkpoint changed: look again now."""
+    async def changed(self) -> None:
+        """A route or checkpoint was changed here: the map's markers read again now, the rounds looked at at once,
+        and the other instances told."""
+        await self.refresh_markers()
         self._poke.set()
+        self.svc.hub.notify_peers({"kind": CHANGED})
+
+    def heard(self, message: dict[str, Any]) -> None:
+        """Another instance changed a route or checkpoint: markers and rounds looked at again now (by the loop)."""
+        self._stale = True
+        self._poke.set()
+
+    async def refresh_markers(self) -> None:
+        self._stale = False
+        try:
+            cps = await self.svc.store.read(lambda c: model.checkpoints(c))
+        except BaseException:
+            self._stale = True
+            raise
+        placed: dict[str, list[Marker]] = {}
+        for cp in cps:
+            if cp.x is not None and cp.y is not None:
+                placed.setdefault(cp.site, []).append(marker(cp))
+        self.markers = placed
 
     async def tick_now(self) -> model.Changes:
         now, tz = self.now(), self.svc.tz
@@ -78,6 +98,11 @@ class PatrolEngine:
         self.next_at = res.next_at
         await self.publish(res.events)
         return res
+
+    async def look(self) -> None:
+        """Read from the store when there is next something to do (read only; :meth:`tick_now` writes)."""
+        now, tz = self.now(), self.svc.tz
+        self.next_at = await self.svc.store.read(lambda c: model.next_time(c, now, tz))
 
     async def publish(self, events: list[dict[str, Any]]) -> None:
         for ev in events:
@@ -99,9 +124,13 @@ class PatrolEngine:
                     await self._poke.wait()
             poked = self._poke.is_set()
             self._poke.clear()
-            if not poked and (self.next_at is None or self.now() < self.next_at):
-                continue
             try:
+                if self._stale:
+                    await self.refresh_markers()
+                if not poked and self.svc.store.shared:  # another instance may have saved a route or ticked
+                    await self.look()
+                if not poked and (self.next_at is None or self.now() < self.next_at):
+                    continue
                 await self.tick_now()
             except StoreError as e:
                 log.warning("patrol rounds: %s; retrying", e)
@@ -112,27 +141,8 @@ class PatrolEngine:
                 await asyncio.sleep(1.0)
                 self._poke.set()
 
-    # -- the scan page's one-time tokens
 
-    def issue(self, session: str, checkpoint: int) -> str:
-        now = self.mono()
-        while self._nonces:
-            first = next(iter(self._nonces.values()))
-            if first.expires > now and len(self._nonces) < NONCES_MAX:
-                break
-            self._nonces.popitem(last=False)
-        token = secrets.token_urlsafe(18)
-        self._nonces[token] = Nonce(session, checkpoint, now + NONCE_LIFE_S)
-        return token
-
-    def redeem(self, token: str, session: str, checkpoint: int) -> str | None:
-        """None when the token is good (it is used up now), else why not: replayed (unknown or used), expired,
-        or issued to another session or checkpoint."""
-        got = self._nonces.pop(token, None) if isinstance(token, str) and len(token) <= 64 else None
-        if got is None:
-            return "replayed"
-        if got.session != session or got.checkpoint != checkpoint:
-            return "mismatch"
-        if got.expires < self.mono():
-            return "expired"
-        return None
+def marker(cp: model.Checkpoint) -> Marker:
+    """A placed checkpoint as the site maps draw it."""
+    assert cp.x is not None and cp.y is not None
+    return Marker(cp.marker, cp.name, cp.x, cp.y, "checkpoint")

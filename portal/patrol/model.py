@@ -17,13 +17,17 @@ changed later does not rewrite history). When its window ends with points unscan
 restored; at the end of the allowance the unscanned points are missed (``patrol.missed`` on the same incident).
 
 A **scan** (``patrol_scans``) is what a guard's phone recorded: counted for the rounds it falls in, ``outside`` any
-route's round (recorded as such), or a ``repeat`` of a point already scanned in the round.
+route's round (recorded as such), or a ``repeat`` of a point already scanned in the round. The checkpoint's page
+carries a one-time **token** (``patrol_tokens``, by its hash) bound to the guard's session and the checkpoint, used up
+by the scan's own transaction: whichever portal instance shows the page and whichever takes the scan.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
@@ -426,13 +430,8 @@ def _names(conn: Conn, ids: Iterable[int]) -> list[str]:
 def ensure_rounds(conn: Conn, r: Route, now: datetime, tz: ZoneInfo) -> int:
     """Write down the route's rounds that have begun (since it was made, at most :data:`LOOKBACK` back) and are not
     written yet, each with the route's points now. Returns how many were written."""
-    if not r.active or not r.points:
-        return 0
-    made = parse_ts(r.created_at)
     n = 0
-    for rd in r.rounds_near(now, tz):
-        if rd.at > now or rd.at < made or rd.late < now - LOOKBACK:
-            continue
+    for rd in _begun(r, now, tz):
         cur = conn.execute(
             "INSERT INTO patrol_rounds (route_id, round_at, shift_day, due_at, late_at, points, state)"
             " VALUES (?, ?, ?, ?, ?, ?, 'open') ON CONFLICT DO NOTHING",
@@ -440,6 +439,15 @@ def ensure_rounds(conn: Conn, r: Route, now: datetime, tz: ZoneInfo) -> int:
         )
         n += cur.rowcount
     return n
+
+
+def _begun(r: Route, now: datetime, tz: ZoneInfo) -> list[Round]:
+    """The route's rounds that have begun by ``now`` since it was made, at most :data:`LOOKBACK` back, oldest first."""
+    if not r.active or not r.points:
+        return []
+    made = parse_ts(r.created_at)
+    got = [rd for rd in r.rounds_near(now, tz) if made <= rd.at <= now and rd.late >= now - LOOKBACK]
+    return sorted(got, key=lambda rd: rd.at)
 
 
 def _round_row(conn: Conn, route_id: int, round_at: str) -> Row | None:
@@ -533,11 +541,28 @@ def evaluate(conn: Conn, now: datetime, tz: ZoneInfo) -> Changes:
 
 
 def tick(conn: Conn, now: datetime, tz: ZoneInfo) -> Changes:
-    """Write down the rounds begun, evaluate the rounds due; ``next_at``: when there is next something to do."""
+    """Write down the rounds begun, evaluate the rounds due; ``next_at``: when there is next something to do.
+
+    Idempotent: instances that share the store tick the same rounds, each in a transaction under the store's whole
+    write lock; a round's state moves on once (``open`` → ``overdue`` → ``done``), so only the first raises its
+    alert and the others find nothing due."""
     active = routes(conn, active=True)
     for r in active:
         ensure_rounds(conn, r, now, tz)
     out = evaluate(conn, now, tz)
+    out.next_at = next_time(conn, now, tz, active)
+    return out
+
+
+def next_time(conn: Conn, now: datetime, tz: ZoneInfo, active: Sequence[Route] | None = None) -> datetime | None:
+    """When there is next something to do (a round's start, a window's or an allowance's end; ``now`` when a round
+    has begun that nobody wrote down yet), read only: what an instance learns from the store of the routes and rounds
+    another instance wrote. A round written means every earlier one was (:func:`ensure_rounds` writes them all)."""
+    active = routes(conn, active=True) if active is None else active
+    for r in active:
+        begun = _begun(r, now, tz)
+        if begun and _round_row(conn, r.id, ts_text(begun[-1].at)) is None:
+            return now
     today = now.astimezone(tz).date()
     starts = [
         rd.at
@@ -549,8 +574,7 @@ def tick(conn: Conn, now: datetime, tz: ZoneInfo) -> Changes:
     ]
     due = next_deadline(conn)
     times = [*starts, *([parse_ts(due)] if due else [])]
-    out.next_at = min(times) if times else None
-    return out
+    return min(times) if times else None
 
 
 def next_deadline(conn: Conn) -> str | None:
@@ -576,6 +600,48 @@ class Replayed(PatrolError):
     """The scan's one-time token was used already."""
 
 
+TOKEN_LIFE_S = 600.0  # a scan page must be confirmed within this of being opened
+TOKENS_PER_SESSION = 20  # a session's pages open at once; an older one's token is dropped
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def issue_token(conn: Conn, session: str, cp_id: int, now: float) -> str:
+    """A scan page's one-time token for this session (its id hash) and checkpoint, good for :data:`TOKEN_LIFE_S`
+    from ``now`` (unix seconds). Expired tokens, and a session's beyond :data:`TOKENS_PER_SESSION`, go now."""
+    conn.execute("DELETE FROM patrol_tokens WHERE expires < ?", (now,))
+    conn.execute(
+        "DELETE FROM patrol_tokens WHERE session = ? AND token_hash NOT IN (SELECT token_hash FROM patrol_tokens"
+        " WHERE session = ? ORDER BY expires DESC LIMIT ?)",
+        (session, session, TOKENS_PER_SESSION - 1),
+    )
+    token = secrets.token_urlsafe(18)
+    conn.execute(
+        "INSERT INTO patrol_tokens (token_hash, session, checkpoint_id, expires) VALUES (?, ?, ?, ?)",
+        (token_hash(token), session, cp_id, now + TOKEN_LIFE_S),
+    )
+    return token
+
+
+def redeem_token(conn: Conn, token: str, session: str, cp_id: int, now: float) -> str | None:
+    """Use a token up (in the transaction that records the scan): None when it is good, else why not: replayed
+    (unknown or used), expired, or issued to another session or checkpoint (used up all the same)."""
+    if not isinstance(token, str) or not 1 <= len(token) <= 64:
+        return "replayed"
+    row = conn.execute(
+        "DELETE FROM patrol_tokens WHERE token_hash = ? RETURNING session, checkpoint_id, expires", (token_hash(token),)
+    ).fetchone()
+    if row is None:
+        return "replayed"
+    if row[0] != session or int(row[1]) != cp_id:
+        return "mismatch"
+    if row[2] < now:
+        return "expired"
+    return None
+
+
 def scan(
     conn: Conn,
     cp: Checkpoint,
@@ -587,8 +653,9 @@ def scan(
     *,
     actor: str = "",
 ) -> ScanResult:
-    """A guard's scan of a checkpoint at ``now`` (the portal's clock), recorded once per one-time token. ``guard``:
-    the user's name (what reports show); ``actor``: who the audit names (default ``guard:<name>``)."""
+    """A guard's scan of a checkpoint at ``now`` (the portal's clock), recorded once per one-time token (``nonce``: the
+    token's hash, used up by :func:`redeem_token` in the same transaction). ``guard``: the user's name (what reports
+    show); ``actor``: who the audit names (default ``guard:<name>``)."""
     if conn.execute("SELECT 1 FROM patrol_scans WHERE nonce = ?", (nonce,)).fetchone():
         raise Replayed("patrol.replayed")
     now_t = ts_text(now)

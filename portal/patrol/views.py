@@ -2,8 +2,9 @@
 checkpoint, see the rounds under way), and the patrol report per shift and per guard (printable, and CSV).
 
 A checkpoint's QR opens ``/g/c/<code>`` on the guard's phone, signed in as staff (guards and administrators; others are
-sent to sign in). The page shows the checkpoint and a one-time token bound to that session and that checkpoint; the
-guard confirms and the scan is recorded at the portal's time. A code that is unknown, withdrawn or of a site the guard
+sent to sign in). The page shows the checkpoint and a one-time token bound to that session and that checkpoint (a row
+of the store: any portal instance may take the confirmation); the guard confirms and the scan is recorded at the
+portal's time. A code that is unknown, withdrawn or of a site the guard
 does not work at answers as not found (and an address that keeps trying unknown codes is throttled); a token used
 before, expired or another page's is refused as a replay, audited.
 """
@@ -25,12 +26,12 @@ from portal.estate.phone import no_public_url, print_base
 from portal.estate.plans import plans_of
 from portal.estate.sitemap import render_svg
 from portal.patrol import model
-from portal.patrol.engine import PatrolEngine
+from portal.patrol.engine import PatrolEngine, marker
 from portal.store import Conn, audit
 from portal.web import csvcells
 from portal.web.auth import SESSION_KEY, roles
 from portal.web.bodies import read_form
-from portal.web.ratelimit import RateLimiter
+from portal.web.ratelimit import Limiter
 from portal.web.scope import need, sees, sites_of
 from portal.web.services import SERVICES
 from portal.web.views import Answer, render, translator
@@ -38,7 +39,7 @@ from portal.web.views import Answer, render, translator
 log = logging.getLogger("portal.patrol")
 routes = web.RouteTableDef()
 ENGINE = web.AppKey("portal.patrol.engine", PatrolEngine)
-BAD_CODES = web.AppKey("portal.patrol.bad_codes", RateLimiter)
+BAD_CODES = web.AppKey("portal.patrol.bad_codes", Limiter)
 BAD_CODES_PER_10MIN = 20
 REPORT_MAX_DAYS = 92
 REPORT_DEFAULT_DAYS = 7
@@ -106,7 +107,7 @@ async def _office(
     tr = translator(request)
     got = plans_of(request.app).get(site)  # the site's plan, drawn on the web or in the config
     svg = (
-        render_svg(got[0], tr, None, None, [_marker(cp) for cp in cps if cp.x is not None], image=got[1])
+        render_svg(got[0], tr, None, None, [marker(cp) for cp in cps if cp.x is not None], image=got[1])
         if got
         else None
     )
@@ -130,11 +131,6 @@ async def _office(
 NOTICES = ("added", "saved", "reissued", "withdrawn", "placed")
 
 
-def _marker(cp: model.Checkpoint) -> Marker:
-    assert cp.x is not None and cp.y is not None
-    return Marker(cp.marker, cp.name, cp.x, cp.y, "checkpoint")
-
-
 @routes.post("/patrol/checkpoints")
 @roles("admin")
 async def add_checkpoint(request: web.Request) -> web.StreamResponse:
@@ -149,7 +145,7 @@ async def add_checkpoint(request: web.Request) -> web.StreamResponse:
         await svc.store.run_write(lambda c: model.add_checkpoint(c, site, str(form.get("name", "")), actor, now))
     except model.PatrolError as e:
         return await _office(request, error=e, status=400, values={"name": str(form.get("name", ""))[:80]})
-    await _refresh_markers(request.app)
+    await _engine(request).changed()
     raise web.HTTPSeeOther(f"/patrol?site={site}&notice=added")
 
 
@@ -196,8 +192,7 @@ async def change_checkpoint(request: web.Request) -> web.StreamResponse:
         )
     except model.PatrolError as e:
         return await _office(request, error=e, status=400)
-    await _refresh_markers(request.app)
-    _engine(request).poke()
+    await _engine(request).changed()
     done = {"rename": "saved", "place": "placed", "reissue": "reissued", "withdraw": "withdrawn"}[action]
     raise web.HTTPSeeOther(f"/patrol?site={cp.site}&notice={done}")
 
@@ -372,7 +367,7 @@ async def _save_route(request: web.Request, r: model.Route | None, site: str, fo
         rid = await svc.store.run_write(lambda c: model.save_route(c, r.id if r else None, site, f, actor, now))
     except model.PatrolError as e:
         return await _route_form(request, r, site, values=values, error=e, status=400)
-    _engine(request).poke()
+    await _engine(request).changed()
     raise web.HTTPSeeOther(f"/patrol?site={site}&notice=saved#route-{rid}")
 
 
@@ -511,12 +506,12 @@ async def _scanned_checkpoint(request: web.Request) -> model.Checkpoint:
     address), or throttled after too many unknown codes."""
     limiter = request.app[BAD_CODES]
     addr = request.remote or "?"
-    if limiter.blocked(addr):
+    if await limiter.blocked(addr):
         raise Answer(_page(request, "patrol_scan.html", status=429, cp=None, problem="patrol.throttled"))
     code = request.match_info["code"]
     cp = await request.app[SERVICES].store.read(lambda c: model.by_code(c, code))
     if cp is None or not sees(request, cp.site):
-        limiter.spend(addr)
+        await limiter.spend(addr)
         log.info("patrol: unknown checkpoint code from %s", addr)
         raise Answer(_page(request, "patrol_scan.html", status=404, cp=None, problem="patrol.unknown_code"))
     return cp
@@ -526,9 +521,10 @@ async def _scanned_checkpoint(request: web.Request) -> model.Checkpoint:
 @roles("admin", "guard")
 async def scan_page(request: web.Request) -> web.StreamResponse:
     cp = await _scanned_checkpoint(request)
-    session = request[SESSION_KEY]
-    nonce = _engine(request).issue(session.id_hash, cp.id)
-    now = _engine(request).now()
+    session, eng = request[SESSION_KEY], _engine(request)
+    wall = eng.wall()
+    nonce = await request.app[SERVICES].store.run_write(lambda c: model.issue_token(c, session.id_hash, cp.id, wall))
+    now = eng.now()
     return _page(
         request,
         "patrol_scan.html",
@@ -549,30 +545,30 @@ async def scan_submit(request: web.Request) -> web.StreamResponse:
     eng = _engine(request)
     token = str(form.get("nonce", ""))
     actor = _actor(request)
-    why = eng.redeem(token, session.id_hash, cp.id)
     svc = request.app[SERVICES]
     remote = request.remote or ""
-    res: model.ScanResult | None = None
-    if why is None:
-        now, tz = eng.now(), svc.tz
-        try:
-            res = await svc.store.run_write(
-                lambda c: model.scan(c, cp, session.user.name, token, now, tz, remote, actor=actor)
-            )
-        except model.Replayed:
-            why = "replayed"
-    if res is None:
-        detail = f"{why}: checkpoint {cp.site} {cp.name}"
-        await svc.store.run_write(
-            lambda c: audit.write(c, actor, "patrol.refused", f"checkpoint:{cp.id}", detail, remote)
-        )
-        log.info("patrol scan refused (%s) for %s at %s", why, actor, cp.name)
+    now, wall, tz = eng.now(), eng.wall(), svc.tz
+
+    def record(c: Conn) -> model.ScanResult | str:
+        """The scan, or why not (audited): the token used up in the same transaction, whichever instance issued it."""
+        why = model.redeem_token(c, token, session.id_hash, cp.id, wall)
+        if why is None:
+            try:
+                return model.scan(c, cp, session.user.name, model.token_hash(token), now, tz, remote, actor=actor)
+            except model.Replayed:  # a scan with this token stored already
+                why = "replayed"
+        audit.write(c, actor, "patrol.refused", f"checkpoint:{cp.id}", f"{why}: checkpoint {cp.site} {cp.name}", remote)
+        return why
+
+    res = await svc.store.run_write(record)
+    if isinstance(res, str):
+        log.info("patrol scan refused (%s) for %s at %s", res, actor, cp.name)
         return _page(
             request,
             "patrol_scan.html",
             status=409,
             cp=cp,
-            problem=f"patrol.refused.{why}",
+            problem=f"patrol.refused.{res}",
             code=request.match_info["code"],
         )
     await eng.publish(res.events)
@@ -591,16 +587,6 @@ async def scan_result(request: web.Request) -> web.StreamResponse:
 
 
 # ---------------------------------------------------------------- the board's map
-
-
-async def _refresh_markers(app: web.Application) -> None:
-    eng = app[ENGINE]
-    cps = await app[SERVICES].store.read(lambda c: model.checkpoints(c))
-    placed: dict[str, list[Marker]] = {}
-    for cp in cps:
-        if cp.x is not None and cp.y is not None:
-            placed.setdefault(cp.site, []).append(_marker(cp))
-    eng.markers = placed
 
 
 def setup_hooks(app: web.Application) -> None:
