@@ -24,7 +24,7 @@ from portal.alarms.board import BOARD
 from portal.app import Options
 from portal.grid import GRID
 from portal.grid import contract as gc
-from portal.grid.link import read_body
+from portal.web.answers import read_answer
 from tests import procs
 from tests.care_patrol_support import TimeMachine, estate_with_staff, person
 from tests.grid_support import ADDRESS, GRID_CODE, grid_stub, grid_yaml, records
@@ -585,7 +585,7 @@ async def test_a_record_the_platform_cannot_take_does_not_hold_up_the_others(tmp
 
 
 async def test_an_answer_is_read_whole_up_to_its_cap_and_a_longer_one_is_refused() -> None:
-    """read_body against a real HTTP server: a body in pieces (with Content-Length, or chunked) is read whole; one
+    """read_answer against a real HTTP server: a body in pieces (with Content-Length, or chunked) is read whole; one
     that says it is longer than the cap, or turns out longer while it comes, is refused (None), never cut."""
     cap = 1000
 
@@ -617,7 +617,7 @@ async def test_an_answer_is_read_whole_up_to_its_cap_and_a_longer_one_is_refused
                 (2 * cap, False, False),
             ):
                 async with http.get(url, params={"size": str(size), "declared": str(int(declared))}) as r:
-                    got = await read_body(r, cap)
+                    got = await read_answer(r, cap)
                 assert got == (b"x" * size if whole else None), (size, declared)
     finally:
         await runner.cleanup()

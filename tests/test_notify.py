@@ -54,6 +54,16 @@ class Receiver:
             await asyncio.sleep(3)  # past the notifier's 1.5 s timeout
         if isinstance(answer, int):
             return web.Response(status=answer, text="gateway error")
+        if isinstance(answer, tuple):  # ("pieces", answer): the body written in two pieces, 50 ms apart
+            raw = json.dumps(answer[1]).encode()
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.content_length = len(raw)
+            await resp.prepare(request)
+            await resp.write(raw[:9])
+            await asyncio.sleep(0.05)
+            await resp.write(raw[9:])
+            await resp.write_eof()
+            return resp
         return web.json_response(answer)
 
 
@@ -92,7 +102,7 @@ def secret(folder: Path, name: str, text: str) -> str:
 async def test_escalations_are_delivered_retried_and_recorded(tmp_path: Path) -> None:
     mono = FakeClock()
     wecom = Receiver([{"errcode": 45009, "errmsg": "api freq out of limit"}, {"errcode": 0, "errmsg": "ok"}])
-    ding = Receiver([{"errcode": 0, "errmsg": "ok"}])
+    ding = Receiver([("pieces", {"errcode": 0, "errmsg": "ok"})])  # an answer that comes in two pieces is read whole
     sms = Receiver([500, "hang", {"code": 0}])
     dead = Receiver([{"errcode": 93000, "errmsg": "invalid webhook url"}])
     box = Mailbox()

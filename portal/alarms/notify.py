@@ -50,8 +50,10 @@ from portal.alarms import incidents as alarms
 from portal.config import ChannelConfig, PortalConfig
 from portal.store import Conn, Store, audit, now_text
 from portal.web import i18n
+from portal.web.answers import read_answer
 
 log = logging.getLogger("portal.notify")
+ANSWER_MAX = 65536  # a webhook's answer is a short JSON object: one longer is no answer
 TEXT_MAX = 1500  # WeCom's text limit is 2048 bytes; Chinese text is 3 bytes a character
 
 
@@ -126,7 +128,7 @@ class Channel:
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s),
             ) as r:
-                raw = await r.content.read(65536)
+                raw = await read_answer(r, ANSWER_MAX)
                 status = r.status
         except TimeoutError:
             raise DeliveryError(f"no answer within {self.timeout_s:g} s from {_redact(url)}") from None
@@ -134,6 +136,8 @@ class Channel:
             raise DeliveryError(f"{type(e).__name__} at {_redact(url)}") from None
         if not 200 <= status < 300:
             raise DeliveryError(f"HTTP {status} from {_redact(url)}")
+        if raw is None:
+            raise DeliveryError(f"an answer longer than {ANSWER_MAX} bytes from {_redact(url)}")
         try:
             answer = json.loads(raw) if raw.strip() else {}
         except ValueError:

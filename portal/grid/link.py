@@ -40,6 +40,7 @@ from common.configfile import ConfigError, read_secret
 from portal.alarms import incidents as alarms
 from portal.grid import cases, contract
 from portal.store import Conn, Row, audit, now_text
+from portal.web.answers import read_answer
 from portal.web.services import Services
 
 log = logging.getLogger("portal.grid")
@@ -77,19 +78,6 @@ def load_secrets(g: Any) -> tuple[bytes, ssl.SSLContext | None]:
     except (OSError, ssl.SSLError) as e:
         raise ConfigError([f"grid TLS: {e}"]) from None
     return key, ctx
-
-
-async def read_body(r: aiohttp.ClientResponse, cap: int) -> bytes | None:
-    """The whole body of ``r`` however many pieces it comes in; None when it is longer than ``cap`` bytes (by its
-    Content-Length, or found while reading). ``r.content.read(n)`` alone answers what has arrived so far."""
-    if r.content_length is not None and r.content_length > cap:
-        return None
-    buf = bytearray()
-    while chunk := await r.content.read(cap + 1 - len(buf)):
-        buf += chunk
-        if len(buf) > cap:
-            return None
-    return bytes(buf)
 
 
 @dataclass(frozen=True)
@@ -257,7 +245,7 @@ class GridLink:
             async with self._http.post(
                 self.events_url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=self.g.timeout_s)
             ) as r:
-                whole = await read_body(r, ANSWER_MAX)
+                whole = await read_answer(r, ANSWER_MAX)
                 status = r.status
                 retry_after = r.headers.get("Retry-After", "")
         except TimeoutError:
@@ -362,7 +350,7 @@ class GridLink:
                     headers=headers,
                     timeout=aiohttp.ClientTimeout(total=self.g.timeout_s),
                 ) as r:
-                    whole = await read_body(r, HISTORY_MAX)
+                    whole = await read_answer(r, HISTORY_MAX)
                     status = r.status
             except (TimeoutError, aiohttp.ClientError) as e:
                 log.info("grid poll of %s: %s", number, type(e).__name__)
