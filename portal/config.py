@@ -57,6 +57,10 @@ class MqttConfig(_Strict):
     share_group: Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,63})?$")] = ""
     reconnect_min_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.5
     reconnect_max_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    # False for an estate's own guardroom portal whose broker is bridged to a monitoring centre (docs/centre.md): it
+    # stores and shows every event it gets but acknowledges none, so a gateway deletes an event from its outbox only
+    # when the centre has stored it and the centre's acknowledgement has crossed the bridge.
+    acknowledge: bool = True
 
 
 class GatewayRef(_Strict):

@@ -3,9 +3,12 @@
 #
 #   sudo scripts/estate-bridge.sh --site sunny-gardens --centre centre.example.cn:8883 \
 #        --user bridge-sunny-gardens --password-file /etc/gatehouse/secrets/bridge.password \
-#        --cafile /etc/mosquitto/certs/centre-ca.pem [--out /etc/mosquitto/conf.d/centre-bridge.conf]
+#        --cafile /etc/mosquitto/certs/centre-ca.pem [--conf-dir /etc/mosquitto/conf.d | --out FILE]
 #
 # The output holds the bridge's password: it is written with mode 0600 (owned by mosquitto when that user exists).
+# Its queue limits are global, and Mosquitto takes the last it reads (conf.d in alphabetical order): the file is named
+# to be read after gatehouse.conf (whose 10000 would otherwise cap the WAN backlog), and the script refuses to write
+# it where another file read after it would set them again.
 # TLS is required; --plain leaves it out, for a centre reached over a VPN or in the tests, and says so in the file.
 # On the centre's broker, add the user (mosquitto_passwd) and its ACL lines (systemd/gatehouse.acl, "bridges").
 set -euo pipefail
@@ -13,7 +16,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TEMPLATE="$REPO/systemd/mosquitto-estate-bridge.conf"
 SITE="" CENTRE="" USER_NAME="" PASSWORD_FILE="" CAFILE="" CERTFILE="" KEYFILE="" PLAIN=0
-OUT=/etc/mosquitto/conf.d/centre-bridge.conf
+OUT=/etc/mosquitto/conf.d/zz-centre-bridge.conf
 KEEPALIVE=30 MAX_QUEUED=1000000
 
 die() { echo "estate-bridge: $*" >&2; exit 2; }
@@ -29,6 +32,7 @@ while [ $# -gt 0 ]; do
         --keyfile) KEYFILE="$2"; shift 2 ;;
         --plain) PLAIN=1; shift ;;
         --out) OUT="$2"; shift 2 ;;
+        --conf-dir) OUT="$2/zz-centre-bridge.conf"; shift 2 ;;
         --keepalive) KEEPALIVE="$2"; shift 2 ;;
         --max-queued) MAX_QUEUED="$2"; shift 2 ;;
         -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
@@ -55,6 +59,16 @@ else
     TLS="bridge_cafile $CAFILE"$'\n'"bridge_insecure false"
     if [ -n "$CERTFILE" ]; then TLS+=$'\n'"bridge_certfile $CERTFILE"$'\n'"bridge_keyfile $KEYFILE"; fi
 fi
+
+# The queue limits must be the last ones Mosquitto reads: no file of the same folder read after this one may set them.
+out_dir="$(dirname "$OUT")" out_name="$(basename "$OUT")"
+for f in "$out_dir"/*.conf; do
+    [ -f "$f" ] && [ "$(basename "$f")" != "$out_name" ] || continue
+    if [[ "$(basename "$f")" > "$out_name" ]] \
+        && grep -Eq '^[[:space:]]*(max_queued_messages|max_queued_bytes|queue_qos0_messages)[[:space:]]' "$f"; then
+        die "$f is read after $OUT and sets the queue limits again (Mosquitto keeps the last): remove them there, or --out a name that sorts after it"
+    fi
+done
 
 umask 077
 tmp="$(mktemp "${OUT}.XXXXXX")"

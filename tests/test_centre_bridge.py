@@ -23,6 +23,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
 
 from gateway.tooling.broker import MosquittoProcess
@@ -104,6 +105,62 @@ def test_the_bridge_script_refuses_what_would_leak_or_not_work(tmp_path: Path) -
         assert not (tmp_path / "out.conf").exists()
 
 
+def test_the_bridges_backlog_is_the_one_the_estates_broker_keeps(tmp_path: Path) -> None:
+    """The bridge's queue limit is global, and Mosquitto keeps the last value it reads (conf.d in alphabetical order).
+    In a conf.d holding the shipped gatehouse.conf's queue settings (10000 a client), the script's bridge must be the
+    one that holds: a persistent session away while 11000 messages come gets all 11000 (rendered as centre-bridge.conf,
+    read before gatehouse.conf, it got 10000 and the broker dropped the rest). A folder where a file read after the
+    bridge sets the limits again is refused."""
+    conf_d = tmp_path / "conf.d"
+    conf_d.mkdir()
+    shipped = (ROOT / "systemd" / "mosquitto-gatehouse.conf").read_text(encoding="utf-8").splitlines()
+    keys = ("max_queued_messages ", "max_queued_bytes ", "queue_qos0_messages ", "persistent_client_expiration ")
+    queue_lines = [line for line in shipped if line.startswith(keys)]
+    assert any(line.startswith("max_queued_messages ") for line in queue_lines)
+    (conf_d / "gatehouse.conf").write_text("\n".join(queue_lines) + "\n", encoding="utf-8")
+    pw = tmp_path / "bridge.password"
+    pw.write_text("bridge-secret-pw\n")
+    pw.chmod(0o600)
+    script = ["bash", str(ROOT / "scripts" / "estate-bridge.sh"), "--site", SITE, "--centre", "127.0.0.1:1"]
+    script += ["--user", f"bridge-{SITE}", "--password-file", str(pw), "--plain", "--conf-dir", str(conf_d)]
+    r = subprocess.run([*script, "--max-queued", "12000"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    broker = MosquittoProcess(tmp_path / "estate", extra_conf=f"include_dir {conf_d}").start()
+    try:
+        n = 11_000
+        topic = f"gatehouse/v1/{SITE}/{GW}/ack"
+        got: list[int] = []
+        away = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="away", clean_session=False)
+        away.connect("127.0.0.1", broker.port)
+        away.subscribe(topic, qos=1)
+        away.loop(1.0)
+        away.disconnect()
+        sender = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="sender")
+        sender.max_inflight_messages_set(1000)
+        sender.connect("127.0.0.1", broker.port)
+        sender.loop_start()
+        infos = [sender.publish(topic, b"x", qos=1) for _ in range(n)]
+        for info in infos:
+            info.wait_for_publish(30)
+        sender.loop_stop()
+        sender.disconnect()
+        away.on_message = lambda _c, _u, _m: got.append(1)
+        away.connect("127.0.0.1", broker.port)
+        deadline = time.monotonic() + 30
+        last = -1
+        while time.monotonic() < deadline and len(got) != last:
+            last = len(got)
+            for _ in range(20):
+                away.loop(0.05)
+        away.disconnect()
+        assert len(got) == n
+    finally:
+        broker.stop()
+    (conf_d / "zzz-local.conf").write_text("max_queued_messages 500\n", encoding="utf-8")
+    r = subprocess.run(script, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "zzz-local.conf is read after" in r.stderr
+
+
 async def test_an_estate_bridged_in_loses_nothing_while_the_wan_is_silent_for_a_minute(tmp_path: Path) -> None:
     centre = MosquittoProcess(tmp_path / "centre").start()
     wan = await Balancer([("127.0.0.1", centre.port)]).start()
@@ -124,14 +181,28 @@ loadgen: {{count: {COUNT}, rate: {RATE}, alarm_every: 10}}
     gateway = procs.gateway(gw_cfg, tmp_path / "logs")
     outbox = tmp_path / "gw" / "data" / "gateway.db"
     cfg = write_config(tmp_path / "portal", centre, client_id="centre-portal")
+    # The estate's own guardroom portal on its broker: it stores and shows what comes, and acknowledges nothing, so
+    # the gateway deletes an event only when the centre has stored it (docs/centre.md).
+    local_cfg = write_config(
+        tmp_path / "local", estate, client_id="estate-portal", mqtt_extra=("  acknowledge: false",)
+    )
 
     def logs() -> str:
         return f"{gateway.tail()}\n--- estate broker\n" + (estate.folder / "mosquitto.log").read_text()[-3000:]
 
     try:
-        async with running_portal(cfg) as p:
+        async with running_portal(cfg) as p, running_portal(local_cfg) as local:
             await add_user(p, "guard1", "guard", "guard1-password-long")
             store = p.services.store
+
+            async def alarms_at_the_estate() -> int:
+                return int(
+                    (
+                        await local.services.store.read(
+                            lambda c: c.execute("SELECT count(*) FROM events WHERE priority > 0").fetchone()
+                        )
+                    )[0]
+                )
 
             async def count() -> int:
                 return int((await store.read(lambda c: c.execute("SELECT count(*) FROM events").fetchone()))[0])
@@ -168,11 +239,15 @@ loadgen: {{count: {COUNT}, rate: {RATE}, alarm_every: 10}}
 
                 await until(down, 3 * KEEPALIVE_S + 10, "the centre to see the estate's link down")
                 frozen = await count()
+                heard = await alarms_at_the_estate()
                 estate.kill()  # a power cut at the estate: what its broker queued since its last save is gone
                 estate.start()
                 await asyncio.sleep(max(0.0, CUT_S - (time.monotonic() - cut_at)))
                 assert await count() == frozen  # nothing crossed the silent WAN
-                assert procs.read_rows(outbox, "SELECT count(*) FROM outbox")[0][0] > 0  # kept at the estate
+                # The estate's guardroom heard the alarms of the cut; the outbox kept them for the centre all the same.
+                assert await alarms_at_the_estate() > heard
+                kept = "SELECT count(*) FROM outbox o JOIN events e ON e.seq = o.seq WHERE e.priority > 0"
+                assert procs.read_rows(outbox, kept)[0][0] > 0
                 wan.blackhole(False)
                 wan.cut()  # what hung on the dead link is gone: the bridge reconnects
 

@@ -324,7 +324,7 @@ class Ingest:
                 if (res.changed or fault_changed) and self.on_status:
                     self.on_status(op.site, op.gateway, self._shown_status(op.site, op.gateway, res.snapshot.status))
         for (site, gw), seqs in acks.items():
-            if not seqs:
+            if not seqs or not self.cfg.mqtt.acknowledge:  # a guardroom portal beside a centre: the centre's acks
                 continue
             seqs = sorted(set(seqs))
             for i in range(0, len(seqs), ACK_CHUNK):
