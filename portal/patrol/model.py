@@ -358,7 +358,7 @@ def parse_route(form: Mapping[str, Any], site_checkpoints: Sequence[Checkpoint])
         late,
         str(form.get("ordered", "")) == "1",
         guard,
-        str(form.get("active", "1")) == "1",
+        str(form.get("active", "")) == "1",  # a checkbox: absent when unticked
         tuple(cp for _, cp in sorted(placed)),
     )
 
