@@ -26,7 +26,7 @@ from portal.alarms import incidents as alarms
 from portal.patrol import model as patrol_model
 from portal.patrol.engine import CHANGED, TICK_S
 from portal.patrol.views import BAD_CODES_PER_10MIN
-from portal.store import Postgres
+from portal.store import Notice, Postgres
 from tests.care_patrol_support import GUARD, GUARD_PW, TimeMachine, board
 from tests.portal_support import Portal, add_user, running_portal, write_config
 from tests.registry_support import admin_session
@@ -150,13 +150,20 @@ async def test_a_round_saved_at_one_instance_rings_from_the_other_after_it_died(
 
 
 @pytest.mark.realtime
-async def test_two_instances_ticking_the_same_round_at_once_raise_it_once(tmp_path: Path, pg_target: Postgres) -> None:
+async def test_two_instances_ticking_the_same_round_at_once_raise_it_once(
+    tmp_path: Path, pg_target: Postgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
     clock = TimeMachine(wall_s=at_local(21, 58))
     async with centre(tmp_path, pg_target, clock) as (a, stack):
         b = await second(tmp_path, pg_target, clock, a, stack)
         gate = await add_checkpoint(a, "A北门")
         garage = await add_checkpoint(a, "B车库")
-        b.services.hub.peer_notices.pop(CHANGED)  # A's notice lost (B was not listening): B reads the store itself
+        heard = b.services.store.peer_committed  # A's notices lost (B was not listening): B reads the store itself
+        monkeypatch.setattr(
+            b.services.store,
+            "peer_committed",
+            lambda got: heard([(op, x) for op, x in got if not isinstance(x, Notice)]),
+        )
         await add_route(a, [gate, garage])
         await wait_for(lambda: engine(b).next_at is not None, TICKED_S, "B to learn of the route A saved")
         clock.step(33 * MIN)
@@ -198,6 +205,33 @@ async def test_a_checkpoint_placed_at_one_instance_shows_on_the_others_map(tmp_p
             await wait_for(gone, 10, "the withdrawn checkpoint gone from B's map")
         finally:
             await phone.http.close()
+
+
+async def test_a_checkpoint_placed_while_the_other_was_not_listening_shows_once_it_listens_again(
+    tmp_path: Path, pg_target: Postgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = TimeMachine()
+    async with centre(tmp_path, pg_target, clock) as (a, stack):
+        b = await second(tmp_path, pg_target, clock, a, stack)
+        gate = await add_checkpoint(a, "北门岗亭")
+        heard = b.services.store.peer_committed  # A's notice lost on its way to B
+        monkeypatch.setattr(b.services.store, "peer_committed", lambda got: heard([x for x in got if x[1] != CHANGED]))
+        r = await post(a, f"/patrol/checkpoints/{gate.id}", {"action": "place", "x": "20", "y": "280"})
+        assert r.status == 303
+
+        def on_bs_map() -> bool:
+            return any(m.key == f"cp:{gate.id}" for m in engine(b).markers.get("s1", []))
+
+        await asyncio.sleep(3 * TICK_S)
+        assert not on_bs_map()
+        # B's listening connection breaks (as in a fail-over) and comes back: what it may have missed, it reads again
+        await a.services.store.read(
+            lambda c: c.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE query = 'LISTEN gatehouse_peers' AND pid <> pg_backend_pid()"
+            ).fetchall()
+        )
+        await wait_for(on_bs_map, 10, "the checkpoint on B's map once B listens again")
 
 
 # ---------------------------------------------------------------- scanning behind the balancer

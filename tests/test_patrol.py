@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -19,6 +20,7 @@ from zoneinfo import ZoneInfo
 
 import aiohttp
 import pypdfium2
+import pytest
 import zxingcpp
 
 from portal.alarms import incidents as alarms
@@ -293,6 +295,51 @@ async def test_a_nights_rounds_on_time_late_missed_and_the_report(tmp_path: Path
         statuses = sorted(x[4] for x in rows[1:])
         assert statuses == sorted(["on_time", "on_time", "late", "missed", "missed", "missed", "outside", "repeat"])
         assert any(x[3] == "C花园" and x[4] == "on_time" and x[7] == "0" for x in rows)
+
+
+@pytest.mark.parametrize("change", ["a point taken off", "switched off"])
+async def test_a_route_changed_mid_round_leaves_the_round_under_way_as_it_began(tmp_path: Path, change: str) -> None:
+    """The office changes the route while a round is under way (the guard's phone still lists its points): what the
+    guard scans of the round's points counts for it, and nothing rings; the next round follows the route as it is."""
+    clock = TimeMachine(wall_s=at_local(21, 58))
+    async with running_portal(write_config(tmp_path, None, extra=EXTRA), clock.options()) as p:
+        await estate_with_staff(p)
+        a, b, c = [await add_checkpoint(p, n) for n in ("A北门", "B车库", "C花园")]
+        rid = await add_route(p, [a, b, c], ordered="")
+        eng = engine(p)
+        gw, gcsrf = await staff_browser(p, GUARD, GUARD_PW)
+        try:
+            clock.step(7 * MIN)  # 22:05
+            await eng.tick_now()
+            _, html = await scan(gw, gcsrf, p.origin, a.code)
+            assert outcome(html) == "counted"
+            clock.step(1 * MIN)  # 22:06: the office changes the route
+            form = {"site": "s1", "name": "夜间巡逻", "starts": "22:00", "ends": "06:00", "every_min": "120"}
+            form |= {"window_min": "30", "late_min": "30", "guard": GUARD, f"at-{a.id}": "1", f"at-{b.id}": "2"}
+            # "active" a checkbox, which a browser leaves out of the form when it is unticked
+            form |= {f"at-{c.id}": "3"} if change == "switched off" else {"active": "1"}
+            assert (await post(p, f"/patrol/routes/{rid}", form)).status == 303
+            assert "C花园" in await (await gw.get("/g")).text()
+            clock.step(2 * MIN)  # 22:08
+            for cp in (b, c):
+                _, html = await scan(gw, gcsrf, p.origin, cp.code)
+                assert outcome(html) == "counted" and visits(html) == [("on_time", "true")], cp.name
+            clock.step(25 * MIN)  # 22:33: the window is over, nothing rings
+            await eng.tick_now()
+            assert await patrol_incidents(p) == []
+            clock.step(88 * MIN)  # 00:01: the allowance is long over, the next round has begun
+            await eng.tick_now()
+            assert await patrol_incidents(p) == []
+
+            def rounds(conn: Any) -> list[tuple[str, list[int], str, list[int]]]:
+                rows = conn.execute("SELECT points, state, missed FROM patrol_rounds ORDER BY round_at").fetchall()
+                return [(json.loads(r[0]), r[1], json.loads(r[2] or "[]")) for r in rows]
+
+            first = ([a.id, b.id, c.id], "done", [])
+            after = [] if change == "switched off" else [([a.id, b.id], "open", [])]
+            assert await p.services.store.read(rounds) == [first, *after]
+        finally:
+            await gw.close()
 
 
 # ---------------------------------------------------------------- replays and forged codes

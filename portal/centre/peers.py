@@ -12,17 +12,18 @@ Two streams share the channel:
 * **with the commit** (:meth:`Peers.before_commit`, the store's before-commit step, in the writer thread): the new
   events of every stored gateway batch (with the gateway's sequence bookkeeping), every incident, arm state and
   arm command the alarm board's ops changed, and the notices ops ask for (:meth:`portal.store.Op.notice`: a site
-  plan changed);
+  plan, a patrol checkpoint or route changed);
 * **after it** (:meth:`Peers.relay`, on the event loop, on a connection of its own): everything else a hub
   broadcasts (doors, unlock commands, gateway status, care and patrol news) and what it does to sockets (a
   sign-out, a guard's sites changed), which the other hubs repeat for the same sessions and users.
 
 A receiving instance hands the batches and the notices to its store's commit listeners as a peer's commit (doors
-follow their state, a command's waiter hears its answer, the consoles get the events, the site plans are read again)
-and the rest to its hub. Bodies over PostgreSQL's 8000-byte limit go in parts, sent in one transaction and so
-delivered together. The listening connection reconnects with capped backoff and full jitter; what was sent while it
-was away is lost to it, so its consoles are told to reconnect (every page then fetches what it missed) and its
-commit listeners hear :data:`~portal.store.MISSED` (what they keep of the store, they read again).
+follow their state, a command's waiter hears its answer, the consoles get the events, the site plans and the patrol
+checkpoints are read again, the patrol rounds looked at) and the rest to its hub. Bodies over PostgreSQL's
+8000-byte limit go in parts, sent in one transaction and so delivered together. The listening connection
+reconnects with capped backoff and full jitter; what was sent while it was away is lost to it, so its consoles are
+told to reconnect (every page then fetches what it missed) and its commit listeners hear
+:data:`~portal.store.MISSED` (what they keep of the store, they read again).
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ last write), or when a route changes. Rounds that began while the portal was awa
 
 Several instances on one store (a monitoring centre) all run the rounds, so a round rings whichever instance is
 alive: each reads when it is next due from the store every :data:`TICK_S` (another instance may have saved a route or
-written a round), and a route or checkpoint saved at one instance is told to the others at once (a notice of kind
-:data:`CHANGED`: they read the map's markers again and tick). Ticking is idempotent (:func:`portal.patrol.model.tick`):
-instances that tick together raise each alert once.
+written a round), and a route or checkpoint saved at one instance is told to the others with its commit (the notice
+:data:`CHANGED`; or :data:`~portal.store.MISSED`, when notices may have been lost: they read the map's markers again
+and tick). Ticking is idempotent (:func:`portal.patrol.model.tick`): instances that tick together raise each alert
+once.
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ from typing import Any
 
 from portal.alarms.board import AlarmBoard, Marker
 from portal.patrol import model
-from portal.store import StoreError
+from portal.store import MISSED, Notice, Op, StoreError
 from portal.web.services import Services
 
 log = logging.getLogger("portal.patrol")
 
 TICK_S = 1.0
-#: the other instances' notice that a checkpoint or route changed (portal.web.hub.Hub.notify_peers)
-CHANGED = "patrol.changed"
+#: what the other instances sharing the store hear of a change to a checkpoint or route (with its commit)
+CHANGED = Notice("patrol.changed")
 
 
 class PatrolEngine:
@@ -56,28 +57,28 @@ class PatrolEngine:
 
     async def start(self) -> None:
         await self.refresh_markers()
-        self.svc.hub.peer_notices[CHANGED] = self.heard
+        self.svc.store.add_commit_listener(self.on_commit)
         self._task = asyncio.create_task(self._run(), name="portal.patrol.rounds")
         self._poke.set()
 
     async def close(self) -> None:
-        self.svc.hub.peer_notices.pop(CHANGED, None)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
     async def changed(self) -> None:
-        """A route or checkpoint was changed here: the map's markers read again now, the rounds looked at at once,
-        and the other instances told."""
+        """A route or checkpoint was changed here (its write sent :data:`CHANGED` to the other instances): the map's
+        markers read again now, the rounds looked at at once."""
         await self.refresh_markers()
         self._poke.set()
-        self.svc.hub.notify_peers({"kind": CHANGED})
 
-    def heard(self, message: dict[str, Any]) -> None:
-        """Another instance changed a route or checkpoint: markers and rounds looked at again now (by the loop)."""
-        self._stale = True
-        self._poke.set()
+    def on_commit(self, committed: list[tuple[Op, Any]]) -> None:
+        """A store commit listener: another instance changed a route or checkpoint (or its notices may have been
+        lost): markers and rounds looked at again now (by the loop)."""
+        if any(isinstance(res, Notice) and res in (CHANGED, MISSED) for _op, res in committed):
+            self._stale = True
+            self._poke.set()
 
     async def refresh_markers(self) -> None:
         self._stale = False

@@ -358,7 +358,7 @@ def parse_route(form: Mapping[str, Any], site_checkpoints: Sequence[Checkpoint])
         late,
         str(form.get("ordered", "")) == "1",
         guard,
-        str(form.get("active", "1")) == "1",
+        str(form.get("active", "")) == "1",  # a checkbox: absent when unticked
         tuple(cp for _, cp in sorted(placed)),
     )
 
@@ -659,22 +659,27 @@ def scan(
     if conn.execute("SELECT 1 FROM patrol_scans WHERE nonce = ?", (nonce,)).fetchone():
         raise Replayed("patrol.replayed")
     now_t = ts_text(now)
-    mine = [r for r in routes(conn, active=True) if r.site == cp.site and cp.id in r.points]
-    for r in mine:
-        ensure_rounds(conn, r, now, tz)
-    rounds = conn.execute(
-        f"SELECT * FROM patrol_rounds WHERE round_at <= ? AND late_at >= ? AND {db.in_values(conn, 'route_id')}"
-        " ORDER BY round_at",
-        (now_t, now_t, db.values(conn, [r.id for r in mine])),
-    ).fetchall()
-    rounds = [rd for rd in rounds if cp.id in json.loads(rd["points"])]
+    by_id = {r.id: r for r in routes(conn, (cp.site,))}
+    for r in by_id.values():
+        if r.active and cp.id in r.points:
+            ensure_rounds(conn, r, now, tz)
+    # the rounds under way with this point as they were written when they began, whatever their route says now (a
+    # point taken off, the route switched off): the round is judged by those points (evaluate)
+    rounds = [
+        rd
+        for rd in conn.execute(
+            f"SELECT * FROM patrol_rounds WHERE round_at <= ? AND late_at >= ? AND {db.in_values(conn, 'route_id')}"
+            " ORDER BY round_at",
+            (now_t, now_t, db.values(conn, list(by_id))),
+        )
+        if cp.id in json.loads(rd["points"])
+    ]
     cur = conn.execute(
         "INSERT INTO patrol_scans (checkpoint_id, site, guard, at, nonce, outcome, remote)"
         " VALUES (?, ?, ?, ?, ?, 'outside', ?) RETURNING id",
         (cp.id, cp.site, guard, now_t, nonce, remote[:64]),
     )
     res = ScanResult(int(cur.fetchone()[0]), "outside")
-    by_id = {r.id: r for r in mine}
     for rd in rounds:
         r = by_id[rd["route_id"]]
         visited = _visited(conn, r.id, rd["round_at"])

@@ -26,7 +26,7 @@ from portal.estate.phone import no_public_url, print_base
 from portal.estate.plans import plans_of
 from portal.estate.sitemap import render_svg
 from portal.patrol import model
-from portal.patrol.engine import PatrolEngine, marker
+from portal.patrol.engine import CHANGED, PatrolEngine, marker
 from portal.store import Conn, audit
 from portal.web import csvcells
 from portal.web.auth import SESSION_KEY, roles
@@ -142,7 +142,9 @@ async def add_checkpoint(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound()
     actor, now = _actor(request), model.ts_text(_engine(request).now())
     try:
-        await svc.store.run_write(lambda c: model.add_checkpoint(c, site, str(form.get("name", "")), actor, now))
+        await svc.store.run_write(
+            lambda c: model.add_checkpoint(c, site, str(form.get("name", "")), actor, now), notice=CHANGED
+        )
     except model.PatrolError as e:
         return await _office(request, error=e, status=400, values={"name": str(form.get("name", ""))[:80]})
     await _engine(request).changed()
@@ -188,7 +190,8 @@ async def change_checkpoint(request: web.Request) -> web.StreamResponse:
             if got is not None and (x > got[0].width or y > got[0].height):
                 raise model.PatrolError("patrol.bad_position", "x")
         await svc.store.run_write(
-            lambda c: model.change_checkpoint(c, cp.id, action, actor, now, name=str(form.get("name", "")), x=x, y=y)
+            lambda c: model.change_checkpoint(c, cp.id, action, actor, now, name=str(form.get("name", "")), x=x, y=y),
+            notice=CHANGED,
         )
     except model.PatrolError as e:
         return await _office(request, error=e, status=400)
@@ -364,7 +367,9 @@ async def _save_route(request: web.Request, r: model.Route | None, site: str, fo
     try:
         cps = await svc.store.read(lambda c: model.checkpoints(c, site=site))
         f = model.parse_route(form, cps)
-        rid = await svc.store.run_write(lambda c: model.save_route(c, r.id if r else None, site, f, actor, now))
+        rid = await svc.store.run_write(
+            lambda c: model.save_route(c, r.id if r else None, site, f, actor, now), notice=CHANGED
+        )
     except model.PatrolError as e:
         return await _route_form(request, r, site, values=values, error=e, status=400)
     await _engine(request).changed()

@@ -12,9 +12,8 @@ is told ``{"kind": "session_ended"}`` and closed with code 4401. Sign-out and a 
 sockets at once (:meth:`Hub.end_sessions`, :meth:`Hub.end_user`).
 
 Several instances (a monitoring centre): :attr:`Hub.relay`, when set, is handed every message broadcast here (but
-the beats), every kick and end of sockets, and the notices meant for the instances themselves
-(:meth:`Hub.notify_peers`), for the other instances' hubs, which apply them with :meth:`Hub.apply_peer`
-(portal.centre.peers carries them).
+the beats) and every kick and end of sockets, for the other instances' hubs, which apply them with
+:meth:`Hub.apply_peer` (portal.centre.peers carries them).
 """
 
 from __future__ import annotations
@@ -75,8 +74,6 @@ class Hub:
         self._closed = False
         #: where what happens here is told to the other instances (None: one instance)
         self.relay: Callable[[Message], None] | None = None
-        #: what this instance does with another's notice (:meth:`notify_peers`), by the notice's kind
-        self.peer_notices: dict[str, Callable[[Message], None]] = {}
 
     @property
     def clients(self) -> int:
@@ -210,19 +207,9 @@ class Hub:
         if self.relay is not None:
             self.relay({"kind": "_peer", "op": op, "args": list(args)})
 
-    def notify_peers(self, message: Message) -> None:
-        """Tell the other instances, not the consoles, that something changed (e.g. the patrol routes): each hands
-        the message to its :attr:`peer_notices` handler of the message's kind. Nothing to do on one instance."""
-        if self.relay is not None:
-            self.relay(message)
-
     def apply_peer(self, message: Message) -> None:
-        """What another instance's hub broadcast (to this instance's consoles), did to its sockets (to the same
-        users' and sessions' sockets here) or noticed (:meth:`notify_peers`)."""
-        notice = self.peer_notices.get(str(message.get("kind")))
-        if notice is not None:
-            notice(message)
-            return
+        """What another instance's hub broadcast (to this instance's consoles) or did to its sockets (to the same
+        users' and sessions' sockets here)."""
         if message.get("kind") != "_peer":
             self.broadcast(message, relay=False)
             return
