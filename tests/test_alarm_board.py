@@ -321,6 +321,24 @@ async def test_the_workflow_records_every_step_with_who_and_when(store: Store) -
     ]
 
 
+async def test_two_guards_sending_two_people_cannot_both_win(store: Store) -> None:
+    """Two guards (at two consoles, or on two instances of a centre, behind one store lock) each send a responder,
+    each having seen nobody sent: the second is told who was sent and by whom, not silently put in the first's place.
+    Sending someone else having seen the first is a redirect, and goes through."""
+    await put(store, ev(1, "zone.alarm", incident="I-1", data=ZONE))
+    [inc] = await incidents(store)
+    iid = inc["id"]
+    await store.write(alarms.IncidentAction(iid, "ack", "guard1"))
+    await store.write(alarms.IncidentAction(iid, "dispatch", "guard1", guard="王师傅", seen_guard=""))
+    with pytest.raises(alarms.IncidentConflict) as lost:
+        await store.write(alarms.IncidentAction(iid, "dispatch", "guard2", guard="李师傅", seen_guard=""))
+    assert lost.value.incident["dispatched_to"] == "王师傅"
+    assert lost.value.winner is not None and lost.value.winner["actor"] == "guard1"
+    moved = await store.write(alarms.IncidentAction(iid, "dispatch", "guard2", guard="李师傅", seen_guard="王师傅"))
+    assert (moved["dispatched_to"], moved["dispatched_by"]) == ("李师傅", "guard2")
+    assert [e["action"] for e in await log_of(store, iid)] == ["alarm", "ack", "dispatch", "dispatch"]
+
+
 async def test_actions_out_of_turn_conflict_and_bad_requests_are_refused(store: Store) -> None:
     await put(store, ev(1, "zone.alarm", incident="I-1", data=ZONE))
     [inc] = await incidents(store)

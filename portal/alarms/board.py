@@ -706,6 +706,11 @@ async def incident_action(request: web.Request) -> web.StreamResponse:
         if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
             raise bad_request("flags must be a list of strings")
         kw["flags"] = flags
+    if action == "dispatch" and "seen_guard" in data:
+        seen = data["seen_guard"]
+        if not isinstance(seen, str):
+            raise bad_request("seen_guard must be a string")
+        kw["seen_guard"] = seen
     if action == "check":
         step, done = data.get("step"), data.get("done", True)
         if not isinstance(step, int) or isinstance(step, bool) or not isinstance(done, bool):

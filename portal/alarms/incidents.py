@@ -758,6 +758,7 @@ def act(
     must_check: Callable[[str], bool] | None = None,
     audit_detail: str = "",
     flags: Sequence[str] = (),
+    seen_guard: str | None = None,
 ) -> dict[str, Any]:
     """Take one workflow action; returns the incident after it.
 
@@ -766,7 +767,8 @@ def act(
     ``steps_of(kind)`` is the length of a kind's checklist (for ``check``); ``must_check(kind)``: the whole
     checklist must be ticked before an incident of that kind is resolved (``resolve`` and ``finish``).
     ``finish`` resolves with a cause and closes in one step (two log rows, one transaction). ``flags`` (resolve and
-    finish): marks of :data:`FLAGS`.
+    finish): marks of :data:`FLAGS`. ``seen_guard`` (dispatch): the responder the guard saw sent ('' for none); one
+    sent since by another guard makes it a conflict, so two guards sending two people cannot both win.
     """
     if action not in ACTIONS:
         raise IncidentError("board.bad_action")
@@ -775,6 +777,8 @@ def act(
         raise LookupError(incident_id)
     allowed, to = ACTIONS[action]
     if inc["state"] not in allowed:
+        raise _conflict(conn, incident_id, action)
+    if action == "dispatch" and seen_guard is not None and (inc["dispatched_to"] or "") != seen_guard:
         raise _conflict(conn, incident_id, action)
     now = now or now_text()
     note = _clean(text, NOTE_MAX)

@@ -199,7 +199,12 @@
       var a = target.getAttribute("data-act");
       if (!a) { return; }
       var extra = {};
-      if (a === "dispatch") { extra.guard = guard.value.trim(); if (!extra.guard) { toast(t("board.need_guard")); guard.focus(); return; } }
+      if (a === "dispatch") {
+        extra.guard = guard.value.trim();
+        if (!extra.guard) { toast(t("board.need_guard")); guard.focus(); return; }
+        var seen = incidents[id] || {};
+        extra.seen_guard = seen.dispatched_to || "";  // someone sent meanwhile by another guard: told, not replaced
+      }
       if (a === "finish") {
         extra.cause = target.getAttribute("data-cause");
         extra.flags = Array.prototype.filter.call(li.querySelectorAll("input.flag"), function (b) { return b.checked; })
