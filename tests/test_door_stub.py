@@ -113,10 +113,10 @@ async def test_the_timed_pulse_releases_the_lock_and_ends_by_itself() -> None:
         await c.execute(False, RawWriteCoil(0x0100, 100, 1))
         await c.write_coil(0, False, device_id=1)
         await c.execute(False, RawWriteCoil(0x0100, 10, 1))
-        await c.execute(False, RawWriteCoil(0x0100, 30, 1))
-        await asyncio.sleep(0.2)
+        await c.execute(False, RawWriteCoil(0x0100, 100, 1))  # 1 s: far past the 100 ms one it replaced
+        await asyncio.sleep(0.3)
         assert (await c.read_coils(0, count=1, device_id=1)).bits[0] is True
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(1.0)
         assert (await c.read_coils(0, count=1, device_id=1)).bits[0] is False
         st = await unit_state(stub)
         assert st["relay_sets"] == 4
