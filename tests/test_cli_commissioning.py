@@ -15,6 +15,7 @@ import pytest
 
 from devices.profiles import find_profile
 from gateway import cli, config
+from gateway.tooling import scan
 from gateway.tooling.scan import ScanProgress
 from tests.stubs import Stub, run_stub
 
@@ -246,6 +247,20 @@ async def test_scan_asks_a_silent_unit_again_before_giving_up() -> None:
         assert "2 tries" in err.splitlines()[0]
         state = (await stub.state())["panels"][0]
         assert state["missed"] == 4 and state["deaf"] == {}
+
+
+async def test_scan_says_a_unit_that_only_sends_corrupt_frames_is_there_but_the_line_is_wrong() -> None:
+    """Unit 7 answers every request with a broken checksum (a wrong parity, no termination, a second master): it is
+    listed as there, with what to check, not as a device no profile matches."""
+    async with run_stub(PANEL, "--rtu-pty", "--units", "3,7", *CTRL) as stub:
+        await stub.post("/garbage", {"on": True, "unit": 7})
+        rc, out, err = await run(
+            "bus", "scan", "--serial", stub.serial, "--units", "1-8", "--timeout-ms", "150", "--json"
+        )
+        assert rc == 0, err
+        found = {h["unit"]: h for h in json.loads(out)["found"]}
+        assert found[3]["profile"] == "perimeter-panel-8"
+        assert found[7]["profile"] is None and found[7]["detail"] == scan.GARBLED, found[7]
 
 
 async def test_scan_with_nothing_answering_points_at_wiring_and_baud_rate() -> None:

@@ -40,6 +40,11 @@ _Read = tuple[str, int, int]  # (table, address, count)
 #: Exceptions a Modbus TCP gateway (serial server) answers for a unit it could not reach: gateway path unavailable,
 #: gateway target device failed to respond. The unit is as absent as one that does not answer.
 GATEWAY_EXCEPTIONS = frozenset({10, 11})
+#: A unit whose every answer was a corrupt frame: something is there, but the line is not right.
+GARBLED = (
+    "answers with corrupt frames only (bad CRC, wrong unit): check the baud rate and parity, the line's termination, "
+    "a second master on the bus, or an adapter echoing what is sent"
+)
 _Answer = tuple[str, Any]  # ("values", tuple) | ("refused", code) | ("silent", "") | ("garbled", kind)
 
 
@@ -127,12 +132,15 @@ async def _identify(
     fits: list[Profile] = []
     regs: tuple[int, ...] = ()
     refused = ""
+    garbled = answered = False
     for prof in candidates:
         ident = prof.identify
         assert ident is not None
         kind, value = await ask((ident.table, ident.address, ident.count))
         if kind == "refused":
             refused = refused or f"Modbus exception {value}"
+        garbled = garbled or kind == "garbled"
+        answered = answered or kind in ("values", "refused")
         if kind != "values":
             continue
         regs = regs or value
@@ -144,9 +152,11 @@ async def _identify(
             fits.append(prof)
             regs = value
     if not fits:
-        return ScanHit(
-            unit, None, regs, "answered, no profile matches" if regs or not refused else refused, requests=requests
-        )
+        if garbled and not answered:
+            why = GARBLED
+        else:
+            why = "answered, no profile matches" if regs or not refused else refused
+        return ScanHit(unit, None, regs, why, requests=requests)
     asked: list[str] = []
     if len(fits) > 1:
         left = []
