@@ -32,7 +32,16 @@ def read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{path}: no such file"]) from None
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raw = path.read_bytes()
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            [
+                f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}): save the file as UTF-8 (an editor's "
+                "'UTF-8' encoding; a Chinese Windows editor may save GBK)"
+            ]
+        ) from None
+    except OSError as e:
         raise ConfigError([f"{path}: cannot read: {e}"]) from None
 
 
@@ -174,7 +183,8 @@ def convert_strict(path: Path, cls: type[T], data: Any, tree: Any) -> T:
         line = line_of(tree, jp) or 1  # an empty file has no lines: its error is on line 1
         loc = f"{path}:{line}"
         entity = entity_of(data, jp)
-        raise ConfigError([f"{loc}: {entity + ': ' if entity else ''}{where[0]} (at {jp})"]) from None
+        hint = _hint(cls, parse_path(jp), where[0])
+        raise ConfigError([f"{loc}: {entity + ': ' if entity else ''}{where[0]} (at {jp}){hint}"]) from None
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -282,8 +292,11 @@ def _type_at(cls: type, steps: Iterable[Step]) -> Any:
 
 
 def _hint(cls: type, steps: list[Step], message: str) -> str:
-    """A "did you mean" for a misspelt key or a misspelt choice."""
+    """A "did you mean" for a misspelt key or a misspelt choice; "quote it" for digits where text is wanted."""
     from msgspec import inspect as mi
+
+    if re.match(r"Expected `str[^`]*`, got `(int|float)`", message):
+        return "; quote it ('0101', not 0101: unquoted, digits are read as a number and leading zeros are lost)"
 
     unknown = re.search(r"unknown field `([^`]+)`", message)
     if unknown:

@@ -121,6 +121,15 @@ BUSES = """buses:
                 "line 4: one port, one owner",
             ],
         ),
+        # a panel's account written as digits: read as a number (its leading zero gone); quoting is the fix
+        (
+            "indoor_panels:\n  - name: flat-1\n    account: 0101\n"
+            "    place: {building: '3', unit: '2', house: '101'}\n",
+            [
+                "{f}:5: indoor_panels[0] (flat-1): Expected `str`, got `int` (at $.indoor_panels[0].account); quote it "
+                "('0101', not 0101: unquoted, digits are read as a number and leading zeros are lost)"
+            ],
+        ),
         # YAML itself
         (
             "site: again\n",
@@ -147,6 +156,16 @@ def test_a_good_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     f.write_text(HEAD + BUSES + "devices:\n  - {name: p1, profile: perimeter-panel-8, bus: fence, unit: 1}\n")
     assert cli.main(["config", "check", str(f)]) == 0
     assert capsys.readouterr().out.strip() == f"{f}: ok (1 buses, 1 devices, 0 zones)"
+
+
+def test_a_file_saved_in_another_encoding_names_the_line_and_says_to_save_it_as_utf8(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "gateway.yaml"
+    f.write_bytes((HEAD + BUSES + "# 围栏总线\n").encode("gbk"))
+    assert cli.main(["config", "check", str(f)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{f}:8: not UTF-8 text (byte 0x") and "): save the file as UTF-8" in err, err
 
 
 def test_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
