@@ -85,7 +85,7 @@ def create_app(cfg: PortalConfig, options: Options | None = None) -> web.Applica
     env.filters["actor"] = views.actor_filter
     env.filters["audit_action"] = views.audit_action_filter
     env.filters["audit_target"] = views.audit_target_filter
-    web_setup(app, mono=app[OPTIONS].monotonic)  # sign-in, staff accounts, stations, the common API
+    web_setup(app)  # sign-in, staff accounts, stations, the common API
     app.router.add_routes(openapi.routes)
     app.router.add_static("/static/", HERE / "static", name="static", append_version=True)
     app.cleanup_ctx.append(_lifecycle)

@@ -38,6 +38,7 @@ from portal.web.auth import SESSION_KEY, roles
 from portal.web.bodies import bad_request, read_json
 from portal.web.ingest import BrokerUnavailable
 from portal.web.scope import Sites, need, sees, sites_of
+from portal.web.scope import sql as site_sql
 from portal.web.services import SERVICES, Services
 from portal.web.views import local_time, render, translator
 
@@ -185,8 +186,11 @@ def _load_states(conn: Conn) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-def _load_commands(conn: Conn, limit: int) -> list[UnlockCommand]:
-    rows = conn.execute("SELECT * FROM door_commands ORDER BY sent_at DESC, id DESC LIMIT ?", (limit,)).fetchall()
+def _load_commands(conn: Conn, limit: int, sites: Sites = None) -> list[UnlockCommand]:
+    cond, args = site_sql("site", sites)
+    rows = conn.execute(
+        f"SELECT * FROM door_commands WHERE {cond} ORDER BY sent_at DESC, id DESC LIMIT ?", (*args, limit)
+    ).fetchall()
     return [_command(r) for r in rows]
 
 
@@ -384,9 +388,20 @@ class DoorBoard:
     def command(self, cid: str) -> UnlockCommand | None:
         return self.commands.get(cid)
 
-    def recent_commands(self, limit: int = RECENT_COMMANDS, sites: Sites = None) -> list[dict[str, Any]]:
-        shown = [c for c in reversed(self.commands.values()) if sites is None or c.site in sites]
-        return [c.as_json(self.svc.tz) for c in shown[:limit]]
+    async def recent_commands(self, limit: int = RECENT_COMMANDS, sites: Sites = None) -> list[dict[str, Any]]:
+        """The newest remote unlocks, from the store: those another instance of a centre ordered too. One still
+        pending past its wait is shown timed out (the instance that would have said so may be gone)."""
+        rows = await self.svc.store.read(lambda c: _load_commands(c, limit, sites))
+        stale = ts_text(datetime.fromtimestamp(self.wall() - self.wait_s, UTC))
+        out = []
+        for cmd in rows:
+            mine = self.commands.get(cmd.id)
+            if mine is not None and mine.status != "pending" and cmd.status == "pending":
+                cmd = mine  # settled here, its row's update still queued
+            if cmd.status == "pending" and cmd.sent_at < stale:
+                cmd.status = "timeout"
+            out.append(cmd.as_json(self.svc.tz))
+        return out
 
     def _remember(self, cmd: UnlockCommand) -> None:
         self.commands[cmd.id] = cmd
@@ -560,7 +575,7 @@ async def doors_page(request: web.Request) -> web.StreamResponse:
         request,
         "doors.html",
         doors=doors,
-        commands=b.recent_commands(sites=sites),
+        commands=await b.recent_commands(sites=sites),
         states=DOOR_STATES,
         can_unlock=user.role in ("admin", "guard"),
         wait_s=b.wait_s,
@@ -612,7 +627,7 @@ async def unlock(request: web.Request) -> web.StreamResponse:
 @routes.get("/api/doors/commands")
 @roles("admin", "guard", "installer")
 async def commands_json(request: web.Request) -> web.StreamResponse:
-    return web.json_response({"commands": board(request.app).recent_commands(sites=sites_of(request))})
+    return web.json_response({"commands": await board(request.app).recent_commands(sites=sites_of(request))})
 
 
 @routes.get("/api/doors/commands/{id}")

@@ -10,17 +10,14 @@ it.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 from aiohttp import web
 
 from portal.web import api, station_views, users, views
 
 
-def setup(app: web.Application, *, mono: Callable[[], float] = time.monotonic) -> None:
+def setup(app: web.Application) -> None:
     """Add the sign-in, staff account, station and common API routes."""
     app.router.add_routes(views.routes)
-    users.setup(app, mono=mono)  # staff accounts
+    users.setup(app)  # staff accounts
     app.router.add_routes(api.routes)
     app.router.add_routes(station_views.routes)

@@ -9,9 +9,9 @@ in cannot be disabled or made something else, and nobody does either to their ow
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -28,6 +28,8 @@ from portal.store import (
     registry_site_codes,
     set_user_sites,
 )
+from portal.store.errors import StoreError
+from portal.store.storekey import StoreKey, StoreKeyError
 from portal.web.auth import SESSION_KEY, AuthError, roles
 from portal.web.bodies import read_form
 from portal.web.confirm import ask, confirmed
@@ -135,9 +137,10 @@ async def users_create(request: web.Request) -> web.StreamResponse:
 @roles("admin")
 async def user_page(request: web.Request) -> web.StreamResponse:
     user = await _account(request)
-    return await _user_page(
-        request, user, one_time=_shown_once(request.app).take(request[SESSION_KEY].id_hash, user.name)
-    )
+    resp = await _user_page(request, user, one_time=_take_one_time(request, user.name))
+    if ONE_TIME_COOKIE in request.cookies:
+        resp.del_cookie(ONE_TIME_COOKIE, path=f"/users/{user.name}")
+    return resp
 
 
 @routes.post(r"/users/{name}/sites")
@@ -260,38 +263,59 @@ async def users_reset_password(request: web.Request) -> web.StreamResponse:
         return await _refused(request, user, e)
     svc.hub.end_sessions(ended, "password reset")
     svc.hub.end_user(user.name, "password reset")
-    # Shown by the page this redirects to, once: a reload neither posts the reset again nor shows it again.
-    _shown_once(request.app).put(request[SESSION_KEY].id_hash, user.name, password)
-    raise web.HTTPSeeOther(f"/users/{user.name}?notice=reset")
+    # Shown by the page this redirects to, once: a reload neither posts the reset again nor shows it again. It goes
+    # there in a cookie sealed with the store key, bound to this sign-in and this account, for two minutes: never
+    # stored, never logged, and opened by whichever instance of a centre serves the next page.
+    resp = web.HTTPSeeOther(f"/users/{user.name}?notice=reset")
+    until = int(time.time() + SHOWN_FOR_S)
+    sealed = _store_key(request).seal(password, _bound(request, user.name, until))
+    resp.set_cookie(
+        ONE_TIME_COOKIE,
+        f"{until}.{base64.urlsafe_b64encode(sealed).decode()}",
+        max_age=int(SHOWN_FOR_S),
+        path=f"/users/{user.name}",
+        httponly=True,
+        samesite="Strict",
+        secure=svc.auth.cfg.cookie_secure,
+    )
+    raise resp
 
 
-class ShownOnce:
-    """One-time passwords waiting for the administrator's next page, in memory only (never stored, never logged),
-    per administrator's session, for :data:`SHOWN_FOR_S` seconds at most."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._items: dict[tuple[str, str], tuple[str, float]] = {}
-
-    def put(self, session: str, user: str, password: str) -> None:
-        now = self._clock()
-        self._items = {k: v for k, v in self._items.items() if v[1] > now}
-        self._items[(session, user.lower())] = (password, now + SHOWN_FOR_S)
-
-    def take(self, session: str, user: str) -> str | None:
-        item = self._items.pop((session, user.lower()), None)
-        return item[0] if item is not None and item[1] > self._clock() else None
-
-
+ONE_TIME_COOKIE = "gh_once"
 SHOWN_FOR_S = 120.0
-SHOWN_ONCE = web.AppKey("portal.users.shown_once", ShownOnce)
 
 
-def _shown_once(app: web.Application) -> ShownOnce:
-    return app[SHOWN_ONCE]
+def _store_key(request: web.Request) -> StoreKey:
+    key = request.app[SERVICES].store.key
+    if key is None:  # the portal does not start without it (portal.app)
+        raise StoreError("the portal's store is open without its store key")
+    return key
 
 
-def setup(app: web.Application, *, mono: Callable[[], float] = time.monotonic) -> None:
-    """Add the account routes and what they keep in memory."""
+def _bound(request: web.Request, name: str, until: int) -> str:
+    return f"one-time password|{request[SESSION_KEY].id_hash}|{name.lower()}|{until}"
+
+
+def _take_one_time(request: web.Request, name: str) -> str | None:
+    """The one-time password a reset just made, from its sealed cookie: only for the sign-in and account it was made
+    for, before it expires; None otherwise (the page then deletes the cookie: shown once)."""
+    raw = request.cookies.get(ONE_TIME_COOKIE)
+    if not raw:
+        return None
+    until_text, _, blob = raw.partition(".")
+    try:
+        until = int(until_text)
+        sealed = base64.urlsafe_b64decode(blob.encode())
+    except ValueError:
+        return None
+    if until < time.time():
+        return None
+    try:
+        return _store_key(request).unseal(sealed, _bound(request, name, until))
+    except StoreKeyError:
+        return None
+
+
+def setup(app: web.Application) -> None:
+    """Add the account routes."""
     app.router.add_routes(routes)
-    app[SHOWN_ONCE] = ShownOnce(mono)
