@@ -71,9 +71,10 @@ def share_keys(first: Path, others: list[Path]) -> None:
                 dst.chmod(0o600)
 
 
-def in_process_config(folder: Path, target: Postgres, first: Portal | None = None) -> Path:
+def in_process_config(folder: Path, target: Postgres, first: Portal | None = None, *, extra: str = "") -> Path:
     """The config of an in-process instance (tests.portal_support.running_portal) on the shared store ``target``;
-    ``first``: the instance whose store key it takes (copied into its folder, mode 0600), as every instance must."""
+    ``first``: the instance whose store key it takes (copied into its folder, mode 0600), as every instance must;
+    ``extra``: more of the config (YAML)."""
     key = ""
     if first is not None:
         dst = folder / "store.key"
@@ -82,7 +83,7 @@ def in_process_config(folder: Path, target: Postgres, first: Portal | None = Non
         dst.chmod(0o600)
         key = f", key_file: {dst}"
     store = f"store: {{backend: postgresql, dsn: '{target.dsn}', passfile: {target.passfile}{key}}}\n"
-    return write_config(folder, None, extra=store)
+    return write_config(folder, None, extra=store + extra)
 
 
 async def sign_in(http: aiohttp.ClientSession, url: str, user: str, password: str) -> None:
