@@ -73,11 +73,17 @@ def share_keys(first: Path, others: list[Path]) -> None:
 
 
 def in_process_config(
-    folder: Path, target: Postgres, first: Portal | None = None, broker: MosquittoProcess | None = None
+    folder: Path,
+    target: Postgres,
+    first: Portal | None = None,
+    broker: MosquittoProcess | None = None,
+    *,
+    extra: str = "",
 ) -> Path:
     """The config of an in-process instance (tests.portal_support.running_portal) on the shared store ``target``;
     ``first``: the instance whose store key it takes (copied into its folder, mode 0600), as every instance must;
-    ``broker``: the centre's broker, joined with a client id of its own in the shared-subscription group."""
+    ``broker``: the centre's broker, joined with a client id of its own in the shared-subscription group; ``extra``:
+    more of the config (YAML)."""
     key = ""
     if first is not None:
         dst = folder / "store.key"
@@ -87,9 +93,13 @@ def in_process_config(
         key = f", key_file: {dst}"
     store = f"store: {{backend: postgresql, dsn: '{target.dsn}', passfile: {target.passfile}{key}}}\n"
     if broker is None:
-        return write_config(folder, None, extra=store)
+        return write_config(folder, None, extra=store + extra)
     return write_config(
-        folder, broker, extra=store, client_id=f"centre-{folder.name}", mqtt_extra=("  share_group: centre",)
+        folder,
+        broker,
+        extra=store + extra,
+        client_id=f"centre-{folder.name}",
+        mqtt_extra=("  share_group: centre",),
     )
 
 

@@ -85,7 +85,7 @@ class AlarmBoard:
         self.mono = mono
         # unacknowledged, unescalated incidents: (monotonic time first seen, seconds until it escalates)
         self._seen: dict[int, tuple[float, float]] = {}
-        self.notifier = Notifier(svc.cfg, svc.store, self.changed)
+        self.notifier = Notifier(svc.cfg, svc.store, self.changed, wall=wall)
         self._wake = asyncio.Event()
         self._cursor = 0
         self._ticks = 0

@@ -10,6 +10,14 @@ no non-zero ``errcode``/``code``; for e-mail, the SMTP server accepting every re
 to the delivery row and the incident's log, and pushed to the consoles, so the board says what was actually
 delivered and when. Deliveries still pending when the portal stops are taken up again at the next start.
 
+Several instances sharing the store (PostgreSQL, docs/centre.md) send each attempt once: an instance claims the
+delivery's row before each attempt (``owner``, ``lease_until``: one write that succeeds for one instance only), for
+``notify.timeout_s`` and :data:`LEASE_MARGIN_S`; between attempts the lease runs until the next is due. Every
+instance looks every :data:`SWEEP_S` for pending deliveries whose lease ran out (their instance stopped) and takes
+them up, so a notice outlives the instance that began it. Leases are on the wall clock, as the store's shared
+limits are: the instances' clocks must agree (NTP) to well within the margin. One instance on SQLite takes up every
+pending delivery at its start, as it always did.
+
 Formats (as the services document them):
 
 * WeCom group robot: ``POST <webhook URL with key>`` ``{"msgtype": "text", "text": {"content": ...,
@@ -33,6 +41,7 @@ import hmac
 import json
 import logging
 import random
+import secrets
 import smtplib
 import ssl
 import time
@@ -48,13 +57,17 @@ import aiohttp
 from common.configfile import ConfigError, read_secret
 from portal.alarms import incidents as alarms
 from portal.config import ChannelConfig, PortalConfig
-from portal.store import Conn, Store, audit, now_text
+from portal.store import Conn, Store, StoreError, audit, now_text
 from portal.web import i18n
 from portal.web.answers import read_answer
 
 log = logging.getLogger("portal.notify")
 ANSWER_MAX = 65536  # a webhook's answer is a short JSON object: one longer is no answer
 TEXT_MAX = 1500  # WeCom's text limit is 2048 bytes; Chinese text is 3 bytes a character
+#: an attempt's lease is notify.timeout_s and this: time to record its outcome (an e-mail's SMTP steps are bounded
+#: one by one, so a very slow server may outlast it, and another instance then tries again)
+LEASE_MARGIN_S = 10.0
+SWEEP_S = 5.0  # how often each instance of a shared store looks for deliveries nobody holds
 
 
 class DeliveryError(Exception):
@@ -183,27 +196,59 @@ class Notifier:
         changed: Callable[[dict[str, Any]], None],
         *,
         rand: Callable[[], float] = random.random,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
         self.ncfg = cfg.notify
         self.store = store
         self.changed = changed
         self.rand = rand
+        self.wall = wall
+        self.me = secrets.token_hex(6)  # this instance, as the owner of the deliveries it is sending
         self.channels = {c.name: Channel(c, cfg.notify.timeout_s) for c in cfg.notify.channels}
         self._http: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._active: set[int] = set()  # the deliveries this instance has a task for
+        self._sweeper: asyncio.Task[None] | None = None
         self._tr = i18n.Translator(cfg.language)
         self._tz = ZoneInfo(cfg.timezone)
 
     async def start(self) -> None:
         self._http = aiohttp.ClientSession()
-        pending = await self.store.read(
-            lambda c: [r[0] for r in c.execute("SELECT id FROM notifications WHERE state = 'pending' ORDER BY id")]
-        )
-        for nid in pending:
+        await self.sweep()
+        if self.store.shared:
+            self._sweeper = asyncio.create_task(self._sweep_loop(), name="portal.notify.sweep")
+
+    async def sweep(self) -> None:
+        """Take up the pending deliveries nobody holds: on a store of one's own all of them (at the start), on a
+        shared store those whose lease ran out."""
+        shared, now = self.store.shared, self.wall()
+
+        def get(c: Conn) -> list[int]:
+            sql = "SELECT id FROM notifications WHERE state = 'pending'"
+            if shared:
+                sql += " AND (lease_until IS NULL OR lease_until < ?)"
+            return [int(r[0]) for r in c.execute(sql + " ORDER BY id", (now,) if shared else ())]
+
+        for nid in await self.store.read(get):
             self._spawn(nid)
 
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            try:
+                await self.sweep()
+            except StoreError as e:
+                log.warning("notification sweep: %s", e)
+            except Exception:
+                log.exception("notification sweep failed")
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._sweeper
+            self._sweeper = None
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):
@@ -214,9 +259,21 @@ class Notifier:
             self._http = None
 
     def _spawn(self, nid: int) -> None:
+        if nid in self._active:
+            return
+        self._active.add(nid)
         t = asyncio.create_task(self._deliver(nid), name=f"portal.notify[{nid}]")
         self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            self._active.discard(nid)
+
+        t.add_done_callback(done)
+
+    def _lease(self) -> float:
+        """Until when an attempt starting now holds its delivery."""
+        return self.wall() + self.ncfg.timeout_s + LEASE_MARGIN_S
 
     # -- what to send
 
@@ -247,14 +304,17 @@ class Notifier:
         if not rows:
             return 0
 
+        lease = self._lease()
+
         def put(c: Conn) -> list[int]:
             now = now_text()
             ids = []
             for iid, name, label, kind in rows:
                 row = c.execute(
-                    "INSERT INTO notifications (incident_id, channel, label, kind, state, created_at,"
-                    " updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?) ON CONFLICT DO NOTHING RETURNING id",
-                    (iid, name, label, kind, now, now),
+                    "INSERT INTO notifications (incident_id, channel, label, kind, state, created_at, updated_at,"
+                    " owner, lease_until) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)"
+                    " ON CONFLICT DO NOTHING RETURNING id",
+                    (iid, name, label, kind, now, now, self.me, lease),
                 ).fetchone()
                 if row is not None:
                     ids.append(int(row[0]))
@@ -272,13 +332,14 @@ class Notifier:
     async def test(self, channel: str, by: str) -> int:
         """A test message on one channel (the supervisor's check of the set-up); the delivery's id."""
         ch = self.channels[channel].cfg
+        lease = self._lease()
 
         def put(c: Conn) -> int:
             now = now_text()
             cur = c.execute(
-                "INSERT INTO notifications (incident_id, channel, label, kind, state, created_at,"
-                " updated_at) VALUES (NULL, ?, ?, ?, 'pending', ?, ?) RETURNING id",
-                (ch.name, ch.shown, ch.kind, now, now),
+                "INSERT INTO notifications (incident_id, channel, label, kind, state, created_at, updated_at,"
+                " owner, lease_until) VALUES (NULL, ?, ?, ?, 'pending', ?, ?, ?, ?) RETURNING id",
+                (ch.name, ch.shown, ch.kind, now, now, self.me, lease),
             )
             nid = int(cur.fetchone()[0])
             audit.write(c, by, "notify.test", f"channel:{ch.name}")
@@ -294,20 +355,37 @@ class Notifier:
         d = min(self.ncfg.retry_first_s * 2 ** (attempt - 1), self.ncfg.retry_max_s)
         return d / 2 + self.rand() * d / 2
 
+    async def _claim(self, nid: int) -> Any:
+        """The delivery's row if it is pending and this instance now holds it for an attempt, else None. On a shared
+        store only a lease run out or this instance's own is taken; a store of one's own has no one else."""
+        lease, now = self._lease(), self.wall()
+        held = " AND (lease_until IS NULL OR lease_until < ? OR owner = ?)" if self.store.shared else ""
+
+        def put(c: Conn) -> Any:
+            return c.execute(
+                "UPDATE notifications SET owner = ?, lease_until = ? WHERE id = ? AND state = 'pending'"
+                + held
+                + " RETURNING *",
+                (self.me, lease, nid, *((now, self.me) if held else ())),
+            ).fetchone()
+
+        return await self.store.run_write(put)
+
     async def _deliver(self, nid: int) -> None:
-        row = await self.store.read(lambda c: c.execute("SELECT * FROM notifications WHERE id = ?", (nid,)).fetchone())
-        if row is None or row["state"] != "pending":
-            return
-        ch = self.channels.get(row["channel"])
-        iid = row["incident_id"]
-        inc = await self.store.read(lambda c: alarms.get_incident(c, iid)) if iid is not None else None
-        if inc is not None:
-            subject, text = self.text(inc)
-        else:
-            subject = text = self._tr("notify.test_text", site=self.cfg.site_name)
-        attempts = int(row["attempts"])
+        words: tuple[str, str] | None = None
         while True:
-            attempts += 1
+            row = await self._claim(nid)
+            if row is None:
+                return  # delivered, failed, or another instance is sending it
+            ch = self.channels.get(row["channel"])
+            iid = row["incident_id"]
+            if words is None:
+                get = functools.partial(alarms.get_incident, incident_id=iid)
+                inc = await self.store.read(get) if iid is not None else None
+                test_text = self._tr("notify.test_text", site=self.cfg.site_name)
+                words = self.text(inc) if inc is not None else (test_text, test_text)
+            subject, text = words
+            attempts = int(row["attempts"]) + 1
             try:
                 if ch is None:
                     raise DeliveryError(f"channel {row['channel']} is no longer configured")
@@ -315,26 +393,38 @@ class Notifier:
                 await ch.send(self._http, subject, text)
             except DeliveryError as e:
                 final = attempts >= self.ncfg.attempts or ch is None
-                await self._record(nid, iid, row["channel"], attempts, "failed" if final else "pending", str(e))
+                delay = self._delay(attempts)
+                kept = await self._record(
+                    nid, iid, row["channel"], attempts, "failed" if final else "pending", str(e), self.wall() + delay
+                )
                 log.warning("notification %d (%s) attempt %d failed: %s", nid, row["channel"], attempts, e)
-                if final:
+                if final or not kept:
                     return
-                await asyncio.sleep(self._delay(attempts))
+                await asyncio.sleep(delay)
                 continue
-            await self._record(nid, iid, row["channel"], attempts, "delivered", "")
+            await self._record(nid, iid, row["channel"], attempts, "delivered", "", None)
             log.info("notification %d delivered through %s (attempt %d)", nid, row["channel"], attempts)
             return
 
-    async def _record(self, nid: int, iid: int | None, channel: str, attempts: int, state: str, error: str) -> None:
-        def put(c: Conn) -> dict[str, Any] | None:
+    async def _record(
+        self, nid: int, iid: int | None, channel: str, attempts: int, state: str, error: str, next_at: float | None
+    ) -> bool:
+        """An attempt's outcome; a pending one keeps the delivery this instance's until ``next_at`` (the retry).
+        False if another instance took the delivery meanwhile (this attempt outlasted its lease): it is theirs, and
+        only a delivery is recorded over them."""
+
+        def put(c: Conn) -> tuple[bool, dict[str, Any] | None]:
             now = now_text()
-            c.execute(
-                "UPDATE notifications SET attempts = ?, state = ?, last_error = ?, updated_at = ?,"
-                " delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END WHERE id = ?",
-                (attempts, state, error[:300], now, state, now, nid),
-            )
+            done = c.execute(
+                "UPDATE notifications SET attempts = ?, state = ?, last_error = ?, updated_at = ?, lease_until = ?,"
+                " delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END"
+                " WHERE id = ? AND (owner = ? OR ? = 'delivered') RETURNING id",
+                (attempts, state, error[:300], now, next_at, state, now, nid, self.me, state),
+            ).fetchone()
+            if done is None:
+                return False, None
             if iid is None:
-                return None
+                return True, None
             if state != "pending" or attempts == 1:  # the first failure and the outcome go in the log
                 detail = (
                     f"{channel}: {state}"
@@ -347,11 +437,12 @@ class Notifier:
                     (iid, now, detail[:1000]),
                 )
                 c.execute("UPDATE incidents SET version = version + 1, updated_at = ? WHERE id = ?", (now, iid))
-            return alarms.get_incident(c, iid)
+            return True, alarms.get_incident(c, iid)
 
-        inc = await self.store.run_write(put)
+        kept, inc = await self.store.run_write(put)
         if inc is not None:
             self.changed(inc)
+        return kept
 
 
 def recent(conn: Conn, limit: int = 200, sites: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
