@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 
+from gateway.tooling.broker import MosquittoProcess
 from portal.store import Postgres
 from tests.portal_support import Portal, csrf_of, write_config
 
@@ -71,9 +72,18 @@ def share_keys(first: Path, others: list[Path]) -> None:
                 dst.chmod(0o600)
 
 
-def in_process_config(folder: Path, target: Postgres, first: Portal | None = None) -> Path:
+def in_process_config(
+    folder: Path,
+    target: Postgres,
+    first: Portal | None = None,
+    *,
+    broker: MosquittoProcess | None = None,
+    gateways: list[tuple[str, str]] | None = None,
+    client_id: str = "gatehouse-portal-test",
+) -> Path:
     """The config of an in-process instance (tests.portal_support.running_portal) on the shared store ``target``;
-    ``first``: the instance whose store key it takes (copied into its folder, mode 0600), as every instance must."""
+    ``first``: the instance whose store key it takes (copied into its folder, mode 0600), as every instance must;
+    ``broker``: the centre's broker it follows (each instance with a ``client_id`` of its own)."""
     key = ""
     if first is not None:
         dst = folder / "store.key"
@@ -82,7 +92,7 @@ def in_process_config(folder: Path, target: Postgres, first: Portal | None = Non
         dst.chmod(0o600)
         key = f", key_file: {dst}"
     store = f"store: {{backend: postgresql, dsn: '{target.dsn}', passfile: {target.passfile}{key}}}\n"
-    return write_config(folder, None, extra=store)
+    return write_config(folder, broker, gateways=gateways, client_id=client_id, extra=store)
 
 
 async def sign_in(http: aiohttp.ClientSession, url: str, user: str, password: str) -> None:
