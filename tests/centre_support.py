@@ -78,12 +78,14 @@ def in_process_config(
     first: Portal | None = None,
     broker: MosquittoProcess | None = None,
     *,
+    gateways: list[tuple[str, str]] | None = None,
+    client_id: str | None = None,
     extra: str = "",
 ) -> Path:
     """The config of an in-process instance (tests.portal_support.running_portal) on the shared store ``target``;
     ``first``: the instance whose store key it takes (copied into its folder, mode 0600), as every instance must;
-    ``broker``: the centre's broker, joined with a client id of its own in the shared-subscription group; ``extra``:
-    more of the config (YAML)."""
+    ``broker``: the centre's broker, joined with a client id of its own (``client_id``, else from the folder's name)
+    in the shared-subscription group; ``extra``: more of the config (YAML)."""
     key = ""
     if first is not None:
         dst = folder / "store.key"
@@ -93,12 +95,13 @@ def in_process_config(
         key = f", key_file: {dst}"
     store = f"store: {{backend: postgresql, dsn: '{target.dsn}', passfile: {target.passfile}{key}}}\n"
     if broker is None:
-        return write_config(folder, None, extra=store + extra)
+        return write_config(folder, None, gateways=gateways, extra=store + extra)
     return write_config(
         folder,
         broker,
+        gateways=gateways,
         extra=store + extra,
-        client_id=f"centre-{folder.name}",
+        client_id=client_id or f"centre-{folder.name}",
         mqtt_extra=("  share_group: centre",),
     )
 

@@ -29,7 +29,7 @@ from gateway import wire
 from portal.config import ConfigError, load, parse
 from portal.doors.access_log import names_of
 from portal.estate import registry as reg
-from portal.estate.retention import FORMER_RESIDENT, Policy, purge, purge_store
+from portal.estate.retention import FORMER_RESIDENT, Policy, _Run, purge, purge_store
 from portal.store import (
     Conn,
     FnOp,
@@ -604,6 +604,67 @@ def test_an_interrupted_audit_prune_verifies_and_the_next_run_finishes_it(new_st
         assert rep.counts["audit"] == 130 and audit.verify(conn) == audit.Verdict(True, 22)
     finally:
         conn.close()
+
+
+class _Chunks:
+    """One retention run driven by hand, one chunk (one transaction) at a time, as a store's writer runs it."""
+
+    def __init__(self, conn: Conn, now: datetime, name: str) -> None:
+        self.conn = conn
+        self.run = _Run(Policy(chunk_rows=100), now, dry_run=False, actor=f"system:retention@{name}")
+        self.script = self.run.script()
+        self.fn: Callable[[Conn], Any] | None = next(self.script)
+        self.claimed = False
+
+    def step(self) -> None:
+        assert self.fn is not None
+        result = tx(self.conn, self.fn)
+        self.claimed = self.claimed or (isinstance(result, tuple) and isinstance(result[0], audit.Epoch))
+        try:
+            self.fn = self.script.send(result)
+        except StopIteration:
+            self.fn = None
+
+    def until_claimed(self) -> None:
+        while not self.claimed:
+            self.step()
+
+    def finish(self) -> None:
+        while self.fn is not None:
+            self.step()
+
+
+@pytest.mark.parametrize("first", ["later cut", "earlier cut"])
+def test_overlapping_runs_of_two_instances_leave_the_chain_verified(new_store: NewStore, first: str) -> None:
+    """Two instances' daily runs on one store, their chunks taking turns: B's run started a minute before A's (or
+    B's clock is a minute behind), so B's cut is earlier. Whichever claims first, and with one run pruning between
+    the other's claim and its own, the chain verifies and every row older than the later cut is gone."""
+    target = new_store("portal.db")
+    key = store_key(target)
+    a, b = open_db(target, key), open_db(target, key)
+    try:
+        cut = NOW - timedelta(days=365)
+
+        def fill(c: Conn) -> None:  # a row a second around the year-old mark, then ten of yesterday
+            for i in range(600):
+                audit.write(c, "guard:bob", "signin", "guard:bob", at=ts_text(cut + timedelta(seconds=i - 300)))
+            for i in range(10):
+                audit.write(c, "guard:bob", "signin", "guard:bob", at=at(1 - i / 86400))
+
+        tx(a, fill)
+        runs = {"A": _Chunks(a, NOW, "A"), "B": _Chunks(b, NOW - timedelta(seconds=60), "B")}
+        one_, other = (runs["A"], runs["B"]) if first == "later cut" else (runs["B"], runs["A"])
+        one_.until_claimed()
+        one_.step()  # its first chunk of the audit pruned
+        other.until_claimed()
+        one_.finish()
+        other.finish()
+        assert audit.verify(a).ok, audit.verify(a)
+        assert one(a, "SELECT count(*) FROM audit WHERE at < ?", ts_text(cut)) == 0
+        assert audit.epoch(a).pruned == 300
+    finally:
+        a.close()
+        b.close()
 
 
 # ---------------------------------------------------------------- on the command line, in the portal

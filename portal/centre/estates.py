@@ -6,6 +6,11 @@ topic, ``gatehouse/bridge/<site>/state`` (:data:`BRIDGE_STATE_FILTER`; systemd/m
 estate whose gateways connect to the centre directly has no bridge: its link is ``direct``. While a bridge is down
 the centre hears nothing from the estate, not even its gateways' last wills: their last known status is shown as
 it was, under the link's ``down``.
+
+Each instance hears the bridges itself; when it hears a link change state it records the change in the store
+(:func:`record`, a ``bridge:<site>`` row of ``store_meta``), unless the store already holds that state: the first
+instance to hear a change sets when it happened, and an instance that starts (or starts again) later and hears the
+retained state shows that moment too, not its own start (:meth:`Links.since`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from portal.config import PortalConfig
-from portal.store import Conn, ts_text
+from portal.store import Conn, FnOp, Store, ts_text
 from portal.web.scope import Sites
 from portal.web.scope import sql as site_sql
 
@@ -45,7 +50,21 @@ def bucket(priority: int) -> str:
 @dataclass(frozen=True, slots=True)
 class Link:
     up: bool
-    since: str  # UTC, when this instance heard it
+    since: str  # UTC: when the link went so (as heard by this instance, or as stored: first heard by any)
+
+
+_LINK_ROW = "bridge:"  # store_meta's rows of the links: "bridge:<site>" -> "up <since>" | "down <since>"
+
+
+def record(conn: Conn, site: str, link: Link) -> None:
+    """Store a change of ``site``'s link (call inside a write transaction): nothing when the store already holds
+    that state, so the first instance to hear a change sets its time."""
+    state = "up" if link.up else "down"
+    conn.execute(
+        "INSERT INTO store_meta (name, value) VALUES (?, ?)"
+        " ON CONFLICT (name) DO UPDATE SET value = excluded.value WHERE store_meta.value NOT LIKE ?",
+        (_LINK_ROW + site, f"{state} {link.since}", f"{state} %"),
+    )
 
 
 class Links:
@@ -56,10 +75,12 @@ class Links:
         known_sites: set[str],
         wall: Callable[[], float] = time.time,
         on_change: Callable[[str, str], None] | None = None,
+        store: Store | None = None,
     ) -> None:
         self.known = known_sites
         self.wall = wall
-        self.on_change = on_change  # (site, "up" | "down"): the consoles are told
+        self.on_change = on_change  # (site, "up" | "down"): the consoles are told, once the change is stored
+        self.store = store  # where changes are recorded (None: nowhere, this instance's times only)
         self.links: dict[str, Link] = {}
         self.rejected = 0
 
@@ -73,19 +94,36 @@ class Links:
         site, up = m.group(1), payload.strip() == b"1"
         old = self.links.get(site)
         if old is None or old.up != up:
-            self.links[site] = Link(up, ts_text(datetime.fromtimestamp(self.wall(), UTC)))
+            link = self.links[site] = Link(up, ts_text(datetime.fromtimestamp(self.wall(), UTC)))
             (log.info if up else log.warning)("estate %s: bridge %s", site, "up" if up else "down")
-            if self.on_change is not None:
-                self.on_change(site, "up" if up else "down")
+
+            def tell(_: object = None) -> None:
+                if self.on_change is not None:
+                    self.on_change(site, "up" if up else "down")
+
+            stored = self.store.enqueue_nowait(FnOp(lambda c: record(c, site, link))) if self.store else None
+            if stored is None:  # no store, or it is closed or full: this instance's time until the next change
+                tell()
+            else:
+                stored.add_done_callback(tell)
 
     def state(self, site: str) -> str:
         link = self.links.get(site)
         return "direct" if link is None else ("up" if link.up else "down")
 
+    def since(self, site: str, stored: Mapping[str, Link]) -> str | None:
+        """When ``site``'s link went as this instance hears it now: the stored time of that state (first heard by
+        any instance), else (not stored yet) when this instance heard it; None for a direct estate."""
+        link = self.links.get(site)
+        if link is None:
+            return None
+        kept = stored.get(site)
+        return kept.since if kept is not None and kept.up == link.up else link.since
+
 
 def read(conn: Conn, sites: Sites) -> dict[str, Any]:
-    """What the store holds for the overview: gateways' rows, open incidents by site, priority and state, and the
-    registry's estate names."""
+    """What the store holds for the overview: gateways' rows, open incidents by site, priority and state, the
+    registry's estate names and the links' last changes (:func:`record`)."""
     where, args = site_sql("site", sites)
     gateways = [
         dict(zip(r.keys(), tuple(r), strict=True))
@@ -105,7 +143,13 @@ def read(conn: Conn, sites: Sites) -> dict[str, Any]:
         names = {r[0]: r[1] for r in conn.execute("SELECT code, name FROM reg_sites")}
     except Exception:  # a store without the registry's tables: codes only
         names = {}
-    return {"gateways": gateways, "open": [tuple(r) for r in open_rows], "names": names}
+    links: dict[str, Link] = {}
+    for name, value in conn.execute("SELECT name, value FROM store_meta WHERE name LIKE ?", (_LINK_ROW + "%",)):
+        site = str(name)[len(_LINK_ROW) :]
+        state, _, since = str(value).partition(" ")
+        if sites is None or site in sites:
+            links[site] = Link(state == "up", since)
+    return {"gateways": gateways, "open": [tuple(r) for r in open_rows], "names": names, "links": links}
 
 
 def overview(
@@ -124,7 +168,7 @@ def overview(
                 "site": ref.site,
                 "name": stored["names"].get(ref.site) or ref.site,
                 "link": links.state(ref.site),
-                "link_since": links.links[ref.site].since if ref.site in links.links else None,
+                "link_since": links.since(ref.site, stored["links"]),
                 "gateways": [],
                 "open": {b: 0 for b, _ in BUCKETS},
                 "unacknowledged": 0,

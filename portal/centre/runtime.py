@@ -42,7 +42,9 @@ async def start(app: web.Application, svc: Services) -> Centre:
     def link_changed(site: str, state: str) -> None:  # every instance hears the bridges itself: not relayed
         svc.hub.broadcast({"kind": "link", "link": {"site": site, "state": state}}, relay=False)
 
-    links = Links({g.site for g in svc.cfg.gateways}, wall=app.get(WALL, time.time), on_change=link_changed)
+    links = Links(
+        {g.site for g in svc.cfg.gateways}, wall=app.get(WALL, time.time), on_change=link_changed, store=svc.store
+    )
     svc.ingest.watch(BRIDGE_STATE_FILTER, links.on_message)
     peers: Peers | None = None
     target = svc.cfg.store_target

@@ -22,7 +22,10 @@ Retention prunes the oldest rows (:mod:`portal.estate.retention`) without breaki
 ``audit_epoch`` row (the last pruned row's id and hash, the number pruned). Before pruning, a ``retention.purge``
 row naming the planned epoch is written into the chain (:func:`claim`), and :func:`prune` moves the epoch to at most
 that point, in chunks. :func:`verify` holds the epoch to the newest such row, so moving the start further, or
-deleting kept rows at the start and forging the epoch, is found like any other deletion.
+deleting kept rows at the start and forging the epoch, is found like any other deletion. Runs may overlap (every
+instance of a centre runs retention daily, an administrator runs ``purge``), each pruning towards its own claim: a
+claim never plans less than the newest one before it (:func:`plan`), so claims only move forward in chain order,
+every run's target is at or before the newest claim, and the start never passes it.
 """
 
 from __future__ import annotations
@@ -115,8 +118,17 @@ def epoch(conn: Conn) -> Epoch:
 
 def plan(conn: Conn, before: str) -> Epoch:
     """The epoch once every row older than ``before`` is pruned from the start. It stops at the first row that is
-    not older (a clock that once ran backwards cannot make a hole), and never moves back."""
+    not older (a clock that once ran backwards cannot make a hole), and never moves back: not before the epoch, nor
+    before the newest ``retention.purge`` row's plan (another run's, maybe still pruning towards it)."""
     now = epoch(conn)
+    claimed = _newest_claim(conn)
+    floor = claimed[1] if claimed is not None and claimed[1] is not None else now
+    cut = _cut(conn, now, before)
+    return floor if floor.through_id > cut.through_id else cut
+
+
+def _cut(conn: Conn, now: Epoch, before: str) -> Epoch:
+    """The epoch once the rows after ``now`` that are older than ``before`` are pruned."""
     first_kept = conn.execute(
         "SELECT id FROM audit WHERE id > ? AND at >= ? ORDER BY id LIMIT 1", (now.through_id, before)
     ).fetchone()
