@@ -223,8 +223,13 @@
       if (!(target instanceof HTMLInputElement) || target.type !== "checkbox" || target.classList.contains("flag")) {
         return;
       }
+      // Until its answer, an update of the card (another step's answer, an event) must not undo the tick.
+      target.setAttribute("data-pending", "1");
       act(li.getAttribute("data-id"), "check", { step: parseInt(target.getAttribute("data-step"), 10),
-        done: target.checked }).then(function (ok) { if (!ok) { target.checked = !target.checked; } });
+        done: target.checked }).then(function (ok) {
+        target.removeAttribute("data-pending");
+        if (!ok) { target.checked = !target.checked; }
+      });
     });
     return li;
   }
@@ -308,7 +313,7 @@
     for (var i = 0; i < ol.children.length; i++) {
       var c = checks[String(i)];
       var box2 = ol.children[i].querySelector("input");
-      box2.checked = !!c;
+      if (!box2.hasAttribute("data-pending")) { box2.checked = !!c; }
       box2.disabled = st === "closed";
       ol.children[i].classList.toggle("done", !!c);
       setText(ol.children[i], ".by", c ? c.by + " " + localTime(c.at).slice(11) : "");
