@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import logging
@@ -185,6 +186,60 @@ class _WriteJob:
     start_by: float | None = None  # the bus's clock: not started by then, it is not made (WritePoint.start_within_ms)
 
 
+class _Round:
+    """Polls due together on Modbus TCP without a gap between frames, as they are asked: by the bus's task
+    (:meth:`ModbusBus._poll_many`) or from the answers' callbacks (:meth:`ModbusBus._cruise`), which hand a round
+    that needs retries or writes over to the task part-way."""
+
+    __slots__ = ("answered", "bus", "dead", "failure", "jobs", "lost", "mark", "owners", "reqs", "start", "unanswered")
+
+    def __init__(self, bus: ModbusBus, jobs: list[PollJob]) -> None:
+        self.bus = bus
+        self.jobs = jobs
+        self.reqs: list[tuple[int, bytes]] = []
+        self.owners: list[tuple[int, _Device, Block]] = []  # per request: (index of its job, device, block)
+        devices = bus._devices
+        for k, job in enumerate(jobs):
+            dev = devices[job.device]
+            blocks = dev.plan.groups[job.group].blocks
+            for block in blocks[:1] if job.probe else blocks:
+                self.reqs.append((dev.spec.unit, block.request))
+                self.owners.append((k, dev, block))
+        self.answered = [False] * len(jobs)
+        self.failure = [""] * len(jobs)
+        self.dead = [False] * len(jobs)  # silent after its retries: its other blocks are not asked
+        self.unanswered: list[int] = []
+        self.start = 0  # the first request of the batch under way
+        self.mark = 0.0  # when the request just answered went out (the answer before it came)
+        self.lost = ""
+
+    def reply(self, i: int, unit: int, reply: bytes) -> None:
+        """An answer to the batch's request ``i`` (the link's on_reply)."""
+        k, dev, block = self.owners[self.start + i]
+        bus = self.bus
+        now = bus._clock()
+        latency, self.mark = now - self.mark, now
+        if unit != dev.spec.unit:
+            dev.count_error("wrong_unit")
+            self.unanswered.append(self.start + i)
+            return
+        if reply[0] & 0x80:  # there, but this block is not read: a poll that reads none is missed
+            dev.count_error("exception")
+            code = exception_code(reply) or 0
+            self.failure[k] = self.failure[k] or refusal(code)
+            bus._log_refusal(dev, block, code)
+            return
+        if bus._take_reply(dev, block, reply):
+            self.answered[k] = True
+            bus._on_success(dev, latency)
+        else:
+            self.failure[k] = "bad answer"
+
+
+#: A batch's end, as the link reports it: (answers by index, how many were sent, LinkLost or another error).
+_Batch = tuple[list[tuple[int, bytes] | None], int, BaseException | None]
+
+
 class ModbusBus:
     """Owns one bus: polls its devices, applies writes, reports :data:`~devices.events.DeviceEvent` to
     ``sink`` (a non-blocking callable, called on the event loop). Use as an async context manager."""
@@ -275,6 +330,10 @@ class ModbusBus:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._current: _WriteJob | None = None
+        # Modbus TCP on the event loop without gaps: the polls run from the link's callbacks (_cruise).
+        self._cruising = self._chain and isinstance(self._link, LoopTcpLink)
+        self._cruise_end: asyncio.Future[tuple[_Round, _Batch | None] | None] | None = None
+        self._cruise_timer: asyncio.TimerHandle | None = None
         self._refusals_logged: set[tuple[str, int, int, int]] = set()
 
     # -- lifecycle
@@ -485,6 +544,9 @@ class ModbusBus:
                 continue
             jobs = sched.take_due(now, self._slack)
             if jobs:
+                if self._cruising:
+                    await self._cruise(jobs)
+                    continue
                 if self._chain:
                     await self._poll_many(jobs)
                     continue
@@ -511,6 +573,8 @@ class ModbusBus:
         if self._threaded:
             self._wake.set()
             return
+        if self._cruise_timer is not None:  # cruising between rounds (in a round, the next request is not sent)
+            self._cruise_stop()
         w = self._idle_waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -643,117 +707,186 @@ class ModbusBus:
         else:
             self._missed(job, failure or "no answer")
 
-    async def _poll_many(self, jobs: list[PollJob]) -> None:
+    def _may_send(self) -> bool:
+        """No write waits: a poll's next request may go out."""
+        return not self._writes and not (self._timed and self._timed[0][0] <= self._clock())
+
+    async def _poll_many(self, jobs: list[PollJob], r: _Round | None = None, batch: _Batch | None = None) -> None:
         """Polls due together on Modbus TCP without a gap between frames. Each next request is sent from the
         callback that takes the answer before it (``max_in_flight`` outstanding at once: the default, one, is one
         request at a time on the wire as :meth:`_poll` does, without a task switch or a wake-up per request), and
         each answer is applied as it arrives. A request left unanswered gets the bus's retries at once, one at a
         time, as :meth:`_poll` would, and a device that stays silent is not asked for its other blocks; a write
-        goes ahead of every request not yet sent."""
-        reqs: list[tuple[int, bytes]] = []
-        owners: list[tuple[int, _Device, Block]] = []  # per request: (index of its job, device, block)
-        for k, job in enumerate(jobs):
-            dev = self._devices[job.device]
-            blocks = dev.plan.groups[job.group].blocks
-            for block in blocks[:1] if job.probe else blocks:
-                reqs.append((dev.spec.unit, block.request))
-                owners.append((k, dev, block))
-        answered = [False] * len(jobs)
-        failure = [""] * len(jobs)
-        dead = [False] * len(jobs)  # silent after its retries: its other blocks are not asked
-        unanswered: list[int] = []
-        clock = self._clock
-        start = 0
-        mark = clock()  # when the request just answered went out (the answer before it came)
-
-        def on_reply(i: int, unit: int, reply: bytes) -> None:
-            nonlocal mark
-            k, dev, block = owners[start + i]
-            now = clock()
-            latency, mark = now - mark, now
-            if unit != dev.spec.unit:
-                dev.count_error("wrong_unit")
-                unanswered.append(start + i)
-                return
-            if reply[0] & 0x80:  # there, but this block is not read: a poll that reads none is missed
-                dev.count_error("exception")
-                code = exception_code(reply) or 0
-                failure[k] = failure[k] or refusal(code)
-                self._log_refusal(dev, block, code)
-                return
-            if self._take_reply(dev, block, reply):
-                answered[k] = True
-                self._on_success(dev, latency)
-            else:
-                failure[k] = "bad answer"
-
-        def proceed() -> bool:
-            return not self._writes and not (self._timed and self._timed[0][0] <= clock())
-
+        goes ahead of every request not yet sent. ``r`` and ``batch``: a round the cruise began, and how its
+        batch ended (:meth:`_cruise`)."""
+        if r is None:
+            r = _Round(self, jobs)
         link = self._link
         assert isinstance(link, TcpLink)
-        window = self._pipeline
-        lost = ""
-        while start < len(reqs):
-            if dead[owners[start][0]]:
-                start += 1
-                continue
-            if not proceed():
-                await self._serve_writes()
-            if not link.up:
-                lost = f"link down: {self._down_reason}"
-                break
-            mark = clock()
-            try:
-                got, sent = await link.request_many(reqs[start:] if start else reqs, on_reply, window, proceed)
-            except LinkLost as e:
-                self._drop_link(str(e))
-                lost = f"link down: {e}"
-                break
-            missing = [start + i for i in range(sent) if got[i] is None]
+        clock = self._clock
+        while True:
+            if batch is None:
+                if r.start >= len(r.reqs):
+                    break
+                if r.dead[r.owners[r.start][0]]:
+                    r.start += 1
+                    continue
+                if not self._may_send():
+                    await self._serve_writes()
+                if not link.up:
+                    r.lost = f"link down: {self._down_reason}"
+                    break
+                r.mark = clock()
+                try:
+                    got, sent = await link.request_many(
+                        r.reqs[r.start :] if r.start else r.reqs, r.reply, self._pipeline, self._may_send
+                    )
+                except LinkLost as e:
+                    self._drop_link(str(e))
+                    r.lost = f"link down: {e}"
+                    break
+            else:
+                got, sent, error = batch
+                batch = None
+                if isinstance(error, LinkLost):
+                    self._drop_link(str(error))
+                    r.lost = f"link down: {error}"
+                    break
+                if error is not None:
+                    raise error
+            missing = [r.start + i for i in range(sent) if got[i] is None]
             if missing:
                 kind = "bad_frame" if link.garbage else "timeout"
                 for n in missing:
-                    owners[n][1].count_error(kind)
-                unanswered += missing
-            start += sent
-            for n in unanswered:  # the first try is spent: the retries left, one request at a time
-                k, dev, block = owners[n]
+                    r.owners[n][1].count_error(kind)
+                r.unanswered += missing
+            r.start += sent
+            for n in r.unanswered:  # the first try is spent: the retries left, one request at a time
+                k, dev, block = r.owners[n]
                 job = jobs[k]
                 if job.probe or not self.spec.retries or not link.up:
-                    failure[k] = failure[k] or "no answer"
-                    dead[k] = True
+                    r.failure[k] = r.failure[k] or "no answer"
+                    r.dead[k] = True
                     continue
                 try:
                     reply, latency = await link.request(
                         dev.spec.unit, block.request, self.spec.retries - 1, dev.count_error
                     )
                 except DeviceRefused as e:
-                    failure[k] = failure[k] or refusal(e.code)
+                    r.failure[k] = r.failure[k] or refusal(e.code)
                     self._log_refusal(dev, block, e.code)
                     continue
                 except NoAnswer as e:
-                    failure[k] = str(e)
-                    dead[k] = True
+                    r.failure[k] = str(e)
+                    r.dead[k] = True
                     continue
                 except LinkLost as e:
                     self._drop_link(str(e))
-                    lost = f"link down: {e}"
+                    r.lost = f"link down: {e}"
                     break
                 if self._take_reply(dev, block, reply):
-                    answered[k] = True
+                    r.answered[k] = True
                     self._on_success(dev, latency)
-            unanswered.clear()
-            if lost:
+            r.unanswered.clear()
+            if r.lost:
                 break
-        now = clock()
-        for k, job in enumerate(jobs):
-            if answered[k]:
+        self._finish_round(r)
+
+    def _finish_round(self, r: _Round) -> None:
+        now = self._clock()
+        sched = self._sched
+        assert sched is not None
+        for k, job in enumerate(r.jobs):
+            if r.answered[k]:
                 dev = self._devices[job.device]
                 dev.stats.polls += 1
-                self._availability(dev, self._sched.done(job, now, True), "")  # type: ignore[union-attr]
+                self._availability(dev, sched.done(job, now, True), "")
             else:
-                self._missed(job, failure[k] or lost or "no answer")
+                self._missed(job, r.failure[k] or r.lost or "no answer")
+
+    # -- the cruise: a bus on the event loop polling from its answers' callbacks
+
+    async def _cruise(self, jobs: list[PollJob]) -> None:
+        """Modbus TCP on the event loop (:class:`LoopTcpLink`), one device per connection as a rule: the rounds of
+        polls are asked and finished from the link's callbacks, and the next round is a timer's, with no task
+        switch and no future per round. The task waits here until something is not plain polling: a write queued
+        or due, a request unanswered (its retries), the link lost, or an error; then it carries on from where the
+        cruise stopped (a round part-way is finished by :meth:`_poll_many`)."""
+        loop = self._loop
+        assert loop is not None
+        fut: asyncio.Future[tuple[_Round, _Batch | None] | None] = loop.create_future()
+        self._cruise_end = fut
+        try:
+            self._cruise_round(jobs)
+            handed = await fut
+        finally:
+            self._cruise_end = None
+            if self._cruise_timer is not None:
+                self._cruise_timer.cancel()
+                self._cruise_timer = None
+        if handed is not None:
+            r, batch = handed
+            await self._poll_many(r.jobs, r, batch)
+
+    def _cruise_stop(
+        self, handed: tuple[_Round, _Batch | None] | None = None, error: BaseException | None = None
+    ) -> None:
+        fut = self._cruise_end
+        if fut is None or fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(handed)
+
+    def _cruise_round(self, jobs: list[PollJob]) -> None:
+        r = _Round(self, jobs)
+        r.mark = self._clock()
+        link = self._link
+        assert isinstance(link, LoopTcpLink)
+        try:
+            link.start_many(r.reqs, r.reply, self._pipeline, self._may_send, functools.partial(self._cruise_batch, r))
+        except LinkLost:
+            self._cruise_stop((r, None))  # the task finds the link down and says so
+
+    def _cruise_batch(
+        self, r: _Round, got: list[tuple[int, bytes] | None], sent: int, error: BaseException | None
+    ) -> None:
+        """The link's end of a round's batch (in its callback)."""
+        if self._cruise_end is None or self._cruise_end.done():
+            return  # the bus is stopping: the task is gone from the cruise
+        if error is not None or sent < len(r.reqs) or r.unanswered or None in got:
+            self._cruise_stop((r, (got, sent, error)))
+            return
+        try:
+            r.start = sent
+            self._finish_round(r)
+            self._cruise_next()
+        except Exception as e:  # the bus's own failure: the task raises it, and the poll loop restarts
+            self._cruise_stop(error=e)
+
+    def _cruise_next(self) -> None:
+        """The next round when it is due (a timer), or back to the task."""
+        self._cruise_timer = None
+        if self._cruise_end is None or self._cruise_end.done():
+            return
+        now = self._beat = self._clock()
+        if not self._link.up or not self._may_send():
+            self._cruise_stop()
+            return
+        sched = self._sched
+        assert sched is not None
+        jobs = sched.take_due(now, self._slack)
+        if jobs:
+            self._cruise_round(jobs)
+            return
+        upcoming = sched.next_job()
+        wake = upcoming.due if upcoming is not None else now + _IDLE_MAX_S
+        if self._timed:
+            wake = min(wake, self._timed[0][0])
+        loop = self._loop
+        assert loop is not None
+        self._cruise_timer = loop.call_later(min(_IDLE_MAX_S, max(0.0, wake - now)), self._cruise_next)
 
     def _take_reply(self, dev: _Device, block: Block, reply: bytes) -> bool:
         """Apply a read's reply (not decoded when it equals the block's last one). False: it did not fit."""

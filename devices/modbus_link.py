@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import socket
@@ -465,11 +466,21 @@ class TcpLink(abc.ABC):
         on_reply: Callable[[int, int, bytes], None] | None,
         proceed: Callable[[], bool] | None,
     ) -> None:
+        self._send(stream, reqs, window, on_reply, proceed)
+        await self._wait(stream)
+
+    def _send(
+        self,
+        stream: _MbapStream,
+        reqs: Sequence[tuple[int, bytes]],
+        window: int,
+        on_reply: Callable[[int, int, bytes], None] | None,
+        proceed: Callable[[], bool] | None,
+    ) -> None:
         base = self._tid % 0xFFFF + 1
         frames = [mbap_frame((base - 1 + i) % 0xFFFF + 1, unit, pdu) for i, (unit, pdu) in enumerate(reqs)]
         self._tid = (base - 2 + len(reqs)) % 0xFFFF + 1
         stream.send(base, frames, window, on_reply, proceed)
-        await self._wait(stream)
 
     async def request_many(
         self,
@@ -536,30 +547,30 @@ class TcpLink(abc.ABC):
 
 
 class _LoopProtocol(asyncio.BufferedProtocol):
-    """A connection on the event loop, read into its stream's buffer; the answers handled from its callback."""
+    """A connection on the event loop, read into its stream's buffer; the answers handled from its callback. The
+    batch under way ends with one call of ``ender`` (None: done; else TimeoutError, LinkLost, or what the bus's
+    handler of an answer raised)."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.stream = _MbapStream(self._write, self._done)
-        self.waiter: asyncio.Future[None] | None = None
+        self.stream = _MbapStream(self._write, self.end)
+        self.ender: Callable[[BaseException | None], None] | None = None
 
     def _write(self, data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(data)
 
-    def _done(self) -> None:
-        w = self.waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+    def end(self, error: BaseException | None = None) -> None:
+        ender, self.ender = self.ender, None
+        if ender is not None:
+            ender(error)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stream.closed = True
-        w = self.waiter
-        if w is not None and not w.done():
-            w.set_exception(LinkLost(f"connection lost: {exc or 'closed by the peer'}"))
+        self.end(LinkLost(f"connection lost: {exc or 'closed by the peer'}"))
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.stream.buffer()
@@ -568,9 +579,7 @@ class _LoopProtocol(asyncio.BufferedProtocol):
         try:
             self.stream.feed(nbytes)
         except Exception as e:  # the bus's handler failed: its poll loop restarts
-            w = self.waiter
-            if w is not None and not w.done():
-                w.set_exception(e)
+            self.end(e)
 
 
 class LoopTcpLink(TcpLink):
@@ -612,27 +621,61 @@ class LoopTcpLink(TcpLink):
     def _check_deadline(self) -> None:
         self._timer = None
         proto = self._proto
-        fut = proto.waiter if proto is not None else None
-        if fut is None or fut.done() or proto is None:
+        if proto is None or proto.ender is None:
             return
-        loop = fut.get_loop()
+        loop = asyncio.get_running_loop()
         deadline = proto.stream.active + self._timeout_s  # loop.time() is time.monotonic()
         if loop.time() >= deadline:
-            fut.set_exception(TimeoutError())
+            proto.end(TimeoutError())
         else:
             self._timer = loop.call_at(deadline, self._check_deadline)
+
+    def _arm(self, stream: _MbapStream) -> None:
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_at(stream.active + self._timeout_s, self._check_deadline)
 
     async def _wait(self, stream: _MbapStream) -> None:
         proto = self._proto
         assert proto is not None
-        loop = asyncio.get_running_loop()
-        fut = proto.waiter = loop.create_future()
-        if self._timer is None:
-            self._timer = loop.call_at(stream.active + self._timeout_s, self._check_deadline)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        proto.ender = functools.partial(_settle_end, fut)
+        self._arm(stream)
         try:
             await fut
         finally:
-            proto.waiter = None
+            proto.ender = None
+
+    def start_many(
+        self,
+        reqs: Sequence[tuple[int, bytes]],
+        on_reply: Callable[[int, int, bytes], None],
+        window: int,
+        proceed: Callable[[], bool],
+        on_end: Callable[[list[tuple[int, bytes] | None], int, BaseException | None], None],
+    ) -> None:
+        """:meth:`request_many` without a task: sends the batch and returns at once; ``on_end(answers, sent,
+        error)`` is called from the event loop when it ends (error None when it ended or went silent for the
+        timeout; LinkLost, or what ``on_reply`` raised). Raises LinkLost if the link is down."""
+        stream, proto = self._stream, self._proto
+        if stream is None or stream.closed or proto is None:
+            raise LinkLost("link closed")
+
+        def end(error: BaseException | None) -> None:
+            stream.done = True  # an answer coming later is a late one
+            self.last_end = self.clock()
+            on_end(stream.got, stream.sent, None if isinstance(error, TimeoutError) else error)
+
+        proto.ender = end
+        self._send(stream, reqs, window, on_reply, proceed)
+        self._arm(stream)
+
+
+def _settle_end(fut: asyncio.Future[None], error: BaseException | None) -> None:
+    if not fut.done():
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
 
 
 class ThreadTcpLink(TcpLink):

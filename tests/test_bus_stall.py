@@ -57,10 +57,18 @@ def _stick(bus: ModbusBus) -> Callable[[], None]:
 
         release = agate.set
     link._wait = stuck
+    # On the event loop, the polls go out from the answers' callbacks (the bus's cruise): a batch that is never
+    # sent is never answered, and nothing moves until it is.
+    held: list[tuple[Any, ...]] = []
+    if not bus._threaded:
+        link.start_many = lambda *args: held.append(args)
 
     def unstick() -> None:
         link.__dict__.pop("_wait", None)  # the class's own again, then the blocked wait returns
+        link.__dict__.pop("start_many", None)
         release()
+        for args in held:
+            link.start_many(*args)
 
     return unstick
 
