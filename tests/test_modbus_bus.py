@@ -322,6 +322,59 @@ async def test_write_goes_ahead_of_queued_polls_and_pulses() -> None:
         await bus.write(WritePoint("pp1", "siren", True))
 
 
+async def test_a_device_on_its_own_connection_takes_writes_between_and_during_its_polls() -> None:
+    """One device per connection: its polls run from the answers' callbacks (the bus's cruise), with nothing of the
+    bus's task awake between them. A write must still go out at once, not at the next poll; a pulse's reset must
+    come on time although no poll falls due then; a write asked while a poll's answer is awaited goes out right
+    after it; a device gone silent is retried and told offline, and polled again when it is back."""
+    rec = Recorder()
+    async with run_stub(PANEL, "--tcp", "127.0.0.1:0", "--zones", "8", *CTRL) as stub:
+        dev = panel("pp1", poll_ms=1500, status=60000, outputs=60000, levels=60000)
+        async with running(tcp_bus(stub, timeout_ms=600, retries=1, offline_after_misses=2), [dev], rec) as bus:
+            assert bus._cruising  # the layout under test
+
+            async def a_round_ends() -> None:
+                polls = bus.stats().devices["pp1"].polls
+                deadline = time.monotonic() + 5
+                while bus.stats().devices["pp1"].polls == polls and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+
+            await wait_for(lambda: rec.availability("pp1") == ["online"], 5, "online")
+            await asyncio.sleep(2.0)  # the first polls of the groups are spread out; then one round each 1.5 s
+            await a_round_ends()
+            await asyncio.sleep(0.3)  # between two rounds
+            t0 = time.monotonic()
+            result = await bus.write(WritePoint("pp1", "siren", True, token="w1", pulse_ms=300))
+            assert result.ok and time.monotonic() - t0 < 0.1, result
+            await wait_for(lambda: any(w.token == "w1:reset" for w in rec.writes()), 2, "the reset")
+            reset = next(w for w in rec.writes() if w.token == "w1:reset")
+            assert reset.ok and 0.28 < reset.mono - t0 < 0.6, reset.mono - t0
+            recent = (await stub.state(recent=True))["panels"][0]["requests"]["recent"]
+            sirens = [r for r in recent if r["function"] == 5 and r["address"] == 0]
+            assert len(sirens) == 2 and 0.28 < sirens[1]["mono"] - sirens[0]["mono"] < 0.5, sirens
+
+            # A write asked while a round waits for its answer (the device answers 400 ms late).
+            await stub.post("/delay", {"ms": 400})
+            await a_round_ends()  # 400 ms after the round began
+            await asyncio.sleep(1.5 - 0.4 + 0.2)  # the next round's answer is awaited now
+            t0 = time.monotonic()
+            result = await bus.write(WritePoint("pp1", "strobe", True, token="w2"))
+            assert result.ok, result
+            assert time.monotonic() - t0 < 1.5, "the write waited for more than the round under way"
+            await stub.post("/delay", {"ms": 0})
+
+            # Silent: retried, then offline after two missed polls; back when it answers.
+            await stub.post("/silent", {"unit": 1, "on": True})
+            await wait_for(lambda: rec.availability("pp1")[-1:] == ["offline"], 8, "offline")
+            errors = bus.stats().devices["pp1"].errors
+            assert errors.get("timeout", 0) >= 2, errors  # each missed poll: its first try and a retry
+            await stub.post("/silent", {"unit": 1, "on": False})
+            await wait_for(lambda: rec.availability("pp1")[-1:] == ["online"], 8, "online again")
+            await stub.post("/zones/3/trip")
+            await wait_for(lambda: rec.changes(point="zone3_alarm", initial=False), 4, "polling again")
+            assert bus.stats().restarts == 0 and bus.connected
+
+
 async def test_a_reply_like_the_last_is_not_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
     """The bytes of an unchanged answer are compared, not decoded: a block is decoded on its first read and when
     the device's answer changes, not at every poll."""
