@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import heapq
 import itertools
 import logging
@@ -36,10 +35,11 @@ import math
 import random
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from common.backoff import backoff_delay
 from devices.events import Availability, DeviceCheck, DeviceEvent, PointChanged, WritePoint, WriteResult
@@ -196,15 +196,23 @@ class _Round:
     def __init__(self, bus: ModbusBus, jobs: list[PollJob]) -> None:
         self.bus = bus
         self.jobs = jobs
-        self.reqs: list[tuple[int, bytes]] = []
-        self.owners: list[tuple[int, _Device, Block]] = []  # per request: (index of its job, device, block)
-        devices = bus._devices
-        for k, job in enumerate(jobs):
-            dev = devices[job.device]
-            blocks = dev.plan.groups[job.group].blocks
-            for block in blocks[:1] if job.probe else blocks:
-                self.reqs.append((dev.spec.unit, block.request))
-                self.owners.append((k, dev, block))
+        # What these jobs ask, built once for each set of jobs (a bus asks the same few sets over and over).
+        key = tuple((job.device, job.group, job.probe) for job in jobs)
+        plan = bus._round_plans.get(key)
+        if plan is None:
+            reqs: list[tuple[int, bytes]] = []
+            owners: list[tuple[int, _Device, Block]] = []  # per request: (index of its job, device, block)
+            devices = bus._devices
+            for k, job in enumerate(jobs):
+                dev = devices[job.device]
+                blocks = dev.plan.groups[job.group].blocks
+                for block in blocks[:1] if job.probe else blocks:
+                    reqs.append((dev.spec.unit, block.request))
+                    owners.append((k, dev, block))
+            plan = (reqs, owners)
+            if len(bus._round_plans) < 256:
+                bus._round_plans[key] = plan
+        self.reqs, self.owners = plan
         self.answered = [False] * len(jobs)
         self.failure = [""] * len(jobs)
         self.dead = [False] * len(jobs)  # silent after its retries: its other blocks are not asked
@@ -236,6 +244,8 @@ class _Round:
             self.failure[k] = "bad answer"
 
 
+#: What a set of jobs asks: the requests (unit, PDU), and per request (index of its job, device, block).
+_RoundPlan = tuple[list[tuple[int, bytes]], list[tuple[int, "_Device", Block]]]
 #: A batch's end, as the link reports it: (answers by index, how many were sent, LinkLost or another error).
 _Batch = tuple[list[tuple[int, bytes] | None], int, BaseException | None]
 
@@ -333,13 +343,20 @@ class ModbusBus:
         # Modbus TCP on the event loop without gaps: the polls run from the link's callbacks (_cruise).
         self._cruising = self._chain and isinstance(self._link, LoopTcpLink)
         self._cruise_end: asyncio.Future[tuple[_Round, _Batch | None] | None] | None = None
-        self._cruise_timer: asyncio.TimerHandle | None = None
+        self._ticker: _Ticker | None = None
+        self._round_plans: dict[
+            tuple[tuple[int, int, bool], ...], tuple[list[tuple[int, bytes]], list[tuple[int, _Device, Block]]]
+        ] = {}
+        self._cruise_now: _Round | None = None  # the round under way
+        self._cruise_ticket = 0  # this bus's next round on the loop's ticker (_Ticker); 0: none
         self._refusals_logged: set[tuple[str, int, int, int]] = set()
 
     # -- lifecycle
 
     async def __aenter__(self) -> ModbusBus:
         self._loop = asyncio.get_running_loop()
+        if self._cruising:
+            self._ticker = _Ticker.of(self._loop)
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         self._running = True
@@ -573,7 +590,7 @@ class ModbusBus:
         if self._threaded:
             self._wake.set()
             return
-        if self._cruise_timer is not None:  # cruising between rounds (in a round, the next request is not sent)
+        if self._cruise_ticket:  # cruising between rounds (in a round, the next request is not sent)
             self._cruise_stop()
         w = self._idle_waiter
         if w is not None and not w.done():
@@ -821,9 +838,7 @@ class ModbusBus:
             handed = await fut
         finally:
             self._cruise_end = None
-            if self._cruise_timer is not None:
-                self._cruise_timer.cancel()
-                self._cruise_timer = None
+            self._cruise_ticket = 0  # its turn on the ticker, if any, is passed over
         if handed is not None:
             r, batch = handed
             await self._poll_many(r.jobs, r, batch)
@@ -840,21 +855,21 @@ class ModbusBus:
             fut.set_result(handed)
 
     def _cruise_round(self, jobs: list[PollJob]) -> None:
-        r = _Round(self, jobs)
+        r = self._cruise_now = _Round(self, jobs)
         r.mark = self._clock()
         link = self._link
         assert isinstance(link, LoopTcpLink)
         try:
-            link.start_many(r.reqs, r.reply, self._pipeline, self._may_send, functools.partial(self._cruise_batch, r))
+            link.start_many(r.reqs, r.reply, self._pipeline, self._may_send, self._cruise_batch)
         except LinkLost:
             self._cruise_stop((r, None))  # the task finds the link down and says so
 
-    def _cruise_batch(
-        self, r: _Round, got: list[tuple[int, bytes] | None], sent: int, error: BaseException | None
-    ) -> None:
-        """The link's end of a round's batch (in its callback)."""
-        if self._cruise_end is None or self._cruise_end.done():
+    def _cruise_batch(self, got: list[tuple[int, bytes] | None], sent: int, error: BaseException | None) -> None:
+        """The link's end of the round's batch (in its callback)."""
+        r = self._cruise_now
+        if self._cruise_end is None or self._cruise_end.done() or r is None:
             return  # the bus is stopping: the task is gone from the cruise
+        self._cruise_now = None
         if error is not None or sent < len(r.reqs) or r.unanswered or None in got:
             self._cruise_stop((r, (got, sent, error)))
             return
@@ -865,11 +880,19 @@ class ModbusBus:
         except Exception as e:  # the bus's own failure: the task raises it, and the poll loop restarts
             self._cruise_stop(error=e)
 
-    def _cruise_next(self) -> None:
-        """The next round when it is due (a timer), or back to the task."""
-        self._cruise_timer = None
+    def _cruise_next(self, ticket: int = 0) -> None:
+        """The next round when it is due (on the loop's ticker), or back to the task."""
+        if ticket != self._cruise_ticket:
+            return  # a turn given up (the cruise stopped, or started again since)
+        self._cruise_ticket = 0
         if self._cruise_end is None or self._cruise_end.done():
             return
+        try:
+            self._cruise_turn()
+        except Exception as e:  # the bus's own failure: the task raises it, and the poll loop restarts
+            self._cruise_stop(error=e)
+
+    def _cruise_turn(self) -> None:
         now = self._beat = self._clock()
         if not self._link.up or not self._may_send():
             self._cruise_stop()
@@ -884,9 +907,9 @@ class ModbusBus:
         wake = upcoming.due if upcoming is not None else now + _IDLE_MAX_S
         if self._timed:
             wake = min(wake, self._timed[0][0])
-        loop = self._loop
-        assert loop is not None
-        self._cruise_timer = loop.call_later(min(_IDLE_MAX_S, max(0.0, wake - now)), self._cruise_next)
+        ticker = self._ticker
+        assert ticker is not None
+        self._cruise_ticket = ticker.book(min(_IDLE_MAX_S, max(0.0, wake - now)), self._cruise_next)
 
     def _take_reply(self, dev: _Device, block: Block, reply: bytes) -> bool:
         """Apply a read's reply (not decoded when it equals the block's last one). False: it did not fit."""
@@ -1140,6 +1163,55 @@ class ModbusBus:
             "bus %s: pulse reset of %s.%s failed; retrying", self.spec.name, job.device.spec.name, job.point.name
         )
         heapq.heappush(self._timed, (self._clock() + delay, next(self._seq), job))
+
+
+class _Ticker:
+    """The event loop's one timer for every cruising bus's next round (:meth:`ModbusBus._cruise_next`). Buses with
+    the same intervals fall due together (the scheduler aligns them), so one wake-up serves them all, and a turn is
+    a tuple in a heap of floats, not a timer handle of the loop's (a handle each cost an object, and the loop's heap
+    compares them in Python). A turn cannot be cancelled: its owner ignores a ticket it no longer holds."""
+
+    _of: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Ticker]] = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._heap: list[tuple[float, int, Callable[[int], None]]] = []
+        self._seq = itertools.count(1)
+        self._timer: asyncio.TimerHandle | None = None
+        self._at = math.inf  # when the timer fires
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _Ticker:
+        t = cls._of.get(loop)
+        if t is None:
+            t = cls._of[loop] = cls(loop)
+        return t
+
+    def book(self, delay_s: float, fn: Callable[[int], None]) -> int:
+        """``fn(ticket)`` in ``delay_s``; returns the ticket (never 0)."""
+        ticket = next(self._seq)
+        at = self._loop.time() + delay_s
+        heapq.heappush(self._heap, (at, ticket, fn))
+        if at < self._at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._at = at
+            self._timer = self._loop.call_at(at, self._fire)
+        return ticket
+
+    def _fire(self) -> None:
+        self._timer, self._at = None, math.inf
+        heap = self._heap
+        # The loop runs a timer up to its clock's resolution early: those turns are taken now, not in another wake-up.
+        now = self._loop.time() + 0.001
+        due = []
+        while heap and heap[0][0] <= now:
+            due.append(heapq.heappop(heap))
+        if heap:
+            self._at = heap[0][0]
+            self._timer = self._loop.call_at(self._at, self._fire)
+        for _, ticket, fn in due:
+            fn(ticket)
 
 
 _MISSING = object()

@@ -592,6 +592,7 @@ class LoopTcpLink(TcpLink):
         # One timer for the link, not one per request: it fires at most once per timeout and re-arms itself
         # for the request then outstanding (most answers come long before it is due).
         self._timer: asyncio.TimerHandle | None = None
+        self._on_end: Callable[[list[tuple[int, bytes] | None], int, BaseException | None], None] = _ignore_end
 
     async def connect(self) -> str | None:
         self.close()
@@ -610,6 +611,7 @@ class LoopTcpLink(TcpLink):
         proto, self._proto, self._stream = self._proto, None, None
         if proto is not None and proto.transport is not None:
             proto.stream.closed = True
+            proto.ender = None  # whoever waited on it has gone on: its end is not theirs to hear
             proto.transport.abort()
         if self._timer is not None:
             self._timer.cancel()
@@ -659,15 +661,22 @@ class LoopTcpLink(TcpLink):
         stream, proto = self._stream, self._proto
         if stream is None or stream.closed or proto is None:
             raise LinkLost("link closed")
-
-        def end(error: BaseException | None) -> None:
-            stream.done = True  # an answer coming later is a late one
-            self.last_end = self.clock()
-            on_end(stream.got, stream.sent, None if isinstance(error, TimeoutError) else error)
-
-        proto.ender = end
+        self._on_end = on_end
+        proto.ender = self._end_many
         self._send(stream, reqs, window, on_reply, proceed)
         self._arm(stream)
+
+    def _end_many(self, error: BaseException | None) -> None:
+        stream = self._stream
+        if stream is None:
+            return  # closed: whoever waited on it has gone on
+        stream.done = True  # an answer coming later is a late one
+        self.last_end = self.clock()
+        self._on_end(stream.got, stream.sent, None if isinstance(error, TimeoutError) else error)
+
+
+def _ignore_end(got: list[tuple[int, bytes] | None], sent: int, error: BaseException | None) -> None:
+    pass
 
 
 def _settle_end(fut: asyncio.Future[None], error: BaseException | None) -> None:
