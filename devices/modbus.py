@@ -16,7 +16,9 @@ identical to the block's previous one is not decoded at all. How they reach the 
 one after the other as each answer comes in. A Modbus TCP connection with several devices behind it runs the bus's
 poll loop in a thread of its own on a blocking socket, and the event loop hears only of changes and writes' results,
 in order, one wake-up per burst; a connection to one device stays on the event loop, where such buses share its
-wake-ups (a thread's wake-up per request cost more).
+wake-ups (a thread's wake-up per request cost more) and poll from the link's callbacks (the cruise): one timer of the
+loop's for all of them, each answer applied and the round finished where it is read, and the bus's task woken only
+for what is not plain polling (a write, a retry, a lost link).
 
 Usage::
 
@@ -197,7 +199,7 @@ class _Round:
         self.bus = bus
         self.jobs = jobs
         # What these jobs ask, built once for each set of jobs (a bus asks the same few sets over and over).
-        key = tuple((job.device, job.group, job.probe) for job in jobs)
+        key = tuple([(job.device, job.group, job.probe) for job in jobs])
         plan = bus._round_plans.get(key)
         if plan is None:
             reqs: list[tuple[int, bytes]] = []
@@ -817,7 +819,8 @@ class ModbusBus:
             if r.answered[k]:
                 dev = self._devices[job.device]
                 dev.stats.polls += 1
-                self._availability(dev, sched.done(job, now, True), "")
+                if (change := sched.done(job, now, True)) is not None:
+                    self._availability(dev, change, "")
             else:
                 self._missed(job, r.failure[k] or r.lost or "no answer")
 
