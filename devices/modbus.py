@@ -247,7 +247,7 @@ class _Round:
 
 
 #: What a set of jobs asks: the requests (unit, PDU), and per request (index of its job, device, block).
-_RoundPlan = tuple[list[tuple[int, bytes]], list[tuple[int, "_Device", Block]]]
+_RoundPlan = tuple[list[tuple[int, bytes]], list[tuple[int, _Device, Block]]]
 #: A batch's end, as the link reports it: (answers by index, how many were sent, LinkLost or another error).
 _Batch = tuple[list[tuple[int, bytes] | None], int, BaseException | None]
 
@@ -346,9 +346,7 @@ class ModbusBus:
         self._cruising = self._chain and isinstance(self._link, LoopTcpLink)
         self._cruise_end: asyncio.Future[tuple[_Round, _Batch | None] | None] | None = None
         self._ticker: _Ticker | None = None
-        self._round_plans: dict[
-            tuple[tuple[int, int, bool], ...], tuple[list[tuple[int, bytes]], list[tuple[int, _Device, Block]]]
-        ] = {}
+        self._round_plans: dict[tuple[tuple[int, int, bool], ...], _RoundPlan] = {}  # _Round's, by its jobs
         self._cruise_now: _Round | None = None  # the round under way
         self._cruise_ticket = 0  # this bus's next round on the loop's ticker (_Ticker); 0: none
         self._refusals_logged: set[tuple[str, int, int, int]] = set()

@@ -458,17 +458,6 @@ class TcpLink(abc.ABC):
         """Until the batch sent is done. TimeoutError after a silence of the timeout (answers coming in, a batch,
         move the deadline: the timeout is a silence of that long, not the batch); LinkLost."""
 
-    async def _batch(
-        self,
-        stream: _MbapStream,
-        reqs: Sequence[tuple[int, bytes]],
-        window: int,
-        on_reply: Callable[[int, int, bytes], None] | None,
-        proceed: Callable[[], bool] | None,
-    ) -> None:
-        self._send(stream, reqs, window, on_reply, proceed)
-        await self._wait(stream)
-
     def _send(
         self,
         stream: _MbapStream,
@@ -497,7 +486,8 @@ class TcpLink(abc.ABC):
         if stream is None or stream.closed:
             raise LinkLost("link closed")
         try:
-            await self._batch(stream, reqs, window, on_reply, proceed)
+            self._send(stream, reqs, window, on_reply, proceed)
+            await self._wait(stream)
         except TimeoutError:
             pass
         finally:
@@ -522,7 +512,8 @@ class TcpLink(abc.ABC):
                     await self._pace(wait)
             t0 = self.clock()
             try:
-                await self._batch(stream, req, 1, None, None)
+                self._send(stream, req, 1, None, None)
+                await self._wait(stream)
             except TimeoutError:
                 kind = "bad_frame" if self.garbage else "timeout"
                 last = NoAnswer(kind, f"{kind}: no answer within {self.spec.timeout_ms} ms")
