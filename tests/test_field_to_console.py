@@ -157,8 +157,9 @@ async def test_every_report_of_an_unknown_account_reaches_the_console_grouped_by
     assert fire["priority"] == wire.Priority.FIRE
     (fault,) = await arrived(field, "panel.unknown_account")
     assert (fault["data"]["account"], fault["priority"]) == ("9999", wire.Priority.FAULT)
-    # The board: the fire on top, and every incident of the account says which account it is.
-    incidents = await wait_for(lambda: _with(board(field.portal), "panel.unknown_account"), what="the fault")
+    # The board: the fire on top, and every incident of the account says which account it is. The board opens an
+    # incident after its event is stored: wait for both incidents there, not only for the events in the store.
+    incidents = await wait_for(lambda: _with_fire(board(field.portal)), what="the fault and the fire on the board")
     mine = [i for i in incidents if i["data"].get("account") == "9999"]
     assert {i["type"] for i in mine} == {"panel.alarm", "panel.unknown_account"}
     assert incidents[0]["type"] == "panel.alarm" and incidents[0]["data"]["code"] == 110
@@ -173,6 +174,11 @@ async def test_every_report_of_an_unknown_account_reaches_the_console_grouped_by
 async def _with(incidents: Awaitable[list[dict[str, Any]]], type_: str) -> list[dict[str, Any]] | None:
     got = await incidents
     return got if any(i["type"] == type_ for i in got) else None
+
+
+async def _with_fire(incidents: Awaitable[list[dict[str, Any]]]) -> list[dict[str, Any]] | None:
+    got = await _with(incidents, "panel.unknown_account")
+    return got if got and any(i["data"].get("code") == 110 for i in got) else None
 
 
 async def test_a_resent_report_after_a_guard_cleared_its_incident_rings_again(field: Site) -> None:
