@@ -289,7 +289,7 @@ class Store:
         self._writer_task: asyncio.Task[None] | None = None
         self._next_seq = 1
         self.fault: str | None = None
-        self.committed = asyncio.Event()  # set after each commit that added events; the uplink clears it
+        self.on_commit: Callable[[], None] | None = None  # told after each commit that added events (the uplink)
         self.last_seq = 0
         self.on_fault: Callable[[str | None], None] | None = None
         self.dropped = 0
@@ -356,8 +356,6 @@ class Store:
                     )
                 ]
             )
-        if await self.outbox_depth():
-            self.committed.set()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -664,10 +662,12 @@ class Store:
                 if job.future is not None and not job.future.done():
                     job.future.set_result(events)
                 self._queue.task_done()
-            if journaled and not any(j.journaled for j in self._unwritten):
+            # The size is the journal thread's, read here a moment late at worst: that only puts the truncation off
+            # to a later commit, and spares every other commit a trip to that thread.
+            if journaled and self._journal_size > JOURNAL_KEEP and not any(j.journaled for j in self._unwritten):
                 loop.run_in_executor(self._journal, self._journal_empty, journaled)
-            if added:
-                self.committed.set()
+            if added and self.on_commit is not None:
+                self.on_commit()
 
     async def _next_job(self) -> _Job:
         """The next queued job. While the queue is idle, prune the event log when due, a chunk at a time."""
@@ -678,7 +678,8 @@ class Store:
                 break
             if now < self._prune_due:
                 with contextlib.suppress(TimeoutError):
-                    return await asyncio.wait_for(self._queue.get(), self._prune_due - now)
+                    async with asyncio.timeout(self._prune_due - now):
+                        return await self._queue.get()
                 continue
             try:
                 n = await loop.run_in_executor(self._executor, self._prune_chunk)

@@ -147,7 +147,9 @@ class Uplink:
         self._cursor_urgent = 0  # highest urgent seq sent on this connection
         self._fault = ""  # the store's standing fault, carried in the retained status
         self._status_changed = asyncio.Event()
-        self._acked = asyncio.Event()
+        # The send loop's one wake-up: a commit that added events, an ack (room in the window), a new connection.
+        self._wake = asyncio.Event()
+        store.on_commit = self._wake.set
         self._logged_reasons: set[str] = set()
         self._client: aiomqtt.Client | None = None
         self._serving = False  # connected, subscribed, and the outbox is being sent
@@ -259,7 +261,7 @@ class Uplink:
         await client.publish(self._t_status, self._online(), qos=1, retain=True)
         self._acked_early.clear()
         self._urgent_goal = self.store.last_urgent_seq
-        self.store.committed.set()  # whatever is in the outbox goes out now
+        self._wake.set()  # whatever is in the outbox goes out now
         name = f"gateway[{self.cfg.gateway}].uplink"
         self._serving = True
         try:
@@ -318,24 +320,19 @@ class Uplink:
                     self._publish(client, rows, urgent, publishes, slots)
                     continue
                 # Nothing to send now: wait for new events, an ack (room in the window), or a resend.
-                self.store.committed.clear()
+                self._wake.clear()
                 if room > 0:
                     # Re-check after clearing, in case a commit landed between the read and the clear.
                     rows, _ = await self._next_rows(1)
                     if rows:
                         continue
-                self._acked.clear()
-                timeout = self._resend_due(resend_after)
-                waiters = [
-                    asyncio.ensure_future(self.store.committed.wait()),
-                    asyncio.ensure_future(self._acked.wait()),
-                ]
+                woken = True
                 try:
-                    done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for w in waiters:
-                        w.cancel()
-                if not done and self._inflight:
+                    async with asyncio.timeout(self._resend_due(resend_after)):
+                        await self._wake.wait()
+                except TimeoutError:
+                    woken = False
+                if not woken and self._inflight:
                     oldest = min(t for t, _ in self._inflight.values())
                     if oldest < self._acked_sent_last:
                         # Something sent after these was acknowledged: the broker dropped them. Send only them
@@ -559,7 +556,7 @@ class Uplink:
         self.stats.last_ack_mono = self._clock()
         self.stats.in_flight = len(self._inflight)
         self._grow(len(acked))
-        self._acked.set()
+        self._wake.set()
 
     def _grow(self, acked: int) -> None:
         """Each window's worth of events acknowledged while the window was full (the window, not the events,

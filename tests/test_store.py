@@ -10,7 +10,7 @@ import pytest
 
 from gateway import wire
 from gateway.events import Draft
-from gateway.store import MIGRATIONS, Store, StoreError, open_db
+from gateway.store import JOURNAL_KEEP, JOURNAL_SUFFIX, MIGRATIONS, Store, StoreError, open_db
 
 PLACE = wire.Place(site="s1", zone="z1")
 
@@ -34,6 +34,30 @@ async def test_seq_has_no_gaps_and_survives_reopen(tmp_path: Path) -> None:
         # ids are time-ordered: sorting by id gives seq order
         evs = await store.events()
         assert sorted(evs, key=lambda e: e.id) == evs
+
+
+async def test_the_urgent_journal_starts_over_once_committed_past_its_size(tmp_path: Path) -> None:
+    """Alarms handed to the uplink before their commit are journaled first; a gateway that runs for years must not grow
+    that journal for ever: once everything in it is committed and it has passed JOURNAL_KEEP, it starts over."""
+    path = tmp_path / "gw.db"
+    journal = Path(str(path) + JOURNAL_SUFFIX)
+    handed: list[int] = []
+    pad = "x" * 4000
+    n = 2 * JOURNAL_KEEP // len(pad)
+    async with Store(path, site="s1", gateway="gw1") as store:
+        store.on_urgent = lambda rows: handed.extend(seq for seq, _ in rows) or True
+        peak = 0
+        for i in range(n):
+            data = {"n": i, "pad": pad}
+            await store.append(
+                [Draft(type="zone.alarm", device="p1", place=PLACE, priority=wire.Priority.INTRUSION, data=data)]
+            )
+            peak = max(peak, journal.stat().st_size)
+        await asyncio.sleep(0.2)  # the journal thread's last append, then its truncation, if due
+        assert handed == list(range(1, n + 1))  # every alarm went out before its commit, so through the journal
+        assert peak > JOURNAL_KEEP
+        assert journal.stat().st_size < JOURNAL_KEEP  # started over, not grown to 2 x JOURNAL_KEEP
+        assert await store.event_count() == n
 
 
 async def test_event_outbox_and_state_in_one_transaction(tmp_path: Path) -> None:
