@@ -15,7 +15,8 @@ identical to the block's previous one is not decoded at all. How they reach the 
 (:mod:`devices.modbus_link`): pymodbus's client for RTU framings; Modbus TCP framed by us, the polls due together sent
 one after the other as each answer comes in. A Modbus TCP connection with several devices behind it runs the bus's
 poll loop in a thread of its own on a blocking socket, and the event loop hears only of changes and writes' results,
-in order, one wake-up per burst; a connection to one device stays on the event loop, where such buses share its
+in order, one wake-up per burst: a round's changes at its end (:data:`HOLD_S` at most; the two threads would otherwise
+contend for the GIL while both work), a write's result at once; a connection to one device stays on the event loop, where such buses share its
 wake-ups (a thread's wake-up per request cost more) and poll from the link's callbacks (the cruise): one timer of the
 loop's for all of them, each answer applied and the round finished where it is read, and the bus's task woken only
 for what is not plain polling (a write, a retry, a lost link).
@@ -307,6 +308,8 @@ class ModbusBus:
         self._chain = isinstance(self._link, TcpLink) and not gap_s
         # What the bus's thread tells the event loop (events, writes' results) goes over in order (_hand).
         self._threaded = isinstance(self._link, ThreadTcpLink)
+        if isinstance(self._link, ThreadTcpLink):
+            self._link.on_hold_end = self._release_held
         self._pipeline = spec.max_in_flight if self._chain else 1
         if spec.max_in_flight > 1 and self._pipeline == 1:
             log.warning(
@@ -328,6 +331,9 @@ class ModbusBus:
         self._thread_done: asyncio.Future[None] | None = None
         self._handoff: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
         self._handoff_pending = False
+        # The bus's thread in a round of polls: the changes it finds wait for the round's end (HOLD_S at most) to be
+        # handed over, so that the event loop takes them up while the thread sleeps, not while both want the GIL.
+        self._holding = False
         self._running = False
         self._beat = 0.0  # when the poll loop last went round (stalled_for)
         #: Longer than the poll loop ever goes without going round when it works: an idle (at most _IDLE_MAX_S), a
@@ -565,7 +571,12 @@ class ModbusBus:
                     await self._cruise(jobs)
                     continue
                 if self._chain:
-                    await self._poll_many(jobs)
+                    self._holding = self._threaded
+                    try:
+                        await self._poll_many(jobs)
+                    finally:
+                        self._holding = False
+                        self._release_held()
                     continue
                 for job in jobs:  # polls that fell due together: one wake-up, writes still go first
                     if self._link.up:
@@ -1008,9 +1019,22 @@ class ModbusBus:
             _settle(fut, result, error)
 
     def _hand(self, fn: Callable[..., None], *args: Any) -> None:
-        """From the bus's thread: ``fn(*args)`` on the event loop, in order; a burst of them costs one wake-up."""
+        """From the bus's thread: ``fn(*args)`` on the event loop, in order; a burst of them costs one wake-up. In a
+        round of polls, a change waits for the round's end, HOLD_S at most (the link lets go of it then, even while
+        waiting for an answer); a write's result goes at once, with what waited before it."""
         self._handoff.append((fn, args))
-        if not self._handoff_pending:
+        link = self._link
+        if self._holding and fn is not _settle and isinstance(link, ThreadTcpLink):
+            if not link.hold_until:
+                link.hold_until = time.monotonic() + HOLD_S
+            return
+        self._release_held()
+
+    def _release_held(self) -> None:
+        """From the bus's thread: what it handed over reaches the event loop now."""
+        if isinstance(self._link, ThreadTcpLink):
+            self._link.hold_until = 0.0
+        if self._handoff and not self._handoff_pending:
             self._handoff_pending = True
             loop = self._loop
             assert loop is not None
@@ -1216,6 +1240,9 @@ class _Ticker:
 
 
 _MISSING = object()
+#: The longest a change found by a bus's thread waits for the end of its round of polls before the event loop hears
+#: of it (an alarm's latency, against the thread and the loop contending for the GIL while both work).
+HOLD_S = 0.01
 #: The longest a bus's poll loop idles without going round (stalled_for tells a stuck loop by its silence).
 _IDLE_MAX_S = 5.0
 #: How long a stopping bus waits for its thread (a connect under way is bounded by the timeout and 5 s).

@@ -20,6 +20,7 @@ import contextlib
 import functools
 import logging
 import math
+import select
 import socket
 import struct
 import time
@@ -689,6 +690,11 @@ class ThreadTcpLink(TcpLink):
     def __init__(self, spec: BusSpec, clock: Callable[[], float], gap_s: float) -> None:
         super().__init__(spec, clock, gap_s)
         self._sock: socket.socket | None = None
+        self._poll: select.poll | None = None
+        # The bus's thread holds something back until then (time.monotonic(); 0: nothing): a wait for an answer past
+        # it calls on_hold_end first (and hold_until is 0 again), then waits on.
+        self.hold_until = 0.0
+        self.on_hold_end: Callable[[], None] = _nothing
 
     async def connect(self) -> str | None:
         self.close()
@@ -706,6 +712,8 @@ class ThreadTcpLink(TcpLink):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self._sock = sock
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
         self._stream = _MbapStream(self._sendall)
         self.last_end = -math.inf
         return None
@@ -723,6 +731,7 @@ class ThreadTcpLink(TcpLink):
     def close(self) -> None:
         """In the bus's thread, or once it has ended."""
         sock, self._sock, stream, self._stream = self._sock, None, self._stream, None
+        self._poll = None
         if stream is not None:
             stream.closed = True
         if sock is not None:
@@ -743,12 +752,20 @@ class ThreadTcpLink(TcpLink):
                 self._stream.closed = True
             raise LinkLost(f"connection lost: {e}") from None
 
+    def _readable_by(self, t: float) -> bool:
+        """Bytes to read arrive before ``time.monotonic()`` is ``t``: one poll() of the socket."""
+        assert self._poll is not None
+        return bool(self._poll.poll(max(0, math.ceil((t - time.monotonic()) * 1000))))
+
     async def _wait(self, stream: _MbapStream) -> None:
         sock = self._sock
         assert sock is not None
         timeout_s = self._timeout_s
         try:
             while not stream.done:
+                if self.hold_until and not self._readable_by(self.hold_until):
+                    self.hold_until = 0.0
+                    self.on_hold_end()
                 n = sock.recv_into(stream.buffer())
                 if not n:
                     stream.closed = True
@@ -761,6 +778,10 @@ class ThreadTcpLink(TcpLink):
         except OSError as e:
             stream.closed = True
             raise LinkLost(f"connection lost: {e}") from None
+
+
+def _nothing() -> None:
+    pass
 
 
 def drive(coro: Coroutine[Any, Any, T]) -> T:

@@ -18,7 +18,7 @@ import pytest
 
 from common.backoff import backoff_delay
 from devices.events import Availability, DeviceCheck, DeviceEvent, PointChanged, WritePoint, WriteResult
-from devices.modbus import BusDown, BusSpec, DeviceSpec, ModbusBus
+from devices.modbus import HOLD_S, BusDown, BusSpec, DeviceSpec, ModbusBus
 from devices.modbus_plan import DevicePlan, GroupPlan, PollScheduler
 from devices.profiles import find_profile
 from gateway.tooling.scan import scan_bus
@@ -528,6 +528,45 @@ async def test_silent_unit_goes_offline_while_its_neighbour_keeps_its_rate() -> 
             await stub.post("/silent", {"on": False})
             await wait_for(lambda: rec.availability("pp2") == ["online", "offline", "online"], 3, "pp2 back")
             assert bus.connected
+
+
+async def test_a_change_found_in_a_round_waits_for_its_end_but_never_behind_a_silent_unit() -> None:
+    """Several panels on one connection (the bus's own thread): a change waits for the end of the thread's round of
+    polls before the event loop hears of it, so that the two do not contend for the GIL; but never more than HOLD_S,
+    not even while the round waits out a silent unit's timeout."""
+    arrived: list[tuple[float, DeviceEvent]] = []
+    rec = Recorder()
+
+    def sink(ev: DeviceEvent) -> None:
+        arrived.append((time.monotonic(), ev))
+        rec(ev)
+
+    def arrival(point: str) -> tuple[float, PointChanged]:
+        return next((t, e) for t, e in arrived if isinstance(e, PointChanged) and e.point == point and not e.initial)
+
+    async with run_stub(PANEL, "--tcp", "127.0.0.1:0", "--units", "1-2", *CTRL) as stub:
+        devs = [panel(f"pp{u}", unit=u, poll_ms=100, status=60_000, outputs=60_000, levels=60_000) for u in (1, 2)]
+        spec = tcp_bus(stub, timeout_ms=400, retries=0, offline_after_misses=50)
+        async with ModbusBus(spec, devs, sink):
+            await wait_for(lambda: rec.availability("pp2") == ["online"], 5, "both online")
+            # Every answer 5 ms late (less than HOLD_S): pp1's change is heard once pp2 has answered too.
+            await stub.post("/delay", {"ms": 5})
+            await asyncio.sleep(0.3)
+            await stub.post("/zones/3/trip", {"unit": 1})
+            await wait_for(lambda: rec.changes(point="zone3_alarm", initial=False), 3, "the trip")
+            heard, trip = arrival("zone3_alarm")
+            recent = (await stub.state(recent=True))["panels"][0]["requests"]["recent"]
+            asked = min(r["mono"] for r in by_unit(recent, 2, 2) if r["mono"] > trip.mono)
+            assert heard >= asked + 0.004, (heard - trip.mono, asked - trip.mono)  # after pp2's (late) answer
+            assert heard - trip.mono < HOLD_S + 0.1
+            # pp2 silent: each round now waits 400 ms for it; pp1's next change is not held that long.
+            await stub.post("/delay", {"ms": 0})
+            await stub.post("/silent", {"on": True, "unit": 2})
+            await asyncio.sleep(0.5)
+            await stub.post("/zones/4/trip", {"unit": 1})
+            await wait_for(lambda: rec.changes(point="zone4_alarm", initial=False), 3, "the second trip")
+            heard, trip = arrival("zone4_alarm")
+            assert heard - trip.mono < HOLD_S + 0.1, heard - trip.mono
 
 
 async def test_pipelined_polls_go_out_together_and_each_answer_finds_its_device() -> None:
