@@ -543,8 +543,9 @@ class ModbusBus:
                 now=clock(),
                 offline_after=self.spec.offline_after_misses,
                 offline_retry_s=self.spec.offline_poll_ms / 1000,
-                # Asked together: one write when pipelining; in the bus's thread, one wake-up of it per round.
-                stagger=self._pipeline == 1 and not self._threaded,
+                # Asked together: one write when pipelining; in the bus's thread, one wake-up of it per round; and a
+                # lone device's groups, which fall due together in one round rather than each in a wake-up of its own.
+                stagger=self._pipeline == 1 and not self._threaded and len(self._devices) > 1,
                 align=not self._threaded,  # buses on the event loop with the same intervals wake in one loop turn
             )
         sched = self._sched

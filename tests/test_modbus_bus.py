@@ -375,6 +375,27 @@ async def test_a_device_on_its_own_connection_takes_writes_between_and_during_it
             assert bus.stats().restarts == 0 and bus.connected
 
 
+async def test_a_lone_device_has_its_groups_asked_in_the_round_of_its_inputs() -> None:
+    """A device alone on its connection: its slower groups (status, outputs, levels) are asked right after its inputs,
+    in the same round, not each staggered into a wake-up of its own (nothing else on the line to spread them from)."""
+    rec = Recorder()
+    async with run_stub(PANEL, "--tcp", "127.0.0.1:0", *CTRL) as stub:
+        dev = panel("pp1", poll_ms=100, status=500, outputs=500, levels=1000)
+        async with running(tcp_bus(stub), [dev], rec):
+            await wait_for(lambda: rec.availability("pp1") == ["online"], 5, "online")
+            await stub.post("/reset-counters")
+            await asyncio.sleep(1.6)
+        recent = (await stub.state(recent=True))["panels"][0]["requests"]["recent"]
+    inputs = [r["mono"] for r in recent if r["function"] == 2]
+    slower = [r for r in recent if r["function"] != 2]
+    assert len(inputs) >= 12 and len(slower) >= 6, (len(inputs), len(slower))
+    for r in slower:
+        before = max((t for t in inputs if t <= r["mono"]), default=None)
+        if before is None:
+            continue  # asked before the first input read in the window (its round began before the reset)
+        assert r["mono"] - before < 0.015, (r, r["mono"] - before)  # in the inputs' round, not 25-75 ms later
+
+
 async def test_a_reply_like_the_last_is_not_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
     """The bytes of an unchanged answer are compared, not decoded: a block is decoded on its first read and when
     the device's answer changes, not at every poll."""
