@@ -16,10 +16,11 @@ identical to the block's previous one is not decoded at all. How they reach the 
 one after the other as each answer comes in. A Modbus TCP connection with several devices behind it runs the bus's
 poll loop in a thread of its own on a blocking socket, and the event loop hears only of changes and writes' results,
 in order, one wake-up per burst: a round's changes at its end (:data:`HOLD_S` at most; the two threads would otherwise
-contend for the GIL while both work), a write's result at once; a connection to one device stays on the event loop, where such buses share its
-wake-ups (a thread's wake-up per request cost more) and poll from the link's callbacks (the cruise): one timer of the
-loop's for all of them, each answer applied and the round finished where it is read, and the bus's task woken only
-for what is not plain polling (a write, a retry, a lost link).
+contend for the GIL while both work), a write's result at once. A connection to one device stays on the event loop,
+where such buses share its wake-ups (a thread's wake-up per request cost more) and poll from the link's callbacks (the
+cruise): one timer of the loop's for all of them, each answer applied and the round finished where it is read, the
+device's slower groups asked in the round of its inputs, and the bus's task woken only for what is not plain polling
+(a write, a retry, a lost link).
 
 Usage::
 
