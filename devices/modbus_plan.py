@@ -118,7 +118,8 @@ class _DevState:
 class PollScheduler:
     """Which polls are due, and what each outcome does to a device's availability.
 
-    Groups are polled at their own intervals (fixed rate; a late poll does not cause a burst). First
+    Groups are polled at their own intervals (fixed rate; a late poll does not cause a burst: the slots it
+    missed are skipped, on the same grid, so what fell due together still does). First
     polls are staggered over the fastest interval so the devices are not all asked at once (unless
     ``stagger`` is off: a bus that pipelines asks them together, in one write); with ``align`` they start on a
     grid of the fastest interval, so that buses with the same intervals fall due together. After
@@ -227,7 +228,9 @@ class PollScheduler:
         if not job.probe and d.state != "offline":
             interval = d.plan.groups[job.group].interval_s
             nxt = d.due[job.group] + interval
-            d.due[job.group] = nxt if nxt > now else now
+            if nxt < now:  # late: the slots missed are skipped, on the same grid, so that what fell due together
+                nxt += math.ceil((now - nxt) / interval) * interval  # (a device's groups, buses) still does
+            d.due[job.group] = nxt
             self._push(job.device, job.group, d.due[job.group])
         return changed
 
