@@ -47,6 +47,7 @@ from typing import Any
 
 import aiomqtt
 
+from common import mqtt
 from common.backoff import backoff_delays
 from common.tasks import cancel_and_wait, run_until_first_ends
 from gateway import __version__, wire
@@ -173,7 +174,7 @@ class Uplink:
         """A client as the config says; :class:`~gateway.config.FileError` when a file it names cannot be used."""
         m = self.cfg.mqtt
         offline = wire.encode(wire.Status(v=wire.SCHEMA_VERSION, state="offline"))
-        return aiomqtt.Client(
+        return mqtt.Client(
             m.host,
             m.port,
             username=m.username,

@@ -22,6 +22,7 @@ from typing import Any
 import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from common import mqtt
 from common.backoff import backoff_delay
 from common.configfile import read_secret
 from common.tasks import cancel_and_wait, run_until_first_ends
@@ -158,7 +159,7 @@ class Ingest:
         attempt = 0
         while not self._stopping:
             try:
-                client = aiomqtt.Client(**self._client_kwargs())
+                client = mqtt.Client(**self._client_kwargs())
                 async with client:
                     events = wire.subscription("events")
                     await client.subscribe(f"$share/{m.share_group}/{events}" if m.share_group else events, qos=1)
