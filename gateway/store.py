@@ -326,6 +326,7 @@ class Store:
         self._acks: set[int] = set()  # acknowledged seqs whose outbox rows are not deleted yet (none is read again)
         self._acks_committing: set[int] = set()  # taken along by the commit under way
         self._ack_timer: asyncio.TimerHandle | None = None
+        self._writing = False  # a commit is under way (the acks wait for it, or for the one queued after it)
         self._journal_size = 0  # bytes in the journal (journal thread)
 
     # ------------------------------------------------------------ lifecycle
@@ -364,9 +365,6 @@ class Store:
     async def close(self) -> None:
         """Drain what is queued (a few seconds at most), then close the connections. The run is marked clean only
         when everything was committed."""
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
         if self._writer_task is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.drain(), timeout=5.0)
@@ -378,6 +376,9 @@ class Store:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer_task
             self._writer_task = None
+        if self._ack_timer is not None:  # the drain committed what it could take
+            self._ack_timer.cancel()
+            self._ack_timer = None
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._close_conn)
         await loop.run_in_executor(self._reader, self._close_conn)
@@ -606,11 +607,17 @@ class Store:
 
     def acknowledge(self, seqs: Iterable[int]) -> None:
         """The portal has stored these: forget them from the outbox (the event log keeps them), in the next commit or
-        within :data:`ACK_DELAY_S`; never before the event's own commit."""
+        within :data:`ACK_DELAY_S` of the writer going idle; never before the event's own commit. No timer runs while
+        a commit is under way or queued: an alarm's ack rides the commit of the alarms after it, and costs no wake-up
+        of its own."""
         seqs = list(seqs)
         if not seqs:
             return
         self._acks.update(seqs)
+        if not self._writing and self._queue.empty():
+            self._arm_acks()  # a commit under way or queued takes them along (or arms this after it)
+
+    def _arm_acks(self) -> None:
         if self._ack_timer is None:
             self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY_S, self._acks_due)
 
@@ -625,6 +632,9 @@ class Store:
         take = [s for s in self._acks if s <= upto]
         self._acks.difference_update(take)
         self._acks_committing = set(take)
+        if not self._acks and self._ack_timer is not None:
+            self._ack_timer.cancel()  # all of them ride this commit
+            self._ack_timer = None
         return take
 
     async def _writer(self) -> None:
@@ -638,6 +648,7 @@ class Store:
                 jobs.append(job)
                 n += len(job.rows)
             acks = self._take_acks(jobs)
+            self._writing = True
             while True:
                 try:
                     results = await loop.run_in_executor(self._executor, self._commit, jobs, acks)
@@ -649,7 +660,10 @@ class Store:
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
             backoff = 0.05
+            self._writing = False
             self._acks_committing = set()
+            if self._acks and self._queue.empty():
+                self._arm_acks()  # left over (their events were not committed yet), and no commit queued to take them
             self._set_fault(None)
             added = False
             journaled = 0

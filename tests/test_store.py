@@ -10,7 +10,7 @@ import pytest
 
 from gateway import wire
 from gateway.events import Draft
-from gateway.store import JOURNAL_KEEP, JOURNAL_SUFFIX, MIGRATIONS, Store, StoreError, open_db
+from gateway.store import ACK_DELAY_S, JOURNAL_KEEP, JOURNAL_SUFFIX, MIGRATIONS, Store, StoreError, open_db
 from tests.waiting import wait_for
 
 PLACE = wire.Place(site="s1", zone="z1")
@@ -71,6 +71,34 @@ async def test_event_outbox_and_state_in_one_transaction(tmp_path: Path) -> None
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     conn.close()
+
+
+async def test_an_ack_taken_during_a_stalled_commit_is_committed_after_it_or_rides_the_next(tmp_path: Path) -> None:
+    """Acks wait for no timer of their own while a commit is under way or queued (an alarm's ack rides the commit of
+    the alarms after it); but an ack that came during the last commit, with nothing queued after it, must still be
+    committed within ACK_DELAY_S of that commit, not left in memory until some later alarm."""
+    stall = 0.4
+    async with Store(tmp_path / "gw.db", site="s1", gateway="gw1", stall=lambda: stall) as store:
+        first = store.submit(_drafts(1))  # seq 1: its commit stalls
+        await asyncio.sleep(0.1)
+        store.acknowledge([1])  # during that commit, nothing queued: after it, within ACK_DELAY_S
+        await first
+        t0 = asyncio.get_running_loop().time()
+
+        async def acked() -> bool:
+            return await store.outbox_depth() == 0
+
+        await wait_for(acked, 5, "the ack's commit")
+        # (the ack's own commit stalls too: its wait is ACK_DELAY_S and a stall)
+        assert asyncio.get_running_loop().time() - t0 < ACK_DELAY_S + stall + 1.0
+        stall = 0.4
+        second = store.submit(_drafts(1, 1))  # seq 2: its commit stalls; seq 3 queued behind it
+        await asyncio.sleep(0.1)
+        third = store.submit(_drafts(1, 2))
+        store.acknowledge([2])  # rides seq 3's commit
+        await second
+        await third
+        assert await store.outbox_depth() == 1  # seq 3 only: no wait for a timer
 
 
 def test_schema_v1_is_the_one_sqlite_utils_made(tmp_path: Path) -> None:
