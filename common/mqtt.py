@@ -9,7 +9,8 @@ per alarm, each costing about as much CPU as the work around it on a small machi
 
 :class:`Client` writes on the loop's thread with ``call_soon`` (the packet goes out in the next iteration, where
 it would have been written at best); only what the socket does not take at once waits for it to be writable,
-as before. Replies are awaited under ``asyncio.timeout`` in the caller's task. Everything else is aiomqtt's.
+as before. Replies are awaited under ``asyncio.timeout`` in the caller's task. paho's keepalive checks run every
+quarter keepalive, not every second. Everything else is aiomqtt's.
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ class Client(aiomqtt.Client):
         if client.want_write() and sock.fileno() >= 0:
             # paho still thinks itself registered (it unregisters only when nothing is left): register for it.
             super()._on_socket_register_write(client, None, sock)
+
+    async def _misc_loop(self) -> None:
+        # paho's keepalive (a PINGREQ after keepalive s without sending, the link given up after keepalive s without a
+        # PINGRESP), asked by aiomqtt every second: a wake-up a second of an idle gateway, for checks that a quarter
+        # of the keepalive serves as well (the broker waits 1.5 keepalives before it gives up on us).
+        every = min(max(1.0, self._client.keepalive / 4), 15.0)
+        while self._client.loop_misc() == paho.MQTT_ERR_SUCCESS:  # noqa: ASYNC110 (paho's timers are polled)
+            await asyncio.sleep(every)
 
     async def _wait_for(self, fut: Awaitable[T], timeout: float | None) -> T:  # noqa: ASYNC109 (aiomqtt's signature)
         if timeout is None:

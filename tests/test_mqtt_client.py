@@ -81,3 +81,22 @@ async def test_a_broker_that_dies_under_a_stream_of_publishes_ends_them_in_error
         with pytest.raises(aiomqtt.MqttError):
             await pub.publish("t", b"after", qos=1)
     assert failed > 0
+
+
+@pytest.mark.slow
+async def test_an_idle_connection_keeps_alive_past_the_brokers_deadline(broker: MosquittoProcess) -> None:
+    # keepalive 4 s: the broker may drop a client it heard nothing from for 6 s (Mosquitto 2.0 checks coarsely: a
+    # client that never pings was seen dropped after 11 s). The client must ping in time, idle.
+    got: list[bytes] = []
+    async with (
+        aiomqtt.Client("127.0.0.1", broker.port, identifier="sub") as sub,
+        mqtt.Client("127.0.0.1", broker.port, identifier="idle", keepalive=4) as idle,
+    ):
+        await idle.subscribe("to-idle", qos=1)
+        await asyncio.sleep(14.0)
+        await sub.publish("to-idle", b"still there", qos=1)
+        async with asyncio.timeout(5):
+            async for msg in idle.messages:
+                got.append(bytes(msg.payload))  # type: ignore[arg-type]
+                break
+    assert got == [b"still there"]
