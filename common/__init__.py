@@ -1,5 +1,5 @@
 """Process plumbing shared by the gateway and the portal programs: systemd notification, the strict YAML
-config-file convention and stopping tasks for good. Nothing of the estate's domain lives here, and this package
-imports nothing of ``gateway``, ``portal`` or ``devices``; both programs may import it, as they may import
+config-file convention, stopping tasks for good, the MQTT client. Nothing of the estate's domain lives here, and
+this package imports nothing of ``gateway``, ``portal`` or ``devices``; both programs may import it, as they may import
 ``gateway.wire``.
 """
