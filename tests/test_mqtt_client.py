@@ -105,8 +105,10 @@ async def test_an_idle_connection_keeps_alive_past_the_brokers_deadline(broker: 
 async def test_the_hooks_it_overrides_are_still_aiomqtts() -> None:
     # A hook renamed or no longer wired in a later aiomqtt would leave the override unused and the client silently
     # back on aiomqtt's way (correct, only slower), which the tests above cannot tell apart: this one can.
+    ours = vars(mqtt.Client)
     for name in ("_on_socket_register_write", "_wait_for", "_misc_loop"):
         assert callable(getattr(aiomqtt.Client, name, None)), f"aiomqtt.Client has no {name} to override"
+        assert name in ours, f"common.mqtt.Client no longer overrides {name}"
     client = mqtt.Client("127.0.0.1", 1)  # not connected: only how aiomqtt wires paho to it is read
     hook = client._client.on_socket_register_write
-    assert getattr(hook, "__func__", None) is mqtt.Client._on_socket_register_write
+    assert getattr(hook, "__func__", None) is ours["_on_socket_register_write"]
